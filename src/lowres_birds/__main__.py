@@ -1,0 +1,3 @@
+from lowres_birds.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""Data layer: read the competition layout (or an ImageFolder), validate it, decode each image once.
+
+Every problem a user can fix raises ``UserError`` naming the file (and row) and what to do, before any
+training starts. Decoded images are cached as uint8 ``.npy`` arrays keyed by the file list, sizes and
+mtimes, so epochs and later runs never decode a JPEG again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lowres_birds.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 40_000_000  # larger "images" are refused as decompression bombs
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+@dataclass
+class ImageTable:
+    """One split: ids, low-res paths, optional high-res twins, optional labels (None for test)."""
+
+    root: Path
+    ids: list[str]
+    lr_paths: list[Path]
+    hr_paths: list[Path] | None = None
+    labels: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# --------------------------------------------------------------------------- CSV reading
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV as strings, tolerant of BOM, CRLF and ';' separators; missing columns name themselves."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: expected the competition layout (train.csv, test.csv, train/, test/)")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            header = handle.readline()
+        sep = ";" if header.count(";") > header.count(",") else ","
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8 CSV") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"{path} could not be read as CSV: {str(exc).strip().splitlines()[0]}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)})")
+    for column in required:
+        frame[column] = frame[column].str.strip()
+    return frame
+
+
+def _check_ids(frame: pd.DataFrame, path: Path) -> None:
+    empty = frame.index[frame["id"] == ""]
+    if len(empty):
+        raise UserError(f"{path} row {empty[0] + 2}: empty id; every row needs an id")
+    duplicated = frame["id"][frame["id"].duplicated()]
+    if len(duplicated):
+        row = int(duplicated.index[0]) + 2
+        raise UserError(f"{path} row {row}: duplicate id {duplicated.iloc[0]!r} ({len(duplicated)} duplicates); ids must be unique")
+
+
+def _resolve(root: Path, relative: str, csv_path: Path, row: int) -> Path:
+    """CSV paths are relative to the CSV's folder (with or without './'); escaping it is refused."""
+    if relative == "":
+        raise UserError(f"{csv_path} row {row}: empty image path")
+    normalised = os.path.normpath(relative)
+    if os.path.isabs(normalised) or normalised == ".." or normalised.startswith(".." + os.sep):
+        raise UserError(f"{csv_path} row {row}: image path {relative!r} points outside the data folder; refused")
+    return root / normalised
+
+
+def _check_files(paths: list[Path], csv_path: Path, column: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        first = ", ".join(str(p) for p in missing[:3])
+        raise UserError(
+            f"{csv_path}: {len(missing)} file(s) in column {column} missing or not regular files (first: {first}); "
+            "check the data folder is complete"
+        )
+
+
+def _check_labels(labels: list[str], source: str) -> None:
+    for row, label in enumerate(labels, start=2):
+        if label == "":
+            raise UserError(f"{source} row {row}: empty label; give every training image a label")
+    counts = pd.Series(labels).value_counts()
+    rare = counts[counts < 2]
+    if len(rare):
+        raise UserError(
+            f"{source}: class {rare.index[0]!r} has only {int(rare.iloc[0])} image ({len(rare)} such classes); "
+            "every class needs at least 2 images for a stratified validation split"
+        )
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def load_train_table(data_dir: Path) -> ImageTable:
+    """The training split of a competition folder (train.csv) or of an ImageFolder (DIR/<class>/*.jpg)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {data_dir} not found")
+    csv_path = data_dir / "train.csv"
+    if not csv_path.exists() and _class_folders(data_dir):
+        return _load_image_folder(data_dir)
+    frame = read_csv(csv_path, ("id", "img_path", "label"))
+    _check_ids(frame, csv_path)
+    lr_paths = [_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(frame["img_path"])]
+    _check_files(lr_paths, csv_path, "img_path")
+    hr_paths = None
+    if "upscale_img_path" in frame.columns and (frame["upscale_img_path"] != "").all():
+        hr_paths = [_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(frame["upscale_img_path"].str.strip())]
+        _check_files(hr_paths, csv_path, "upscale_img_path")
+    labels = frame["label"].tolist()
+    _check_labels(labels, str(csv_path))
+    return ImageTable(data_dir, frame["id"].tolist(), lr_paths, hr_paths, labels)
+
+
+def _class_folders(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _load_image_folder(data_dir: Path) -> ImageTable:
+    ids, paths, labels = [], [], []
+    for folder in _class_folders(data_dir):
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                ids.append(f"{folder.name}/{path.name}")
+                paths.append(path)
+                labels.append(folder.name)
+    if not paths:
+        raise UserError(f"{data_dir}: no train.csv and no images in class sub-folders (DIR/<class>/*.jpg)")
+    _check_labels(labels, str(data_dir))
+    return ImageTable(data_dir, ids, paths, None, labels)
+
+
+def load_test_table(data_dir: Path) -> ImageTable:
+    """test.csv in sample_submission.csv's order when that file exists (else test.csv's own order)."""
+    data_dir = Path(data_dir)
+    csv_path = data_dir / "test.csv"
+    frame = read_csv(csv_path, ("id", "img_path"))
+    _check_ids(frame, csv_path)
+    paths = dict(zip(frame["id"], (_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(frame["img_path"]))))
+    order = frame["id"].tolist()
+    sample_path = data_dir / "sample_submission.csv"
+    if sample_path.exists():
+        sample = read_csv(sample_path, ("id",))
+        _check_ids(sample, sample_path)
+        absent = [i for i in order if i not in set(sample["id"])]
+        if absent:
+            raise UserError(
+                f"{csv_path}: {len(absent)} id(s) absent from {sample_path.name} (first: {absent[0]}); "
+                "the two files must list the same ids"
+            )
+        unknown = [i for i in sample["id"] if i not in paths]
+        if unknown:
+            raise UserError(f"{sample_path}: {len(unknown)} id(s) not in test.csv (first: {unknown[0]})")
+        order = sample["id"].tolist()
+    ordered_paths = [paths[i] for i in order]
+    _check_files(ordered_paths, csv_path, "img_path")
+    return ImageTable(data_dir, order, ordered_paths)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Class names sorted alphabetically, as sklearn's LabelEncoder does."""
+
+    classes: tuple[str, ...]
+
+    @classmethod
+    def fit(cls, labels: list[str]) -> "LabelMap":
+        return cls(tuple(sorted(set(labels))))
+
+    def encode(self, labels: list[str]) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.classes)}
+        return np.array([index[label] for label in labels], dtype=np.int64)
+
+    def decode(self, indices) -> list[str]:
+        return [self.classes[int(i)] for i in indices]
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(list(self.classes), ensure_ascii=False, indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> "LabelMap":
+        return cls(tuple(json.loads(path.read_text(encoding="utf-8"))))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> HxWx3 uint8: EXIF rotation applied; grey, palette, RGBA, CMYK and 16-bit handled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode.startswith("I;16") or values.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(path: Path, size: int | None = None) -> np.ndarray:
+    """Decode one file to HxWx3 uint8, optionally resized to size x size (bicubic). Bad files raise UserError."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = to_rgb_array(image)
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; refused as a decompression bomb") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable image ({detail}); replace or remove it") from None
+    return array if size is None else fit_square(array, size)
+
+
+def fit_square(array: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 -> size x size (PIL bicubic, which filters when shrinking); unchanged if already that size."""
+    if array.shape[:2] == (size, size):
+        return array
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.BICUBIC))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LOWRES_BIRDS_CACHE", Path.home() / ".cache" / "lowres_birds"))
+
+
+def _cache_key(paths: list[Path], size: int) -> str:
+    digest = hashlib.sha256(f"v1:{size}".encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_images(paths: list[Path], size: int, workers: int = 2) -> np.ndarray:
+    """All images as one N x size x size x 3 uint8 array, decoded once and cached on disk (memory-mapped).
+
+    Images whose size differs from ``size`` are resized (one summary warning), so a data set with a few
+    odd files still trains.
+    """
+    cache = _cache_dir() / f"images-{_cache_key(paths, size)}.npy"
+    if cache.exists():
+        return np.load(cache, mmap_mode="r")
+    odd_sizes = 0
+
+    def decode(path: Path) -> np.ndarray:
+        nonlocal odd_sizes
+        array = decode_image(path)
+        odd_sizes += array.shape[:2] != (size, size)
+        return fit_square(array, size)
+
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for index, array in enumerate(pool.map(decode, paths)):
+            images[index] = array
+    if odd_sizes:
+        warnings.warn(f"{odd_sizes} of {len(paths)} images were not {size}x{size}; resized to {size}x{size} (bicubic)", stacklevel=2)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
+    np.save(temporary, images)
+    os.replace(temporary, cache)
+    return images
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified hold-out indices (train, val), fixed by seed; every class keeps at least one training image."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    n_classes = len(np.unique(labels))
+    n_val = max(int(round(val_fraction * len(labels))), n_classes)
+    if n_val >= len(labels) - n_classes + 1:
+        raise UserError(
+            f"{len(labels)} images are too few for a stratified validation split over {n_classes} classes; add images"
+        )
+    train_idx, val_idx = train_test_split(indices, test_size=n_val, stratify=labels, random_state=seed)
+    return np.sort(train_idx), np.sort(val_idx)
