@@ -1,0 +1,42 @@
+"""Shared fixtures: small synthetic data sets in the competition layout and a trained tiny run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lowres_birds.cli import main
+from lowres_birds.demo import make_demo_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100-lr"
+TINY_TRAIN = ["--model", "efficientnet_lite0", "--strategy", "native", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test session decodes into its own image cache, never the user's."""
+    monkeypatch.setenv("LOWRES_BIRDS_CACHE", str(tmp_path_factory.getbasetemp() / "image-cache"))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """3 species, 10 training images each (64x64 + 256x256 twins), 6 test images each."""
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", train_per_class=10, test_per_class=6, classes=3)
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_data, tmp_path_factory) -> Path:
+    """One tiny finished run (pretrained lite0 at native 64, one epoch) shared by read-only tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    os.environ["LOWRES_BIRDS_CACHE"] = str(tmp_path_factory.getbasetemp() / "image-cache")
+    assert main(["train", "--data", str(demo_data), "--out", str(run_dir), *TINY_TRAIN]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "train.csv").is_file():
+        pytest.skip("../shared/data/cub100-lr is not present on this machine")
+    return SHARED_DATA
