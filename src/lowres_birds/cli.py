@@ -15,6 +15,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
+from lowres_birds import serving_cli
 from lowres_birds.errors import TrainingInterrupted, UserError
 
 DEFAULT_DEMO_DIR = "demo-output"
@@ -201,6 +202,8 @@ COMMANDS = {
     "predict": (add_predict, run_predict),
     "evaluate": (add_evaluate, run_evaluate),
     "demo": (add_demo, run_demo),
+    "predict-image": (serving_cli.add_predict_image, serving_cli.run_predict_image),
+    "serve": (serving_cli.add_serve, serving_cli.run_serve),
 }
 
 

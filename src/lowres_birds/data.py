@@ -14,6 +14,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from lowres_birds.errors import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 40_000_000  # larger "images" are refused as decompression bombs
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # decode_image refuses them with a clear error
 
 
 @dataclass
@@ -117,7 +119,8 @@ def load_train_table(data_dir: Path) -> ImageTable:
     if not data_dir.is_dir():
         raise UserError(f"data folder {data_dir} not found")
     csv_path = data_dir / "train.csv"
-    if not csv_path.exists() and _class_folders(data_dir):
+    competition_files = [n for n in ("test.csv", "sample_submission.csv", "upscale_train") if (data_dir / n).exists()]
+    if not csv_path.exists() and _class_folders(data_dir) and not competition_files:
         return _load_image_folder(data_dir)
     frame = read_csv(csv_path, ("id", "img_path", "label"))
     _check_ids(frame, csv_path)
@@ -222,17 +225,21 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(path: Path, size: int | None = None) -> np.ndarray:
-    """Decode one file to HxWx3 uint8, optionally resized to size x size (bicubic). Bad files raise UserError."""
+def decode_image(path: Path | BinaryIO, size: int | None = None) -> np.ndarray:
+    """Decode one file (or in-memory upload, named by its ``.name``) to HxWx3 uint8, optionally resized to
+    size x size (bicubic). Bad files raise UserError."""
+    name = getattr(path, "name", "upload") if hasattr(path, "read") else path
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:  # PIL itself only warns up to twice the limit
+                raise Image.DecompressionBombError
             image.load()
             array = to_rgb_array(image)
     except Image.DecompressionBombError:
-        raise UserError(f"{path}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; refused as a decompression bomb") from None
+        raise UserError(f"{name}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; refused as a decompression bomb") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: not a readable image ({detail}); replace or remove it") from None
+        raise UserError(f"{name}: not a readable image ({detail}); replace or remove it") from None
     return array if size is None else fit_square(array, size)
 
 

@@ -88,7 +88,10 @@ class Classifier:
     def predict(self, image, top: int = 5, tta: str = "none") -> list[tuple[str, float]]:
         """One image (path, PIL image or HxWx3 uint8 array) -> the top-k (label, probability) pairs."""
         array = to_model_input(image)
-        probs = self.predict_arrays(array[None], tta=tta)[0]
+        return self.top_k(self.predict_arrays(array[None], tta=tta)[0], top)
+
+    def top_k(self, probs: np.ndarray, top: int) -> list[tuple[str, float]]:
+        """One row of probabilities -> the ``top`` most likely (label, probability) pairs, best first."""
         best = np.argsort(-probs)[:top]
         return [(self.labels[i], float(probs[i])) for i in best]
 

@@ -1,0 +1,229 @@
+"""HTTP server for a trained classifier: a one-page web app plus a small JSON API.
+
+Built on ``Classifier`` so that an upload goes through exactly the preprocessing of ``predict-image`` and the
+Python API. Uploads stay in memory (the request body is capped before parsing, and the multipart parser is
+told never to spool to disk), are decoded on a small bounded thread pool, and are classified by a single
+inference thread that stacks concurrent requests into one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from lowres_birds import __version__
+from lowres_birds.data import decode_image
+from lowres_birds.errors import UserError
+from lowres_birds.inference import Classifier, to_model_input
+from lowres_birds.resolution import LR_SIZE
+from lowres_birds.serving_cli import DEFAULT_MAX_UPLOAD_MB
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_BATCH_FILES = 32
+MAX_QUEUED_REQUESTS = 256  # beyond this the server answers 503 instead of piling up work
+MAX_TOP = 20
+
+
+class InferenceQueue:
+    """One thread owns the model; requests that arrive while it is busy are classified together (micro-batching)."""
+
+    def __init__(self, classifier: Classifier, max_batch_images: int = MAX_BATCH_FILES):
+        self.classifier = classifier
+        self.max_batch_images = max_batch_images
+        self._requests: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue(MAX_QUEUED_REQUESTS)
+        self._thread = threading.Thread(target=self._serve_forever, name="inference", daemon=True)
+        self._thread.start()
+
+    def submit(self, images: np.ndarray) -> Future:
+        """uint8 N x 64 x 64 x 3 -> a future of N x C probabilities; 503 when the queue is full."""
+        future: Future = Future()
+        try:
+            self._requests.put_nowait((images, future))
+        except queue.Full:
+            raise HTTPException(503, "the server is busy; retry in a moment") from None
+        return future
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join()
+
+    def _serve_forever(self) -> None:
+        stopping = False
+        while not stopping:
+            request = self._requests.get()
+            if request is None:
+                return
+            batch = [request]
+            while sum(len(images) for images, _ in batch) < self.max_batch_images:
+                try:
+                    request = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if request is None:
+                    stopping = True
+                    break
+                batch.append(request)
+            self._classify(batch)
+
+    def _classify(self, batch: list[tuple[np.ndarray, Future]]) -> None:
+        try:
+            probs = self.classifier.predict_arrays(np.concatenate([images for images, _ in batch]))
+        except Exception as exc:  # the model failed: every waiting request gets the error, the thread lives on
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        start = 0
+        for images, future in batch:
+            future.set_result(probs[start : start + len(images)])
+            start += len(images)
+
+
+def create_app(
+    classifier: Classifier,
+    max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1024 * 1024),
+    max_batch_files: int = MAX_BATCH_FILES,
+    decode_workers: int | None = None,
+) -> FastAPI:
+    """The web app and API around ``classifier``. ``max_upload_bytes`` caps each request body (413 beyond)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.inference = InferenceQueue(classifier, max_batch_files)
+        app.state.decoders = ThreadPoolExecutor(decode_workers or min(4, os.cpu_count() or 1), thread_name_prefix="decode")
+        try:
+            yield
+        finally:
+            app.state.decoders.shutdown(wait=True, cancel_futures=True)
+            app.state.inference.close()
+
+    app = FastAPI(title="lowres-birds", version=__version__, lifespan=lifespan)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    model_name = Path(classifier.name).name
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/api/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "classes": len(classifier.labels), "input_size": LR_SIZE, "version": __version__}
+
+    @app.get("/api/labels")
+    async def labels() -> dict:
+        return {"labels": classifier.labels}
+
+    async def classify(request: Request, uploads: list[UploadFile], top: int) -> tuple[list[list[dict]], list[np.ndarray], float]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        contents = [await upload.read() for upload in uploads]
+        images = await asyncio.gather(
+            *(loop.run_in_executor(request.app.state.decoders, decode_upload, data, upload.filename or "upload") for data, upload in zip(contents, uploads))
+        )
+        probs = await asyncio.wrap_future(request.app.state.inference.submit(np.stack(images)))
+        tops = [[{"label": label, "probability": p} for label, p in classifier.top_k(row, top)] for row in probs]
+        return tops, images, (time.perf_counter() - started) * 1000
+
+    @app.post("/api/predict")
+    async def predict(request: Request, top: int = Query(5, ge=1, le=MAX_TOP), preview: bool = Query(False, description="include the 64x64 model input as a PNG data URL")) -> dict:
+        """One photo in the multipart field ``file`` -> the top species."""
+        uploads = await read_uploads(request, max_upload_bytes, max_files=1)
+        (best,), (image,), elapsed_ms = await classify(request, uploads, top)
+        answer = {"top": best, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
+        if preview:
+            answer["preview"] = png_data_url(image)
+        return answer
+
+    @app.post("/api/predict/batch")
+    async def predict_batch(request: Request, top: int = Query(5, ge=1, le=MAX_TOP)) -> dict:
+        """Up to ``max_batch_files`` photos in the multipart field ``files`` -> the top species of each, in order."""
+        uploads = await read_uploads(request, max_upload_bytes, max_files=max_batch_files, field="files")
+        tops, _, elapsed_ms = await classify(request, uploads, top)
+        results = [{"filename": upload.filename, "top": best} for upload, best in zip(uploads, tops)]
+        return {"results": results, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
+
+    return app
+
+
+async def read_uploads(request: Request, max_bytes: int, max_files: int, field: str = "file") -> list[UploadFile]:
+    """The files of one multipart field, held in memory; 413 past ``max_bytes``, 422 past ``max_files`` or when absent."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise HTTPException(415, f"send the photo as multipart/form-data in the field '{field}'")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"upload of {int(declared):,} bytes is larger than the limit of {max_bytes:,} bytes")
+    parser = MultiPartParser(request.headers, _capped(request.stream(), max_bytes), max_files=max_files, max_fields=8)
+    parser.spool_max_size = max_bytes + 1  # never roll an upload over to a temporary file on disk
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise HTTPException(422, exc.message) from None
+    uploads = [item for item in form.getlist(field) if isinstance(item, UploadFile)]
+    if not uploads:
+        raise HTTPException(422, f"no file in the multipart field '{field}'")
+    return uploads
+
+
+async def _capped(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """The request body, refused with 413 as soon as it grows past ``max_bytes`` (chunked uploads too)."""
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > max_bytes:
+            raise HTTPException(413, f"upload is larger than the limit of {max_bytes:,} bytes")
+        yield chunk
+
+
+def decode_upload(data: bytes, filename: str) -> np.ndarray:
+    """Uploaded bytes -> the 64x64x3 model input; 415 when they are not an image, 422 when broken or too large."""
+    if not data:
+        raise HTTPException(422, f"{filename} is empty")
+    try:
+        Image.open(io.BytesIO(data)).close()  # identifies the format from the header only
+    except UnidentifiedImageError:
+        raise HTTPException(415, f"{filename} is not an image (JPEG, PNG, WebP, GIF, BMP or TIFF expected)") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError):
+        pass  # an image, but a broken or huge one: decode_image names the problem below
+    upload = io.BytesIO(data)
+    upload.name = filename
+    try:
+        return to_model_input(decode_image(upload))
+    except UserError as exc:
+        raise HTTPException(422, str(exc).removesuffix("; replace or remove it")) from None
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """HxWx3 uint8 -> a ``data:image/png;base64,...`` URL (the page enlarges it with nearest-neighbour)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
