@@ -15,7 +15,7 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +110,6 @@ class TrainState:
     best_f1: float = -1.0
     best_epoch: int = -1
     elapsed_s: float = 0.0
-    history: list[dict] = field(default_factory=list)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -235,6 +234,12 @@ def _make_accelerator(cfg: RunConfig, run_dir: Path):
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if cfg.log != "none":  # accelerate would only warn and log nothing
+        from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+        available = {"tensorboard": is_tensorboard_available, "mlflow": is_mlflow_available, "wandb": is_wandb_available}[cfg.log]
+        if not available():
+            raise UserError(f"--log {cfg.log} needs the {cfg.log} package: pip install {cfg.log} (or use --log none)")
     return Accelerator(
         cpu=cfg.device == "cpu",
         mixed_precision=cfg.mixed_precision,
@@ -249,6 +254,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         if not (run_dir / CHECKPOINT).is_file():
             raise UserError(f"{run_dir} has no {CHECKPOINT} to resume from; start a new run without --resume")
         return
+    if False:
+        raise UserError(f"run folder {run_dir} is a file; choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             raise UserError(f"run folder {run_dir} already exists; pass --resume to continue it or --force to overwrite")
@@ -361,7 +368,7 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
                 )
 
         while state.epoch < cfg.epochs:
-            train_loader.dataset.set_epoch(state.epoch)
+            train_loader.set_epoch(state.epoch)  # accelerate's loader forwards it to ShuffledIndices
             loader = train_loader
             if state.step_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.step_in_epoch * cfg.grad_accum)
@@ -372,7 +379,6 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
                 "epoch": state.epoch + 1, **train_stats, "val_macro_f1": val_stats["macro_f1"],
                 "val_accuracy": val_stats["accuracy"], "lr": scheduler.get_last_lr()[0], "elapsed_s": state.elapsed_s,
             }
-            state.history.append(record)
             accelerator.print(
                 f"epoch {record['epoch']}/{cfg.epochs}  loss {record['train_loss']:.4f}  val macro-F1 {record['val_macro_f1']:.4f}  "
                 f"acc {record['val_accuracy']:.4f}  {record['train_images_per_s']:.0f} img/s  {state.elapsed_s:.0f}s"

