@@ -254,7 +254,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         if not (run_dir / CHECKPOINT).is_file():
             raise UserError(f"{run_dir} has no {CHECKPOINT} to resume from; start a new run without --resume")
         return
-    if False:
+    if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} is a file; choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
