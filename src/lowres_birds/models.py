@@ -109,11 +109,49 @@ def lite0_imagenet_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return ported
 
 
+def require_hub_model(repo_id: str, source: str) -> None:
+    """Fail in seconds when a Hub model is neither on disk nor fetchable (unknown id, no network).
+
+    huggingface_hub retries each failed download for about 25 s with a warning per retry; one metadata
+    request with a short timeout tells the user the same thing at once. Cached or local models pass.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(repo_id).is_dir():
+        return
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"model {source!r}: {repo_id} is neither a local directory nor a Hugging Face Hub id (owner/name)") from None
+    if Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir():
+        return
+    offline_hint = "with no network, pass --no-pretrained (timm) or a local directory saved with save_pretrained (--model hf:/path)"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"model {source!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {offline_hint}")
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"model {source!r}: no such model on the Hugging Face Hub (or it is private: log in with `hf auth login`); check the id"
+        ) from None
+    except Exception as exc:  # network errors come in many types (DNS, proxy, TLS, timeout)
+        raise UserError(f"model {source!r} could not be fetched: the Hugging Face Hub is unreachable ({type(exc).__name__}); {offline_hint}") from None
+
+
 def _load_timm(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
     import timm
 
     if name not in timm.list_models(pretrained=False) and name not in timm.list_models(pretrained=True):
         raise UserError(f"unknown timm model {name!r}: see timm.list_models() for valid names")
+    if pretrained:
+        from timm.models import get_pretrained_cfg
+
+        hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+        if hub_id:
+            require_hub_model(hub_id, f"timm:{name}")
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
     except Exception as exc:  # hub/network errors come in many types
@@ -130,6 +168,8 @@ def _load_hf(name: str, labels: list[str], pretrained: bool, config_dir: Path | 
 
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in id2label.items()}
+    if config_dir is None:
+        require_hub_model(name, f"hf:{name}")
     try:
         if config_dir is not None:  # rebuilding a trained run: architecture from the run, weights loaded after
             config = AutoConfig.from_pretrained(config_dir)

@@ -1,0 +1,491 @@
+"""Broken and awkward inputs: each one has one exact outcome through the CLI.
+
+Refused inputs exit 2 with one ``error:`` line naming the file/row/option, before any training starts
+(no metrics.jsonl). Awkward but usable inputs (odd image modes, CSV dialects, non-ASCII labels,
+symlinks, odd sizes) are accepted, converted, and round-trip to labels.json and the submission.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from lowres_birds.cli import main
+from lowres_birds.data import LabelMap, decode_image, load_test_table, load_train_table
+from lowres_birds.demo import make_demo_dataset
+
+FAST_MODEL = ["--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "native", "--device", "cpu"]
+TINY = [*FAST_MODEL, "--epochs", "1", "--batch-size", "16"]
+# Awkward class names: Korean, a comma, a double quote, a semicolon (the CSV below uses ';' as separator).
+AWKWARD_LABELS = {"Azure Finch": "물총새", "Crimson Tanager": "Heron, Great", "Golden Warbler": 'Owl "Barn"; Tyto'}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def base_data(tmp_path_factory) -> Path:
+    """2 species x 4 training images, 2 x 2 test images; each test copies it before breaking one thing."""
+    return make_demo_dataset(tmp_path_factory.mktemp("base") / "data", train_per_class=4, test_per_class=2, classes=2)
+
+
+@pytest.fixture
+def data(base_data, tmp_path) -> Path:
+    return Path(shutil.copytree(base_data, tmp_path / "data"))
+
+
+def run_cli(args: list[str], capfd) -> tuple[int, str]:
+    """(exit code, stderr) of one in-process CLI call."""
+    code = main([str(a) for a in args])
+    return code, capfd.readouterr().err
+
+
+def assert_refused(code: int, err: str, *fragments: str) -> None:
+    """Exit 2 and exactly one 'error:' line that contains every fragment."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def edit_csv(path: Path, change) -> None:
+    """Rewrite a CSV through ``change(frame) -> frame``."""
+    change(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+
+
+def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, **kwargs)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR claiming width x height pixels, then IEND: Pillow reads the size at open."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def quadrants(width: int = 64, height: int = 48) -> np.ndarray:
+    """Four flat colours (JPEG keeps them nearly exact) so a rotation is unmistakable."""
+    array = np.zeros((height, width, 3), np.uint8)
+    array[: height // 2, : width // 2] = (250, 0, 0)
+    array[: height // 2, width // 2 :] = (0, 250, 0)
+    array[height // 2 :, : width // 2] = (0, 0, 250)
+    array[height // 2 :, width // 2 :] = (250, 250, 0)
+    return array
+
+
+# --------------------------------------------------------------------------- image files
+
+
+def write_cmyk(path: Path) -> None:
+    path.write_bytes(jpeg_bytes(Image.new("CMYK", (64, 64), (0, 255, 255, 0))))
+
+
+def write_png16(path: Path) -> None:
+    Image.fromarray(np.full((64, 64), 100 * 257, np.uint16)).save(path, "PNG")
+
+
+def write_rgba(path: Path) -> None:
+    array = np.zeros((64, 64, 4), np.uint8)
+    array[:, 32:] = (200, 10, 10, 255)  # right half opaque red, left half fully transparent
+    Image.fromarray(array, "RGBA").save(path, "PNG")
+
+
+def write_palette(path: Path) -> None:
+    image = Image.new("P", (64, 64), 1)
+    image.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    image.save(path, "PNG")
+
+
+def write_gray(path: Path) -> None:
+    Image.new("L", (64, 64), 77).save(path, "PNG")
+
+
+def write_exif_rotated(path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; display rotated 90 degrees clockwise
+    path.write_bytes(jpeg_bytes(Image.fromarray(quadrants()), exif=exif))
+
+
+def write_odd_size(path: Path) -> None:
+    Image.new("RGB", (80, 50), (30, 60, 90)).save(path, "JPEG", quality=95)
+
+
+def write_gif(path: Path) -> None:
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((255, 255, 255), (0, 0, 0))]
+    frames[0].save(path, "GIF", save_all=True, append_images=frames[1:])
+
+
+def write_png_named_jpg(path: Path) -> None:
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(path, "PNG")
+
+
+ACCEPTED_IMAGES = {
+    "cmyk-jpeg": (write_cmyk, lambda a: a.shape == (64, 64, 3) and np.abs(a.astype(int) - (255, 0, 0)).max() <= 8),
+    "16-bit-png": (write_png16, lambda a: a.shape == (64, 64, 3) and (a == 100).all()),
+    "rgba-png": (write_rgba, lambda a: (a[:, :32] == 255).all() and (a[:, 32:] == (200, 10, 10)).all()),
+    "palette-png": (write_palette, lambda a: (a == (10, 20, 30)).all()),
+    "grayscale-png": (write_gray, lambda a: a.shape == (64, 64, 3) and (a == 77).all()),
+    "odd-size-jpeg": (write_odd_size, lambda a: a.shape == (50, 80, 3)),
+    "animated-gif": (write_gif, lambda a: a.shape == (64, 64, 3) and (a == 255).all()),
+    "png-named-jpg": (write_png_named_jpg, lambda a: (a == (1, 2, 3)).all()),
+}
+
+
+@pytest.mark.parametrize("kind", ACCEPTED_IMAGES)
+def test_awkward_image_modes_decode_to_rgb(kind, tmp_path):
+    write, expected = ACCEPTED_IMAGES[kind]
+    path = tmp_path / "image.jpg"
+    write(path)
+    array = decode_image(path)
+    assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
+    assert expected(array), f"{kind}: unexpected pixels {array.reshape(-1, 3)[:2]}"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    rotated, plain = tmp_path / "rotated.jpg", tmp_path / "plain.jpg"
+    write_exif_rotated(rotated)
+    plain.write_bytes(jpeg_bytes(Image.fromarray(quadrants())))  # same pixels, no orientation tag
+    decoded, upright = decode_image(rotated), decode_image(plain)
+    assert upright.shape == (48, 64, 3) and decoded.shape == (64, 48, 3)
+    np.testing.assert_array_equal(decoded, np.rot90(upright, k=-1))  # 90 degrees clockwise
+
+
+BROKEN_IMAGES = {
+    "zero-byte": (lambda p: p.write_bytes(b""), "not a readable image"),
+    "truncated-jpeg": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "not a readable image"),
+    "text-named-jpg": (lambda p: p.write_text("id,label\nnot,an image\n"), "not a readable image"),
+    "png-100k-x-100k": (lambda p: p.write_bytes(png_header_only(100_000, 100_000)), "refused as a decompression bomb"),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN_IMAGES)
+def test_broken_training_image_is_refused_naming_the_file(kind, data, tmp_path, capfd):
+    corrupt, message = BROKEN_IMAGES[kind]
+    corrupt(data / "train" / "TRAIN_00003.jpg")
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "TRAIN_00003.jpg", message)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- training table
+
+
+def set_cell(row: int, column: str, value: str):
+    """A CSV change that puts ``value`` in one cell."""
+
+    def change(frame: pd.DataFrame) -> pd.DataFrame:
+        frame.loc[row, column] = value
+        return frame
+
+    return change
+
+
+BROKEN_TABLES = {
+    "missing-column": (lambda f: f.drop(columns=["label"]), ["train.csv", "missing column(s) label"]),
+    "duplicate-id": (set_cell(2, "id", "TRAIN_00001"), ["train.csv row 4", "duplicate id 'TRAIN_00001'"]),
+    "empty-label": (set_cell(1, "label", ""), ["train.csv row 3", "empty label"]),
+    "empty-id": (set_cell(3, "id", "  "), ["train.csv row 5", "empty id"]),
+    "class-with-one-image": (set_cell(0, "label", "Lonely Bird"), ["class 'Lonely Bird' has only 1 image"]),
+    "path-escaping-data-folder": (set_cell(0, "img_path", "../../etc/passwd"), ["train.csv row 2", "'../../etc/passwd' points outside the data folder; refused"]),
+    "absolute-path": (set_cell(0, "img_path", "/etc/passwd"), ["train.csv row 2", "'/etc/passwd' points outside the data folder; refused"]),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN_TABLES)
+def test_broken_train_csv_is_refused_naming_the_row(kind, data, tmp_path, capfd):
+    change, fragments = BROKEN_TABLES[kind]
+    edit_csv(data / "train.csv", change)
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, *fragments)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_directory_where_an_image_should_be(data, tmp_path, capfd):
+    image = data / "train" / "TRAIN_00002.jpg"
+    image.unlink()
+    image.mkdir()
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "1 file(s) in column img_path missing or not regular files", "TRAIN_00002.jpg")
+
+
+def test_missing_image_file(data, tmp_path, capfd):
+    (data / "train" / "TRAIN_00005.jpg").unlink()
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "column img_path missing", "TRAIN_00005.jpg")
+
+
+def test_hr_strategy_without_high_res_column(data, tmp_path, capfd):
+    edit_csv(data / "train.csv", lambda f: f.drop(columns=["upscale_img_path"]))
+    args = ["train", "--data", data, "--out", tmp_path / "run", *TINY, "--strategy", "hr-downscale:64"]
+    code, err = run_cli(args, capfd)
+    assert_refused(code, err, "hr-downscale:64", "no upscale_img_path column")
+
+
+def test_train_csv_not_utf8(data, tmp_path, capfd):
+    text = (data / "train.csv").read_text(encoding="utf-8").replace("Azure Finch", "Pinson bleu é")
+    (data / "train.csv").write_bytes(text.encode("latin-1"))
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "train.csv is not UTF-8 text")
+
+
+def test_train_csv_empty(data, tmp_path, capfd):
+    (data / "train.csv").write_bytes(b"")
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "train.csv could not be read as CSV")
+
+
+def test_competition_folder_without_train_csv_is_not_an_image_folder(data, tmp_path, capfd):
+    (data / "train.csv").unlink()  # train/, test/, upscale_train/ must not become three "classes"
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "train.csv not found")
+
+
+def test_data_folder_missing(tmp_path, capfd):
+    code, err = run_cli(["train", "--data", tmp_path / "nowhere", "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "data folder", "nowhere", "not found")
+
+
+def test_too_few_images_for_the_split(data, tmp_path, capfd):
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, "--val-fraction", "0.9"], capfd)
+    assert_refused(code, err, "8 images are too few for a stratified validation split over 2 classes")
+
+
+def test_image_folder_with_a_corrupt_image(data, tmp_path, capfd):
+    folder = tmp_path / "folders"
+    for species in ("finch", "robin"):
+        (folder / species).mkdir(parents=True)
+        for index in range(3):
+            shutil.copy(data / "train" / f"TRAIN_0000{index}.jpg", folder / species / f"{index}.jpg")
+    (folder / "robin" / "1.jpg").write_bytes(b"")
+    code, err = run_cli(["train", "--data", folder, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "robin/1.jpg", "not a readable image")
+
+
+# --------------------------------------------------------------------------- options and recipes
+
+
+BAD_OPTIONS = {
+    "negative-epochs": (["--epochs", "-1"], ["epochs must be at least 1 (got -1)"]),
+    "batch-size-0": (["--batch-size", "0"], ["batch_size must be at least 1 (got 0)"]),
+    "epochs-not-a-number": (["--epochs", "abc"], ["--epochs", "'abc'"]),
+    "unknown-strategy": (["--strategy", "sideways"], ["unknown strategy 'sideways'"]),
+    "strategy-size-not-a-number": (["--strategy", "upscale:big"], ["'upscale:big'", "whole number"]),
+    "zero-learning-rate": (["--lr", "0"], ["lr must be positive"]),
+    "val-fraction-above-1": (["--val-fraction", "1.5"], ["val_fraction must be between 0 and 1"]),
+    "unknown-schedule": (["--schedule", "zigzag"], ["schedule must be one of constant, cosine"]),
+    "unknown-option": (["--bogus", "1"], ["unrecognized arguments: --bogus"]),
+    "unknown-recipe": (["--recipe", "turbo"], ["unknown recipe 'turbo'"]),
+    "unknown-model-source": (["--model", "resnet50"], ["unknown model 'resnet50'"]),
+    "unknown-timm-model": (["--model", "timm:not_a_model"], ["unknown timm model 'not_a_model'"]),
+    "hf-path-not-a-directory": (["--model", "hf:/no/such/dir"], ["/no/such/dir is neither a local directory nor a Hugging Face Hub id"]),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_OPTIONS)
+def test_bad_option_is_refused_naming_it(kind, data, tmp_path, capfd):
+    extra, fragments = BAD_OPTIONS[kind]
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, *extra], capfd)
+    assert_refused(code, err, *fragments)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_recipe_with_unknown_key(data, tmp_path, capfd):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("epochs: 1\nepochz: 3\n", encoding="utf-8")
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", "--recipe", recipe], capfd)
+    assert_refused(code, err, "mine.yaml", "unknown key(s) epochz")
+
+
+def test_recipe_not_yaml(data, tmp_path, capfd):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("epochs: [1\n", encoding="utf-8")
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", "--recipe", recipe], capfd)
+    assert_refused(code, err, "broken.yaml is not valid YAML")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_requested_without_gpu(data, tmp_path, capfd):
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, "--device", "cuda"], capfd)
+    assert_refused(code, err, "--device cuda", "no CUDA GPU is visible")
+
+
+def test_out_is_an_existing_file(data, tmp_path, capfd):
+    (tmp_path / "run").write_text("not a folder")
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY], capfd)
+    assert_refused(code, err, "run", "is a file")
+
+
+def test_resume_without_checkpoint(data, tmp_path, capfd):
+    (tmp_path / "run").mkdir()
+    code, err = run_cli(["train", "--resume", tmp_path / "run", "--data", data], capfd)
+    assert_refused(code, err, "has no checkpoint.pt to resume from")
+
+
+def test_unknown_hub_model_fails_fast_offline(data, tmp_path, capfd, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, "--model", "hf:does-not-exist/xyz"], capfd)
+    assert_refused(code, err, "'hf:does-not-exist/xyz' is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+
+
+def test_unknown_hub_model_without_offline_mode_does_not_retry(data, tmp_path, capfd, monkeypatch):
+    """Online: the Hub says the repository does not exist; offline: it is unreachable. Either way, one line, no retries."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, "--model", "hf:does-not-exist/xyz"], capfd)
+    assert_refused(code, err, "'hf:does-not-exist/xyz'")
+    assert "no such model on the Hugging Face Hub" in err or "the Hugging Face Hub is unreachable" in err
+
+
+# --------------------------------------------------------------------------- accepted inputs
+
+
+def awkward_layout(source: Path, out: Path) -> Path:
+    """A copy of ``source`` whose CSVs use BOM + CRLF + ';' + an extra column, with awkward labels,
+    one symlinked training image, one 80x50 training image and awkward test images."""
+    data = Path(shutil.copytree(source, out))
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    train["label"] = train["label"].map(AWKWARD_LABELS)
+    train["photographer"] = "Kim, J."
+    linked = data / "train" / "TRAIN_00000.jpg"
+    linked.rename(data / "original.jpg")
+    linked.symlink_to(data / "original.jpg")
+    write_odd_size(data / "train" / "TRAIN_00001.jpg")
+    write_dialect(train, data / "train.csv")
+    test = pd.read_csv(data / "test.csv", dtype=str).assign(notes="x")
+    writers = [write_cmyk, write_png16, write_rgba, write_palette, write_gray, write_exif_rotated, write_odd_size, write_gif, write_png_named_jpg]
+    for writer, relative in zip(writers, test["img_path"]):
+        writer(data / relative)
+    write_dialect(test, data / "test.csv")
+    truth = pd.read_csv(data / "test_labels.csv", dtype=str)
+    truth.assign(label=truth["label"].map(AWKWARD_LABELS)).to_csv(data / "test_labels.csv", index=False)
+    sample = pd.read_csv(data / "sample_submission.csv", dtype=str)
+    sample.iloc[::-1].to_csv(data / "sample_submission.csv", index=False)  # the submission follows this order
+    return data
+
+
+def write_dialect(frame: pd.DataFrame, path: Path) -> None:
+    text = frame.to_csv(index=False, sep=";", lineterminator="\r\n")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory) -> tuple[Path, Path, list]:
+    """(data, trained run, warnings) for a 3-class awkward layout, trained once for one epoch."""
+    root = tmp_path_factory.mktemp("awkward")
+    source = make_demo_dataset(root / "clean", train_per_class=4, test_per_class=3, classes=3)
+    data = awkward_layout(source, root / "data")
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning) as caught:
+        patch.setenv("LOWRES_BIRDS_CACHE", str(tmp_path_factory.getbasetemp() / "image-cache"))
+        assert main(["train", "--data", str(data), "--out", str(root / "run"), *TINY]) == 0
+    return data, root / "run", [str(w.message) for w in caught]
+
+
+def test_awkward_training_data_is_accepted_with_one_size_warning(awkward):
+    data, run, caught = awkward
+    size_warnings = [m for m in caught if "were not 64x64" in m]
+    assert size_warnings == ["1 of 12 images were not 64x64; resized to 64x64 (bicubic)"]
+    assert (run / "model.safetensors").is_file()
+
+
+def test_non_ascii_and_comma_labels_round_trip_through_labels_json(awkward):
+    _, run, _ = awkward
+    expected = sorted(AWKWARD_LABELS.values())
+    assert list(LabelMap.load(run / "labels.json").classes) == expected
+    assert "물총새" in (run / "labels.json").read_text(encoding="utf-8")  # stored readable, not \\u-escaped
+
+
+def test_awkward_test_images_and_csv_dialect_predict_in_sample_order(awkward, tmp_path, capfd):
+    data, run, _ = awkward
+    submission, probabilities = tmp_path / "submission.csv", tmp_path / "probs.csv"
+    with pytest.warns(UserWarning, match="2 of 9 images were not 64x64"):  # the 80x50 one and the rotated 64x48 one
+        code, err = run_cli(["predict", "--run", run, "--data", data, "--out", submission, "--probs", probabilities], capfd)
+    assert code == 0, err
+    written = pd.read_csv(submission, dtype=str, keep_default_na=False)
+    assert list(written.columns) == ["id", "label"]
+    assert pd.read_csv(probabilities).columns.tolist() == ["id", *sorted(AWKWARD_LABELS.values())]
+    assert written["id"].tolist() == pd.read_csv(data / "sample_submission.csv", dtype=str)["id"].tolist()
+    assert set(written["label"]) <= set(AWKWARD_LABELS.values())
+    code, err = run_cli(["evaluate", "--submission", submission, "--labels", data / "test_labels.csv", "--data", data], capfd)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("dialect", ["bom", "crlf", "semicolon", "extra-column", "padded-values"])
+def test_csv_dialects_read_like_the_plain_file(dialect, base_data, tmp_path):
+    data = Path(shutil.copytree(base_data, tmp_path / "data"))
+    frame = pd.read_csv(data / "train.csv", dtype=str)
+    text = {
+        "bom": "\ufeff" + frame.to_csv(index=False),
+        "crlf": frame.to_csv(index=False, lineterminator="\r\n"),
+        "semicolon": frame.to_csv(index=False, sep=";"),
+        "extra-column": frame.assign(notes="a, b").to_csv(index=False),
+        "padded-values": frame.apply(lambda column: " " + column + " ").to_csv(index=False),
+    }[dialect]
+    (data / "train.csv").write_text(text, encoding="utf-8", newline="")
+    plain, read = load_train_table(base_data), load_train_table(data)
+    assert (read.ids, read.labels) == (plain.ids, plain.labels)
+    assert [p.relative_to(data) for p in read.lr_paths] == [p.relative_to(base_data) for p in plain.lr_paths]
+
+
+def test_symlinked_data_folder_is_accepted(base_data, tmp_path):
+    link = tmp_path / "linked"
+    link.symlink_to(base_data, target_is_directory=True)
+    assert load_train_table(link).ids == load_train_table(base_data).ids
+
+
+# --------------------------------------------------------------------------- test set
+
+
+def test_test_id_absent_from_sample_submission(awkward, data, tmp_path, capfd):
+    _, run, _ = awkward
+    edit_csv(data / "sample_submission.csv", lambda f: f.drop(index=1))
+    code, err = run_cli(["predict", "--run", run, "--data", data, "--out", tmp_path / "s.csv"], capfd)
+    assert_refused(code, err, "test.csv: 1 id(s) absent from sample_submission.csv (first: TEST_00001)")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_sample_submission_id_absent_from_test_csv(awkward, data, tmp_path, capfd):
+    _, run, _ = awkward
+    edit_csv(data / "test.csv", lambda f: f.drop(index=0))
+    code, err = run_cli(["predict", "--run", run, "--data", data, "--out", tmp_path / "s.csv"], capfd)
+    assert_refused(code, err, "sample_submission.csv: 1 id(s) not in test.csv (first: TEST_00000)")
+
+
+def test_corrupt_test_image(awkward, data, tmp_path, capfd):
+    _, run, _ = awkward
+    (data / "test" / "TEST_00002.jpg").write_bytes(b"\xff\xd8\xff")
+    code, err = run_cli(["predict", "--run", run, "--data", data, "--out", tmp_path / "s.csv"], capfd)
+    assert_refused(code, err, "TEST_00002.jpg: not a readable image")
+
+
+def test_test_csv_path_escaping_data_folder(awkward, data, tmp_path, capfd):
+    _, run, _ = awkward
+    edit_csv(data / "test.csv", set_cell(2, "img_path", "../../etc/passwd"))
+    code, err = run_cli(["predict", "--run", run, "--data", data, "--out", tmp_path / "s.csv"], capfd)
+    assert_refused(code, err, "test.csv row 4", "points outside the data folder; refused")
+
+
+def test_load_test_table_follows_sample_submission(base_data, tmp_path):
+    data = Path(shutil.copytree(base_data, tmp_path / "data"))
+    sample = pd.read_csv(data / "sample_submission.csv", dtype=str)
+    order = sample["id"].tolist()[::-1]
+    sample.set_index("id").loc[order].reset_index().to_csv(data / "sample_submission.csv", index=False)
+    assert load_test_table(data).ids == order
