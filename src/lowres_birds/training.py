@@ -364,7 +364,7 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
             if interrupt:
                 raise TrainingInterrupted(
                     f"{stop.signal_name}: checkpoint saved at epoch {state.epoch + 1}, step {state.step_in_epoch}; "
-                    f"continue with: lowres-birds train --resume --out {run_dir}"
+                    f"continue with: lowres-birds train --resume {run_dir}"
                 )
 
         while state.epoch < cfg.epochs:
