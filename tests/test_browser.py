@@ -80,17 +80,19 @@ def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(server_url
             assert [bars.nth(i).get_attribute("data-label") for i in range(bars.count())] == [label for label, _ in expected]
             expect(bars.first.locator(".value")).to_have_text(f"{expected[0][1] * 100:.1f}%")
             assert all(bars.nth(i).locator(".label").inner_text().strip() for i in range(bars.count()))
-            model_view = page.locator("#model-view")
-            assert model_view.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
-            assert model_view.evaluate("img => getComputedStyle(img).imageRendering") == "pixelated"
-            assert page.locator("#uploaded").evaluate("img => img.complete && img.naturalWidth > 0")
+            page.wait_for_function("() => document.querySelector('#model-view').naturalWidth === 64")
+            assert page.locator("#model-view").evaluate("img => [img.naturalHeight, getComputedStyle(img).imageRendering]") == [64, "pixelated"]
+            page.wait_for_function("() => document.querySelector('#uploaded').naturalWidth > 0")
 
             page.set_input_files("#photo-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"}])
             expect(page.locator("#error")).to_contain_text("not an image")
 
             page.set_input_files("#photo-input", str(photo))
             expect(page.locator("#error")).to_be_hidden()
-            expect(bars).to_have_count(5)
+            expect(bars).to_have_count(5)  # the list is emptied while a photo is being classified
+            expect(bars.first).to_be_visible()
+            expect(page.locator("#timing")).to_contain_text("answered")
+            page.wait_for_function("() => document.querySelector('#model-view').naturalWidth === 64")
             screenshot = tmp_path / "serve-page.png"
             page.screenshot(path=str(screenshot), full_page=True)
         finally:

@@ -49,6 +49,9 @@ async function classify(file) {
   errorBox.hidden = true;
   if (uploaded.src) URL.revokeObjectURL(uploaded.src);
   uploaded.src = URL.createObjectURL(file);
+  modelView.removeAttribute("src");
+  predictions.replaceChildren();
+  timing.textContent = "Classifying…";
   const form = new FormData();
   form.append("file", file);
   let answer;
