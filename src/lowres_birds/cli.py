@@ -15,7 +15,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from lowres_birds import serving_cli
+from lowres_birds import eda, report, serving_cli, study
 from lowres_birds.errors import TrainingInterrupted, UserError
 
 DEFAULT_DEMO_DIR = "demo-output"
@@ -78,6 +78,7 @@ def run_train(args) -> int:
         f"best validation macro-F1 {result['best_val_macro_f1']:.4f} (epoch {result['best_epoch']}), "
         f"{time.perf_counter() - started:.0f}s; run folder: {run_dir}"
     )
+    report.report_after_training(run_dir, args.data)
     return 0
 
 
@@ -204,6 +205,9 @@ COMMANDS = {
     "demo": (add_demo, run_demo),
     "predict-image": (serving_cli.add_predict_image, serving_cli.run_predict_image),
     "serve": (serving_cli.add_serve, serving_cli.run_serve),
+    "study": (study.add_study, study.run_study),
+    "report": (report.add_report, report.run_report),
+    "eda": (eda.add_eda, eda.run_eda),
 }
 
 
