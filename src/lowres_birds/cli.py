@@ -15,7 +15,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from lowres_birds import eda, report, serving_cli, study
+from lowres_birds import eda, export, report, serving_cli, study
 from lowres_birds.errors import TrainingInterrupted, UserError
 
 DEFAULT_DEMO_DIR = "demo-output"
@@ -205,6 +205,7 @@ COMMANDS = {
     "demo": (add_demo, run_demo),
     "predict-image": (serving_cli.add_predict_image, serving_cli.run_predict_image),
     "serve": (serving_cli.add_serve, serving_cli.run_serve),
+    "export": (export.add_export, export.run_export),
     "study": (study.add_study, study.run_study),
     "report": (report.add_report, report.run_report),
     "eda": (eda.add_eda, eda.run_eda),

@@ -66,8 +66,11 @@ class Classifier:
         options.intra_op_num_threads = int(os.environ.get("LOWRES_BIRDS_THREADS", "0")) or (os.cpu_count() or 1)
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
+        channels_last = metadata.get("layout") == "nhwc"  # see export.py; predict_fn receives NCHW
 
         def predict_fn(images: np.ndarray) -> np.ndarray:
+            if channels_last:
+                images = images.transpose(0, 2, 3, 1)
             return session.run(None, {input_name: np.ascontiguousarray(images)})[0]
 
         return cls(json.loads(metadata["labels"]), predict_fn, str(path), int(metadata.get("input_size", 0)))

@@ -1,0 +1,114 @@
+"""ONNX export: a trained run as one self-contained file that takes raw uint8 64x64 RGB images.
+
+The graph holds everything ``Classifier`` does after decoding: the PIL-compatible bicubic resize
+(torch's antialiased bicubic becomes ONNX ``Resize`` with ``cubic_coeff_a=-0.5``, ``antialias=1``), the
+normalisation, the network and a softmax. A consumer in any language only has to hand it pixels.
+
+Input ``images``: uint8, ``N x 64 x 64 x 3`` (layout ``nhwc``, how decoders return pixels) or
+``N x 3 x 64 x 64`` (``nchw``); N is dynamic. Output ``probabilities``: float32 ``N x classes``.
+Metadata (``metadata_props``): ``labels`` (JSON list, output column order), ``input_size`` (the side the
+network sees after the in-graph resize), ``layout``, ``image_size`` (64) and ``source`` (the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+from lowres_birds.errors import UserError
+
+# Torch is imported inside the functions: the CLI builds every command's parser on each start.
+LAYOUTS = ("nhwc", "nchw")
+FORMATS = ("onnx",)
+OPSET = 18  # the first opset whose Resize has the antialias attribute
+
+
+def probability_model(model, layout: str):
+    """BirdNet with the input layout chosen at export and a softmax on top (what the ONNX file computes)."""
+    import torch
+
+    class ProbabilityModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            if layout == "nhwc":
+                images = images.permute(0, 3, 1, 2)
+            return self.model(images).float().softmax(-1)
+
+    return ProbabilityModel().eval()
+
+
+def example_input(layout: str, batch: int = 2):
+    """A uint8 batch in the exported layout (batch 2 so the exporter keeps N symbolic)."""
+    import torch
+
+    from lowres_birds.resolution import LR_SIZE
+
+    shape = (batch, LR_SIZE, LR_SIZE, 3) if layout == "nhwc" else (batch, 3, LR_SIZE, LR_SIZE)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc") -> Path:
+    """Write ``out`` (one .onnx file, weights inside) for the run's best weights; returns ``out``."""
+    import torch
+
+    from lowres_birds.inference import load_run_model
+    from lowres_birds.resolution import LR_SIZE
+
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    if out.suffix != ".onnx":
+        raise UserError(f"--out {out} must end in .onnx (predict --onnx and Classifier.load recognise the suffix)")
+    model, labels = load_run_model(run_dir)
+    wrapper = probability_model(model, layout)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation chatter; real failures raise
+        program = torch.onnx.export(
+            wrapper,
+            (example_input(layout),),
+            input_names=["images"],
+            output_names=["probabilities"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    program.model.metadata_props.update(
+        {
+            "labels": json.dumps(labels, ensure_ascii=False),
+            "input_size": str(model.spec.input_size),
+            "image_size": str(LR_SIZE),
+            "layout": layout,
+            "source": model.spec.source,
+        }
+    )
+    temporary = out.with_name(f".{out.name}.tmp")
+    program.save(str(temporary), external_data=False)
+    temporary.replace(out)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_export(sub) -> None:
+    parser = sub.add_parser("export", help="export a trained run as a self-contained ONNX model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="trained run folder (with model.safetensors)")
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="export format")
+    parser.add_argument("--out", type=Path, default=Path("model.onnx"), help="file to write")
+    parser.add_argument("--layout", choices=LAYOUTS, default="nhwc", help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def run_export(args) -> int:
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} already exists; pass --force to overwrite it")
+    path = export_onnx(args.run, args.out, args.layout)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
+    return 0
