@@ -250,7 +250,7 @@ def fit_square(array: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size, size), Image.BICUBIC))
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     return Path(os.environ.get("LOWRES_BIRDS_CACHE", Path.home() / ".cache" / "lowres_birds"))
 
 
@@ -268,7 +268,7 @@ def load_images(paths: list[Path], size: int, workers: int = 2) -> np.ndarray:
     Images whose size differs from ``size`` are resized (one summary warning), so a data set with a few
     odd files still trains.
     """
-    cache = _cache_dir() / f"images-{_cache_key(paths, size)}.npy"
+    cache = cache_dir() / f"images-{_cache_key(paths, size)}.npy"
     if cache.exists():
         return np.load(cache, mmap_mode="r")
     odd_sizes = 0

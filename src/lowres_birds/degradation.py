@@ -1,0 +1,104 @@
+"""How the 64x64 images were made from their 256x256 twins, fitted from the pairs themselves.
+
+The reference trained on HR images shrunk with a plain resize and lost accuracy (0.72 vs 0.85): the
+shrunk HR did not look like the real LR. Here a small grid search over the usual camera/codec chain
+(Gaussian pre-blur -> resampling filter -> JPEG quality) finds the chain whose output is closest to the
+real LR images (least squares on a subset of pairs). ``degrade`` then turns augmented HR crops into
+realistic LR training views on the fly, in batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lowres_birds.resolution import LR_SIZE
+
+FILTERS = ("bicubic", "bilinear", "area")
+BLUR_SIGMAS = (0.0, 0.5, 0.8, 1.1, 1.4, 1.8)
+JPEG_QUALITIES = (0, 95, 90, 80, 70, 55)  # 0 = no JPEG step
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """Blur (sigma in HR pixels) -> resample to 64 with ``filter`` -> JPEG at ``jpeg_quality`` (0 = none)."""
+
+    filter: str = "bicubic"
+    blur_sigma: float = 0.0
+    jpeg_quality: int = 0
+
+    def save(self, path: Path, **report) -> None:
+        path.write_text(json.dumps({**asdict(self), **report}, indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> "Degradation":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(data["filter"], float(data["blur_sigma"]), int(data["jpeg_quality"]))
+
+
+PLAIN_RESIZE = Degradation("bicubic", 0.0, 0)
+
+
+def degrade(images: torch.Tensor, model: Degradation, size: int = LR_SIZE) -> torch.Tensor:
+    """uint8 NCHW HR images -> uint8 NCHW size x size images made the way the real LR ones were."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    pixels = images.float() / 255.0
+    if model.blur_sigma > 0:
+        kernel = 2 * int(np.ceil(3 * model.blur_sigma)) + 1
+        pixels = gaussian_blur(pixels, [kernel, kernel], [model.blur_sigma, model.blur_sigma])
+    if model.filter == "area":
+        pixels = F.interpolate(pixels, size=(size, size), mode="area")
+    else:
+        pixels = F.interpolate(pixels, size=(size, size), mode=model.filter, antialias=True, align_corners=False)
+    small = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+    if model.jpeg_quality:
+        small = torch.stack(decode_jpeg(encode_jpeg(list(small.cpu()), quality=model.jpeg_quality))).to(images.device)
+    return small
+
+
+def psnr_ssim(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
+    """Mean PSNR (dB) and SSIM between two uint8 NCHW batches (scikit-image's definitions)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    fake_np, real_np = fake.permute(0, 2, 3, 1).numpy(), real.permute(0, 2, 3, 1).numpy()
+    psnr = [peak_signal_noise_ratio(r, f, data_range=255) for f, r in zip(fake_np, real_np)]
+    ssim = [structural_similarity(r, f, channel_axis=-1, data_range=255) for f, r in zip(fake_np, real_np)]
+    return float(np.mean(psnr)), float(np.mean(ssim))
+
+
+def fit_degradation(hr_images: np.ndarray, lr_images: np.ndarray, pairs: int = 256, seed: int = 0) -> tuple[Degradation, dict]:
+    """Grid-search the chain on ``pairs`` training pairs; report PSNR/SSIM on as many held-out pairs.
+
+    Returns the best chain and a report comparing it with a plain bicubic resize on the held-out pairs.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(len(hr_images))[: 2 * pairs]
+    fit_idx, held_idx = np.sort(chosen[:pairs]), np.sort(chosen[pairs:])
+
+    def batch(array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array[idx])).permute(0, 3, 1, 2)
+
+    hr_fit, lr_fit = batch(hr_images, fit_idx), batch(lr_images, fit_idx).float()
+    best, best_error = PLAIN_RESIZE, float("inf")
+    for filter_name, sigma, quality in itertools.product(FILTERS, BLUR_SIGMAS, JPEG_QUALITIES):
+        candidate = Degradation(filter_name, sigma, quality)
+        error = float(((degrade(hr_fit, candidate).float() - lr_fit) ** 2).mean())
+        if error < best_error:
+            best, best_error = candidate, error
+    hr_held, lr_held = batch(hr_images, held_idx), batch(lr_images, held_idx)
+    fitted_psnr, fitted_ssim = psnr_ssim(degrade(hr_held, best), lr_held)
+    plain_psnr, plain_ssim = psnr_ssim(degrade(hr_held, PLAIN_RESIZE), lr_held)
+    report = {
+        "fit_pairs": int(len(fit_idx)), "held_out_pairs": int(len(held_idx)), "fit_mse": best_error,
+        "held_out_psnr": fitted_psnr, "held_out_ssim": fitted_ssim,
+        "plain_resize_psnr": plain_psnr, "plain_resize_ssim": plain_ssim,
+    }
+    return best, report
