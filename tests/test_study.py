@@ -31,7 +31,7 @@ def test_one_row_per_strategy_with_reference_numbers_beside(study_out):
     assert table["reference macro-F1 (BEiT, private test)"].isna().iloc[1]  # no reference run at 80
     assert table["val macro-F1"].between(0, 1).all() and (table["images/s"] > 0).all()
     markdown = (study_out / "results.md").read_text(encoding="utf-8")
-    assert markdown.count("\n| cpu |") == 2 and "same validation split" in markdown
+    assert markdown.count("\n| cpu |") == 2 and "share the validation split" in markdown
 
 
 def test_every_run_shares_the_validation_split(study_out):

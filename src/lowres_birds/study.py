@@ -154,6 +154,7 @@ def add_study(sub) -> None:
     parser.add_argument("--strategies", help="comma-separated strategies, e.g. native,upscale:224,upscale:256,hr-downscale:64 (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder: one run folder per row, results.* and study.html")
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
+    parser.add_argument("--note", default="", help="sentence put before the table, e.g. how sizes were adapted to the hardware")
     _add_config_overrides(parser)
 
 
@@ -179,11 +180,11 @@ def run_study(args) -> int:
         print(f"--- run {index}/{len(runs)}: {run.name}")
         run_or_reuse(run, args.data, args.force)
     cfg = runs[0].cfg
-    budget = f"{cfg.budget_minutes:g} min per run (training stops after the epoch that crosses it)" if cfg.budget_minutes else "none"
+    budget = f"{cfg.budget_minutes:g} min per run, training stops after the epoch that crosses it" if cfg.budget_minutes else "none"
     note = (
-        f"All rows: same validation split (seed {cfg.seed}, {cfg.val_fraction:.0%} of {args.data}), seed and budget "
-        f"({budget}). Validation macro-F1 is the best epoch's; the reference column is the reference's private-test "
-        "score with BEiT-base at 5 epochs (a different model and test set: compare the ranking, not the values)."
+        f"{args.note + ' ' if args.note else ''}All rows share the validation split (seed {cfg.seed}, {cfg.val_fraction:.0%} of "
+        f"{args.data}), the seed and the time budget ({budget}). Validation macro-F1 is the best epoch's; the reference column "
+        "is the reference's private-test score with BEiT-base at 5 epochs (another model and test set: compare the ranking, not the values)."
     )
     table = write_results(runs, args.out, note)
     print(markdown_table(table))
