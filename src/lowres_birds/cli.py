@@ -59,6 +59,8 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
+    from accelerate import PartialState
+
     from lowres_birds.config import FIELD_TYPES, load_config
     from lowres_birds.training import train
 
@@ -74,6 +76,8 @@ def run_train(args) -> int:
             raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
         run_dir = args.out
         result = train(load_config(args.recipe, overrides), args.data, run_dir, force=args.force)
+    if not PartialState().is_main_process:  # under torchrun / accelerate launch, rank 0 reports
+        return 0
     print(
         f"best validation macro-F1 {result['best_val_macro_f1']:.4f} (epoch {result['best_epoch']}), "
         f"{time.perf_counter() - started:.0f}s; run folder: {run_dir}"

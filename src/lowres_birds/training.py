@@ -202,7 +202,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg, gener
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
     bar.close()
     elapsed = time.perf_counter() - started
-    return {"train_loss": total_loss / max(seen, 1), "train_images_per_s": seen * accelerator.num_processes / elapsed}
+    total_loss, seen = accelerator.reduce(torch.tensor([total_loss, seen], dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return {"train_loss": total_loss / max(seen, 1), "train_images_per_s": seen / elapsed}
 
 
 @torch.no_grad()
@@ -249,18 +250,20 @@ def _make_accelerator(cfg: RunConfig, run_dir: Path):
     )
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, create: bool = True) -> None:
+    """Check the run folder on every process; only the one with ``create`` (the main process) changes it."""
     if resume:
         if not (run_dir / CHECKPOINT).is_file():
             raise UserError(f"{run_dir} has no {CHECKPOINT} to resume from; start a new run without --resume")
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} is a file; choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise UserError(f"run folder {run_dir} already exists; pass --resume to continue it or --force to overwrite")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not force and any(run_dir.iterdir()):
+        raise UserError(f"run folder {run_dir} already exists; pass --resume to continue it or --force to overwrite")
+    if create:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
 
 
 @dataclass
@@ -293,7 +296,7 @@ def load_training_data(data_dir: Path, strategy: Strategy, val_fraction: float, 
 
 def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = False, force: bool = False) -> dict:
     """Train one run (or resume it with its saved config, cfg=None); returns the best validation metrics."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
@@ -302,9 +305,10 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
         cfg = load_run_config(run_dir / "config.yaml")
     strategy = parse_strategy(cfg.strategy)
     data = load_training_data(data_dir, strategy, cfg.val_fraction, cfg.seed)
-    if not resume:
-        prepare_run_dir(run_dir, resume=False, force=force)
     accelerator = _make_accelerator(cfg, run_dir)
+    if not resume:
+        prepare_run_dir(run_dir, resume=False, force=force, create=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     labels = list(data.label_map.classes)
     model = create_model(cfg.model, labels, strategy.input_size, pretrained=cfg.pretrained)
@@ -323,7 +327,8 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
     val_loader = make_loader(data.lr_images, data.targets, data.val_idx, max(cfg.batch_size, 64), cfg.seed, shuffle=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.grad_accum)
+    # accelerate steps a prepared scheduler num_processes times per optimizer step: count in those units.
+    steps_per_epoch = accelerator.num_processes * math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / cfg.grad_accum)
     scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, val_loader, scheduler)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
@@ -340,7 +345,7 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
         accelerator.init_trackers("lowres-birds", config=cfg.to_dict())
 
     def save_checkpoint() -> None:
-        rng_states = accelerator.gather_for_metrics([_rng_state(generator)], use_gather_object=True)
+        rng_states = gather_object([_rng_state(generator)])
         if accelerator.is_main_process:
             atomic_save(
                 {
@@ -394,9 +399,8 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
                     temporary = run_dir / f".{BEST_WEIGHTS}.tmp"
                     save_file(weights, str(temporary))
                     os.replace(temporary, run_dir / BEST_WEIGHTS)
-            state.best_f1, state.best_epoch = accelerator.gather_for_metrics(
-                [(state.best_f1, state.best_epoch)], use_gather_object=True
-            )[0]
+            # Rank 0's view everywhere, so every process takes the same time-budget decision below.
+            state.best_f1, state.best_epoch, state.elapsed_s = gather_object([(state.best_f1, state.best_epoch, state.elapsed_s)])[0]
             state.epoch += 1
             state.step_in_epoch = 0
             save_checkpoint()
