@@ -47,6 +47,22 @@ class RunConfig:
     # Save a resumable checkpoint every N optimizer steps as well as at each epoch end (0 = epoch end only).
     checkpoint_every: int = 0
     log: str = "none"
+    # Using the high-res twins (all off by default; need upscale_train/). See distill.py.
+    hr_view_ratio: float = 0.0  # share of each batch replaced by HR crops degraded like the real LR
+    randaugment_ops: int = 0  # RandAugment ops on those HR crops, before degradation
+    kd_weight: float = 0.0  # weight of the KL term to the HR teacher's soft labels (CE gets 1 - kd_weight)
+    kd_temperature: float = 4.0
+    feature_kd_weight: float = 0.0  # match the backbone's HR features from LR input
+    teacher_size: int = 224  # the frozen HR teacher's input size
+    # Recipe essentials.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    ema_decay: float = 0.0  # 0 = no EMA; else evaluate and save the EMA weights
+    layer_decay: float = 0.0  # layer-wise LR decay for ViTs (0 = off)
+    early_stop_patience: int = 0  # epochs without a better val macro-F1 before stopping (0 = never)
+    # Stratified k-fold: set by `train --folds K`; fold < 0 means the plain hold-out split.
+    folds: int = 0
+    fold: int = -1
 
     def validate(self) -> "RunConfig":
         from lowres_birds.resolution import parse_strategy
@@ -72,6 +88,18 @@ class RunConfig:
             raise UserError(f"mixed_precision must be one of {', '.join(PRECISIONS)} (got {self.mixed_precision!r})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device must be auto, cpu or cuda (got {self.device!r})")
+        for name in ("hr_view_ratio", "kd_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"{name} must be between 0 and 1 (got {getattr(self, name)})")
+        for name in ("feature_kd_weight", "mixup_alpha", "cutmix_alpha", "layer_decay", "randaugment_ops", "early_stop_patience"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be 0 or more (got {getattr(self, name)})")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if self.kd_temperature <= 0:
+            raise UserError(f"kd_temperature must be positive (got {self.kd_temperature})")
+        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
+            raise UserError(f"folds must be 0 (hold-out) or at least 2 with 0 <= fold < folds (got folds={self.folds}, fold={self.fold})")
         if self.log not in ("none", "tensorboard", "mlflow", "wandb"):
             raise UserError(f"log must be none, tensorboard, mlflow or wandb (got {self.log!r})")
         return self

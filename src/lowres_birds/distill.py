@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowres_birds.degradation import Degradation, degrade
+from lowres_birds.degradation import Degradation, degrade, fit_degradation
 from lowres_birds.errors import UserError
 from lowres_birds.metrics import score
 
@@ -42,6 +42,31 @@ def hr_views(hr_images: torch.Tensor, degradation: Degradation, crop_scale_min: 
     return degrade(torch.stack(views), degradation)
 
 
+def _array_fingerprint(*arrays: np.ndarray) -> str:
+    """A cheap content key for large cached arrays: shapes plus a strided sample of their bytes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array[:: max(1, len(array) // 64)]).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def fitted_degradation(hr_images: np.ndarray, lr_images: np.ndarray) -> tuple[Degradation, dict]:
+    """fit_degradation, cached beside the decoded images (the fit is a grid search over 108 chains)."""
+    import json
+
+    from lowres_birds.data import cache_dir
+
+    cache = cache_dir() / f"degradation-{_array_fingerprint(hr_images, lr_images)}.json"
+    if cache.exists():
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        return Degradation.load(cache), {k: v for k, v in data.items() if k not in ("filter", "blur_sigma", "jpeg_quality")}
+    model, report = fit_degradation(hr_images, lr_images)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    model.save(cache, **report)
+    return model, report
+
+
 @dataclass
 class TeacherTargets:
     """Per training-set index: the frozen backbone's pooled HR features and the HR teacher's logits."""
@@ -58,7 +83,7 @@ def pooled_features(model, images: np.ndarray, batch_size: int = 64) -> torch.Te
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-            outputs.append(model.features_and_logits(batch)[0].float())
+            outputs.append(model(batch, return_features=True)[0].float())
     return torch.cat(outputs)
 
 
@@ -72,8 +97,8 @@ def build_teacher(source: str, labels: list[str], hr_images: np.ndarray, targets
     from lowres_birds.data import cache_dir
     from lowres_birds.models import create_model
 
-    digest = hashlib.sha256(f"{source}|{input_size}|{hr_images.shape}|{hr_images[:: max(1, len(hr_images) // 64)].tobytes().hex()[:4096]}".encode())
-    cache = cache_dir() / f"teacher-{digest.hexdigest()[:20]}.pt"
+    key = hashlib.sha256(f"{source}|{input_size}|{_array_fingerprint(hr_images)}".encode()).hexdigest()[:20]
+    cache = cache_dir() / f"teacher-{key}.pt"
     if cache.exists():
         features = torch.load(cache, weights_only=True)
     else:

@@ -74,8 +74,19 @@ class BirdNet(nn.Module):
         pixels = resize_batch(images.float() / 255.0, self.spec.input_size)
         return (pixels - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(self.preprocess(images))
+    def forward(self, images: torch.Tensor, return_features: bool = False):
+        """uint8 images -> logits, or (pooled features, logits) for feature distillation (timm backbones).
+
+        Features go through forward() rather than a separate method so DDP still syncs their gradients.
+        """
+        pixels = self.preprocess(images)
+        if not return_features:
+            return self.forward_features(pixels)
+        backbone = self.backbone
+        if not hasattr(backbone, "forward_head"):
+            raise UserError(f"feature distillation needs a timm backbone, not {self.spec.source}")
+        features = backbone.forward_head(backbone.forward_features(pixels), pre_logits=True)
+        return features, backbone.get_classifier()(features)
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels -> logits (for Grad-CAM and callers that preprocess themselves)."""

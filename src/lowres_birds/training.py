@@ -29,11 +29,14 @@ from lowres_birds.data import ImageTable, LabelMap, load_images, load_train_tabl
 from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.metrics import score
 from lowres_birds.models import BirdNet, create_model, save_architecture
-from lowres_birds.resolution import HR_SIZE, LR_SIZE, Strategy, parse_strategy
+from lowres_birds.degradation import Degradation
+from lowres_birds.distill import TeacherTargets, build_teacher, feature_loss, fitted_degradation, fold_indices, hf_layer_decay_groups, hr_views, kd_loss, mix_batch
+from lowres_birds.resolution import HR_SIZE, LR_SIZE, parse_strategy
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
+VAL_PREDICTIONS = "val_predictions.npz"  # the best model's validation probabilities (out-of-fold scoring)
 MIN_FREE_BYTES_FACTOR = 2  # a checkpoint write needs twice the last checkpoint's size free
 
 
@@ -63,15 +66,19 @@ class ShuffledIndices(Dataset):
 
 
 class BatchGather:
-    """collate_fn: a list of indices -> (uint8 NCHW images, int64 labels) gathered from memory."""
+    """collate_fn: a list of indices -> (uint8 NCHW images, int64 labels, the indices) gathered from memory."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         self.images, self.labels = images, labels
 
-    def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         order = np.asarray(indices)
-        batch = torch.from_numpy(np.ascontiguousarray(self.images[order])).permute(0, 3, 1, 2)
-        return batch, torch.from_numpy(self.labels[order])
+        return gather_images(self.images, order), torch.from_numpy(self.labels[order]), torch.from_numpy(order)
+
+
+def gather_images(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """Rows of an N x H x W x 3 uint8 array (or memmap) as a uint8 NCHW tensor."""
+    return torch.from_numpy(np.ascontiguousarray(images[indices])).permute(0, 3, 1, 2)
 
 
 def make_loader(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
@@ -97,6 +104,57 @@ def augment_batch(images: torch.Tensor, cfg: RunConfig, generator: torch.Generat
             crops.append(TF.resized_crop(image, top, left, side, side, [size, size], antialias=True))
         images = torch.stack(crops)
     return images
+
+
+@dataclass
+class HRSupport:
+    """What the high-res twins add to each training step; absent parts are off."""
+
+    hr_images: np.ndarray | None = None
+    degradation: Degradation | None = None
+    teacher: TeacherTargets | None = None
+
+
+def training_loss(model, images, labels, indices, cfg: RunConfig, generator: torch.Generator, hr: HRSupport) -> torch.Tensor:
+    """Augment (LR and HR-derived views), mix, forward, and combine CE with the distillation terms."""
+    images = augment_batch(images, cfg, generator)
+    if hr.degradation is not None and cfg.hr_view_ratio > 0:
+        chosen = torch.rand(len(images), generator=generator) < cfg.hr_view_ratio
+        if chosen.any():
+            hr_batch = gather_images(hr.hr_images, indices[chosen].numpy())
+            views = hr_views(hr_batch, hr.degradation, cfg.crop_scale_min, cfg.randaugment_ops, generator)
+            images = images.clone()
+            images[chosen.to(images.device)] = views.to(images.device)
+    num_classes = accelerate_unwrap(model).spec.num_classes
+    targets = [F.one_hot(labels, num_classes).float()]
+    if hr.teacher is not None:
+        device_indices = indices.to(hr.teacher.logits.device)
+        targets += [
+            F.softmax(hr.teacher.logits[device_indices] / cfg.kd_temperature, dim=-1).to(images.device),
+            hr.teacher.features[device_indices].to(images.device),
+        ]
+    if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+        images, targets = mix_batch(images, targets, cfg.mixup_alpha, cfg.cutmix_alpha, generator)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if hr.teacher is not None and cfg.feature_kd_weight > 0:
+        features, logits = model(images, return_features=True)
+    else:
+        features, logits = None, model(images)
+    soft_labels = targets[0] * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+    loss = -(soft_labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    if hr.teacher is not None and cfg.kd_weight > 0:
+        loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(logits.float(), targets[1], cfg.kd_temperature)
+    if hr.teacher is not None and cfg.feature_kd_weight > 0:
+        loss = loss + cfg.feature_kd_weight * feature_loss(features.float(), targets[2])
+    return loss
+
+
+def accelerate_unwrap(model):
+    """The BirdNet inside a DDP/compile wrapper (or the model itself)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
 
 
 # --------------------------------------------------------------------------- state
@@ -168,8 +226,9 @@ class StopFlag:
 # --------------------------------------------------------------------------- the loop
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg, generator, state, on_step) -> dict:
+def train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg, generator, state, on_step, hr: HRSupport | None = None, ema=None) -> dict:
     """One pass over the training batches; returns mean loss and images/s."""
+    hr = hr or HRSupport()
     model.train()
     total_loss, seen, started = 0.0, 0, time.perf_counter()
     bar = tqdm(
@@ -177,13 +236,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg, gener
         total=len(loader) + state.step_in_epoch * cfg.grad_accum, disable=not accelerator.is_local_main_process,
         leave=False, mininterval=1.0, dynamic_ncols=True,
     )
-    for images, labels in bar:
+    for images, labels, indices in bar:
         with accelerator.accumulate(model):
-            images = augment_batch(images, cfg, generator)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            loss = training_loss(model, images, labels, indices, cfg, generator, hr)
             if not torch.isfinite(loss):
                 raise UserError(
                     f"loss became {loss.item()} at epoch {state.epoch + 1}; lower --lr or use --mixed-precision no "
@@ -196,6 +251,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg, gener
         total_loss += loss.item() * len(labels)
         seen += len(labels)
         if accelerator.sync_gradients:
+            if ema is not None:
+                ema.update(accelerate_unwrap(model), step=state.global_step)
             state.step_in_epoch += 1
             state.global_step += 1
             on_step()
@@ -211,7 +268,7 @@ def evaluate(model, loader, accelerator) -> tuple[dict, np.ndarray, np.ndarray]:
     """Macro-F1 and accuracy over the whole validation set (gathered across processes)."""
     model.eval()
     all_probs, all_labels = [], []
-    for images, labels in loader:
+    for images, labels, _ in loader:
         probs = model(images).float().softmax(-1)
         probs, labels = accelerator.gather_for_metrics((probs, labels))
         all_probs.append(probs.cpu())
@@ -277,21 +334,60 @@ class TrainingData:
     train_images: np.ndarray  # LR or HR, by strategy
     train_idx: np.ndarray
     val_idx: np.ndarray
+    hr_images: np.ndarray | None  # the 256x256 twins, when the strategy or the HR techniques need them
 
 
-def load_training_data(data_dir: Path, strategy: Strategy, val_fraction: float, seed: int) -> TrainingData:
+def uses_hr_twins(cfg: RunConfig) -> bool:
+    return cfg.hr_view_ratio > 0 or cfg.kd_weight > 0 or cfg.feature_kd_weight > 0
+
+
+def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
+    """Decode (or read from cache) what the run needs; the split is the hold-out or fold ``cfg.fold``."""
+    strategy = parse_strategy(cfg.strategy)
     table = load_train_table(data_dir)
     label_map = LabelMap.fit(table.labels)
     targets = label_map.encode(table.labels)
-    train_idx, val_idx = stratified_split(targets, val_fraction, seed)
-    lr_images = load_images(table.lr_paths, LR_SIZE)
-    if strategy.train_source == "hr":
-        if table.hr_paths is None:
-            raise UserError(f"strategy {strategy} trains on the high-res twins, but {data_dir} has no upscale_img_path column")
-        train_images = load_images(table.hr_paths, HR_SIZE)
+    if cfg.folds:
+        train_idx, val_idx = fold_indices(targets, cfg.folds, cfg.fold, cfg.seed)
     else:
-        train_images = lr_images
-    return TrainingData(table, label_map, targets, lr_images, train_images, train_idx, val_idx)
+        train_idx, val_idx = stratified_split(targets, cfg.val_fraction, cfg.seed)
+    lr_images = load_images(table.lr_paths, LR_SIZE)
+    hr_images = None
+    if strategy.train_source == "hr" or uses_hr_twins(cfg):
+        if table.hr_paths is None:
+            raise UserError(f"{cfg.strategy} / the HR techniques need the high-res twins, but {data_dir} has no upscale_img_path column")
+        hr_images = load_images(table.hr_paths, HR_SIZE)
+    train_images = hr_images if strategy.train_source == "hr" else lr_images
+    return TrainingData(table, label_map, targets, lr_images, train_images, train_idx, val_idx, hr_images)
+
+
+def hr_support(cfg: RunConfig, data: TrainingData, run_dir: Path, accelerator) -> HRSupport:
+    """Fit the degradation and build the HR teacher when the recipe asks for them (cached across runs)."""
+    support = HRSupport(hr_images=data.hr_images)
+    if cfg.hr_view_ratio > 0:
+        support.degradation, report = fitted_degradation(data.hr_images, data.lr_images)
+        if accelerator.is_main_process:
+            support.degradation.save(run_dir / "degradation.json", **report)
+        accelerator.print(
+            f"degradation fitted from the pairs: {support.degradation} (held-out PSNR {report['held_out_psnr']:.2f} dB "
+            f"vs {report['plain_resize_psnr']:.2f} for a plain resize)"
+        )
+    if cfg.kd_weight > 0 or cfg.feature_kd_weight > 0:
+        labels = list(data.label_map.classes)
+        support.teacher = build_teacher(cfg.model, labels, data.hr_images, data.targets, data.train_idx, data.val_idx, cfg.teacher_size)
+        accelerator.print(f"HR teacher ({cfg.model} frozen at {cfg.teacher_size}, logistic head): val macro-F1 on HR twins {support.teacher.val_macro_f1:.4f}")
+    return support
+
+
+def _make_optimizer(model: BirdNet, cfg: RunConfig):
+    """AdamW; with layer_decay, per-layer learning rates (timm's groups for timm models, BEiT-style for HF)."""
+    if cfg.layer_decay <= 0:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.model.startswith("hf:"):
+        return torch.optim.AdamW(hf_layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay))
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model.backbone, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
 
 
 def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = False, force: bool = False) -> dict:
@@ -304,7 +400,7 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
         prepare_run_dir(run_dir, resume=True, force=False)
         cfg = load_run_config(run_dir / "config.yaml")
     strategy = parse_strategy(cfg.strategy)
-    data = load_training_data(data_dir, strategy, cfg.val_fraction, cfg.seed)
+    data = load_training_data(data_dir, cfg)
     accelerator = _make_accelerator(cfg, run_dir)
     if not resume:
         prepare_run_dir(run_dir, resume=False, force=force, create=accelerator.is_main_process)
@@ -325,19 +421,26 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
         )
     train_loader = make_loader(data.train_images, data.targets, data.train_idx, cfg.batch_size, cfg.seed, shuffle=True)
     val_loader = make_loader(data.lr_images, data.targets, data.val_idx, max(cfg.batch_size, 64), cfg.seed, shuffle=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hr = hr_support(cfg, data, run_dir, accelerator)
+    optimizer = _make_optimizer(model, cfg)
     # accelerate steps a prepared scheduler num_processes times per optimizer step: count in those units.
     steps_per_epoch = accelerator.num_processes * math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / cfg.grad_accum)
     scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, val_loader, scheduler)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
     state = TrainState()
     if resume:
         checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
         accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
         state = TrainState(**checkpoint["state"])
         _restore_rng(checkpoint["rng"][min(accelerator.process_index, len(checkpoint["rng"]) - 1)], generator)
         accelerator.print(f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}")
@@ -354,6 +457,7 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
                     "scheduler": scheduler.state_dict(),
                     "state": state.__dict__,
                     "rng": rng_states,
+                    "ema": ema.state_dict() if ema is not None else None,
                 },
                 run_dir / CHECKPOINT,
             )
@@ -377,8 +481,9 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
             loader = train_loader
             if state.step_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.step_in_epoch * cfg.grad_accum)
-            train_stats = train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg, generator, state, on_step)
-            val_stats, _, _ = evaluate(model, val_loader, accelerator)
+            train_stats = train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg, generator, state, on_step, hr, ema)
+            evaluated = ema.module if ema is not None else model
+            val_stats, val_probs, _ = evaluate(evaluated, val_loader, accelerator)
             state.elapsed_s = time.perf_counter() - clock_start
             record = {
                 "epoch": state.epoch + 1, **train_stats, "val_macro_f1": val_stats["macro_f1"],
@@ -395,10 +500,11 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
                     handle.write(json.dumps(record) + "\n")
                 if val_stats["macro_f1"] > state.best_f1:
                     state.best_f1, state.best_epoch = val_stats["macro_f1"], record["epoch"]
-                    weights = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+                    weights = {k: v.contiguous() for k, v in accelerator.unwrap_model(evaluated).state_dict().items()}
                     temporary = run_dir / f".{BEST_WEIGHTS}.tmp"
                     save_file(weights, str(temporary))
                     os.replace(temporary, run_dir / BEST_WEIGHTS)
+                    np.savez(run_dir / VAL_PREDICTIONS, indices=data.val_idx, probs=val_probs)
             # Rank 0's view everywhere, so every process takes the same time-budget decision below.
             state.best_f1, state.best_epoch, state.elapsed_s = gather_object([(state.best_f1, state.best_epoch, state.elapsed_s)])[0]
             state.epoch += 1
@@ -406,6 +512,9 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
             save_checkpoint()
             if cfg.budget_minutes and state.elapsed_s > cfg.budget_minutes * 60 and state.epoch < cfg.epochs:
                 accelerator.print(f"time budget of {cfg.budget_minutes} min reached after epoch {state.epoch}; stopping")
+                break
+            if cfg.early_stop_patience and state.epoch - state.best_epoch >= cfg.early_stop_patience and state.epoch < cfg.epochs:
+                accelerator.print(f"no better validation macro-F1 for {cfg.early_stop_patience} epochs; stopping early")
                 break
     if cfg.log != "none":
         accelerator.end_training()

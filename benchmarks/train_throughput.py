@@ -1,0 +1,261 @@
+"""Training throughput (images/s) of the cpu recipe's model and of BEiT-base@224, with the options that matter.
+
+Every variant except ``beit-reference`` runs training's own ``train_one_epoch`` (gather, augmentation, in-model
+resize, forward, backward, AdamW step, through accelerate) on a few batches after warm-up batches; each runs in
+its own process (accelerate's state is per process, torch.compile caches too). ``beit-reference`` is the
+reference's loop: its PIL/BeitImageProcessor loader (see input_pipeline.py) and a plain fp32 PyTorch loop.
+BEiT is randomly initialised from a local BeitConfig shaped like microsoft/beit-base-patch16-224-pt22k.
+
+    python benchmarks/train_throughput.py                          # the CPU set
+    python benchmarks/train_throughput.py --device cuda --only beit-reference,beit-bf16,lite0-224
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _machine import OtherLoad, add_record_args, benchmark_data, describe_machine, record
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    model: str  # "lite0" (recipe cpu) or "beit" (recipe beit-seed)
+    overrides: dict = field(default_factory=dict)
+    compile: bool = False
+
+
+VARIANTS = {
+    "lite0": Variant("efficientnet_lite0, cpu.yaml as is (freeze 2, channels_last, 64->128, fp32, batch 32)", "lite0"),
+    "lite0-no-channels-last": Variant("  cpu.yaml without channels_last", "lite0", {"channels_last": False}),
+    "lite0-no-freeze": Variant("  cpu.yaml with freeze_blocks 0", "lite0", {"freeze_blocks": 0}),
+    "lite0-bf16": Variant("  cpu.yaml + bf16 autocast", "lite0", {"mixed_precision": "bf16"}),
+    "lite0-compile": Variant("  cpu.yaml + torch.compile (compile time excluded)", "lite0", compile=True),
+    "lite0-batch64": Variant("  cpu.yaml with batch 64", "lite0", {"batch_size": 64}),
+    "lite0-224": Variant("efficientnet_lite0 at 64->224 (cpu.yaml otherwise)", "lite0", {"strategy": "upscale:224"}),
+    "lite0-224-bf16": Variant("efficientnet_lite0 at 64->224 + bf16", "lite0", {"strategy": "upscale:224", "mixed_precision": "bf16"}),
+    "beit": Variant("BEiT-base@224, beit-seed recipe (fp32, batch 16)", "beit"),
+    "beit-channels-last": Variant("  BEiT + channels_last", "beit", {"channels_last": True}),
+    "beit-bf16": Variant("  BEiT + bf16 autocast", "beit", {"mixed_precision": "bf16"}),
+    "beit-reference": Variant("  BEiT, the reference's loop (PIL loader, plain fp32 loop)", "beit"),
+}
+CPU_SET = ("lite0", "lite0-no-channels-last", "lite0-no-freeze", "lite0-bf16", "lite0-compile", "lite0-batch64", "beit", "beit-bf16")
+# (warm-up batches, timed batches) per model and device; BEiT-base trains at ~1.5 images/s on 2 CPU cores.
+STEPS = {("lite0", "cpu"): (3, 12), ("beit", "cpu"): (1, 2), ("lite0", "cuda"): (10, 60), ("beit", "cuda"): (10, 40)}
+
+
+def beit_config_dir(tiny: bool) -> Path:
+    """A local folder with a BEiT config (base, as the pt22k checkpoint; tiny for dry runs), so hf: loads offline."""
+    from transformers import BeitConfig
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37) if tiny else {}
+    config = BeitConfig(
+        image_size=224, patch_size=16, use_absolute_position_embeddings=False, use_shared_relative_position_bias=True,
+        layer_scale_init_value=0.1, use_mean_pooling=True, **shape,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="beit-config-"))
+    config.save_pretrained(folder)
+    return folder
+
+
+def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int, tiny: bool, around_timed=None) -> float:
+    """Images/s of one variant over ``steps`` batches after ``warmup`` batches (in this process).
+
+    ``around_timed``: optional context manager entered around the timed batches (the profiler).
+    """
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from lowres_birds.config import load_config
+    from lowres_birds.models import create_model
+    from lowres_birds.resolution import parse_strategy
+    from lowres_birds.training import TrainState, _make_accelerator, _make_scheduler, load_training_data, make_loader, train_one_epoch
+
+    variant = VARIANTS[name]
+    beit = variant.model == "beit"
+    overrides = {"device": device, **variant.overrides}
+    if beit:
+        overrides |= {"model": f"hf:{beit_config_dir(tiny)}", "pretrained": False}
+    cfg = load_config("beit-seed" if beit else "cpu", overrides)
+    data = load_training_data(data_dir, cfg)
+    batches = np.resize(data.train_idx, (warmup + steps) * cfg.batch_size)  # repeats indices on small data sets
+    if name == "beit-reference":
+        return reference_loop(cfg, data, batches, device, warmup)
+
+    accelerator = _make_accelerator(cfg, Path(tempfile.mkdtemp(prefix="bench-run-")))
+    model = create_model(cfg.model, list(data.label_map.classes), parse_strategy(cfg.strategy).input_size, cfg.pretrained)
+    model.freeze_early_layers(cfg.freeze_blocks)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if variant.compile:
+        model.compile()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _make_scheduler(optimizer, cfg, warmup + steps)
+    warm_loader = make_loader(data.train_images, data.targets, batches[: warmup * cfg.batch_size], cfg.batch_size, cfg.seed, shuffle=True)
+    timed_loader = make_loader(data.train_images, data.targets, batches[warmup * cfg.batch_size :], cfg.batch_size, cfg.seed, shuffle=True)
+    model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, timed_loader, scheduler)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    state = TrainState()
+    train_one_epoch(model, warm_loader, optimizer, scheduler, accelerator, cfg, generator, state, on_step=lambda: None)
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    with around_timed or contextlib.nullcontext():
+        stats = train_one_epoch(model, timed_loader, optimizer, scheduler, accelerator, cfg, generator, state, on_step=lambda: None)
+    return stats["train_images_per_s"]  # ends with loss.item(), so GPU work is included
+
+
+def reference_loop(cfg, data, batches, device: str, warmup: int) -> float:
+    """The reference's training loop: PIL loader, BeitForImageClassification(labels=...), fp32 AdamW, no accelerate."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from transformers import AutoConfig, BeitForImageClassification
+
+    from input_pipeline import ReferenceDataset
+
+    config = AutoConfig.from_pretrained(cfg.model[3:], num_labels=len(data.label_map.classes))
+    model = BeitForImageClassification(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    dataset = Subset(ReferenceDataset(data.table.lr_paths, data.targets, 224, pil_backend=True), batches.tolist())
+    seen = 0
+    for step, (pixels, labels) in enumerate(DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)):
+        if step == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started, seen = time.perf_counter(), 0
+        loss = model(pixel_values=pixels.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seen += len(labels)
+        loss.item()  # the reference logged the running loss every step
+    return seen / (time.perf_counter() - started)
+
+
+INPUT_STAGES = {"gather": "BatchGather.__call__", "augment": "augment_batch", "resize + normalise": "BirdNet.preprocess"}
+
+
+def profile_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int) -> tuple[float, dict[str, float], str]:
+    """One variant under torch.profiler, input stages labelled: (seconds per step, seconds per step per stage, op table)."""
+    import contextlib
+    import functools
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from lowres_birds import models, training
+
+    def label(owner, attribute: str, text: str) -> None:
+        original = getattr(owner, attribute)
+
+        @functools.wraps(original)
+        def labelled(*args, **kwargs):
+            with record_function(text):
+                return original(*args, **kwargs)
+
+        setattr(owner, attribute, labelled)
+
+    label(training.BatchGather, "__call__", INPUT_STAGES["gather"])
+    label(training, "augment_batch", INPUT_STAGES["augment"])
+    label(models.BirdNet, "preprocess", INPUT_STAGES["resize + normalise"])
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    wall = []
+
+    @contextlib.contextmanager
+    def profiled():
+        with profiler:
+            started = time.perf_counter()
+            yield
+            wall.append(time.perf_counter() - started)
+
+    run_variant(name, data_dir, device, warmup, steps, tiny=False, around_timed=profiled())
+    totals = {event.key: event.cpu_time_total / 1e6 for event in profiler.key_averages()}
+    stages = {stage: totals.get(text, 0.0) / steps for stage, text in INPUT_STAGES.items()}
+    return wall[0] / steps, stages, profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", type=Path, help="competition folder (default ../shared/data/cub100-lr, else synthetic)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--only", help=f"comma-separated variants (default: {','.join(CPU_SET)}); all: {','.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, help="timed batches per variant (default: per model and device)")
+    parser.add_argument("--warmup", type=int, help="untimed batches first (default: per model and device)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny data and BEiT, 1+1 batches, no record: checks the script runs")
+    parser.add_argument("--profile", metavar="VARIANT", help="profile one variant's timed batches instead (torch.profiler): input-handling share of a step")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # run one variant in this process, print JSON
+    add_record_args(parser)
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(CPU_SET)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.dry_run:
+        args.steps, args.warmup, args.no_record = 1, 1, True
+
+    if args.child:
+        warmup, steps = STEPS[(VARIANTS[args.child].model, args.device)]
+        rate = run_variant(args.child, args.data, args.device, args.warmup or warmup, args.steps or steps, args.dry_run)
+        print(json.dumps({"images_per_s": rate}))
+        return 0
+
+    data_dir = benchmark_data(args.data, small=args.dry_run)
+    machine = describe_machine(args.device)
+    if args.profile:
+        return profile(args, data_dir, machine)
+    results = {}
+    with OtherLoad() as load:
+        for name in names:
+            command = [sys.executable, __file__, "--child", name, "--data", str(data_dir), "--device", args.device]
+            command += [f"--{flag}={value}" for flag, value in (("steps", args.steps), ("warmup", args.warmup)) if value]
+            command += ["--dry-run"] if args.dry_run else []
+            started = time.perf_counter()
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.stderr.write(child.stderr[-3000:])
+                raise SystemExit(f"variant {name} failed (exit {child.returncode})")
+            results[name] = json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"]
+            print(f"{name:24s} {results[name]:9.2f} img/s   ({time.perf_counter() - started:.0f}s)  {VARIANTS[name].description.strip()}", flush=True)
+    fastest_lite0 = max((n for n in results if VARIANTS[n].model == "lite0" and "224" not in n), key=results.get, default=None)
+    body = ["| variant | what | training images/s |", "|---|---|---|"]
+    body += [f"| {name} | {VARIANTS[name].description.strip()} | {rate:.2f} |" for name, rate in results.items()]
+    summary = "training throughput: " + ", ".join(f"{name} {rate:.1f} img/s" for name, rate in results.items())
+    if fastest_lite0:
+        summary += f"; fastest lite0 option at 128: {fastest_lite0}"
+    body += ["", f"Data: {data_dir.name}; {load.note()}.", "", f"Result: {summary}"]
+    record(args, "Training throughput (benchmarks/train_throughput.py)", machine, load, body)
+    print(summary)
+    return 0
+
+
+def profile(args: argparse.Namespace, data_dir: Path, machine: str) -> int:
+    if args.profile not in VARIANTS or args.profile == "beit-reference":
+        raise SystemExit(f"--profile takes one of {', '.join(n for n in VARIANTS if n != 'beit-reference')}")
+    warmup, steps = STEPS[(VARIANTS[args.profile].model, args.device)]
+    with OtherLoad() as load:
+        step_s, stages, table = profile_variant(args.profile, data_dir, args.device, args.warmup or warmup, args.steps or steps)
+    print(table)
+    share = sum(stages.values()) / step_s
+    body = ["| stage | ms per step | share of the step |", "|---|---|---|"]
+    body += [f"| {stage} | {seconds * 1000:.1f} | {seconds / step_s:.1%} |" for stage, seconds in stages.items()]
+    body.append(f"| whole step (profiled) | {step_s * 1000:.1f} | 100% |")
+    summary = (
+        f"profile {args.profile}: input handling (gather + augment + resize/normalise) is {share:.1%} of a "
+        f"{step_s * 1000:.0f} ms training step (" + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stages.items()) + ")"
+    )
+    body += ["", f"Data: {data_dir.name}.", "", f"Result: {summary}"]
+    record(args, "Training step profile (benchmarks/train_throughput.py --profile)", machine, load, body)
+    print("\n".join(body[:-2]))
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
