@@ -75,7 +75,15 @@ def run_train(args) -> int:
         if args.data is None:
             raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
         run_dir = args.out
-        result = train(load_config(args.recipe, overrides), args.data, run_dir, force=args.force)
+        cfg = load_config(args.recipe, overrides)
+        if cfg.folds and cfg.fold < 0:
+            from lowres_birds.training import train_folds
+
+            summary = train_folds(cfg, args.data, run_dir, force=args.force)
+            folds = " ".join(f"--run {run_dir / f'fold{k}'}" for k in range(cfg.folds))
+            print(f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds predict {folds} --data DIR")
+            return 0
+        result = train(cfg, args.data, run_dir, force=args.force)
     if not PartialState().is_main_process:  # under torchrun / accelerate launch, rank 0 reports
         return 0
     print(

@@ -98,8 +98,8 @@ class RunConfig:
             raise UserError(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.kd_temperature <= 0:
             raise UserError(f"kd_temperature must be positive (got {self.kd_temperature})")
-        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
-            raise UserError(f"folds must be 0 (hold-out) or at least 2 with 0 <= fold < folds (got folds={self.folds}, fold={self.fold})")
+        if self.folds == 1 or self.folds < 0 or (self.folds and self.fold >= self.folds):
+            raise UserError(f"folds must be 0 (hold-out) or at least 2, with fold < folds (got folds={self.folds}, fold={self.fold})")
         if self.log not in ("none", "tensorboard", "mlflow", "wandb"):
             raise UserError(f"log must be none, tensorboard, mlflow or wandb (got {self.log!r})")
         return self

@@ -9,6 +9,7 @@ realistic LR training views on the fly, in batches.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from lowres_birds.resolution import LR_SIZE
 
@@ -47,7 +49,6 @@ PLAIN_RESIZE = Degradation("bicubic", 0.0, 0)
 
 def degrade(images: torch.Tensor, model: Degradation, size: int = LR_SIZE) -> torch.Tensor:
     """uint8 NCHW HR images -> uint8 NCHW size x size images made the way the real LR ones were."""
-    from torchvision.io import decode_jpeg, encode_jpeg
     from torchvision.transforms.v2.functional import gaussian_blur
 
     pixels = images.float() / 255.0
@@ -60,8 +61,19 @@ def degrade(images: torch.Tensor, model: Degradation, size: int = LR_SIZE) -> to
         pixels = F.interpolate(pixels, size=(size, size), mode=model.filter, antialias=True, align_corners=False)
     small = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     if model.jpeg_quality:
-        small = torch.stack(decode_jpeg(encode_jpeg(list(small.cpu()), quality=model.jpeg_quality))).to(images.device)
+        small = torch.from_numpy(jpeg_round_trip(small.permute(0, 2, 3, 1).cpu().numpy(), model.jpeg_quality)).permute(0, 3, 1, 2).to(images.device)
     return small
+
+
+def jpeg_round_trip(images: np.ndarray, quality: int) -> np.ndarray:
+    """N x H x W x 3 uint8 -> the same after a JPEG encode/decode at ``quality`` (Pillow, in memory)."""
+    out = np.empty_like(images)
+    for index, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        out[index] = np.asarray(Image.open(buffer).convert("RGB"))
+    return out
 
 
 def psnr_ssim(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
@@ -80,6 +92,7 @@ def fit_degradation(hr_images: np.ndarray, lr_images: np.ndarray, pairs: int = 2
     Returns the best chain and a report comparing it with a plain bicubic resize on the held-out pairs.
     """
     rng = np.random.default_rng(seed)
+    pairs = min(pairs, len(hr_images) // 2)
     chosen = rng.permutation(len(hr_images))[: 2 * pairs]
     fit_idx, held_idx = np.sort(chosen[:pairs]), np.sort(chosen[pairs:])
 

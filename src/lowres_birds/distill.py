@@ -116,11 +116,13 @@ def build_teacher(source: str, labels: list[str], hr_images: np.ndarray, targets
     return TeacherTargets(features, logits, val_f1)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's distillation term: T^2 * KL(teacher_T || student_T), batch-mean."""
+def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation term T^2 * KL(teacher || student_T), batch-mean.
+
+    ``teacher_probs`` are already softened (softmax(teacher_logits / T)) so that MixUp/CutMix can mix them.
+    """
     log_student = F.log_softmax(student_logits / temperature, dim=-1)
-    teacher = F.softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(log_student, teacher, reduction="batchmean") * temperature**2
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
 def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ step within the epoch, RNG states) makes ``--resume`` continue exactly where a r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -399,6 +400,8 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
     if resume:
         prepare_run_dir(run_dir, resume=True, force=False)
         cfg = load_run_config(run_dir / "config.yaml")
+    if cfg.folds and cfg.fold < 0:
+        raise UserError("a k-fold config trains one fold per run: set --fold K, or let `train --folds K` run them all")
     strategy = parse_strategy(cfg.strategy)
     data = load_training_data(data_dir, cfg)
     accelerator = _make_accelerator(cfg, run_dir)
@@ -504,7 +507,7 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
                     temporary = run_dir / f".{BEST_WEIGHTS}.tmp"
                     save_file(weights, str(temporary))
                     os.replace(temporary, run_dir / BEST_WEIGHTS)
-                    np.savez(run_dir / VAL_PREDICTIONS, indices=data.val_idx, probs=val_probs)
+                    np.savez(run_dir / VAL_PREDICTIONS, indices=data.val_idx, targets=data.targets[data.val_idx], probs=val_probs)
             # Rank 0's view everywhere, so every process takes the same time-budget decision below.
             state.best_f1, state.best_epoch, state.elapsed_s = gather_object([(state.best_f1, state.best_epoch, state.elapsed_s)])[0]
             state.epoch += 1
@@ -520,3 +523,23 @@ def train(cfg: RunConfig | None, data_dir: Path, run_dir: Path, resume: bool = F
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return {"best_val_macro_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_run": state.epoch, "elapsed_s": state.elapsed_s}
+
+
+def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = False) -> dict:
+    """Stratified K-fold: one self-contained run per fold under OUT/fold<k>, then the out-of-fold macro-F1.
+
+    The fold runs can be averaged at test time with ``predict --run OUT/fold0 --run OUT/fold1 ...``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir} already exists; pass --force to overwrite it")
+    folds = []
+    for fold in range(cfg.folds):
+        result = train(dataclasses.replace(cfg, fold=fold), data_dir, out_dir / f"fold{fold}", force=force)
+        folds.append(result["best_val_macro_f1"])
+    predictions = [np.load(out_dir / f"fold{fold}" / VAL_PREDICTIONS) for fold in range(cfg.folds)]
+    targets = np.concatenate([p["targets"] for p in predictions])
+    predicted = np.concatenate([p["probs"].argmax(1) for p in predictions])
+    summary = {"folds": cfg.folds, "fold_val_macro_f1": folds, **{f"oof_{k}": v for k, v in score(targets, predicted).items()}}
+    (out_dir / "oof.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
