@@ -152,19 +152,21 @@ def require_hub_model(repo_id: str, source: str) -> None:
         raise UserError(f"model {source!r} could not be fetched: the Hugging Face Hub is unreachable ({type(exc).__name__}); {offline_hint}") from None
 
 
-def _load_timm(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
+def _load_timm(name: str, num_classes: int, pretrained: bool, input_size: int) -> tuple[nn.Module, tuple, tuple]:
     import timm
+    from timm.models import get_pretrained_cfg
 
     if name not in timm.list_models(pretrained=False) and name not in timm.list_models(pretrained=True):
         raise UserError(f"unknown timm model {name!r}: see timm.list_models() for valid names")
+    pretrained_cfg = get_pretrained_cfg(name)
     if pretrained:
-        from timm.models import get_pretrained_cfg
-
-        hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+        hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
         if hub_id:
             require_hub_model(hub_id, f"timm:{name}")
+    # ViTs have a fixed patch grid: build it for the strategy's size (timm resamples position embeddings).
+    size_kwargs = {"img_size": input_size} if getattr(pretrained_cfg, "fixed_input_size", False) else {}
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **size_kwargs)
     except Exception as exc:  # hub/network errors come in many types
         raise UserError(
             f"model 'timm:{name}' could not be fetched ({type(exc).__name__}); with no network, pass "
@@ -213,7 +215,7 @@ def create_model(source: str, labels: list[str], input_size: int, pretrained: bo
     if source == LITE0:
         backbone, mean, std = _load_lite0(num_classes, pretrained), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     elif source.startswith("timm:"):
-        backbone, mean, std = _load_timm(source[5:], num_classes, pretrained)
+        backbone, mean, std = _load_timm(source[5:], num_classes, pretrained, input_size)
     elif source.startswith("hf:"):
         backbone, mean, std = _load_hf(source[3:], labels, pretrained, config_dir)
     else:
