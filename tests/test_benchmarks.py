@@ -1,0 +1,48 @@
+"""Benchmark scripts: results are appended without touching other sections, and the GPU script's dry run works on a CPU."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS_DIR))
+
+from _machine import OtherLoad, record  # noqa: E402
+
+
+def test_record_appends_a_section_and_keeps_the_others(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    others = "# Benchmarks\n\n## Serving (benchmarks/serve_load.py)\n\n| date | p50 |\n|---|---|\n| 2026-01-01 | 5.0 |\n"
+    path.write_text(others, encoding="utf-8")
+    args = argparse.Namespace(benchmarks=path, no_record=False)
+    with OtherLoad() as load:
+        pass
+    record(args, "Inference (benchmarks/inference.py)", "2 cores (test CPU)", load, ["| a | b |", "Result: fast"])
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(others)
+    section = text[len(others):]
+    assert section.startswith("\n## Inference (benchmarks/inference.py) (")
+    assert "- machine: 2 cores (test CPU)" in section and "- load: " in section and section.endswith("Result: fast\n")
+
+    record(argparse.Namespace(benchmarks=path, no_record=True), "Ignored", "m", load, ["x"])
+    assert path.read_text(encoding="utf-8") == text
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """Every step of gpu.sh (input pipeline, BEiT and lite0 training) with tiny sizes; ~1-2 min on 2 cores."""
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS_DIR / "gpu.sh"), "--dry-run"], capture_output=True, text=True, timeout=900,
+        env={**os.environ, "LOWRES_BIRDS_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "benchmark" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["input pipeline", "BEiT-base@224 training", "lite0 64->224 training"]
+    assert "beit-bf16" in rows[1] and "beit-reference" in rows[1] and "lite0-224" in rows[2]
+    assert "FAILED" not in done.stdout
