@@ -118,7 +118,7 @@ def recipe_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("lowres_birds.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_recipe(recipe: str) -> dict[str, Any]:
+def _read_recipe(recipe: str, depth: int = 0) -> dict[str, Any]:
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -135,6 +135,12 @@ def _read_recipe(recipe: str) -> dict[str, Any]:
         raise UserError(f"{source} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source} must be a mapping of config keys to values")
+    base = data.pop("base", None)  # `base: cpu` starts from another recipe, then overrides its keys
+    if base is not None:
+        if depth > 8:
+            raise UserError(f"{source}: 'base' recipes nest too deeply (a cycle?)")
+        base_path = Path(recipe).parent / str(base) if (Path(recipe).parent / str(base)).is_file() else str(base)
+        data = {**_read_recipe(str(base_path), depth + 1), **data}
     return data
 
 
