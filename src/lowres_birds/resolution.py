@@ -63,5 +63,7 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """
     if images.shape[-2:] == (size, size):
         return images
-    resized = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    # .contiguous(): on channels_last input (the NHWC cache's batches, channels_last training) torch's
+    # antialiased bicubic takes a generic path about 3x slower than on a contiguous copy.
+    resized = F.interpolate(images.contiguous(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return resized.clamp_(0.0, 1.0)
