@@ -78,7 +78,7 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
     from lowres_birds.config import load_config
     from lowres_birds.models import create_model
     from lowres_birds.resolution import parse_strategy
-    from lowres_birds.training import TrainState, _make_accelerator, _make_scheduler, load_training_data, make_loader, train_one_epoch
+    from lowres_birds.training import TrainState, _make_accelerator, _make_optimizer, _make_scheduler, load_training_data, make_loader, train_one_epoch
 
     variant = VARIANTS[name]
     beit = variant.model == "beit"
@@ -98,7 +98,7 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
         model = model.to(memory_format=torch.channels_last)
     if variant.compile:
         model.compile()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _make_optimizer(model, cfg)
     scheduler = _make_scheduler(optimizer, cfg, warmup + steps)
     warm_loader = make_loader(data.train_images, data.targets, batches[: warmup * cfg.batch_size], cfg.batch_size, cfg.seed, shuffle=True)
     timed_loader = make_loader(data.train_images, data.targets, batches[warmup * cfg.batch_size :], cfg.batch_size, cfg.seed, shuffle=True)
