@@ -29,7 +29,7 @@ class Folder:
     """One image folder of the data set and the square size its pixels are cached at."""
 
     name: str
-    paths: list
+    paths: list[Path]
     size: int
 
 
@@ -184,6 +184,52 @@ def pairs_png(left: list[np.ndarray], right: list[np.ndarray], left_titles: list
     return image_grid_png(images, titles, path, columns=4)
 
 
+def leakage_check(table, test, lr: np.ndarray, test_pixels: np.ndarray, train_hashes: list[str], max_distance: int, out: Path):
+    """(matches table, page items): test images equal or near-equal to a training image, with example pairs."""
+    leaks = train_test_matches(
+        table.ids, table.labels, train_hashes, perceptual_hashes(lr), test.ids, content_hashes(test_pixels),
+        perceptual_hashes(test_pixels), max_distance,
+    )
+    leaks.to_csv(out / "leakage_train_test.csv", index=False)
+    items: list = [
+        f"Train/test leakage: {int((leaks['kind'] == 'exact').sum())} test image(s) equal a training image, "
+        f"{int((leaks['kind'] == 'near').sum())} more are near-duplicates (pHash Hamming distance <= {max_distance} of 64 bits).",
+        leaks.head(EXAMPLES),
+    ]
+    if len(leaks):
+        train_index, test_index = {i: k for k, i in enumerate(table.ids)}, {i: k for k, i in enumerate(test.ids)}
+        shown = leaks.head(EXAMPLES)
+        items.append(
+            pairs_png(
+                [test_pixels[test_index[i]] for i in shown["test id"]], [lr[train_index[i]] for i in shown["train id"]],
+                [f"test {i}" for i in shown["test id"]],
+                [f"train {i} ({k}, d={d})" for i, k, d in zip(shown["train id"], shown["kind"], shown["phash distance"])],
+                out / "leakage_examples.png",
+            )
+        )
+    return leaks, items
+
+
+def twin_check(table, lr: np.ndarray, hr: np.ndarray, threshold_db: float, out: Path):
+    """(mismatched rows, page items): LR/HR pairs whose PSNR is below the threshold, and the lowest pairs drawn."""
+    import pandas as pd
+
+    psnr = twin_psnr(lr, hr)
+    twins = pd.DataFrame({"id": table.ids, "label": table.labels, "psnr_db": psnr}).sort_values("psnr_db", kind="stable")
+    twins.to_csv(out / "twin_psnr.csv", index=False)
+    worst = twins.head(EXAMPLES)
+    items = [
+        f"LR/HR twin mismatch: {int((psnr < threshold_db).sum())} pair(s) with PSNR < {threshold_db:g} dB between the LR image "
+        f"and its HR twin shrunk to {lr.shape[1]} (median {np.median(psnr):.1f} dB, lowest {psnr.min():.1f} dB). The lowest pairs:",
+        worst,
+        pairs_png(
+            [lr[i] for i in worst.index], [hr[i] for i in worst.index], [f"{table.ids[i]} LR" for i in worst.index],
+            [f"HR twin, {p:.1f} dB" for p in worst["psnr_db"]], out / "twin_lowest_psnr.png",
+        ),
+    ]
+    return twins[twins["psnr_db"] < threshold_db], items
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -224,47 +270,13 @@ def run_eda(args) -> int:
         f"{len(duplicates)} images, {int((~duplicates['labels agree']).sum())} with conflicting labels.",
         duplicates.head(2 * EXAMPLES),
     ]
-    leaks = None
+    leaks, mismatched = None, None
     if test is not None:
-        leaks = train_test_matches(
-            table.ids, table.labels, train_hashes, perceptual_hashes(lr), test.ids, content_hashes(pixels["test"]),
-            perceptual_hashes(pixels["test"]), args.phash_distance,
-        )
-        leaks.to_csv(out / "leakage_train_test.csv", index=False)
-        quality += [
-            f"Train/test leakage: {int((leaks['kind'] == 'exact').sum())} test image(s) equal a training image, "
-            f"{int((leaks['kind'] == 'near').sum())} more are near-duplicates (pHash Hamming distance <= {args.phash_distance} of 64 bits).",
-            leaks.head(EXAMPLES),
-        ]
-        if len(leaks):
-            train_index, test_index = {i: k for k, i in enumerate(table.ids)}, {i: k for k, i in enumerate(test.ids)}
-            shown = leaks.head(EXAMPLES)
-            quality.append(
-                pairs_png(
-                    [pixels["test"][test_index[i]] for i in shown["test id"]], [lr[train_index[i]] for i in shown["train id"]],
-                    [f"test {i}" for i in shown["test id"]], [f"train {i} ({k}, d={d})" for i, k, d in zip(shown["train id"], shown["kind"], shown["phash distance"])],
-                    out / "leakage_examples.png",
-                )
-            )
-    mismatched = None
+        leaks, items = leakage_check(table, test, lr, pixels["test"], train_hashes, args.phash_distance, out)
+        quality += items
     if hr is not None:
-        import pandas as pd
-
-        psnr = twin_psnr(lr, hr)
-        twins = pd.DataFrame({"id": table.ids, "label": table.labels, "psnr_db": psnr}).sort_values("psnr_db", kind="stable")
-        twins.to_csv(out / "twin_psnr.csv", index=False)
-        mismatched = twins[twins["psnr_db"] < args.twin_psnr]
-        worst = twins.head(EXAMPLES)
-        quality += [
-            f"LR/HR twin mismatch: {len(mismatched)} pair(s) with PSNR < {args.twin_psnr:g} dB between the LR image and its HR twin "
-            f"shrunk to {LR_SIZE} (median {np.median(psnr):.1f} dB, lowest {psnr.min():.1f} dB). The lowest pairs:",
-            worst,
-            pairs_png(
-                [lr[i] for i in worst.index], [hr[i] for i in worst.index],
-                [f"{table.ids[i]} LR" for i in worst.index], [f"HR twin, {p:.1f} dB" for p in worst["psnr_db"]],
-                out / "twin_lowest_psnr.png",
-            ),
-        ]
+        mismatched, items = twin_check(table, lr, hr, args.twin_psnr, out)
+        quality += items
 
     normalisation = "\n".join(
         f"{row['folder']:>13}: mean=({row['mean (R, G, B)']})  std=({row['std (R, G, B)']})" for _, row in stats.iterrows()

@@ -20,8 +20,10 @@ table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.8em 0; }
+.scroll { overflow: auto; max-height: 90vh; border: 1px solid #ddd; } img.full { max-width: none; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 """
+FULL_SIZE_WIDTH = 2000  # wider figures (confusion matrices of many classes) scroll at full size instead of shrinking
 
 
 @dataclass
@@ -38,8 +40,11 @@ def _item_html(item: str | Path | pd.DataFrame) -> str:
             return "<p>(none)</p>"
         return item.to_html(index=False, float_format=_number, border=0, na_rep="")
     if isinstance(item, Path):
-        encoded = base64.b64encode(item.read_bytes()).decode("ascii")
-        return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(item.name)}">'
+        data = item.read_bytes()
+        tag = f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(item.name)}"'
+        if int.from_bytes(data[16:20], "big") > FULL_SIZE_WIDTH:  # PNG header width: keep small labels readable
+            return f'<div class="scroll">{tag} class="full"></div>'
+        return tag + ">"
     text = html.escape(item)
     return f"<pre>{text}</pre>" if "\n" in item else f"<p>{text}</p>"
 
