@@ -150,7 +150,7 @@ def add_study(sub) -> None:
     parser = sub.add_parser("study", help="compare resolution strategies (or recipes) on one validation split", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, train/, upscale_train/)")
     parser.add_argument("--recipe", default="cpu", help="recipe shared by all strategies")
-    parser.add_argument("--recipes", help="comma-separated recipes to compare (replaces --recipe); each keeps its own strategy unless --strategies is given")
+    parser.add_argument("--recipes", help="comma-separated recipes to compare (replaces --recipe); each keeps its own strategy unless --strategies is given, all take the first recipe's seed, validation fraction and budget")
     parser.add_argument("--strategies", help="comma-separated strategies, e.g. native,upscale:224,upscale:256,hr-downscale:64 (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder: one run folder per row, results.* and study.html")
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
