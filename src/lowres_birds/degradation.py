@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lowres_birds.resolution import LR_SIZE
+from lowres_birds.resolution import LR_SIZE, to_nchw
 
 FILTERS = ("bicubic", "bilinear", "area")
 BLUR_SIGMAS = (0.0, 0.5, 0.8, 1.1, 1.4, 1.8)
@@ -96,17 +96,14 @@ def fit_degradation(hr_images: np.ndarray, lr_images: np.ndarray, pairs: int = 2
     chosen = rng.permutation(len(hr_images))[: 2 * pairs]
     fit_idx, held_idx = np.sort(chosen[:pairs]), np.sort(chosen[pairs:])
 
-    def batch(array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array[idx])).permute(0, 3, 1, 2)
-
-    hr_fit, lr_fit = batch(hr_images, fit_idx), batch(lr_images, fit_idx).float()
+    hr_fit, lr_fit = to_nchw(hr_images[fit_idx]), to_nchw(lr_images[fit_idx]).float()
     best, best_error = PLAIN_RESIZE, float("inf")
     for filter_name, sigma, quality in itertools.product(FILTERS, BLUR_SIGMAS, JPEG_QUALITIES):
         candidate = Degradation(filter_name, sigma, quality)
         error = float(((degrade(hr_fit, candidate).float() - lr_fit) ** 2).mean())
         if error < best_error:
             best, best_error = candidate, error
-    hr_held, lr_held = batch(hr_images, held_idx), batch(lr_images, held_idx)
+    hr_held, lr_held = to_nchw(hr_images[held_idx]), to_nchw(lr_images[held_idx])
     fitted_psnr, fitted_ssim = psnr_ssim(degrade(hr_held, best), lr_held)
     plain_psnr, plain_ssim = psnr_ssim(degrade(hr_held, PLAIN_RESIZE), lr_held)
     report = {

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lowres_birds.degradation import Degradation, degrade, fit_degradation
 from lowres_birds.errors import UserError
 from lowres_birds.metrics import score
+from lowres_birds.resolution import to_nchw
 
 
 def hr_views(hr_images: torch.Tensor, degradation: Degradation, crop_scale_min: float, randaugment_ops: int, generator: torch.Generator) -> torch.Tensor:
@@ -82,8 +83,7 @@ def pooled_features(model, images: np.ndarray, batch_size: int = 64) -> torch.Te
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-            outputs.append(model(batch, return_features=True)[0].float())
+            outputs.append(model(to_nchw(images[start : start + batch_size]), return_features=True)[0].float())
     return torch.cat(outputs)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from lowres_birds.errors import UserError
 from lowres_birds.reports import Section, write_page
+from lowres_birds.resolution import to_nchw
 
 CONFIDENT_ERRORS = 12
 
@@ -82,8 +83,7 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-            outputs.append(model(batch).float().softmax(-1).numpy())
+            outputs.append(model(to_nchw(images[start : start + batch_size])).float().softmax(-1).numpy())
     return np.concatenate(outputs)
 
 
@@ -132,7 +132,7 @@ def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np
             return self.net.forward_features(pixels)
 
     layer, reshape = cam_target(model.backbone)
-    pixels = model.preprocess(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)).requires_grad_(True)
+    pixels = model.preprocess(to_nchw(images)).requires_grad_(True)
     with GradCAM(model=PixelsToLogits().eval(), target_layers=[layer], reshape_transform=reshape) as cam:
         heat = cam(input_tensor=pixels, targets=[ClassifierOutputTarget(int(c)) for c in classes])
     size = model.spec.input_size

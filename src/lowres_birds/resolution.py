@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,11 @@ def parse_strategy(text: str) -> Strategy:
     if not 16 <= size <= 1024:
         raise UserError(f"strategy {text!r}: size must be between 16 and 1024 pixels")
     return Strategy(kind, size)
+
+
+def to_nchw(images: np.ndarray) -> torch.Tensor:
+    """N x H x W x 3 uint8 rows (an array or a read-only memmap slice) -> a writable uint8 NCHW tensor (a copy)."""
+    return torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2)
 
 
 def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:

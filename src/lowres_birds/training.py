@@ -32,7 +32,7 @@ from lowres_birds.metrics import score
 from lowres_birds.models import BirdNet, create_model, save_architecture
 from lowres_birds.degradation import Degradation
 from lowres_birds.distill import TeacherTargets, build_teacher, feature_loss, fitted_degradation, fold_indices, hf_layer_decay_groups, hr_views, kd_loss, mix_batch
-from lowres_birds.resolution import HR_SIZE, LR_SIZE, parse_strategy
+from lowres_birds.resolution import HR_SIZE, LR_SIZE, parse_strategy, to_nchw
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "model.safetensors"
@@ -74,12 +74,7 @@ class BatchGather:
 
     def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         order = np.asarray(indices)
-        return gather_images(self.images, order), torch.from_numpy(self.labels[order]), torch.from_numpy(order)
-
-
-def gather_images(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    """Rows of an N x H x W x 3 uint8 array (or memmap) as a uint8 NCHW tensor."""
-    return torch.from_numpy(np.ascontiguousarray(images[indices])).permute(0, 3, 1, 2)
+        return to_nchw(self.images[order]), torch.from_numpy(self.labels[order]), torch.from_numpy(order)
 
 
 def make_loader(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
@@ -122,7 +117,7 @@ def training_loss(model, images, labels, indices, cfg: RunConfig, generator: tor
     if hr.degradation is not None and cfg.hr_view_ratio > 0:
         chosen = torch.rand(len(images), generator=generator) < cfg.hr_view_ratio
         if chosen.any():
-            hr_batch = gather_images(hr.hr_images, indices[chosen].numpy())
+            hr_batch = to_nchw(hr.hr_images[indices[chosen].numpy()])
             views = hr_views(hr_batch, hr.degradation, cfg.crop_scale_min, cfg.randaugment_ops, generator)
             images = images.clone()
             images[chosen.to(images.device)] = views.to(images.device)
