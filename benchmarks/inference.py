@@ -22,6 +22,7 @@ from lowres_birds.data import load_images, load_test_table
 from lowres_birds.export import export_onnx
 from lowres_birds.inference import Classifier
 from lowres_birds.resolution import LR_SIZE
+from lowres_birds.runtime import keep_freed_memory
 
 
 def latencies(classifier: Classifier, images: np.ndarray, batch: int, calls: int) -> np.ndarray:
@@ -44,6 +45,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=300, help="timed calls at batch 1 (batch 64 gets a sixth as many, at least 5)")
     add_record_args(parser)
     args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does
 
     images = np.asarray(load_images(load_test_table(args.data).lr_paths, LR_SIZE))  # N x 64 x 64 x 3 uint8
     onnx_path = args.onnx or export_onnx(args.run, Path(tempfile.mkdtemp(prefix="bench-onnx-")) / "model.onnx")

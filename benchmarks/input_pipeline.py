@@ -32,6 +32,7 @@ from lowres_birds.config import load_config
 from lowres_birds.data import LabelMap, load_images, load_train_table
 from lowres_birds.models import BirdNet, ModelSpec
 from lowres_birds.resolution import LR_SIZE
+from lowres_birds.runtime import keep_freed_memory
 from lowres_birds.training import augment_batch, make_loader
 
 
@@ -89,6 +90,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny synthetic data, 2 repetitions, no record: checks the script runs")
     add_record_args(parser)
     args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does
     if args.dry_run:
         args.repeats, args.reference_images, args.no_record = 2, 16, True
     device = torch.device(args.device)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _machine import OtherLoad, add_record_args, benchmark_data, describe_machine, record
+from lowres_birds.runtime import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,14 @@ def reference_loop(cfg, data, batches, device: str, warmup: int) -> float:
 INPUT_STAGES = {"gather": "BatchGather.__call__", "augment": "augment_batch", "resize + normalise": "BirdNet.preprocess"}
 
 
-def profile_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int) -> tuple[float, dict[str, float], str]:
-    """One variant under torch.profiler, input stages labelled: (seconds per step, seconds per step per stage, op table)."""
+def profile_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int) -> tuple[float, dict[str, float], dict[str, float], str]:
+    """One variant under torch.profiler, input stages labelled.
+
+    Returns (seconds per step, seconds per step per input stage, kernel time and page faults per step, op table).
+    """
     import contextlib
     import functools
+    import resource
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -166,19 +171,25 @@ def profile_variant(name: str, data_dir: Path, device: str, warmup: int, steps: 
     label(training, "augment_batch", INPUT_STAGES["augment"])
     label(models.BirdNet, "preprocess", INPUT_STAGES["resize + normalise"])
     profiler = profile(activities=[ProfilerActivity.CPU])
-    wall = []
+    measured = {}
 
     @contextlib.contextmanager
     def profiled():
+        before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         with profiler:
-            started = time.perf_counter()
             yield
-            wall.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        measured.update(
+            wall=time.perf_counter() - started,
+            kernel=after.ru_stime - before.ru_stime,
+            faults=after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt,
+        )
 
     run_variant(name, data_dir, device, warmup, steps, tiny=False, around_timed=profiled())
     totals = {event.key: event.cpu_time_total / 1e6 for event in profiler.key_averages()}
     stages = {stage: totals.get(text, 0.0) / steps for stage, text in INPUT_STAGES.items()}
-    return wall[0] / steps, stages, profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    system = {"kernel time (all threads)": measured["kernel"] / steps, "page faults": measured["faults"] / steps}
+    return measured["wall"] / steps, stages, system, profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
 def main() -> int:
@@ -190,6 +201,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, help="untimed batches first (default: per model and device)")
     parser.add_argument("--dry-run", action="store_true", help="tiny data and BEiT, 1+1 batches, no record: checks the script runs")
     parser.add_argument("--profile", metavar="VARIANT", help="profile one variant's timed batches instead (torch.profiler): input-handling share of a step")
+    parser.add_argument("--glibc-default-malloc", action="store_true", help="skip runtime.keep_freed_memory (to measure what it saves)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run one variant in this process, print JSON
     add_record_args(parser)
     args = parser.parse_args()
@@ -199,6 +211,8 @@ def main() -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.dry_run:
         args.steps, args.warmup, args.no_record = 1, 1, True
+    if not args.glibc_default_malloc:
+        keep_freed_memory()
 
     if args.child:
         warmup, steps = STEPS[(VARIANTS[args.child].model, args.device)]
@@ -215,7 +229,7 @@ def main() -> int:
         for name in names:
             command = [sys.executable, __file__, "--child", name, "--data", str(data_dir), "--device", args.device]
             command += [f"--{flag}={value}" for flag, value in (("steps", args.steps), ("warmup", args.warmup)) if value]
-            command += ["--dry-run"] if args.dry_run else []
+            command += [flag for flag, on in (("--dry-run", args.dry_run), ("--glibc-default-malloc", args.glibc_default_malloc)) if on]
             started = time.perf_counter()
             child = subprocess.run(command, capture_output=True, text=True)
             if child.returncode != 0:
@@ -229,7 +243,8 @@ def main() -> int:
     summary = "training throughput: " + ", ".join(f"{name} {rate:.1f} img/s" for name, rate in results.items())
     if fastest_lite0:
         summary += f"; fastest lite0 option at 128: {fastest_lite0}"
-    body += ["", f"Data: {data_dir.name}; {load.note()}.", "", f"Result: {summary}"]
+    allocator = "glibc default malloc" if args.glibc_default_malloc else "freed memory kept (runtime.keep_freed_memory, as the CLI)"
+    body += ["", f"Data: {data_dir.name}; {allocator}; each variant in its own process.", "", f"Result: {summary}"]
     record(args, "Training throughput (benchmarks/train_throughput.py)", machine, load, body)
     print(summary)
     return 0
@@ -240,17 +255,20 @@ def profile(args: argparse.Namespace, data_dir: Path, machine: str) -> int:
         raise SystemExit(f"--profile takes one of {', '.join(n for n in VARIANTS if n != 'beit-reference')}")
     warmup, steps = STEPS[(VARIANTS[args.profile].model, args.device)]
     with OtherLoad() as load:
-        step_s, stages, table = profile_variant(args.profile, data_dir, args.device, args.warmup or warmup, args.steps or steps)
+        step_s, stages, system, table = profile_variant(args.profile, data_dir, args.device, args.warmup or warmup, args.steps or steps)
     print(table)
     share = sum(stages.values()) / step_s
+    allocator = "glibc default" if args.glibc_default_malloc else "freed memory kept (runtime.keep_freed_memory, as the CLI)"
     body = ["| stage | ms per step | share of the step |", "|---|---|---|"]
     body += [f"| {stage} | {seconds * 1000:.1f} | {seconds / step_s:.1%} |" for stage, seconds in stages.items()]
     body.append(f"| whole step (profiled) | {step_s * 1000:.1f} | 100% |")
+    body.append(f"| kernel time (all threads), mostly page faults | {system['kernel time (all threads)'] * 1000:.1f} | |")
     summary = (
-        f"profile {args.profile}: input handling (gather + augment + resize/normalise) is {share:.1%} of a "
-        f"{step_s * 1000:.0f} ms training step (" + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stages.items()) + ")"
+        f"profile {args.profile} ({allocator}): input handling (gather + augment + resize/normalise) is {share:.1%} of a "
+        f"{step_s * 1000:.0f} ms training step (" + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stages.items())
+        + f"); {system['page faults']:.0f} page faults per step"
     )
-    body += ["", f"Data: {data_dir.name}.", "", f"Result: {summary}"]
+    body += ["", f"Data: {data_dir.name}; {args.steps or steps} profiled steps after {args.warmup or warmup}.", "", f"Result: {summary}"]
     record(args, "Training step profile (benchmarks/train_throughput.py --profile)", machine, load, body)
     print("\n".join(body[:-2]))
     print(summary)

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from lowres_birds import eda, export, report, serving_cli, study
+from lowres_birds import eda, export, report, runtime, serving_cli, study
 from lowres_birds.errors import TrainingInterrupted, UserError
 
 DEFAULT_DEMO_DIR = "demo-output"
@@ -241,6 +241,7 @@ def _one_line_warnings(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warnings
+    runtime.keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command][1](args)
