@@ -92,3 +92,25 @@ def test_in_model_resize_matches_pil_bicubic_in_either_memory_format(demo_test_i
     difference = np.abs(ours.permute(0, 2, 3, 1).numpy() * 255 - pil)
     # PIL rounds (and clips) to uint8 after each pass, so rare pixels at sharp edges differ by a few levels.
     assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 1.0
+
+
+def test_hugging_face_beit_run_exports_and_matches(tmp_path):
+    """HF models export too (their SDPA attention does not with a dynamic batch: export switches it to eager)."""
+    from safetensors.torch import save_file
+    from transformers import BeitConfig
+
+    from lowres_birds.data import LabelMap
+    from lowres_birds.models import create_model, save_architecture
+
+    config_dir, run_dir = tmp_path / "beit-config", tmp_path / "beit-run"
+    BeitConfig(image_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, use_relative_position_bias=True).save_pretrained(config_dir)
+    labels = ["a", "b", "c"]
+    model = create_model(f"hf:{config_dir}", labels, 96, pretrained=False)
+    run_dir.mkdir()
+    save_architecture(model, run_dir)
+    LabelMap(tuple(labels)).save(run_dir / "labels.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "beit.onnx")]) == 0
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(Classifier.load(tmp_path / "beit.onnx").predict_arrays(images), Classifier.load(run_dir).predict_arrays(images), atol=1e-4)

@@ -64,6 +64,10 @@ def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc") -> Path:
     if out.suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx (predict --onnx and Classifier.load recognise the suffix)")
     model, labels = load_run_model(run_dir)
+    if hasattr(model.backbone, "set_attn_implementation"):  # Hugging Face models
+        # The exporter cannot decompose SDPA attention's output reshape with a dynamic batch; eager attention
+        # computes the same thing and exports.
+        model.backbone.set_attn_implementation("eager")
     wrapper = probability_model(model, layout)
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
