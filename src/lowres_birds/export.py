@@ -1,8 +1,8 @@
 """ONNX export: a trained run as one self-contained file that takes raw uint8 64x64 RGB images.
 
-The graph holds everything ``Classifier`` does after decoding: the PIL-compatible bicubic resize
-(torch's antialiased bicubic becomes ONNX ``Resize`` with ``cubic_coeff_a=-0.5``, ``antialias=1``), the
-normalisation, the network and a softmax. A consumer in any language only has to hand it pixels.
+The graph holds everything ``Classifier`` does after decoding: the 8-bit bicubic resize (PIL's, as torch's CPU
+kernel computes it, written as two float64 ``MatMul``s with rounding and clipping so every runtime gets the same
+pixels), the normalisation, the network and a softmax. A consumer in any language only has to hand it pixels.
 
 Input ``images``: uint8, ``N x 64 x 64 x 3`` (layout ``nhwc``, how decoders return pixels) or
 ``N x 3 x 64 x 64`` (``nchw``); N is dynamic. Output ``probabilities``: float32 ``N x classes``.
@@ -22,7 +22,7 @@ from lowres_birds.errors import UserError
 # Torch is imported inside the functions: the CLI builds every command's parser on each start.
 LAYOUTS = ("nhwc", "nchw")
 FORMATS = ("onnx",)
-OPSET = 18  # the first opset whose Resize has the antialias attribute
+OPSET = 18  # the first opset whose Resize has the antialias attribute (runs with the float resize export it)
 
 
 def probability_model(model, layout: str):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowres_birds.errors import UserError
-from lowres_birds.resolution import resize_batch
+from lowres_birds.resolution import normalise, resize_batch, resize_uint8
 
 LITE0 = "efficientnet_lite0"
 # timm's TF-"same"-padding variant: its state dict matches the PyPI package's tensor for tensor.
@@ -25,13 +25,17 @@ LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
 
 @dataclass
 class ModelSpec:
-    """What is needed to rebuild a model offline: its source string, normalisation and input size."""
+    """What is needed to rebuild a model offline: its source string, normalisation, input size and resize.
+
+    ``resize``: ``pil`` (8-bit bicubic as PIL, :func:`resize_uint8`) or ``float`` (runs saved before it).
+    """
 
     source: str
     num_classes: int
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str = "pil"
 
 
 class BirdNet(nn.Module):
@@ -71,8 +75,9 @@ class BirdNet(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW at any size -> normalised float NCHW at the model's input size."""
-        pixels = resize_batch(images.float() / 255.0, self.spec.input_size)
-        return (pixels - self.mean) / self.std
+        if self.spec.resize == "float":
+            return (resize_batch(images.float() / 255.0, self.spec.input_size) - self.mean) / self.std
+        return normalise(resize_uint8(images, self.spec.input_size), self.mean, self.std)
 
     def forward(self, images: torch.Tensor, return_features: bool = False):
         """uint8 images -> logits, or (pooled features, logits) for feature distillation (timm backbones).
@@ -240,6 +245,7 @@ def save_architecture(model: BirdNet, run_dir: Path) -> None:
 def rebuild_model(run_dir: Path, labels: list[str]) -> BirdNet:
     """The run's architecture with no pretrained download; weights are loaded by the caller."""
     spec_data = json.loads((run_dir / "model_spec.json").read_text(encoding="utf-8"))
+    spec_data.setdefault("resize", "float")  # runs saved before the 8-bit resize
     spec = ModelSpec(**{**spec_data, "mean": tuple(spec_data["mean"]), "std": tuple(spec_data["std"])})
     hf_dir = run_dir / "hf_config" if spec.source.startswith("hf:") else None
     model = create_model(spec.source, labels, spec.input_size, pretrained=False, config_dir=hf_dir)
