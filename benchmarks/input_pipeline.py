@@ -1,7 +1,7 @@
 """Input pipeline: images/s delivered as normalised 224x224 float batches ready for the model, ours vs the reference's.
 
 ours: the decoded uint8 array from the cache -> training's DataLoader (``BatchGather`` index gather) -> the same
-      ``BirdNet.preprocess`` training runs (bicubic 64->224 + normalisation) on --device. Measured without
+      ``BirdNet.preprocess`` training runs (8-bit PIL bicubic 64->224, normalisation) on --device. Measured without
       augmentation (the reference had none) and with the cpu recipe's augmentation (``augment_batch``).
 reference: a copy of the reference's loader: per image PIL open -> torchvision Resize((224, 224), bicubic) ->
       BeitImageProcessor (the hub's microsoft/beit-base-patch16-224-pt22k preprocessor config, built locally) ->
@@ -67,11 +67,15 @@ class ReferenceDataset(Dataset):
 
 
 def images_per_second(batches, limit: int, device: torch.device, prepare) -> float:
-    """Pull batches until ``limit`` images, ``prepare`` each on the device; images/s including the final sync."""
+    """Pull batches until ``limit`` images, ``prepare`` each on the device; images/s including the final sync.
+
+    Each batch is dropped before the next is asked for, as a training step is done with its batch.
+    """
     started, seen = time.perf_counter(), 0
     for images, *_ in batches:  # (images, labels[, indices])
         pixels = prepare(images)
         seen += len(pixels)
+        del pixels
         if seen >= limit:
             break
     if device.type == "cuda":

@@ -13,8 +13,10 @@ BEiT is randomly initialised from a local BeitConfig shaped like microsoft/beit-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,8 +37,8 @@ class Variant:
 
 
 VARIANTS = {
-    "lite0": Variant("efficientnet_lite0, cpu.yaml as is (freeze 2, channels_last, 64->128, fp32, batch 32)", "lite0"),
-    "lite0-no-channels-last": Variant("  cpu.yaml without channels_last", "lite0", {"channels_last": False}),
+    "lite0": Variant("efficientnet_lite0, cpu.yaml as is (freeze 2, 64->128, fp32, batch 32)", "lite0"),
+    "lite0-channels-last": Variant("  cpu.yaml + channels_last weights (batches are channels_last either way)", "lite0", {"channels_last": True}),
     "lite0-no-freeze": Variant("  cpu.yaml with freeze_blocks 0", "lite0", {"freeze_blocks": 0}),
     "lite0-bf16": Variant("  cpu.yaml + bf16 autocast", "lite0", {"mixed_precision": "bf16"}),
     "lite0-compile": Variant("  cpu.yaml + torch.compile (compile time excluded)", "lite0", compile=True),
@@ -50,7 +52,7 @@ VARIANTS = {
 }
 # Not beit-bf16 on CPUs: without AVX512-BF16/AMX torch's bf16 matmul falls back to a single-threaded reference
 # GEMM (3 batches of 16 did not finish in 18 minutes on the 2-core AMD EPYC).
-CPU_SET = ("lite0", "lite0-no-channels-last", "lite0-no-freeze", "lite0-bf16", "lite0-compile", "lite0-batch64", "beit")
+CPU_SET = ("lite0", "lite0-channels-last", "lite0-no-freeze", "lite0-bf16", "lite0-compile", "lite0-batch64", "beit")
 # (warm-up batches, timed batches) per model and device; BEiT-base trains at ~1.5 images/s on 2 CPU cores.
 STEPS = {("lite0", "cpu"): (3, 12), ("beit", "cpu"): (1, 2), ("lite0", "cuda"): (10, 60), ("beit", "cuda"): (10, 40)}
 
@@ -202,6 +204,7 @@ def main() -> int:
     parser.add_argument("--only", help=f"comma-separated variants (default: {','.join(CPU_SET)}); all: {','.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, help="timed batches per variant (default: per model and device)")
     parser.add_argument("--warmup", type=int, help="untimed batches first (default: per model and device)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the variants, interleaved; medians are reported")
     parser.add_argument("--dry-run", action="store_true", help="tiny data and BEiT, 1+1 batches, no record: checks the script runs")
     parser.add_argument("--profile", metavar="VARIANT", help="profile one variant's timed batches instead (torch.profiler): input-handling share of a step")
     parser.add_argument("--glibc-default-malloc", action="store_true", help="skip runtime.keep_freed_memory (to measure what it saves)")
@@ -227,9 +230,9 @@ def main() -> int:
     machine = describe_machine(args.device)
     if args.profile:
         return profile(args, data_dir, machine)
-    results = {}
+    runs: dict[str, list[float]] = {name: [] for name in names}
     with OtherLoad() as load:
-        for name in names:
+        for _, name in itertools.product(range(args.repeats), names):  # interleaved: drifts in machine speed hit all alike
             command = [sys.executable, __file__, "--child", name, "--data", str(data_dir), "--device", args.device]
             command += [f"--{flag}={value}" for flag, value in (("steps", args.steps), ("warmup", args.warmup)) if value]
             command += [flag for flag, on in (("--dry-run", args.dry_run), ("--glibc-default-malloc", args.glibc_default_malloc)) if on]
@@ -241,16 +244,17 @@ def main() -> int:
             if child.returncode != 0:
                 sys.stderr.write(child.stderr[-3000:])
                 raise SystemExit(f"variant {name} failed (exit {child.returncode})")
-            results[name] = json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"]
-            print(f"{name:24s} {results[name]:9.2f} img/s   ({time.perf_counter() - started:.0f}s)  {VARIANTS[name].description.strip()}", flush=True)
+            runs[name].append(json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"])
+            print(f"{name:24s} {runs[name][-1]:9.2f} img/s   ({time.perf_counter() - started:.0f}s)  {VARIANTS[name].description.strip()}", flush=True)
+    results = {name: statistics.median(rates) for name, rates in runs.items()}
     fastest_lite0 = max((n for n in results if VARIANTS[n].model == "lite0" and "224" not in n), key=results.get, default=None)
-    body = ["| variant | what | training images/s |", "|---|---|---|"]
-    body += [f"| {name} | {VARIANTS[name].description.strip()} | {rate:.2f} |" for name, rate in results.items()]
+    body = ["| variant | what | training images/s (median) | all runs |", "|---|---|---|---|"]
+    body += [f"| {name} | {VARIANTS[name].description.strip()} | {rate:.2f} | {', '.join(f'{r:.1f}' for r in runs[name])} |" for name, rate in results.items()]
     summary = "training throughput: " + ", ".join(f"{name} {rate:.1f} img/s" for name, rate in results.items())
     if fastest_lite0:
         summary += f"; fastest lite0 option at 128: {fastest_lite0}"
     allocator = "glibc default malloc" if args.glibc_default_malloc else "freed memory kept (runtime.keep_freed_memory, as the CLI)"
-    body += ["", f"Data: {data_dir.name}; {allocator}; each variant in its own process.", "", f"Result: {summary}"]
+    body += ["", f"Data: {data_dir.name}; {allocator}; each run in its own process; {args.repeats} interleaved round(s).", "", f"Result: {summary}"]
     record(args, "Training throughput (benchmarks/train_throughput.py)", machine, load, body)
     print(summary)
     return 0
