@@ -167,6 +167,22 @@ def test_evaluate_accepts_partial_labels_but_not_ids_outside_the_test_set(demo_d
     assert "0 missing, 1 extra (first: EXTRA)" in capsys.readouterr().err
 
 
+def test_evaluate_finds_the_test_set_beside_partial_labels_or_asks_for_it(demo_data, tmp_path, capsys):
+    """Public-half labels kept beside test.csv (as cub100-lr ships them) need no --data; elsewhere the error says to pass it."""
+    truth = pd.read_csv(demo_data / "test_labels.csv", dtype=str)
+    truth.to_csv(tmp_path / "submission.csv", index=False)
+    folder = tmp_path / "test-folder"
+    folder.mkdir()
+    (folder / "test.csv").symlink_to(demo_data / "test.csv")
+    (folder / "test").symlink_to(demo_data / "test")
+    truth.iloc[::2].to_csv(folder / "public_labels.csv", index=False)
+    assert main(["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(folder / "public_labels.csv")]) == 0
+    assert f"scored {len(truth.iloc[::2])} labelled images" in capsys.readouterr().out
+    truth.iloc[::2].to_csv(tmp_path / "public_labels.csv", index=False)
+    assert main(["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(tmp_path / "public_labels.csv")]) == 2
+    assert "or pass --data TEST_FOLDER when the labels cover part of it" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_duplicate_ids(demo_data, tmp_path, capsys):
     truth = pd.read_csv(demo_data / "test_labels.csv", dtype=str)
     pd.concat([truth, truth.iloc[:1]]).to_csv(tmp_path / "submission.csv", index=False)

@@ -148,7 +148,7 @@ def add_evaluate(sub) -> None:
     parser = sub.add_parser("evaluate", help="score a submission against labels", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--submission", type=Path, required=True, help="CSV with id,label")
     parser.add_argument("--labels", type=Path, required=True, help="CSV with id,label (may cover part of the test set)")
-    parser.add_argument("--data", type=Path, help="test folder: submission ids outside its test.csv are refused")
+    parser.add_argument("--data", type=Path, help="test folder: submission ids outside its test.csv are refused (default: the folder of --labels when it holds a test.csv)")
     parser.add_argument("--out-dir", type=Path, help="where to write confusion_matrix.png and per_class.csv (default: beside the submission)")
 
 
@@ -157,7 +157,8 @@ def run_evaluate(args) -> int:
     from lowres_birds.metrics import align_submission, per_class_table, score
     from lowres_birds.plots import confusion_matrix_png
 
-    test_ids = load_test_table(args.data).ids if args.data else None
+    test_dir = args.data or (args.labels.parent if (args.labels.parent / "test.csv").is_file() else None)
+    test_ids = load_test_table(test_dir).ids if test_dir else None
     ids, truth, predicted = align_submission(args.submission, args.labels, test_ids)
     classes = sorted(set(truth) | set(predicted))
     result = score(truth, predicted)

@@ -49,6 +49,7 @@ def align_submission(
         raise UserError(
             f"{submission_path}: ids do not match {Path(labels_path).name}: {len(missing)} missing, {len(extra)} extra "
             f"(first: {example}); predict on the test set the labels come from"
+            + ("" if test_ids is not None or missing else ", or pass --data TEST_FOLDER when the labels cover part of it")
         )
     empty = [i for i in truth["id"] if predicted[i] == ""]
     if empty:
