@@ -99,17 +99,32 @@ def _resize_uint8_by_matmul(images: torch.Tensor, size: int) -> torch.Tensor:
     pixels = images.to(torch.float64)  # integer sums below 2**53: exact
     height, width = images.shape[-2:]
     if width != size:
-        weights, precision = _pil_bicubic_weights(width, size)
-        pixels = _fixed_point(pixels @ torch.from_numpy(weights.T).to(pixels.device), precision)
+        weights, precision = _weights_on(pixels.device, width, size)
+        pixels = _fixed_point(pixels @ weights.T, precision)
     if height != size:
-        weights, precision = _pil_bicubic_weights(height, size)
-        pixels = _fixed_point(torch.from_numpy(weights).to(pixels.device) @ pixels, precision)
+        weights, precision = _weights_on(pixels.device, height, size)
+        pixels = _fixed_point(weights @ pixels, precision)
     return pixels.to(torch.uint8)
 
 
 def _fixed_point(sums: torch.Tensor, precision: int) -> torch.Tensor:
     """(sum + half) >> precision, saturated to 0..255, as the kernel's packus."""
     return torch.floor((sums + 2.0 ** (precision - 1)) * 2.0**-precision).clamp_(0, 255)
+
+
+def _weights_on(device: torch.device, in_size: int, out_size: int) -> tuple[torch.Tensor, int]:
+    """The weights as a tensor on ``device``: a view of the cached array on the CPU (where this path only runs
+    while exporting, so the tracer gets a fresh constant), a cached copy on a GPU (no transfer per step)."""
+    if device.type == "cpu":
+        weights, precision = _pil_bicubic_weights(in_size, out_size)
+        return torch.from_numpy(weights), precision
+    return _weights_on_accelerator(device, in_size, out_size)
+
+
+@lru_cache(maxsize=64)
+def _weights_on_accelerator(device: torch.device, in_size: int, out_size: int) -> tuple[torch.Tensor, int]:
+    weights, precision = _pil_bicubic_weights(in_size, out_size)
+    return torch.from_numpy(weights).to(device), precision
 
 
 @lru_cache(maxsize=64)

@@ -84,7 +84,7 @@ def make_loader(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, bat
 
 
 def augment_batch(images: torch.Tensor, cfg: RunConfig, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random flip and random-resized crop at the stored resolution (uint8 in, uint8 out, channels_last)."""
+    """Per-image random flip and random-resized crop at the stored resolution (uint8 in, uint8 out)."""
     from torchvision.transforms.v2 import functional as TF
 
     if cfg.hflip:
@@ -99,7 +99,7 @@ def augment_batch(images: torch.Tensor, cfg: RunConfig, generator: torch.Generat
             top, left = (torch.randint(0, size - side + 1, (2,), generator=generator)).tolist()
             crops.append(TF.resized_crop(image, top, left, side, side, [size, size], antialias=True))
         images = torch.stack(crops)
-    return images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 @dataclass
