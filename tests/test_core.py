@@ -16,7 +16,7 @@ from lowres_birds.cli import main
 from lowres_birds.data import LabelMap
 from lowres_birds.metrics import per_class_table, score
 from lowres_birds.models import create_model
-from lowres_birds.resolution import HR_SIZE, LR_SIZE, parse_strategy
+from lowres_birds.resolution import HR_SIZE, LR_SIZE, gather_nchw, normalise, parse_strategy, to_nchw
 
 # --------------------------------------------------------------------------- labels
 
@@ -67,6 +67,31 @@ def test_model_sees_the_strategy_size_in_training_and_prediction(text):
         assert model.preprocess(images).shape == (2, 3, strategy.input_size, strategy.input_size)
         with torch.no_grad():
             assert model(images).shape == (2, 3)
+
+
+def test_normalise_follows_its_definition_in_both_layouts_with_a_fresh_batch_each_call():
+    """The channels_last fast path (one float buffer, transformed in place) and the plain path agree."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    channels_last = torch.randint(0, 256, (3, 40, 24, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    expected = (channels_last.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    for images in (channels_last, channels_last.contiguous()):
+        pixels = normalise(images, mean, std)
+        assert pixels.dtype == torch.float32
+        assert pixels.is_contiguous(memory_format=torch.channels_last) == (images is channels_last)
+        torch.testing.assert_close(pixels, expected)
+    first = normalise(channels_last, mean, std)
+    normalise(channels_last.flip(-1), mean, std)  # a later batch must not overwrite an earlier one
+    torch.testing.assert_close(first, expected)
+
+
+def test_gathered_batches_are_writable_copies_of_the_memory_mapped_cache(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "cache.npy", images)
+    cache = np.load(tmp_path / "cache.npy", mmap_mode="r")
+    batch = gather_nchw(cache, np.array([3, 0, 3]))
+    assert torch.equal(batch, to_nchw(images[[3, 0, 3]]))
+    batch.zero_()  # writable, and a copy: the cache is untouched
+    assert np.array_equal(np.load(tmp_path / "cache.npy"), images)
 
 
 @pytest.mark.parametrize("text", ["native:64", "upscale:8", "upscale:2000", "upscale:x", "downscale:64", ""])

@@ -77,7 +77,7 @@ class BirdNet(nn.Module):
         """uint8 NCHW at any size -> normalised float NCHW at the model's input size."""
         if self.spec.resize == "float":
             return (resize_batch(images.float() / 255.0, self.spec.input_size) - self.mean) / self.std
-        return normalise(resize_uint8(images, self.spec.input_size), self.mean, self.std)
+        return normalise(resize_uint8(images, self.spec.input_size), self.spec.mean, self.spec.std)
 
     def forward(self, images: torch.Tensor, return_features: bool = False):
         """uint8 images -> logits, or (pooled features, logits) for feature distillation (timm backbones).

@@ -63,6 +63,15 @@ def to_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2)
 
 
+def gather_nchw(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """The rows ``indices`` of N x H x W x 3 uint8 ``images`` -> a uint8 NCHW tensor (channels_last in memory).
+
+    Integer-array indexing already copies into a fresh array, so unlike :func:`to_nchw` no second copy is made
+    (that copy took ~0.1 ms of a 16-image batch here).
+    """
+    return torch.from_numpy(np.asarray(images[np.asarray(indices)], dtype=np.uint8)).permute(0, 3, 1, 2)
+
+
 def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """Float NCHW in [0, 1] -> NCHW at size x size, torch's float antialiased bicubic, clamped.
 
@@ -165,16 +174,33 @@ def _bicubic(x: float, a: float = -0.5) -> float:
     return 0.0
 
 
-def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float (pixel / 255 - mean) / std, keeping the memory format.
+def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 NCHW -> float32 (pixel / 255 - mean) / std, keeping the memory format.
 
-    On channels_last batches a per-channel scale broadcast over the innermost axis of 3 does not vectorise;
-    viewed as rows of W x 3 values the same affine map runs ~5x faster.
+    On channels_last batches (what :func:`resize_uint8` returns on a CPU) a per-channel scale broadcast over the
+    innermost axis of 3 does not vectorise; viewed as rows of W x 3 values the same affine map runs ~5x faster.
+    There the float batch is written once and transformed in place: at 224 px it is 9.6 MB per 16 images, and a
+    second buffer of that size costs more than the arithmetic.
     """
-    scale, shift = 1.0 / (255.0 * std.view(3)), -mean.view(3) / std.view(3)
-    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+    tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+    affine = _affine.__wrapped__ if tracing else _affine  # tracers get fresh constants, not cached tensors
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous() and not tracing:
         rows = images.permute(0, 2, 3, 1)  # N x H x W x 3, contiguous
         width = rows.shape[2]
-        flat = torch.addcmul(shift.repeat(width), rows.reshape(-1, width * 3).float(), scale.repeat(width))
-        return flat.view(rows.shape).permute(0, 3, 1, 2)
+        scale_row, shift_row = affine(mean, std, width, images.device)
+        pixels = torch.empty(rows.shape, dtype=torch.float32, device=images.device)
+        flat = pixels.view(-1, width * 3).copy_(rows.reshape(-1, width * 3))
+        torch.addcmul(shift_row, flat, scale_row, out=flat)
+        return pixels.permute(0, 3, 1, 2)
+    scale, shift = affine(mean, std, 1, images.device)
     return torch.addcmul(shift.view(1, 3, 1, 1), images.float(), scale.view(1, 3, 1, 1))
+
+
+@lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], repeats: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with pixel * scale + shift == (pixel / 255 - mean) / std per channel, repeated ``repeats``
+    times (a channels_last row). Cached: building them per batch costs ~0.15 ms of small ops on a CPU and a
+    host-to-device copy on a GPU."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device)
+    return scale.repeat(repeats), shift.repeat(repeats)
