@@ -96,7 +96,7 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """
     if images.shape[-2:] == (size, size):
         return images
-    if images.device.type == "cpu" and not (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
+    if images.device.type == "cpu" and not _tracing():
         # The kernel's fast path reads and writes channels_last; NCHW input would be repacked per image.
         pixels = images.contiguous(memory_format=torch.channels_last)
         return F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True)
@@ -108,10 +108,10 @@ def _resize_uint8_by_matmul(images: torch.Tensor, size: int) -> torch.Tensor:
     pixels = images.to(torch.float64)  # integer sums below 2**53: exact
     height, width = images.shape[-2:]
     if width != size:
-        weights, precision = _weights_on(pixels.device, width, size)
+        weights, precision = _device_constant(_weights_on, width, size, pixels.device)
         pixels = _fixed_point(pixels @ weights.T, precision)
     if height != size:
-        weights, precision = _weights_on(pixels.device, height, size)
+        weights, precision = _device_constant(_weights_on, height, size, pixels.device)
         pixels = _fixed_point(weights @ pixels, precision)
     return pixels.to(torch.uint8)
 
@@ -121,17 +121,19 @@ def _fixed_point(sums: torch.Tensor, precision: int) -> torch.Tensor:
     return torch.floor((sums + 2.0 ** (precision - 1)) * 2.0**-precision).clamp_(0, 255)
 
 
-def _weights_on(device: torch.device, in_size: int, out_size: int) -> tuple[torch.Tensor, int]:
-    """The weights as a tensor on ``device``: a view of the cached array on the CPU (where this path only runs
-    while exporting, so the tracer gets a fresh constant), a cached copy on a GPU (no transfer per step)."""
-    if device.type == "cpu":
-        weights, precision = _pil_bicubic_weights(in_size, out_size)
-        return torch.from_numpy(weights), precision
-    return _weights_on_accelerator(device, in_size, out_size)
+def _tracing() -> bool:
+    """True while torch.export / torch.compile trace the model: eager-only fast paths and caches step aside."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+def _device_constant(cached_builder, *args):
+    """``cached_builder(*args)``: an ``lru_cache``d builder of constant tensors on a device (no host-to-device copy
+    per step), or its uncached original while tracing, so the tracer captures fresh constants."""
+    return cached_builder.__wrapped__(*args) if _tracing() else cached_builder(*args)
 
 
 @lru_cache(maxsize=64)
-def _weights_on_accelerator(device: torch.device, in_size: int, out_size: int) -> tuple[torch.Tensor, int]:
+def _weights_on(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, int]:
     weights, precision = _pil_bicubic_weights(in_size, out_size)
     return torch.from_numpy(weights).to(device), precision
 
@@ -182,25 +184,22 @@ def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     There the float batch is written once and transformed in place: at 224 px it is 9.6 MB per 16 images, and a
     second buffer of that size costs more than the arithmetic.
     """
-    tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
-    affine = _affine.__wrapped__ if tracing else _affine  # tracers get fresh constants, not cached tensors
-    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous() and not tracing:
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous() and not _tracing():
         rows = images.permute(0, 2, 3, 1)  # N x H x W x 3, contiguous
         width = rows.shape[2]
-        scale_row, shift_row = affine(mean, std, width, images.device)
+        scale_row, shift_row = _affine(mean, std, width, images.device)
         pixels = torch.empty(rows.shape, dtype=torch.float32, device=images.device)
         flat = pixels.view(-1, width * 3).copy_(rows.reshape(-1, width * 3))
         torch.addcmul(shift_row, flat, scale_row, out=flat)
         return pixels.permute(0, 3, 1, 2)
-    scale, shift = affine(mean, std, 1, images.device)
+    scale, shift = _device_constant(_affine, mean, std, 1, images.device)
     return torch.addcmul(shift.view(1, 3, 1, 1), images.float(), scale.view(1, 3, 1, 1))
 
 
 @lru_cache(maxsize=16)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...], repeats: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) with pixel * scale + shift == (pixel / 255 - mean) / std per channel, repeated ``repeats``
-    times (a channels_last row). Cached: building them per batch costs ~0.15 ms of small ops on a CPU and a
-    host-to-device copy on a GPU."""
+    times (a channels_last row). Cached: building them per batch costs ~0.15 ms of small ops on a CPU."""
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device)
     return scale.repeat(repeats), shift.repeat(repeats)
