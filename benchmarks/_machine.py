@@ -100,7 +100,7 @@ def benchmark_data(requested: Path | None, small: bool = False) -> Path:
     """--data if given, else ../shared/data/cub100-lr, else a synthetic set (small for dry runs) in a temp folder."""
     import tempfile
 
-    from lowres_birds.demo import make_demo_dataset
+    from lowres_birds.data.demo import make_demo_dataset
 
     if requested is not None:
         return requested

@@ -29,11 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from _machine import OtherLoad, add_record_args, benchmark_data, describe_machine, record
 from lowres_birds.config import load_config
-from lowres_birds.data import LabelMap, load_images, load_train_table
-from lowres_birds.models import BirdNet, ModelSpec
-from lowres_birds.resolution import LR_SIZE
+from lowres_birds.data.images import load_images
+from lowres_birds.data.tables import LabelMap, load_train_table
+from lowres_birds.model.wrapper import BirdNet, ModelSpec
+from lowres_birds.config import LR_SIZE
 from lowres_birds.runtime import keep_freed_memory
-from lowres_birds.training import augment_batch, make_loader
+from lowres_birds.train.batches import make_loader, random_crop_flip
 
 
 def reference_processor(size: int, pil_backend: bool):

@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 def synthetic_photo() -> bytes:
     """A 256x256 JPEG of a drawn bird, the size of the high-res training twins."""
-    from lowres_birds.demo import draw_bird
+    from lowres_birds.data.demo import draw_bird
 
     buffer = io.BytesIO()
     draw_bird(0, np.random.default_rng(0)).save(buffer, format="JPEG", quality=90)

@@ -82,8 +82,8 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
     import torch
 
     from lowres_birds.config import load_config
-    from lowres_birds.models import create_model
-    from lowres_birds.resolution import parse_strategy
+    from lowres_birds.model.factory import create_model
+    from lowres_birds.config import parse_strategy
     from lowres_birds.training import TrainState, _make_accelerator, _make_optimizer, _make_scheduler, load_training_data, make_loader, train_one_epoch
 
     variant = VARIANTS[name]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lowres_birds.cli import main
-from lowres_birds.demo import make_demo_dataset
+from lowres_birds.data.demo import make_demo_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100-lr"
 TINY_TRAIN = ["--model", "efficientnet_lite0", "--strategy", "native", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]

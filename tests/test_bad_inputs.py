@@ -20,8 +20,10 @@ import torch
 from PIL import Image
 
 from lowres_birds.cli import main
-from lowres_birds.data import LabelMap, decode_image, load_test_table, load_train_table
-from lowres_birds.demo import make_demo_dataset
+from lowres_birds.data.images import decode_image
+from lowres_birds.data.tables import load_test_table, load_train_table
+from lowres_birds.run_dir import RunDir
+from lowres_birds.data.demo import make_demo_dataset
 
 FAST_MODEL = ["--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "native", "--device", "cpu"]
 TINY = [*FAST_MODEL, "--epochs", "1", "--batch-size", "16"]
@@ -409,7 +411,7 @@ def test_awkward_training_data_is_accepted_with_one_size_warning(awkward):
 def test_non_ascii_and_comma_labels_round_trip_through_labels_json(awkward):
     _, run, _ = awkward
     expected = sorted(AWKWARD_LABELS.values())
-    assert list(LabelMap.load(run / "labels.json").classes) == expected
+    assert RunDir(run).labels() == expected
     assert "물총새" in (run / "labels.json").read_text(encoding="utf-8")  # stored readable, not \\u-escaped
 
 

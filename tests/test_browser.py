@@ -10,16 +10,14 @@ import httpx
 import pytest
 import uvicorn
 
-from safetensors.torch import save_file
 
-from lowres_birds.data import LabelMap
-from lowres_birds.demo import SPECIES
-from lowres_birds.inference import Classifier
-from lowres_birds.models import LITE0, create_model, save_architecture
-from lowres_birds.resolution import LR_SIZE
-from lowres_birds.serving import create_app
-from lowres_birds.serving_cli import bind
-from lowres_birds.training import BEST_WEIGHTS
+from lowres_birds.data.tables import LabelMap
+from lowres_birds.data.demo import SPECIES
+from lowres_birds.predict.classifier import Classifier
+from lowres_birds.model.factory import LITE0, create_model, save_architecture
+from lowres_birds.config import LR_SIZE
+from lowres_birds.predict.serving import bind, create_app
+from lowres_birds.run_dir import RunDir
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
@@ -32,9 +30,10 @@ def eight_species_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("eight-species")
     label_map = LabelMap.fit([name for name, *_ in SPECIES])
     model = create_model(LITE0, list(label_map.classes), LR_SIZE, pretrained=False)
-    label_map.save(run_dir / "labels.json")
-    save_architecture(model, run_dir)
-    save_file(model.state_dict(), str(run_dir / BEST_WEIGHTS))
+    run = RunDir(run_dir)
+    run.write_labels(list(label_map.classes))
+    save_architecture(model, run)
+    run.save_weights(model.state_dict())
     return run_dir
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lowres_birds.config import load_config, load_run_config
+from lowres_birds.config import load_config
+from lowres_birds.run_dir import RunDir
 from lowres_birds.errors import UserError
 
 
@@ -27,5 +28,5 @@ def test_base_cycle_is_refused(tmp_path):
 def test_cpu_best_extends_cpu_and_round_trips(tmp_path):
     cfg = load_config("cpu-best")
     assert cfg.model == "efficientnet_lite0" and cfg.kd_weight > 0 and cfg.hr_view_ratio > 0
-    cfg.save(tmp_path / "config.yaml")
-    assert load_run_config(tmp_path / "config.yaml") == cfg
+    RunDir(tmp_path).write_config(cfg)
+    assert RunDir(tmp_path).config() == cfg

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowres_birds.data import load_images, load_train_table
-from lowres_birds.inference import Classifier
+from lowres_birds.data.images import load_images
+from lowres_birds.data.tables import load_train_table
+from lowres_birds.predict.classifier import Classifier
 from lowres_birds.metrics import score
-from lowres_birds.resolution import LR_SIZE
+from lowres_birds.run_dir import MARKER
+from lowres_birds.config import LR_SIZE
 
 EPOCHS = 2
 TRAIN = [
@@ -29,6 +31,7 @@ TRAIN = [
 def two_process_run(demo_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path_factory.mktemp("distributed") / "run"
     run.mkdir()
+    (run / MARKER).write_text("")  # an earlier output of this tool, so --force may replace it
     (run / "stale.txt").write_text("replaced by --force")  # both ranks see it; only rank 0 may delete it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWRES_BIRDS_CACHE": str(tmp_path_factory.mktemp("cache"))}
     command = [

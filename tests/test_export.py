@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from lowres_birds.cli import main
-from lowres_birds.data import load_images, load_test_table
-from lowres_birds.inference import Classifier
+from lowres_birds.data.images import load_images
+from lowres_birds.data.tables import load_test_table
+from lowres_birds.predict.classifier import Classifier
 from conftest import TINY_TRAIN
 
 
@@ -78,13 +79,13 @@ def test_uint8_resize_is_the_same_on_every_path_and_pil_to_two_levels(demo_test_
     import torch
     from PIL import Image
 
-    from lowres_birds.resolution import _resize_uint8_by_matmul, resize_uint8
+    from lowres_birds.model.resolution import resize_uint8, resize_uint8_by_matmul
 
     batch = torch.from_numpy(demo_test_images[:6]).permute(0, 3, 1, 2)  # channels_last strides, as training gathers
     ours = resize_uint8(batch, size)
     assert ours.dtype == torch.uint8 and ours.shape == (6, 3, size, size)
     assert torch.equal(ours, resize_uint8(batch.contiguous(), size))
-    assert torch.equal(ours, _resize_uint8_by_matmul(batch, size))
+    assert torch.equal(ours, resize_uint8_by_matmul(batch, size))
     pil = np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC)) for image in demo_test_images[:6]])
     difference = np.abs(ours.permute(0, 2, 3, 1).numpy().astype(int) - pil)
     # int16 weights (PIL: 22-bit fixed point) move rare pixels by a level or two.
@@ -97,7 +98,7 @@ def test_runs_saved_before_the_uint8_resize_keep_their_float_resize(upscaled_run
 
     import torch
 
-    from lowres_birds.inference import load_run_model
+    from lowres_birds.model.factory import load_run_model
 
     old_run = tmp_path / "old-run"
     shutil.copytree(upscaled_run, old_run)
@@ -113,20 +114,19 @@ def test_runs_saved_before_the_uint8_resize_keep_their_float_resize(upscaled_run
 
 def test_hugging_face_beit_run_exports_and_matches(tmp_path):
     """HF models export too (their SDPA attention does not with a dynamic batch: export switches it to eager)."""
-    from safetensors.torch import save_file
     from transformers import BeitConfig
 
-    from lowres_birds.data import LabelMap
-    from lowres_birds.models import create_model, save_architecture
+    from lowres_birds.model.factory import create_model, save_architecture
+    from lowres_birds.run_dir import RunDir
 
     config_dir, run_dir = tmp_path / "beit-config", tmp_path / "beit-run"
     BeitConfig(image_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, use_relative_position_bias=True).save_pretrained(config_dir)
     labels = ["a", "b", "c"]
     model = create_model(f"hf:{config_dir}", labels, 96, pretrained=False)
-    run_dir.mkdir()
-    save_architecture(model, run_dir)
-    LabelMap(tuple(labels)).save(run_dir / "labels.json")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
+    run = RunDir(run_dir)
+    save_architecture(model, run)
+    run.write_labels(labels)
+    run.save_weights(model.state_dict())
     assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "beit.onnx")]) == 0
 
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)

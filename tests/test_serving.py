@@ -18,9 +18,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lowres_birds.cli import main
-from lowres_birds.inference import Classifier, to_model_input
-from lowres_birds.serving import InferenceQueue, create_app
-from lowres_birds.serving_cli import bind
+from lowres_birds.predict.classifier import Classifier, to_model_input
+from lowres_birds.predict.serving import InferenceQueue, bind, create_app
 
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024
 

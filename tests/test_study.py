@@ -10,7 +10,7 @@ import pytest
 
 from lowres_birds.cli import main
 from lowres_birds.errors import UserError
-from lowres_birds.study import plan_runs
+from lowres_birds.inspect.study import plan_runs
 
 TINY = ["--model", "efficientnet_lite0", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
 

@@ -1,8 +1,9 @@
 """Command line: ``lowres-birds <command>``. Exit codes: 0 success, 2 bad input or usage, 1 unexpected,
 130 interrupted (after a checkpoint was saved).
 
-Each command is a pair (``add_<name>`` builds its parser, ``run_<name>`` does the work); bad input is
-raised as ``UserError`` anywhere below and printed here as one line.
+Every command's parser is here (``add_<name>``), next to the function that runs it (``run_<name>``). Only
+config (no torch) is imported at start; each ``run_`` imports what it needs, so ``--help`` stays fast. Bad
+input is raised as ``UserError`` anywhere below and printed here as one line. Nothing imports this module.
 """
 
 from __future__ import annotations
@@ -15,128 +16,172 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from lowres_birds import eda, export, report, runtime, serving_cli, study
+from lowres_birds.config import DEFAULT_MAX_UPLOAD_MB, FIELD_TYPES, RunConfig, describe_range, recipe_names
 from lowres_birds.errors import TrainingInterrupted, UserError
 
 DEFAULT_DEMO_DIR = "demo-output"
+DEFAULT_RECIPE = "cpu"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show and the help text does not already name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as UserError (exit 2, one line) and shows defaults."""
+    """argparse that reports usage errors as UserError (exit 2, one line), shows defaults and takes no abbreviations."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 # --------------------------------------------------------------------------- train
 
 
-def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
-    """Every RunConfig field as a flag (--epochs, --lr, --batch-size, ...); unset flags keep the recipe's value."""
-    from lowres_birds.config import RunConfig
-
-    group = parser.add_argument_group("recipe overrides (default: the recipe's value)")
+def add_config_overrides(parser: argparse.ArgumentParser) -> None:
+    """Every RunConfig field as a flag with its type, choices, built-in default and help; unset flags keep the recipe's value."""
+    group = parser.add_argument_group("recipe overrides (unset: the recipe's value; 'default' is RunConfig's, used when the recipe has none)")
     for spec in fields(RunConfig):
         flag = "--" + spec.name.replace("_", "-")
-        if spec.type == "bool":
-            group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            group.add_argument(flag, dest=spec.name, default=None, metavar=spec.type.upper(), type=str)
+        kind = FIELD_TYPES[spec.name]
+        meta = spec.metadata
+        bounds = f", {describe_range(meta)}" if meta["low"] is not None or meta["high"] is not None else ""
+        text = f"{meta['help']} ({kind.__name__}{bounds}; default {spec.default})"
+        if kind is bool:
+            group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:  # values are checked by RunConfig (the same messages for recipes and flags)
+            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else kind.__name__.upper()
+            group.add_argument(flag, dest=spec.name, default=None, metavar=metavar, type=str, help=text)
+
+
+def config_overrides(args) -> dict:
+    return {name: getattr(args, name) for name in FIELD_TYPES}
 
 
 def add_train(sub) -> None:
-    parser = sub.add_parser("train", help="train a model on a data folder", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = sub.add_parser("train", help="train a model on a data folder")
     parser.add_argument("--data", type=Path, help="competition folder (train.csv, train/, upscale_train/) or ImageFolder")
-    parser.add_argument("--recipe", default="cpu", help="built-in recipe name or a YAML path")
-    parser.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder to create")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN", help="continue RUN (or --out) from its last checkpoint")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing run folder")
-    _add_config_overrides(parser)
+    parser.add_argument("--recipe", help=f"built-in recipe ({', '.join(recipe_names())}) or a YAML path (default: {DEFAULT_RECIPE})")
+    parser.add_argument("--out", type=Path, help="run folder to create (default: runs/latest)")
+    parser.add_argument("--resume", metavar="RUN", type=Path, help="continue RUN from its last checkpoint, with its saved config and data")
+    parser.add_argument("--force", action="store_true", help="replace an existing run folder (only a folder this tool made)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_config_overrides(parser)
 
 
 def run_train(args) -> int:
+    overrides = config_overrides(args)
+    if args.resume is not None:
+        return _resume(args, overrides)
+    from lowres_birds.config import load_config
+
+    cfg = load_config(args.recipe or DEFAULT_RECIPE, overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.data is None:
+        raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
+    run_dir = args.out or Path("runs/latest")
+    started = time.perf_counter()
+    if cfg.folds and cfg.fold < 0:
+        from lowres_birds.train.loop import train_folds
+
+        summary = train_folds(cfg, args.data, run_dir, force=args.force)
+        folds = " ".join(f"--run {run_dir / f'fold{k}'}" for k in range(cfg.folds))
+        print(f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds predict {folds} --data DIR")
+        return 0
+    from lowres_birds.train.loop import train
+
+    return _finish_training(train(cfg, args.data, run_dir, force=args.force), run_dir, args.data, started)
+
+
+def _resume(args, overrides: dict) -> int:
+    from lowres_birds.run_dir import RunDir
+    from lowres_birds.train.loop import train
+
+    given = [f"--{name.replace('_', '-')}" for name, value in overrides.items() if value is not None]
+    given += [flag for flag, value in (("--recipe", args.recipe), ("--out", args.out), ("--force", args.force)) if value]
+    if given:
+        raise UserError(f"--resume continues the run with its saved config, data and folder; drop {', '.join(given)}")
+    run = RunDir(args.resume).require()
+    if not (run / RunDir.CHECKPOINT).is_file():
+        raise UserError(f"{run} has no {RunDir.CHECKPOINT} to resume from; start a new run without --resume")
+    cfg = run.config()
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    started = time.perf_counter()
+    data_dir = run.data_dir(args.data)
+    return _finish_training(train(cfg, data_dir, run.path, resume=True), run.path, data_dir, started)
+
+
+def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float) -> int:
     from accelerate import PartialState
 
-    from lowres_birds.config import FIELD_TYPES, load_config
-    from lowres_birds.training import train
-
-    started = time.perf_counter()
-    overrides = {name: getattr(args, name) for name in FIELD_TYPES}
-    if args.resume:
-        if any(value is not None for value in overrides.values()):
-            raise UserError("--resume continues the run with its saved config; drop the recipe override flags")
-        run_dir = Path(args.resume) if isinstance(args.resume, str) else args.out
-        result = train(None, _run_data_dir(run_dir, args.data), run_dir, resume=True)
-    else:
-        if args.data is None:
-            raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
-        run_dir = args.out
-        cfg = load_config(args.recipe, overrides)
-        if cfg.folds and cfg.fold < 0:
-            from lowres_birds.training import train_folds
-
-            summary = train_folds(cfg, args.data, run_dir, force=args.force)
-            folds = " ".join(f"--run {run_dir / f'fold{k}'}" for k in range(cfg.folds))
-            print(f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds predict {folds} --data DIR")
-            return 0
-        result = train(cfg, args.data, run_dir, force=args.force)
     if not PartialState().is_main_process:  # under torchrun / accelerate launch, rank 0 reports
         return 0
     print(
         f"best validation macro-F1 {result['best_val_macro_f1']:.4f} (epoch {result['best_epoch']}), "
         f"{time.perf_counter() - started:.0f}s; run folder: {run_dir}"
     )
-    report.report_after_training(run_dir, args.data)
+    from lowres_birds.inspect.report import report_after_training
+
+    report_after_training(run_dir, data_dir)
     return 0
-
-
-def _run_data_dir(run_dir: Path, data_dir: Path | None) -> Path:
-    """The data folder a run was trained on (saved in split.json), unless --data names another."""
-    import json
-
-    if data_dir is not None:
-        return data_dir
-    split = run_dir / "split.json"
-    if not split.is_file():
-        raise UserError(f"{run_dir} does not record its data folder; pass --data DIR")
-    return Path(json.loads(split.read_text(encoding="utf-8"))["data"])
 
 
 # --------------------------------------------------------------------------- predict
 
 
 def add_predict(sub) -> None:
-    parser = sub.add_parser("predict", help="write a submission for test.csv", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = sub.add_parser("predict", help="write a submission for test.csv")
     parser.add_argument("--run", type=Path, action="append", default=[], help="trained run folder (repeat to average several runs)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="exported ONNX model (repeatable, averaged with --run)")
     parser.add_argument("--data", type=Path, required=True, help="folder with test.csv and test/ (sample_submission.csv gives the order)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV to write")
     parser.add_argument("--probs", type=Path, help="also write per-class probabilities to this CSV")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
 def run_predict(args) -> int:
     import pandas as pd
 
-    from lowres_birds.inference import predict_test_set, write_atomic_csv
+    from lowres_birds.predict.classifier import predict_test_set
+    from lowres_birds.run_dir import check_output, write_csv
 
     sources = args.run + args.onnx
     if not sources:
         raise UserError("predict: pass --run RUN (or --onnx MODEL); repeat it to average several models")
+    if args.probs is not None and args.probs.resolve() == args.out.resolve():
+        raise UserError(f"predict: --out and --probs both name {args.out}; give the probabilities another file")
     for path in (args.out, args.probs):
-        if path is not None and path.exists() and not args.force:
-            raise UserError(f"{path} already exists; pass --force to overwrite it")
+        if path is not None:
+            check_output(path, args.force)
     ids, labels, probs = predict_test_set(sources, args.data, tta=args.tta, device=args.device)
-    predicted = [labels[i] for i in probs.argmax(1)]
-    write_atomic_csv(pd.DataFrame({"id": ids, "label": predicted}), args.out)
+    write_csv(args.out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
     if args.probs is not None:
-        write_atomic_csv(pd.concat([pd.DataFrame({"id": ids}), pd.DataFrame(probs, columns=labels)], axis=1), args.probs)
+        write_csv(args.probs, pd.concat([pd.DataFrame({"id": ids}), pd.DataFrame(probs, columns=labels)], axis=1))
     print(f"wrote {len(ids)} predictions to {args.out}" + (f" and probabilities to {args.probs}" if args.probs else ""))
     return 0
 
@@ -145,32 +190,19 @@ def run_predict(args) -> int:
 
 
 def add_evaluate(sub) -> None:
-    parser = sub.add_parser("evaluate", help="score a submission against labels", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = sub.add_parser("evaluate", help="score a submission against labels")
     parser.add_argument("--submission", type=Path, required=True, help="CSV with id,label")
     parser.add_argument("--labels", type=Path, required=True, help="CSV with id,label (may cover part of the test set)")
     parser.add_argument("--data", type=Path, help="test folder: submission ids outside its test.csv are refused (default: the folder of --labels when it holds a test.csv)")
     parser.add_argument("--out-dir", type=Path, help="where to write confusion_matrix.png and per_class.csv (default: beside the submission)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing per_class.csv / confusion_matrix.png")
 
 
 def run_evaluate(args) -> int:
-    from lowres_birds.data import load_test_table
-    from lowres_birds.metrics import align_submission, per_class_table, score
-    from lowres_birds.plots import confusion_matrix_png
+    from lowres_birds.inspect.evaluate import evaluate_submission
 
     test_dir = args.data or (args.labels.parent if (args.labels.parent / "test.csv").is_file() else None)
-    test_ids = load_test_table(test_dir).ids if test_dir else None
-    ids, truth, predicted = align_submission(args.submission, args.labels, test_ids)
-    classes = sorted(set(truth) | set(predicted))
-    result = score(truth, predicted)
-    table = per_class_table(truth, predicted, classes)
-    out_dir = args.out_dir or args.submission.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "per_class.csv", index=False)
-    png = confusion_matrix_png(truth, predicted, classes, out_dir / "confusion_matrix.png")
-    print(table.sort_values("f1").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\nscored {len(ids)} labelled images over {len(classes)} classes")
-    print(f"macro-F1 {result['macro_f1']:.4f}  accuracy {result['accuracy']:.4f}")
-    print(f"confusion matrix: {png}; per-class table: {out_dir / 'per_class.csv'}")
+    evaluate_submission(args.submission, args.labels, test_dir, args.out_dir or args.submission.parent, args.force)
     return 0
 
 
@@ -178,36 +210,200 @@ def run_evaluate(args) -> int:
 
 
 def add_demo(sub) -> None:
-    parser = sub.add_parser("demo", help="synthetic data -> train (cpu recipe) -> predict -> evaluate, offline", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = sub.add_parser("demo", help="synthetic data -> train (cpu recipe) -> predict -> evaluate, offline")
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_DEMO_DIR), help="folder for the data, run and submission")
-    parser.add_argument("--force", action="store_true", help="replace an existing demo folder")
+    parser.add_argument("--force", action="store_true", help="replace an existing demo folder (only one this tool made)")
 
 
 def run_demo(args) -> int:
-    import shutil
-
     from lowres_birds.config import load_config
-    from lowres_birds.demo import make_demo_dataset
-    from lowres_birds.training import train
+    from lowres_birds.data.demo import make_demo_dataset
+    from lowres_birds.run_dir import replace_folder
+    from lowres_birds.train.loop import train
 
     started = time.perf_counter()
-    if args.out.exists() and any(args.out.iterdir()):
-        if not args.force:
-            raise UserError(f"{args.out} already exists; pass --force to replace it or --out to choose another folder")
-        shutil.rmtree(args.out)
+    replace_folder(args.out, args.force)
     data_dir = make_demo_dataset(args.out / "data")
     print(f"synthetic data set (8 drawn species, 64x64 + 256x256 twins): {data_dir}")
-    # The cpu recipe as is, on fewer epochs and a smaller upscale so the whole demo fits in ~2 minutes.
-    cfg = load_config("cpu", {"epochs": 4, "strategy": "upscale:96", "batch_size": 32, "warmup_epochs": 0.5})
+    # The cpu recipe as is, on fewer epochs and a smaller upscale so the whole demo fits in ~1 minute.
+    cfg = load_config("cpu", {"epochs": 4, "strategy": "upscale:96", "batch_size": 32, "warmup_epochs": 0.5, "budget_minutes": 0})
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
     submission = args.out / "submission.csv"
-    predict_args = argparse.Namespace(run=[run_dir], onnx=[], data=data_dir, out=submission, probs=None, tta="flip", device="cpu", force=True)
-    run_predict(predict_args)
-    run_evaluate(argparse.Namespace(submission=submission, labels=data_dir / "test_labels.csv", data=data_dir, out_dir=args.out))
+    run_predict(argparse.Namespace(run=[run_dir], onnx=[], data=data_dir, out=submission, probs=None, tta="flip", device="cpu", force=True))
+    run_evaluate(argparse.Namespace(submission=submission, labels=data_dir / "test_labels.csv", data=data_dir, out_dir=args.out, force=True))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. Everything is in {args.out}/:")
-    print(f"  data/ (synthetic)  run/ (model, config, metrics)  submission.csv  confusion_matrix.png")
+    print("  data/ (synthetic)  run/ (model, config, metrics)  submission.csv  confusion_matrix.png")
     print("Real data: lowres-birds train --data DIR --recipe cpu --out runs/mine  (see README)")
+    return 0
+
+
+# --------------------------------------------------------------------------- predict-image, serve, export
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, help="trained run folder")
+    parser.add_argument("--onnx", type=Path, help="exported ONNX model (instead of --run)")
+
+
+def _load_classifier(args):
+    from lowres_birds.predict.classifier import Classifier
+
+    if (args.run is None) == (args.onnx is None):
+        raise UserError(f"{args.command}: pass exactly one of --run RUN or --onnx MODEL")
+    return Classifier.load(args.run or args.onnx)
+
+
+def add_predict_image(sub) -> None:
+    parser = sub.add_parser("predict-image", help="top species for one or more photos")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="photos of any size (reduced to 64x64 as in training)")
+    _add_model_options(parser)
+    parser.add_argument("--top", type=_positive_int, default=5, help="how many species to list per photo")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_predict_image(args) -> int:
+    import json
+
+    import numpy as np
+
+    from lowres_birds.predict.classifier import to_model_input
+
+    classifier = _load_classifier(args)
+    images = np.stack([to_model_input(path) for path in args.paths])  # every file is checked before any output
+    tops = [classifier.top_k(row, args.top) for row in classifier.predict_arrays(images)]
+    if args.json:
+        answers = [{"path": str(path), "top": [{"label": label, "probability": p} for label, p in top]} for path, top in zip(args.paths, tops)]
+        print(json.dumps(answers, indent=2))
+        return 0
+    width = max(len(label) for top in tops for label, _ in top)
+    for path, top in zip(args.paths, tops):
+        print(path)
+        for rank, (label, probability) in enumerate(top, 1):
+            print(f"  {rank:>2}. {label:<{width}}  {probability:6.1%}")
+    return 0
+
+
+def add_serve(sub) -> None:
+    parser = sub.add_parser("serve", help="web page and JSON API for a trained model")
+    _add_model_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network; there is no authentication)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest request body accepted (one photo, or a whole batch)")
+
+
+def run_serve(args) -> int:
+    import math
+
+    import uvicorn
+
+    from lowres_birds.predict.serving import bind, create_app
+
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise UserError(f"serve: --max-upload-mb must be a positive number, got {args.max_upload_mb}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"serve: --port must be between 0 and 65535, got {args.port}")
+    listener = bind(args.host, args.port)
+    app = create_app(_load_classifier(args), max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    host, port = listener.getsockname()[:2]
+    print(f"serving {args.run or args.onnx} on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
+    return 0
+
+
+def add_export(sub) -> None:
+    parser = sub.add_parser("export", help="export a trained run as a self-contained ONNX model")
+    parser.add_argument("--run", type=Path, required=True, help="trained run folder (with model.safetensors)")
+    parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
+    parser.add_argument("--out", type=Path, default=Path("model.onnx"), help="file to write")
+    parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def run_export(args) -> int:
+    from lowres_birds.predict.export import export_onnx
+    from lowres_birds.run_dir import check_output
+
+    check_output(args.out, args.force)
+    path = export_onnx(args.run, args.out, args.layout)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
+    return 0
+
+
+# --------------------------------------------------------------------------- study, report, eda
+
+
+def add_study(sub) -> None:
+    parser = sub.add_parser("study", help="compare resolution strategies (or recipes) on one validation split")
+    parser.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, train/, upscale_train/)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe shared by all strategies")
+    parser.add_argument("--recipes", help="comma-separated recipes to compare (replaces --recipe); each keeps its own strategy unless --strategies is given, all take the first recipe's seed, validation fraction and budget")
+    parser.add_argument("--strategies", help="comma-separated strategies, e.g. native,upscale:224,upscale:256,hr-downscale:64 (default: the recipe's)")
+    parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder: one run folder per row, results.* and study.html")
+    parser.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
+    parser.add_argument("--note", default="", help="sentence put before the table, e.g. how sizes were adapted to the hardware")
+    add_config_overrides(parser)
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UserError(f"study: empty list {text!r}; give comma-separated names")
+    return items
+
+
+def run_study(args) -> int:
+    from lowres_birds.inspect.study import run_study as study
+    from lowres_birds.run_dir import check_output
+
+    check_output(args.out, force=True, folder=True)
+    recipes = _split_list(args.recipes) or [args.recipe]
+    study(recipes, _split_list(args.strategies), config_overrides(args), args.data, args.out, args.force, args.note)
+    return 0
+
+
+def add_report(sub) -> None:
+    parser = sub.add_parser("report", help="figures and an HTML page for a trained run")
+    parser.add_argument("--run", type=Path, required=True, help="run folder written by lowres-birds train")
+    parser.add_argument("--data", type=Path, help="data folder the run was trained on (default: the one in split.json)")
+    parser.add_argument("--out", type=Path, help="folder for the figures and report.html (default: RUN/report)")
+
+
+def run_report(args) -> int:
+    from lowres_birds.inspect.report import write_report
+    from lowres_birds.run_dir import RunDir, check_output
+
+    run = RunDir(args.run).require()
+    if args.out is not None:
+        check_output(args.out, force=True, folder=True)
+    page, summary = write_report(run.path, run.data_dir(args.data), args.out)
+    print(summary)
+    print(f"report: {page}")
+    return 0
+
+
+def add_eda(sub) -> None:
+    parser = sub.add_parser("eda", help="class balance, image statistics and data-quality checks")
+    parser.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, test.csv, ...) or ImageFolder")
+    parser.add_argument("--out", type=Path, default=Path("eda"), help="folder for the figures, CSV tables and eda.html")
+    parser.add_argument("--phash-distance", type=int, default=4, help="train/test pairs within this pHash Hamming distance (of 64 bits) count as near-duplicates")
+    parser.add_argument("--twin-psnr", type=float, default=20.0, help="LR/HR twins below this PSNR (dB) count as mismatched")
+
+
+def run_eda(args) -> int:
+    import math
+
+    from lowres_birds.inspect.eda import write_eda
+    from lowres_birds.run_dir import check_output
+
+    if not 0 <= args.phash_distance <= 64:
+        raise UserError(f"--phash-distance must be between 0 and 64 (got {args.phash_distance})")
+    if not math.isfinite(args.twin_psnr):
+        raise UserError(f"--twin-psnr must be a finite number of dB (got {args.twin_psnr})")
+    check_output(args.out, force=True, folder=True)
+    write_eda(args.data, args.out, args.phash_distance, args.twin_psnr)
     return 0
 
 
@@ -216,12 +412,12 @@ COMMANDS = {
     "predict": (add_predict, run_predict),
     "evaluate": (add_evaluate, run_evaluate),
     "demo": (add_demo, run_demo),
-    "predict-image": (serving_cli.add_predict_image, serving_cli.run_predict_image),
-    "serve": (serving_cli.add_serve, serving_cli.run_serve),
-    "export": (export.add_export, export.run_export),
-    "study": (study.add_study, study.run_study),
-    "report": (report.add_report, report.run_report),
-    "eda": (eda.add_eda, eda.run_eda),
+    "predict-image": (add_predict_image, run_predict_image),
+    "serve": (add_serve, run_serve),
+    "export": (add_export, run_export),
+    "study": (add_study, run_study),
+    "report": (add_report, run_report),
+    "eda": (add_eda, run_eda),
 }
 
 
@@ -241,6 +437,8 @@ def _one_line_warnings(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lowres_birds import runtime
+
     warnings.formatwarning = _one_line_warnings
     runtime.keep_freed_memory()
     try:

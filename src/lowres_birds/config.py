@@ -1,9 +1,18 @@
-"""One config object per run: recipe YAML + command-line overrides, validated, saved in the run folder."""
+"""One config object per run: recipe YAML + command-line overrides, validated, saved in the run folder.
+
+Every ``RunConfig`` field declares its type, help text, choices and range once (``setting``); the CLI's
+flags, ``--help``, recipe checking and validation are all derived from that. Also here, since it is pure
+configuration: the resolution strategy, the one place that decides the model's input size for training
+and prediction alike. Nothing here imports torch, so building the CLI stays fast.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,113 +21,184 @@ import yaml
 
 from lowres_birds.errors import UserError
 
-SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("no", "bf16", "fp16")
+LR_SIZE = 64  # the competition's low-res side
+HR_SIZE = 256  # the side of the high-res twins
+STRATEGY_KINDS = ("native", "upscale", "hr-downscale")
+DEFAULT_MAX_UPLOAD_MB = 10.0  # the server's cap on one request body
+
+
+# --------------------------------------------------------------------------- resolution strategy
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What the model sees. The reference compared ``hr-downscale:64`` (train on the 256x256 twins shrunk
+    to 64), ``upscale:256``, ``native`` and ``upscale:224`` (best). Test images are always low-res; the
+    resize to ``input_size`` happens inside the model wrapper, so train and predict cannot disagree."""
+
+    kind: str
+    input_size: int
+
+    @property
+    def train_source(self) -> str:
+        """Which stored images the training split reads: 'lr' (64x64) or 'hr' (256x256 twins)."""
+        return "hr" if self.kind == "hr-downscale" else "lr"
+
+    def __str__(self) -> str:
+        return "native" if self.kind == "native" else f"{self.kind}:{self.input_size}"
+
+
+def parse_strategy(text: str) -> Strategy:
+    """'native' | 'upscale[:N]' (default 224) | 'hr-downscale[:N]' (default 64)."""
+    kind, _, size_text = text.strip().partition(":")
+    if kind not in STRATEGY_KINDS:
+        raise UserError(f"unknown strategy {text!r}: use native, upscale:N or hr-downscale:N")
+    if kind == "native":
+        if size_text:
+            raise UserError(f"strategy 'native' takes no size (got {text!r}); use upscale:N to resize")
+        return Strategy("native", LR_SIZE)
+    default = 224 if kind == "upscale" else LR_SIZE
+    try:
+        size = int(size_text) if size_text else default
+    except ValueError:
+        raise UserError(f"strategy {text!r}: size must be a whole number of pixels, e.g. {kind}:{default}") from None
+    if not 16 <= size <= 1024:
+        raise UserError(f"strategy {text!r}: size must be between 16 and 1024 pixels")
+    return Strategy(kind, size)
+
+
+# --------------------------------------------------------------------------- the config
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> Any:
+    """A RunConfig field with its help text, choices and range [low, high] (open ends refuse the bound itself)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open})
 
 
 @dataclass
 class RunConfig:
     """Everything that decides a training run. Field names are the recipe keys and the CLI flags."""
 
-    model: str = "efficientnet_lite0"
-    pretrained: bool = True
-    # Freeze the stem and this many early blocks (EfficientNet-style timm models); 0 trains everything.
-    freeze_blocks: int = 0
-    strategy: str = "upscale:224"
-    epochs: int = 5
-    batch_size: int = 16
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    channels_last: bool = False
-    device: str = "auto"
-    seed: int = 42
-    deterministic: bool = False
-    val_fraction: float = 0.1
-    label_smoothing: float = 0.0
-    # Augmentation at the stored (low) resolution; all off reproduces the reference.
-    hflip: bool = False
-    crop_scale_min: float = 1.0
-    # Whole-run time cap in minutes (0 = none): training stops after the epoch that crosses it.
-    budget_minutes: float = 0.0
-    # Save a resumable checkpoint every N optimizer steps as well as at each epoch end (0 = epoch end only).
-    checkpoint_every: int = 0
-    log: str = "none"
-    # Using the high-res twins (all off by default; need upscale_train/). See distill.py.
-    hr_view_ratio: float = 0.0  # share of each batch replaced by HR crops degraded like the real LR
-    randaugment_ops: int = 0  # RandAugment ops on those HR crops, before degradation
-    kd_weight: float = 0.0  # weight of the KL term to the HR teacher's soft labels (CE gets 1 - kd_weight)
-    kd_temperature: float = 4.0
-    feature_kd_weight: float = 0.0  # match the backbone's HR features from LR input
-    teacher_size: int = 224  # the frozen HR teacher's input size
-    # Recipe essentials.
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    ema_decay: float = 0.0  # 0 = no EMA; else evaluate and save the EMA weights
-    layer_decay: float = 0.0  # layer-wise LR decay for ViTs (0 = off)
-    early_stop_patience: int = 0  # epochs without a better val macro-F1 before stopping (0 = never)
-    # Stratified k-fold: set by `train --folds K`; fold < 0 means the plain hold-out split.
-    folds: int = 0
-    fold: int = -1
+    model: str = setting("efficientnet_lite0", "efficientnet_lite0 (offline ImageNet weights), timm:<name> or hf:<hub id or local dir>")
+    pretrained: bool = setting(True, "start from pretrained weights")
+    freeze_blocks: int = setting(0, "freeze the stem and this many early blocks (EfficientNet-style timm models); 0 trains everything", low=0)
+    strategy: str = setting("upscale:224", "what the model sees: native, upscale:N or hr-downscale:N")
+    epochs: int = setting(5, "training epochs", low=1)
+    batch_size: int = setting(16, "images per optimizer step and process (before --grad-accum)", low=1)
+    lr: float = setting(5e-5, "peak learning rate (AdamW)", low=0, low_open=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay (never on biases and norms)", low=0)
+    schedule: str = setting("constant", "learning-rate schedule after warmup", choices=("constant", "cosine"))
+    warmup_epochs: float = setting(0.0, "linear warmup length in epochs", low=0)
+    grad_accum: int = setting(1, "batches accumulated per optimizer step", low=1)
+    mixed_precision: str = setting("no", "autocast precision", choices=("no", "bf16", "fp16"))
+    channels_last: bool = setting(False, "keep the weights in channels_last layout")
+    device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    seed: int = setting(42, "seed of the split, shuffling, augmentation and initialisation", low=0)
+    deterministic: bool = setting(False, "deterministic kernels (slower)")
+    val_fraction: float = setting(0.1, "share of the training images held out for validation", low=0, high=1, low_open=True, high_open=True)
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", low=0, high=1, high_open=True)
+    hflip: bool = setting(False, "random horizontal flips (at the stored low resolution)")
+    crop_scale_min: float = setting(1.0, "random-resized-crop area from this share to 1 (1 = no crop)", low=0, high=1, low_open=True)
+    budget_minutes: float = setting(0.0, "whole-run time cap in minutes: training stops after the epoch that crosses it (0 = none)", low=0)
+    checkpoint_every: int = setting(0, "also save a resumable checkpoint every N optimizer steps (0 = at epoch ends only)", low=0)
+    log: str = setting("none", "experiment tracker", choices=("none", "tensorboard", "mlflow", "wandb"))
+    hr_view_ratio: float = setting(0.0, "share of each batch replaced by HR crops degraded like the real LR (needs upscale_train/)", low=0, high=1)
+    randaugment_ops: int = setting(0, "RandAugment operations on those HR crops, before degradation", low=0)
+    kd_weight: float = setting(0.0, "weight of the distillation term to the HR teacher (cross-entropy gets 1 - kd_weight)", low=0, high=1)
+    kd_temperature: float = setting(4.0, "distillation temperature", low=0, low_open=True)
+    feature_kd_weight: float = setting(0.0, "weight of matching the backbone's HR features from LR input", low=0)
+    teacher_size: int = setting(224, "the frozen HR teacher's input size", low=16, high=1024)
+    mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0)
+    cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0)
+    ema_decay: float = setting(0.0, "EMA of the weights, evaluated and saved instead of them (0 = off)", low=0, high=1, high_open=True)
+    layer_decay: float = setting(0.0, "layer-wise learning-rate decay for ViTs (0 = off)", low=0)
+    early_stop_patience: int = setting(0, "epochs without a better validation macro-F1 before stopping (0 = never)", low=0)
+    folds: int = setting(0, "stratified k-fold: train K runs (0 = one hold-out run)", low=0)
+    fold: int = setting(-1, "which fold this run trains (-1 = the hold-out split, or all folds with --folds)", low=-1)
 
     def validate(self) -> "RunConfig":
-        from lowres_birds.resolution import parse_strategy
-
+        for spec in dataclasses.fields(self):
+            check_value(spec.name, getattr(self, spec.name))
         parse_strategy(self.strategy)
-        if self.epochs < 1:
-            raise UserError(f"epochs must be at least 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1 (got {self.batch_size})")
-        if self.freeze_blocks < 0:
-            raise UserError(f"freeze_blocks must be 0 or more (got {self.freeze_blocks})")
-        if self.grad_accum < 1:
-            raise UserError(f"grad_accum must be at least 1 (got {self.grad_accum})")
-        if self.lr <= 0:
-            raise UserError(f"lr must be positive (got {self.lr})")
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
-        if not 0 < self.crop_scale_min <= 1:
-            raise UserError(f"crop_scale_min must be in (0, 1] (got {self.crop_scale_min})")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
-        if self.mixed_precision not in PRECISIONS:
-            raise UserError(f"mixed_precision must be one of {', '.join(PRECISIONS)} (got {self.mixed_precision!r})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"device must be auto, cpu or cuda (got {self.device!r})")
-        for name in ("hr_view_ratio", "kd_weight"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"{name} must be between 0 and 1 (got {getattr(self, name)})")
-        for name in ("feature_kd_weight", "mixup_alpha", "cutmix_alpha", "layer_decay", "randaugment_ops", "early_stop_patience"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be 0 or more (got {getattr(self, name)})")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
-        if self.kd_temperature <= 0:
-            raise UserError(f"kd_temperature must be positive (got {self.kd_temperature})")
-        if self.folds == 1 or self.folds < 0 or (self.folds and self.fold >= self.folds):
+        if self.folds == 1 or (self.folds and self.fold >= self.folds):
             raise UserError(f"folds must be 0 (hold-out) or at least 2, with fold < folds (got folds={self.folds}, fold={self.fold})")
-        if self.log not in ("none", "tensorboard", "mlflow", "wandb"):
-            raise UserError(f"log must be none, tensorboard, mlflow or wandb (got {self.log!r})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
+FIELDS = {spec.name: spec for spec in dataclasses.fields(RunConfig)}
+FIELD_TYPES: dict[str, type] = typing.get_type_hints(RunConfig)
+
+
+def check_value(name: str, value: Any) -> None:
+    """Choices and range of one field, from its declaration; NaN and infinity are never valid."""
+    meta = FIELDS[name].metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{name} must be one of {', '.join(meta['choices'])} (got {value!r})")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number (got {value})")
+    low, high = meta["low"], meta["high"]
+    too_low = low is not None and (value < low or (meta["low_open"] and value == low))
+    too_high = high is not None and (value > high or (meta["high_open"] and value == high))
+    if too_low or too_high:
+        raise UserError(f"{name} must be {describe_range(meta)} (got {value:g})")
+
+
+def describe_range(meta: Mapping[str, Any]) -> str:
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        return f"between {low:g} and {high:g}"
+    if low is not None:
+        return "positive" if low == 0 and meta["low_open"] else f"at least {low:g}"
+    return f"at most {high:g}"
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """A recipe or flag value as the field's type; 'yes'/'no' style strings for booleans."""
+    kind = FIELD_TYPES[name]
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, (bool, int)):
+                raise ValueError(value)
+            return bool(value)
+        if kind is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError(value)
+            return int(number)
+        if kind is float:
+            return float(value)
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(value)
+        return str(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{source}: {name} must be {kind.__name__} (got {value!r})") from None
+
+
+# --------------------------------------------------------------------------- recipes
 
 
 def recipe_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("lowres_birds.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_recipe(recipe: str, depth: int = 0) -> dict[str, Any]:
+def read_recipe(recipe: str, depth: int = 0) -> dict[str, Any]:
+    """A built-in recipe name or a YAML path as a dict; ``base: NAME`` starts from another recipe."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -129,57 +209,38 @@ def _read_recipe(recipe: str, depth: int = 0) -> dict[str, Any]:
         if not resource.is_file():
             raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())} or pass a YAML path")
         text, source = resource.read_text(encoding="utf-8"), f"recipe {recipe}"
+    data = parse_yaml_mapping(text, source)
+    base = data.pop("base", None)
+    if base is not None:
+        if depth > 8:
+            raise UserError(f"{source}: 'base' recipes nest too deeply (a cycle?)")
+        sibling = path.parent / str(base)
+        data = {**read_recipe(str(sibling) if sibling.is_file() else str(base), depth + 1), **data}
+    return data
+
+
+def parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{source} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source} must be a mapping of config keys to values")
-    base = data.pop("base", None)  # `base: cpu` starts from another recipe, then overrides its keys
-    if base is not None:
-        if depth > 8:
-            raise UserError(f"{source}: 'base' recipes nest too deeply (a cycle?)")
-        base_path = Path(recipe).parent / str(base) if (Path(recipe).parent / str(base)).is_file() else str(base)
-        data = {**_read_recipe(str(base_path), depth + 1), **data}
     return data
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    kind = FIELD_TYPES[key]
-    try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{source}: {key} must be a {kind} (got {value!r})") from None
+def config_from_mapping(data: dict[str, Any], source: str) -> RunConfig:
+    unknown = sorted(set(map(str, data)) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELDS)}")
+    return RunConfig(**{k: coerce(k, v, source) for k, v in data.items()}).validate()
 
 
 def load_config(recipe: str, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Recipe (built-in name or YAML path), then overrides (None values are ignored), validated."""
-    data = _read_recipe(recipe)
-    unknown = sorted(set(data) - set(FIELD_TYPES))
-    if unknown:
-        raise UserError(f"recipe {recipe}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELD_TYPES)}")
-    values = {k: _coerce(k, v, f"recipe {recipe}") for k, v in data.items()}
+    data = read_recipe(recipe)
+    config_from_mapping(data, f"recipe {recipe}")  # names the recipe when the recipe itself is wrong
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
-    return RunConfig(**values).validate()
-
-
-def load_run_config(path: Path) -> RunConfig:
-    """The resolved config saved in a run folder."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return RunConfig(**{k: v for k, v in data.items() if k in FIELD_TYPES}).validate()
+            data[key] = coerce(key, value, f"--{key.replace('_', '-')}")
+    return config_from_mapping(data, f"recipe {recipe} with the given flags")

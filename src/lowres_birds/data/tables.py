@@ -1,31 +1,21 @@
-"""Data layer: read the competition layout (or an ImageFolder), validate it, decode each image once.
+"""Data tables: read the competition layout (or an ImageFolder) and check it before anything trains.
 
-Every problem a user can fix raises ``UserError`` naming the file (and row) and what to do, before any
-training starts. Decoded images are cached as uint8 ``.npy`` arrays keyed by the file list, sizes and
-mtimes, so epochs and later runs never decode a JPEG again.
+Every problem a user can fix raises ``UserError`` naming the file (and row) and what to do.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lowres_birds.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-MAX_IMAGE_PIXELS = 40_000_000  # larger "images" are refused as decompression bombs
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # decode_image refuses them with a clear error
 
 
 @dataclass
@@ -40,6 +30,13 @@ class ImageTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def fingerprint(self) -> str:
+        """What a run was trained on (ids, labels, file names), compared on --resume."""
+        digest = hashlib.sha256()
+        for image_id, path, label in zip(self.ids, self.lr_paths, self.labels or [""] * len(self.ids)):
+            digest.update(f"{image_id}|{path.name}|{label}\n".encode())
+        return digest.hexdigest()[:24]
 
 
 # --------------------------------------------------------------------------- CSV reading
@@ -165,7 +162,8 @@ def load_test_table(data_dir: Path) -> ImageTable:
     if sample_path.exists():
         sample = read_csv(sample_path, ("id",))
         _check_ids(sample, sample_path)
-        absent = [i for i in order if i not in set(sample["id"])]
+        sample_ids = set(sample["id"])
+        absent = [i for i in order if i not in sample_ids]
         if absent:
             raise UserError(
                 f"{csv_path}: {len(absent)} id(s) absent from {sample_path.name} (first: {absent[0]}); "
@@ -200,108 +198,5 @@ class LabelMap:
     def decode(self, indices) -> list[str]:
         return [self.classes[int(i)] for i in indices]
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(list(self.classes), ensure_ascii=False, indent=1), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: Path) -> "LabelMap":
-        return cls(tuple(json.loads(path.read_text(encoding="utf-8"))))
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Any PIL image -> HxWx3 uint8: EXIF rotation applied; grey, palette, RGBA, CMYK and 16-bit handled."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if image.mode.startswith("I;16") or values.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def decode_image(path: Path | BinaryIO, size: int | None = None) -> np.ndarray:
-    """Decode one file (or in-memory upload, named by its ``.name``) to HxWx3 uint8, optionally resized to
-    size x size (bicubic). Bad files raise UserError."""
-    name = getattr(path, "name", "upload") if hasattr(path, "read") else path
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:  # PIL itself only warns up to twice the limit
-                raise Image.DecompressionBombError
-            image.load()
-            array = to_rgb_array(image)
-    except Image.DecompressionBombError:
-        raise UserError(f"{name}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; refused as a decompression bomb") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{name}: not a readable image ({detail}); replace or remove it") from None
-    return array if size is None else fit_square(array, size)
-
-
-def fit_square(array: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 uint8 -> size x size (PIL bicubic, which filters when shrinking); unchanged if already that size."""
-    if array.shape[:2] == (size, size):
-        return array
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.BICUBIC))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LOWRES_BIRDS_CACHE", Path.home() / ".cache" / "lowres_birds"))
-
-
-def _cache_key(paths: list[Path], size: int) -> str:
-    digest = hashlib.sha256(f"v1:{size}".encode())
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
-
-
-def load_images(paths: list[Path], size: int, workers: int = 2) -> np.ndarray:
-    """All images as one N x size x size x 3 uint8 array, decoded once and cached on disk (memory-mapped).
-
-    Images whose size differs from ``size`` are resized (one summary warning), so a data set with a few
-    odd files still trains.
-    """
-    cache = cache_dir() / f"images-{_cache_key(paths, size)}.npy"
-    if cache.exists():
-        return np.load(cache, mmap_mode="r")
-    odd_sizes = 0
-
-    def decode(path: Path) -> np.ndarray:
-        nonlocal odd_sizes
-        array = decode_image(path)
-        odd_sizes += array.shape[:2] != (size, size)
-        return fit_square(array, size)
-
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, array in enumerate(pool.map(decode, paths)):
-            images[index] = array
-    if odd_sizes:
-        warnings.warn(f"{odd_sizes} of {len(paths)} images were not {size}x{size}; resized to {size}x{size} (bicubic)", stacklevel=2)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
-    np.save(temporary, images)
-    os.replace(temporary, cache)
-    return images
-
-
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified hold-out indices (train, val), fixed by seed; every class keeps at least one training image."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    n_classes = len(np.unique(labels))
-    n_val = max(int(round(val_fraction * len(labels))), n_classes)
-    if n_val >= len(labels) - n_classes + 1:
-        raise UserError(
-            f"{len(labels)} images are too few for a stratified validation split over {n_classes} classes; add images"
-        )
-    train_idx, val_idx = train_test_split(indices, test_size=n_val, stratify=labels, random_state=seed)
-    return np.sort(train_idx), np.sort(val_idx)

@@ -8,7 +8,6 @@ which is what a user has to fix when they differ.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lowres_birds.config import HR_SIZE, LR_SIZE
+from lowres_birds.data.images import fit_square, load_images
+from lowres_birds.data.tables import load_test_table, load_train_table
 from lowres_birds.errors import UserError
-from lowres_birds.reports import Section, write_page
+from lowres_birds.inspect.html import Section, write_page
+from lowres_birds.inspect.plots import barh_png, image_grid_png
+from lowres_birds.run_dir import write_csv
 
 SAMPLE_CLASSES = 6
 EXAMPLES = 8  # rows shown per quality problem
@@ -145,7 +149,6 @@ def train_test_matches(train_ids, train_labels, train_hashes, train_phash, test_
 
 def twin_psnr(lr_images: np.ndarray, hr_images: np.ndarray) -> np.ndarray:
     """PSNR (dB) of each LR image against its HR twin shrunk to the LR size (PIL bicubic, as the cache does)."""
-    from lowres_birds.data import fit_square
 
     size = lr_images.shape[1]
     values = np.empty(len(lr_images))
@@ -161,7 +164,6 @@ def twin_psnr(lr_images: np.ndarray, hr_images: np.ndarray) -> np.ndarray:
 
 def sample_grid_png(table, lr: np.ndarray, hr: np.ndarray | None, path: Path) -> Path:
     """Two images for each of a few classes spread over the class list: LR 64 beside its HR twin, same size."""
-    from lowres_birds.plots import image_grid_png
 
     classes = sorted(set(table.labels))
     chosen = [classes[i] for i in np.linspace(0, len(classes) - 1, min(SAMPLE_CLASSES, len(classes))).round().astype(int)]
@@ -177,7 +179,6 @@ def sample_grid_png(table, lr: np.ndarray, hr: np.ndarray | None, path: Path) ->
 
 
 def pairs_png(left: list[np.ndarray], right: list[np.ndarray], left_titles: list[str], right_titles: list[str], path: Path) -> Path:
-    from lowres_birds.plots import image_grid_png
 
     images = [image for pair in zip(left, right) for image in pair]
     titles = [title for pair in zip(left_titles, right_titles) for title in pair]
@@ -190,7 +191,7 @@ def leakage_check(table, test, lr: np.ndarray, test_pixels: np.ndarray, train_ha
         table.ids, table.labels, train_hashes, perceptual_hashes(lr), test.ids, content_hashes(test_pixels),
         perceptual_hashes(test_pixels), max_distance,
     )
-    leaks.to_csv(out / "leakage_train_test.csv", index=False)
+    write_csv(out / "leakage_train_test.csv", leaks)
     items: list = [
         f"Train/test leakage: {int((leaks['kind'] == 'exact').sum())} test image(s) equal a training image, "
         f"{int((leaks['kind'] == 'near').sum())} more are near-duplicates (pHash Hamming distance <= {max_distance} of 64 bits).",
@@ -216,7 +217,7 @@ def twin_check(table, lr: np.ndarray, hr: np.ndarray, threshold_db: float, out: 
 
     psnr = twin_psnr(lr, hr)
     twins = pd.DataFrame({"id": table.ids, "label": table.labels, "psnr_db": psnr}).sort_values("psnr_db", kind="stable")
-    twins.to_csv(out / "twin_psnr.csv", index=False)
+    write_csv(out / "twin_psnr.csv", twins)
     worst = twins.head(EXAMPLES)
     items = [
         f"LR/HR twin mismatch: {int((psnr < threshold_db).sum())} pair(s) with PSNR < {threshold_db:g} dB between the LR image "
@@ -233,21 +234,15 @@ def twin_check(table, lr: np.ndarray, hr: np.ndarray, threshold_db: float, out: 
 # --------------------------------------------------------------------------- the command
 
 
-def run_eda(args) -> int:
-    from lowres_birds.data import load_images, load_test_table, load_train_table
-    from lowres_birds.plots import barh_png
-    from lowres_birds.resolution import HR_SIZE, LR_SIZE
-
+def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: float) -> Path:
+    """All tables, figures and eda.html for a data folder; prints a summary; returns the page."""
     started = time.perf_counter()
-    if args.phash_distance < 0:
-        raise UserError(f"--phash-distance must be 0 or more (got {args.phash_distance})")
-    table = load_train_table(args.data)
-    test = load_test_table(args.data) if (args.data / "test.csv").is_file() else None
-    out = args.out
+    table = load_train_table(data_dir)
+    test = load_test_table(data_dir) if (data_dir / "test.csv").is_file() else None
     out.mkdir(parents=True, exist_ok=True)
 
     counts = class_counts(table.labels)
-    counts.to_csv(out / "class_counts.csv", index=False)
+    write_csv(out / "class_counts.csv", counts)
     imbalance = counts["count"].iloc[0] / counts["count"].iloc[-1]
     counts_png = barh_png(counts["label"].tolist(), counts["count"].tolist(), out / "class_counts.png", f"training images per class ({len(counts)} classes)", "images")
 
@@ -258,13 +253,13 @@ def run_eda(args) -> int:
         folders.append(Folder("test", test.lr_paths, LR_SIZE))
     pixels = {folder.name: load_images(folder.paths, folder.size) for folder in folders}
     stats = image_stats(folders, pixels)
-    stats.to_csv(out / "image_stats.csv", index=False)
+    write_csv(out / "image_stats.csv", stats)
     lr, hr = pixels["train"], pixels.get("upscale_train")
     samples = sample_grid_png(table, lr, hr, out / "samples.png")
 
     train_hashes = content_hashes(lr)
     duplicates = duplicates_within(table.ids, table.labels, train_hashes)
-    duplicates.to_csv(out / "duplicates_train.csv", index=False)
+    write_csv(out / "duplicates_train.csv", duplicates)
     quality: list = [
         f"Exact duplicates inside train (equal decoded pixels): {duplicates['group'].nunique() if len(duplicates) else 0} group(s), "
         f"{len(duplicates)} images, {int((~duplicates['labels agree']).sum())} with conflicting labels.",
@@ -272,10 +267,10 @@ def run_eda(args) -> int:
     ]
     leaks, mismatched = None, None
     if test is not None:
-        leaks, items = leakage_check(table, test, lr, pixels["test"], train_hashes, args.phash_distance, out)
+        leaks, items = leakage_check(table, test, lr, pixels["test"], train_hashes, phash_distance, out)
         quality += items
     if hr is not None:
-        mismatched, items = twin_check(table, lr, hr, args.twin_psnr, out)
+        mismatched, items = twin_check(table, lr, hr, twin_psnr_db, out)
         quality += items
 
     normalisation = "\n".join(
@@ -287,7 +282,7 @@ def run_eda(args) -> int:
     )
     write_page(
         out / "eda.html",
-        f"Data overview: {args.data}",
+        f"Data overview: {data_dir}",
         [
             Section("Summary", [summary]),
             Section("Classes", [f"Imbalance ratio (largest / smallest class): {imbalance:.2f}", counts_png, counts]),
@@ -299,16 +294,8 @@ def run_eda(args) -> int:
     print(summary)
     print(stats[["folder", "images", "sizes", "modes", "formats"]].to_string(index=False))
     print("normalisation values (pixels in [0, 1]):\n" + normalisation)
-    print(f"exact duplicates in train: {len(duplicates)} images" + (f"; train/test exact: {int((leaks['kind'] == 'exact').sum())}, near (pHash <= {args.phash_distance}): {int((leaks['kind'] == 'near').sum())}" if leaks is not None else ""))
+    print(f"exact duplicates in train: {len(duplicates)} images" + (f"; train/test exact: {int((leaks['kind'] == 'exact').sum())}, near (pHash <= {phash_distance}): {int((leaks['kind'] == 'near').sum())}" if leaks is not None else ""))
     if mismatched is not None:
-        print(f"LR/HR twins below {args.twin_psnr:g} dB PSNR: {len(mismatched)}" + (f" (first: {', '.join(mismatched['id'].head(3))})" if len(mismatched) else ""))
+        print(f"LR/HR twins below {twin_psnr_db:g} dB PSNR: {len(mismatched)}" + (f" (first: {', '.join(mismatched['id'].head(3))})" if len(mismatched) else ""))
     print(f"eda finished in {time.perf_counter() - started:.1f}s; page: {out / 'eda.html'}")
-    return 0
-
-
-def add_eda(sub) -> None:
-    parser = sub.add_parser("eda", help="class balance, image statistics and data-quality checks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, test.csv, ...) or ImageFolder")
-    parser.add_argument("--out", type=Path, default=Path("eda"), help="folder for the figures, CSV tables and eda.html")
-    parser.add_argument("--phash-distance", type=int, default=4, help="train/test pairs within this pHash Hamming distance (of 64 bits) count as near-duplicates")
-    parser.add_argument("--twin-psnr", type=float, default=20.0, help="LR/HR twins below this PSNR (dB) count as mismatched")
+    return out / "eda.html"

@@ -7,18 +7,20 @@ the model wrapper resizes and normalises exactly as in training.
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 
-from lowres_birds.data import LabelMap, decode_image, fit_square, load_images, load_test_table, to_rgb_array
+from lowres_birds.config import LR_SIZE
+from lowres_birds.data.images import decode_image, fit_square, load_images, to_rgb_array
+from lowres_birds.data.tables import load_test_table
 from lowres_birds.errors import UserError
-from lowres_birds.resolution import LR_SIZE
+from lowres_birds.model.factory import load_run_model
+from lowres_birds.model.wrapper import in_batches
 
 TTA_MODES = ("none", "flip")
 
@@ -28,7 +30,7 @@ class Classifier:
 
     def __init__(self, labels: list[str], predict_fn, name: str, input_size: int):
         self.labels = labels
-        self._predict_fn = predict_fn  # uint8 N x 3 x 64 x 64 numpy -> probabilities N x C
+        self._predict_fn = predict_fn  # uint8 N x 3 x 64 x 64 tensor -> probabilities N x C
         self.name = name
         self.input_size = input_size
 
@@ -43,10 +45,8 @@ class Classifier:
     def _load_run(cls, run_dir: Path, device: str) -> "Classifier":
         model, labels = load_run_model(run_dir, device)
 
-        @torch.inference_mode()
-        def predict_fn(images: np.ndarray) -> np.ndarray:
-            logits = model(torch.from_numpy(np.ascontiguousarray(images)).to(device))
-            return logits.float().softmax(-1).cpu().numpy()
+        def predict_fn(images: torch.Tensor) -> torch.Tensor:
+            return model(images.to(device)).float().softmax(-1)
 
         return cls(labels, predict_fn, str(run_dir), model.spec.input_size)
 
@@ -57,36 +57,42 @@ class Classifier:
 
         if not path.is_file():
             raise UserError(f"ONNX model {path} not found; create it with: lowres-birds export --run RUN --out {path}")
-        metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        try:
+            metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as exc:  # noqa: BLE001 - protobuf's decode errors have no common public base
+            raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
         if "labels" not in metadata:
             raise UserError(f"{path} was not exported by lowres-birds (no label metadata); re-export it")
-        import json
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(os.environ.get("LOWRES_BIRDS_THREADS", "0")) or (os.cpu_count() or 1)
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
         channels_last = metadata.get("layout") == "nhwc"  # see export.py; predict_fn receives NCHW
 
-        def predict_fn(images: np.ndarray) -> np.ndarray:
-            if channels_last:
-                images = images.transpose(0, 2, 3, 1)
-            return session.run(None, {input_name: np.ascontiguousarray(images)})[0]
+        def predict_fn(images: torch.Tensor) -> torch.Tensor:
+            pixels = images.permute(0, 2, 3, 1) if channels_last else images
+            return torch.from_numpy(session.run(None, {input_name: np.ascontiguousarray(pixels.numpy())})[0])
 
-        return cls(json.loads(metadata["labels"]), predict_fn, str(path), int(metadata.get("input_size", 0)))
+        try:
+            labels, input_size = json.loads(metadata["labels"]), int(metadata.get("input_size", 0))
+        except (json.JSONDecodeError, ValueError):
+            labels, input_size = None, 0
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise UserError(f"{path}: its 'labels' metadata is not a JSON list of class names; re-export it")
+        return cls(labels, predict_fn, str(path), input_size)
 
     def predict_arrays(self, images: np.ndarray, tta: str = "none", batch_size: int = 64) -> np.ndarray:
         """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> probabilities N x C, optionally flip-averaged."""
-        if images.ndim == 4 and images.shape[-1] == 3 and images.shape[1] != 3:
-            images = images.transpose(0, 3, 1, 2)
-        outputs = []
-        for start in range(0, len(images), batch_size):
-            batch = np.ascontiguousarray(images[start : start + batch_size])
+        images = np.asarray(images)
+        if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+            images = images.transpose(0, 2, 3, 1)
+
+        def probabilities(batch: torch.Tensor) -> torch.Tensor:
             probs = self._predict_fn(batch)
-            if tta == "flip":
-                probs = (probs + self._predict_fn(np.ascontiguousarray(batch[..., ::-1]))) / 2
-            outputs.append(probs)
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
+            return (probs + self._predict_fn(batch.flip(-1))) / 2 if tta == "flip" else probs
+
+        probs = in_batches(probabilities, images, batch_size)
+        return probs if len(probs) else np.zeros((0, len(self.labels)), np.float32)
 
     def predict(self, image, top: int = 5, tta: str = "none") -> list[tuple[str, float]]:
         """One image (path, PIL image or HxWx3 uint8 array) -> the top-k (label, probability) pairs."""
@@ -114,23 +120,6 @@ def to_model_input(image) -> np.ndarray:
     return fit_square(array, LR_SIZE)
 
 
-def load_run_model(run_dir: Path, device: str = "cpu"):
-    """(BirdNet in eval mode with the run's best weights, label names)."""
-    from safetensors.torch import load_file
-
-    from lowres_birds.models import rebuild_model
-    from lowres_birds.training import BEST_WEIGHTS
-
-    run_dir = Path(run_dir)
-    weights = run_dir / BEST_WEIGHTS
-    if not weights.is_file():
-        raise UserError(f"{run_dir} is not a finished run (no {BEST_WEIGHTS}); train it first or pass the right --run")
-    labels = list(LabelMap.load(run_dir / "labels.json").classes)
-    model = rebuild_model(run_dir, labels)
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval().to(device), labels
-
-
 def predict_test_set(runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu") -> tuple[list[str], list[str], np.ndarray]:
     """(ids in submission order, class names, mean probabilities over the runs)."""
     table = load_test_table(data_dir)
@@ -146,16 +135,3 @@ def average_probabilities(classifiers: list[Classifier], images: np.ndarray, tta
             raise UserError(f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average")
     probs = np.mean([c.predict_arrays(images, tta=tta) for c in classifiers], axis=0)
     return labels, probs
-
-
-def write_atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write a CSV to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        frame.to_csv(temporary, index=False)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -7,63 +7,38 @@ the page shows the model that ``predict`` would use.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from lowres_birds.config import LR_SIZE
+from lowres_birds.data.images import fit_square, load_images
+from lowres_birds.data.tables import LabelMap, load_train_table
 from lowres_birds.errors import UserError
-from lowres_birds.reports import Section, write_page
-from lowres_birds.resolution import to_nchw
+from lowres_birds.inspect.html import Section, write_page
+from lowres_birds.inspect.plots import barh_png, confusion_matrix_png, curves_png, image_grid_png
+from lowres_birds.metrics import per_class_table, score
+from lowres_birds.model.factory import load_run_model
+from lowres_birds.model.resolution import to_nchw
+from lowres_birds.model.wrapper import in_batches
+from lowres_birds.run_dir import RunDir, write_csv
 
 CONFIDENT_ERRORS = 12
 
 
-def read_metrics(run_dir: Path):
+def read_metrics(run: RunDir):
     """metrics.jsonl (one record per finished epoch) as a DataFrame."""
     import pandas as pd
 
-    from lowres_birds.training import METRICS
-
-    path = Path(run_dir) / METRICS
-    if not path.is_file() or path.stat().st_size == 0:
-        raise UserError(f"{run_dir} has no {METRICS} with a finished epoch; pass a training run folder (--run)")
-    return pd.read_json(path, lines=True)
+    return pd.DataFrame(run.metrics())
 
 
-def curves_png(metrics, path: Path) -> Path:
-    """Loss, validation macro-F1, accuracy and learning rate per epoch."""
-    from lowres_birds.plots import pyplot
-
-    plt = pyplot()
-    panels = [("train_loss", "training loss"), ("val_macro_f1", "validation macro-F1"), ("val_accuracy", "validation accuracy"), ("lr", "learning rate (epoch end)")]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    for ax, (column, title) in zip(axes, panels):
-        ax.plot(metrics["epoch"], metrics[column], marker="o")
-        ax.set_title(title, fontsize=10)
-        if column.startswith("val_"):
-            ax.set_ylim(0, 1.02)
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def validation_images(run_dir: Path, data_dir: Path, labels: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+def validation_images(run: RunDir, data_dir: Path, labels: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, uint8 N x 64 x 64 x 3 images, true class indices) of the run's validation split."""
-    from lowres_birds.data import LabelMap, load_images, load_train_table
-    from lowres_birds.resolution import LR_SIZE
-
-    split_path = run_dir / "split.json"
-    if not split_path.is_file():
-        raise UserError(f"{run_dir} has no split.json; pass a run folder written by lowres-birds train")
-    val_ids = json.loads(split_path.read_text(encoding="utf-8"))["val_ids"]
+    run_dir = run.path
+    val_ids = run.split()["val_ids"]
     table = load_train_table(data_dir)
     position = {image_id: i for i, image_id in enumerate(table.ids)}
     missing = [i for i in val_ids if i not in position]
@@ -75,16 +50,6 @@ def validation_images(run_dir: Path, data_dir: Path, labels: list[str]) -> tuple
     if unknown:
         raise UserError(f"{data_dir} labels validation images {unknown[0]!r}, a class {run_dir} was not trained on; pass the run's data folder")
     return val_ids, np.asarray(load_images(table.lr_paths, LR_SIZE)[rows]), LabelMap(tuple(labels)).encode(truth)
-
-
-def predict_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    import torch
-
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            outputs.append(model(to_nchw(images[start : start + batch_size])).float().softmax(-1).numpy())
-    return np.concatenate(outputs)
 
 
 def tokens_to_map(tensor):
@@ -121,8 +86,6 @@ def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     from torch import nn
 
-    from lowres_birds.data import fit_square
-
     class PixelsToLogits(nn.Module):
         def __init__(self):
             super().__init__()
@@ -141,8 +104,6 @@ def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np
 
 def confident_errors_png(model, images, truth, probs, labels, path: Path, count: int = CONFIDENT_ERRORS) -> tuple[Path | None, int]:
     """Grid of the most confidently wrong images (image | Grad-CAM of the predicted class); (path, errors)."""
-    from lowres_birds.plots import image_grid_png
-
     predicted = probs.argmax(1)
     wrong = np.flatnonzero(predicted != truth)
     if len(wrong) == 0:
@@ -160,28 +121,24 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     """All figures and report.html for a run; returns (page, short text summary)."""
     import pandas as pd
 
-    from lowres_birds.config import load_run_config
-    from lowres_birds.inference import load_run_model
-    from lowres_birds.metrics import per_class_table, score
-    from lowres_birds.plots import barh_png, confusion_matrix_png
-
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir or run_dir / "report")
-    metrics = read_metrics(run_dir)
+    run = RunDir(run_dir).require()
+    run_dir = run.path
+    out_dir = Path(out_dir or run / RunDir.REPORT)
+    metrics = read_metrics(run)
     model, labels = load_run_model(run_dir)
-    ids, images, truth = validation_images(run_dir, data_dir, labels)
+    ids, images, truth = validation_images(run, data_dir, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probs = predict_probabilities(model, images)
+    probs = in_batches(lambda batch: model(batch).softmax(-1), images)
     predicted = probs.argmax(1)
     true_names, predicted_names = [labels[i] for i in truth], [labels[i] for i in predicted]
     scores = score(true_names, predicted_names)
     per_class = per_class_table(true_names, predicted_names, labels).sort_values(["f1", "support"], kind="stable")
-    per_class.to_csv(out_dir / "per_class.csv", index=False)
+    write_csv(out_dir / "per_class.csv", per_class)
     curves = curves_png(metrics, out_dir / "curves.png")
     matrix = confusion_matrix_png(true_names, predicted_names, labels, out_dir / "confusion_matrix.png", "validation confusion matrix (rows normalised)")
     f1_chart = barh_png(per_class["label"].tolist(), per_class["f1"].tolist(), out_dir / "per_class_f1.png", "validation F1 per class, worst first", "F1", (0, 1))
     errors_png, n_wrong = confident_errors_png(model, images, truth, probs, labels, out_dir / "confident_errors.png")
-    config = pd.DataFrame([(k, str(v)) for k, v in load_run_config(run_dir / "config.yaml").to_dict().items()], columns=["key", "value"])
+    config = pd.DataFrame([(k, str(v)) for k, v in run.config().to_dict().items()], columns=["key", "value"])
     timings = metrics.assign(epoch_s=metrics["elapsed_s"].diff().fillna(metrics["elapsed_s"]))
     best = metrics.loc[metrics["val_macro_f1"].idxmax()]
     worst = ", ".join(f"{r.label} {r.f1:.2f}" for r in per_class.head(5).itertuples())
@@ -209,31 +166,8 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
 
 def report_after_training(run_dir: Path, data_dir: Path | None) -> None:
     """Called by ``train`` on success: a failed report never fails the training, it warns in one line."""
-    from lowres_birds.cli import _run_data_dir
-
     try:
-        page, _ = write_report(run_dir, _run_data_dir(run_dir, data_dir))
+        page, _ = write_report(run_dir, RunDir(run_dir).data_dir(data_dir))
         print(f"report: {page}")
-    except Exception as exc:  # reporting is a bonus after a successful run
+    except Exception as exc:  # noqa: BLE001 - reporting is a bonus after a successful run
         warnings.warn(f"training report skipped ({type(exc).__name__}: {exc}); run lowres-birds report --run {run_dir}", stacklevel=2)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_report(sub) -> None:
-    parser = sub.add_parser("report", help="figures and an HTML page for a trained run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="run folder written by lowres-birds train")
-    parser.add_argument("--data", type=Path, help="data folder the run was trained on (default: the one in split.json)")
-    parser.add_argument("--out", type=Path, help="folder for the figures and report.html (default: RUN/report)")
-
-
-def run_report(args) -> int:
-    from lowres_birds.cli import _run_data_dir
-
-    if not args.run.is_dir():
-        raise UserError(f"run folder {args.run} not found")
-    page, summary = write_report(args.run, _run_data_dir(args.run, args.data), args.out)
-    print(summary)
-    print(f"report: {page}")
-    return 0

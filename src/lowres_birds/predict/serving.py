@@ -13,6 +13,7 @@ import base64
 import io
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -30,13 +31,12 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from lowres_birds import __version__
-from lowres_birds.data import decode_image
+from lowres_birds.config import DEFAULT_MAX_UPLOAD_MB, LR_SIZE
+from lowres_birds.data.images import decode_image
 from lowres_birds.errors import UserError
-from lowres_birds.inference import Classifier, to_model_input
-from lowres_birds.resolution import LR_SIZE
-from lowres_birds.serving_cli import DEFAULT_MAX_UPLOAD_MB
+from lowres_birds.predict.classifier import Classifier, to_model_input
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parents[1] / "static"
 MAX_BATCH_FILES = 32
 MAX_QUEUED_REQUESTS = 256  # beyond this the server answers 503 instead of piling up work
 MAX_TOP = 20
@@ -227,3 +227,16 @@ def png_data_url(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here so that a busy port or bad address is one clear line, not a traceback."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"serve: cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host") from None
+    listener.listen(2048)
+    return listener

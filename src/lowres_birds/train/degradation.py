@@ -9,6 +9,7 @@ realistic LR training views on the fly, in batches.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -20,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lowres_birds.resolution import LR_SIZE, to_nchw
+from lowres_birds.config import LR_SIZE
+from lowres_birds.data.images import cache_dir
+from lowres_birds.errors import UserError
+from lowres_birds.model.resolution import to_nchw
+from lowres_birds.run_dir import write_json
 
 FILTERS = ("bicubic", "bilinear", "area")
 BLUR_SIGMAS = (0.0, 0.5, 0.8, 1.1, 1.4, 1.8)
@@ -36,12 +41,19 @@ class Degradation:
     jpeg_quality: int = 0
 
     def save(self, path: Path, **report) -> None:
-        path.write_text(json.dumps({**asdict(self), **report}, indent=1), encoding="utf-8")
+        write_json(path, {**asdict(self), **report})
 
     @classmethod
     def load(cls, path: Path) -> "Degradation":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(data["filter"], float(data["blur_sigma"]), int(data["jpeg_quality"]))
+        """A saved chain, checked: an unknown filter or out-of-range value is refused, naming the file."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            model = cls(str(data["filter"]), float(data["blur_sigma"]), int(data["jpeg_quality"]))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path} is not a degradation chain ({type(exc).__name__}); delete it to refit") from None
+        if model.filter not in FILTERS or not 0 <= model.blur_sigma <= 10 or not 0 <= model.jpeg_quality <= 100:
+            raise UserError(f"{path} holds an invalid degradation chain; delete it to refit")
+        return model
 
 
 PLAIN_RESIZE = Degradation("bicubic", 0.0, 0)
@@ -112,3 +124,26 @@ def fit_degradation(hr_images: np.ndarray, lr_images: np.ndarray, pairs: int = 2
         "plain_resize_psnr": plain_psnr, "plain_resize_ssim": plain_ssim,
     }
     return best, report
+
+
+def array_fingerprint(*arrays: np.ndarray) -> str:
+    """A cheap content key for large cached arrays: shapes plus a strided sample of their bytes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array[:: max(1, len(array) // 64)]).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def fitted_degradation(hr_images: np.ndarray, lr_images: np.ndarray) -> tuple[Degradation, dict]:
+    """fit_degradation, cached beside the decoded images (the fit is a grid search over 108 chains)."""
+    cache = cache_dir() / f"degradation-{array_fingerprint(hr_images, lr_images)}.json"
+    if cache.exists():
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            return Degradation.load(cache), {k: float(data[k]) for k in data if k not in ("filter", "blur_sigma", "jpeg_quality")}
+        except (UserError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+            pass  # a damaged cache entry is refitted
+    model, report = fit_degradation(hr_images, lr_images)
+    model.save(cache, **report)
+    return model, report

@@ -12,23 +12,23 @@ network sees after the in-graph resize), ``layout``, ``image_size`` (64) and ``s
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
 
-from lowres_birds.errors import UserError
+import torch
 
-# Torch is imported inside the functions: the CLI builds every command's parser on each start.
+from lowres_birds.config import LR_SIZE
+from lowres_birds.errors import UserError
+from lowres_birds.model.factory import load_run_model
+from lowres_birds.run_dir import atomic_write
+
 LAYOUTS = ("nhwc", "nchw")
-FORMATS = ("onnx",)
 OPSET = 18  # the first opset whose Resize has the antialias attribute (runs with the float resize export it)
 
 
 def probability_model(model, layout: str):
     """BirdNet with the input layout chosen at export and a softmax on top (what the ONNX file computes)."""
-    import torch
-
     class ProbabilityModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -44,21 +44,12 @@ def probability_model(model, layout: str):
 
 def example_input(layout: str, batch: int = 2):
     """A uint8 batch in the exported layout (batch 2 so the exporter keeps N symbolic)."""
-    import torch
-
-    from lowres_birds.resolution import LR_SIZE
-
     shape = (batch, LR_SIZE, LR_SIZE, 3) if layout == "nhwc" else (batch, 3, LR_SIZE, LR_SIZE)
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
 def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc") -> Path:
     """Write ``out`` (one .onnx file, weights inside) for the run's best weights; returns ``out``."""
-    import torch
-
-    from lowres_birds.inference import load_run_model
-    from lowres_birds.resolution import LR_SIZE
-
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if out.suffix != ".onnx":
@@ -69,7 +60,6 @@ def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc") -> Path:
         # computes the same thing and exports.
         model.backbone.set_attn_implementation("eager")
     wrapper = probability_model(model, layout)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter; real failures raise
         program = torch.onnx.export(
@@ -92,27 +82,4 @@ def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc") -> Path:
             "source": model.spec.source,
         }
     )
-    temporary = out.with_name(f".{out.name}.tmp")
-    program.save(str(temporary), external_data=False)
-    temporary.replace(out)
-    return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_export(sub) -> None:
-    parser = sub.add_parser("export", help="export a trained run as a self-contained ONNX model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="trained run folder (with model.safetensors)")
-    parser.add_argument("--format", choices=FORMATS, default="onnx", help="export format")
-    parser.add_argument("--out", type=Path, default=Path("model.onnx"), help="file to write")
-    parser.add_argument("--layout", choices=LAYOUTS, default="nhwc", help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
-
-
-def run_export(args) -> int:
-    if args.out.exists() and not args.force:
-        raise UserError(f"{args.out} already exists; pass --force to overwrite it")
-    path = export_onnx(args.run, args.out, args.layout)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
-    return 0
+    return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lowres_birds.run_dir import write_text
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -61,10 +63,7 @@ def write_page(path: Path, title: str, sections: list[Section], intro: str = "")
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return write_text(path, page)
 
 
 def _number(value: float) -> str:

@@ -1,0 +1,62 @@
+"""Score a submission against labels (which may cover part of the test set): macro-F1, accuracy, the
+per-class table and the confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowres_birds.data.tables import load_test_table, read_csv
+from lowres_birds.errors import UserError
+from lowres_birds.inspect.plots import confusion_matrix_png
+from lowres_birds.metrics import per_class_table, score
+from lowres_birds.run_dir import check_output, write_csv
+
+
+def align_submission(
+    submission_path: Path, labels_path: Path, test_ids: list[str] | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """(ids, true labels, predicted labels) over the labelled ids; mismatched ids are refused.
+
+    The labels may cover only part of the test set (a public half), so submission ids without a label
+    are fine as long as they belong to the test set: ``test_ids`` when given, else the labels' ids.
+    """
+    submission = read_csv(Path(submission_path), ("id", "label"))
+    truth = read_csv(Path(labels_path), ("id", "label"))
+    for frame, path in ((submission, submission_path), (truth, labels_path)):
+        duplicated = frame["id"][frame["id"].duplicated()]
+        if len(duplicated):
+            raise UserError(f"{path}: duplicate id {duplicated.iloc[0]!r}; ids must be unique")
+    predicted = dict(zip(submission["id"], submission["label"]))
+    known = set(test_ids) if test_ids is not None else set(truth["id"])
+    missing = [i for i in truth["id"] if i not in predicted]
+    extra = [i for i in submission["id"] if i not in known]
+    if missing or extra:
+        example = missing[0] if missing else extra[0]
+        raise UserError(
+            f"{submission_path}: ids do not match {Path(labels_path).name}: {len(missing)} missing, {len(extra)} extra "
+            f"(first: {example}); predict on the test set the labels come from"
+            + ("" if test_ids is not None or missing else ", or pass --data TEST_FOLDER when the labels cover part of it")
+        )
+    empty = [i for i in truth["id"] if predicted[i] == ""]
+    if empty:
+        raise UserError(f"{submission_path}: {len(empty)} row(s) with an empty label (first id: {empty[0]})")
+    return truth["id"].tolist(), truth["label"].tolist(), [predicted[i] for i in truth["id"]]
+
+
+def evaluate_submission(submission: Path, labels: Path, test_dir: Path | None, out_dir: Path, force: bool) -> dict:
+    """Print the per-class table and scores; write per_class.csv and confusion_matrix.png into ``out_dir``."""
+    test_ids = load_test_table(test_dir).ids if test_dir else None
+    ids, truth, predicted = align_submission(submission, labels, test_ids)
+    table_path, png_path = out_dir / "per_class.csv", out_dir / "confusion_matrix.png"
+    for path in (table_path, png_path):
+        check_output(path, force)
+    classes = sorted(set(truth) | set(predicted))
+    result = score(truth, predicted)
+    table = per_class_table(truth, predicted, classes)
+    write_csv(table_path, table)
+    confusion_matrix_png(truth, predicted, classes, png_path)
+    print(table.sort_values("f1").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nscored {len(ids)} labelled images over {len(classes)} classes")
+    print(f"macro-F1 {result['macro_f1']:.4f}  accuracy {result['accuracy']:.4f}")
+    print(f"confusion matrix: {png_path}; per-class table: {table_path}")
+    return result

@@ -1,0 +1,160 @@
+"""The model wrapper: ``BirdNet`` takes uint8 images at their stored size and does the resize to the
+strategy's input size and the normalisation itself, so training, prediction, ONNX export and serving share
+one preprocessing path. ``ModelSpec`` is what rebuilds it offline (saved as the run's model_spec.json).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowres_birds.errors import UserError
+from lowres_birds.model.resolution import normalise, resize_batch, resize_uint8, to_nchw
+
+RESIZES = ("pil", "float")
+
+
+@dataclass
+class ModelSpec:
+    """What is needed to rebuild a model offline: its source string, normalisation, input size and resize.
+
+    ``resize``: ``pil`` (8-bit bicubic as PIL, :func:`resize_uint8`) or ``float`` (runs saved before it).
+    """
+
+    source: str
+    num_classes: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "pil"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, labels: list[str], source: str) -> "ModelSpec":
+        """A spec read from a run folder, checked field by field (it sizes tensors: never trust it blindly)."""
+        data = {"resize": "float", **data}  # runs saved before the 8-bit resize used the float one
+        try:
+            spec = cls(
+                source=str(data["source"]), num_classes=int(data["num_classes"]), input_size=int(data["input_size"]),
+                mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]), resize=str(data["resize"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{source}: missing or malformed field ({type(exc).__name__}: {exc}); the run folder is damaged") from None
+        problems = [
+            (spec.num_classes != len(labels), f"num_classes {spec.num_classes} but labels.json lists {len(labels)} classes"),
+            (not 16 <= spec.input_size <= 1024, f"input_size {spec.input_size} is outside 16-1024"),
+            (len(spec.mean) != 3 or len(spec.std) != 3, "mean and std need 3 values"),
+            (not all(math.isfinite(v) for v in spec.mean + spec.std) or min(spec.std) <= 0, "mean/std must be finite, std positive"),
+            (spec.resize not in RESIZES, f"resize {spec.resize!r} is not one of {', '.join(RESIZES)}"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise UserError(f"{source}: {message}; the run folder is damaged")
+        return spec
+
+
+class BirdNet(nn.Module):
+    """uint8 images (N x 3 x H x W) -> logits. Resize + normalise live here, in the graph."""
+
+    def __init__(self, backbone: nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def freeze_early_layers(self, stages: int) -> None:
+        """Freeze the stem and the first ``stages`` blocks (weights and BatchNorm statistics).
+
+        On a CPU the early high-resolution stages cost most of the backward pass while their generic
+        edge/colour filters need little adapting: freezing two of them doubles lite0's training speed.
+        """
+        if stages <= 0:
+            return
+        if not (hasattr(self.backbone, "conv_stem") and hasattr(self.backbone, "blocks")):
+            raise UserError(f"freeze_blocks needs an EfficientNet/MobileNet-style timm model, not {self.spec.source}")
+        self.frozen_stages = stages
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        stages = getattr(self, "frozen_stages", 0)
+        return [self.backbone.conv_stem, self.backbone.bn1, *self.backbone.blocks[:stages]] if stages else []
+
+    def train(self, mode: bool = True) -> "BirdNet":
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()  # frozen BatchNorm keeps its ImageNet statistics
+        return self
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter-name patterns by depth, for timm's layer-wise learning-rate decay: the timm backbone's own
+        matcher, or BEiT/ViT-style ``encoder.layer.N`` groups for Hugging Face backbones."""
+        own = getattr(self.backbone, "group_matcher", None)
+        if own is None:
+            return {
+                "stem": r"^backbone\.[^.]+\.embeddings",
+                "blocks": [(r"^backbone\.[^.]+\.encoder\.layer\.(\d+)\.", None), (r"^backbone\.[^.]+\.(layernorm|pooler)", (99999,))],
+            }
+
+        def prefixed(pattern: str) -> str:
+            return re.sub(r"\^", r"^backbone\\.", pattern)
+
+        return {
+            group: prefixed(rule) if isinstance(rule, str) else [(prefixed(pattern), order) for pattern, order in rule]
+            for group, rule in own(coarse=coarse).items()
+        }
+
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's parameters exempt from weight decay (position embeddings, class tokens)."""
+        names = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{name}" for name in (names() if names else ())}
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW at any size -> normalised float NCHW at the model's input size."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise UserError(
+                f"the model takes uint8 images N x 3 x H x W (0-255), got {str(images.dtype).removeprefix('torch.')} "
+                f"{tuple(images.shape)}; use Classifier for files, PIL images or float arrays"
+            )
+        if self.spec.resize == "float":
+            return (resize_batch(images.float() / 255.0, self.spec.input_size) - self.mean) / self.std
+        return normalise(resize_uint8(images, self.spec.input_size), self.spec.mean, self.spec.std)
+
+    def forward(self, images: torch.Tensor, return_features: bool = False):
+        """uint8 images -> logits, or (pooled features, logits) for feature distillation (timm backbones).
+
+        Features go through forward() rather than a separate method so DDP still syncs their gradients.
+        """
+        pixels = self.preprocess(images)
+        if not return_features:
+            return self.forward_features(pixels)
+        backbone = self.backbone
+        if not hasattr(backbone, "forward_head"):
+            raise UserError(f"feature distillation needs a timm backbone, not {self.spec.source}")
+        features = backbone.forward_head(backbone.forward_features(pixels), pre_logits=True)
+        return features, backbone.get_classifier()(features)
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels -> logits (for Grad-CAM and callers that preprocess themselves)."""
+        output = self.backbone(pixels)
+        return output.logits if hasattr(output, "logits") else output
+
+
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The one batched inference loop: uint8 N x H x W x 3 rows (array or memory-mapped cache) -> ``fn`` of
+    each NCHW batch under inference mode, as float32 rows of one array."""
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            outputs.append(torch.as_tensor(fn(to_nchw(images[start : start + batch_size]))).float().cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)

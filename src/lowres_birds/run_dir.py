@@ -1,0 +1,297 @@
+"""The run folder, and the one way this tool writes any file.
+
+A run folder holds::
+
+    config.yaml          the resolved RunConfig            labels.json      class names, output order
+    model_spec.json      what rebuilds the model offline   hf_config/       Hugging Face config (hf: models)
+    split.json           data folder, fingerprint, ids     model.safetensors  the best weights
+    metrics.jsonl        one record per finished epoch     checkpoint.pt    resumable state (tensors + plain types)
+    val_predictions.npz  the best model's validation probabilities (out-of-fold scoring)
+
+``RunDir`` owns these names and their formats: every reader validates what it reads (a run folder is input
+like any other) and names the file on failure; nothing is unpickled. ``atomic_write`` is the only way files
+are written (temporary file in the same folder, then rename; removed on failure; mode from the umask), and
+``check_output`` the only "exists and not --force" check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lowres_birds.config import RunConfig, config_from_mapping, parse_yaml_mapping
+from lowres_birds.errors import UserError
+
+MARKER = ".lowres-birds"  # written into every folder this tool creates and may later replace with --force
+MIN_FREE_BYTES_FACTOR = 2  # a checkpoint write needs twice the last checkpoint's size free
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(temporary_path)`` then rename it to ``path``: readers never see half a file, a failure
+    leaves neither a temporary file nor a changed ``path``. The file gets 0666 minus the umask, like open()."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; free some space or choose another output path") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
+
+
+def write_csv(path: Path, frame) -> Path:
+    return atomic_write(path, lambda temporary: frame.to_csv(temporary, index=False))
+
+
+def check_output(path: Path, force: bool, *, folder: bool = False) -> None:
+    """Refuse to overwrite an existing output without --force, and outputs that cannot be one."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+    if not path.exists():
+        return
+    if folder and not path.is_dir():
+        raise UserError(f"{path} is a file; pass a folder (choose another --out)")
+    if not folder and path.is_dir():
+        raise UserError(f"{path} is a folder; pass a file name")
+    if folder and not any(path.iterdir()):
+        return
+    if not force:
+        raise UserError(f"{path} already exists; pass --force to overwrite it or choose another output path")
+
+
+def is_ours(folder: Path) -> bool:
+    """A folder this tool made (marker), or a run folder written before the marker existed."""
+    return (folder / MARKER).is_file() or ((folder / "config.yaml").is_file() and (folder / "labels.json").is_file())
+
+
+def replace_folder(folder: Path, force: bool, create: bool = True) -> None:
+    """Make ``folder`` an empty folder of ours. An existing non-empty one is removed only with --force and only
+    when this tool made it: never a data folder, a folder of runs or anything else a user keeps. With
+    ``create=False`` (the other processes of a multi-process run) only check."""
+    folder = Path(folder)
+    check_output(folder, force, folder=True)
+    if folder.is_dir() and any(folder.iterdir()):
+        if not is_ours(folder):
+            raise UserError(f"{folder} is not a lowres-birds output folder; --force only replaces those: choose another --out")
+        if create:
+            shutil.rmtree(folder)
+    if not create:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARKER).write_text("made by lowres-birds; --force may replace this folder\n", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot create {folder}: {exc.strerror or exc}; choose another --out") from None
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"{path} not found: {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); the run folder is damaged: retrain it") from None
+
+
+class RunDir:
+    """One run folder: its file names, and a validated reader and an atomic writer for each file."""
+
+    CONFIG = "config.yaml"
+    LABELS = "labels.json"
+    SPEC = "model_spec.json"
+    HF_CONFIG = "hf_config"
+    SPLIT = "split.json"
+    WEIGHTS = "model.safetensors"
+    CHECKPOINT = "checkpoint.pt"
+    METRICS = "metrics.jsonl"
+    VAL_PREDICTIONS = "val_predictions.npz"
+    DEGRADATION = "degradation.json"
+    REPORT = "report"
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def require(self) -> "RunDir":
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is not a finished run folder (not found); pass a folder written by lowres-birds train (--run)")
+        return self
+
+    # ---- config, labels, split
+    def write_config(self, cfg: RunConfig) -> None:
+        write_text(self / self.CONFIG, cfg.to_yaml())
+
+    def config(self) -> RunConfig:
+        path = self.require() / self.CONFIG
+        if not path.is_file():
+            raise UserError(f"{path} not found; {self.path} is not a run folder written by lowres-birds train")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; the run folder is damaged") from None
+        return config_from_mapping(parse_yaml_mapping(text, str(path)), str(path))
+
+    def write_labels(self, labels: list[str]) -> None:
+        write_json(self / self.LABELS, list(labels))
+
+    def labels(self) -> list[str]:
+        path = self.require() / self.LABELS
+        labels = _load_json(path, f"{self.path} is not a finished run folder")
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise UserError(f"{path} must be a JSON list of at least 2 non-empty class names; the run folder is damaged")
+        if len(set(labels)) != len(labels):
+            raise UserError(f"{path} lists a class twice; the run folder is damaged")
+        return labels
+
+    def write_split(self, data_dir: Path, val_ids: list[str], fingerprint: str) -> None:
+        write_json(self / self.SPLIT, {"data": str(Path(data_dir).resolve()), "fingerprint": fingerprint, "val_ids": val_ids})
+
+    def split(self) -> dict:
+        path = self.require() / self.SPLIT
+        split = _load_json(path, f"{self.path} does not record its data; pass a run folder written by lowres-birds train")
+        if not isinstance(split, dict) or not isinstance(split.get("data"), str) or not isinstance(split.get("val_ids"), list):
+            raise UserError(f"{path} must hold 'data' (a folder) and 'val_ids' (a list); the run folder is damaged")
+        return split
+
+    def data_dir(self, override: Path | None = None) -> Path:
+        """The data folder the run was trained on, unless --data names another."""
+        return Path(override) if override is not None else Path(self.split()["data"])
+
+    # ---- model
+    def write_spec(self, spec: dict) -> None:
+        write_json(self / self.SPEC, spec)
+
+    def spec(self) -> dict:
+        spec = _load_json(self.require() / self.SPEC, f"{self.path} is not a finished run folder")
+        if not isinstance(spec, dict):
+            raise UserError(f"{self / self.SPEC} must be a JSON object; the run folder is damaged")
+        return spec
+
+    def save_weights(self, state_dict: dict) -> None:
+        from safetensors.torch import save_file
+
+        atomic_write(self / self.WEIGHTS, lambda temporary: save_file({k: v.contiguous() for k, v in state_dict.items()}, str(temporary)))
+
+    def weights(self) -> dict:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.require() / self.WEIGHTS
+        if not path.is_file():
+            raise UserError(f"{self.path} is not a finished run (no {self.WEIGHTS}); train it first or pass the right --run")
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}); the run folder is damaged") from None
+
+    # ---- training state
+    def append_metrics(self, record: dict) -> None:
+        """Add one epoch's record; a record for an epoch already written (a resume after a failed checkpoint) replaces it."""
+        records = [r for r in self.metrics(missing_ok=True) if r["epoch"] < record["epoch"]] + [record]
+        write_text(self / self.METRICS, "".join(json.dumps(r) + "\n" for r in records))
+
+    def metrics(self, missing_ok: bool = False) -> list[dict]:
+        path = self / self.METRICS
+        if not path.is_file() or path.stat().st_size == 0:
+            if missing_ok:
+                return []
+            raise UserError(f"{self.path} has no {self.METRICS} with a finished epoch; pass a training run folder (--run)")
+        try:
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path} is not JSON lines ({exc}); the run folder is damaged") from None
+        if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in records):
+            raise UserError(f"{path}: every line must be an epoch record; the run folder is damaged")
+        return records
+
+    def save_checkpoint(self, checkpoint: dict) -> None:
+        """torch.save of tensors and plain types, refused up front when the disk is clearly too full."""
+        import torch
+
+        path = self / self.CHECKPOINT
+        previous = path.stat().st_size if path.exists() else 0
+        free = shutil.disk_usage(self.path).free
+        if previous and free < MIN_FREE_BYTES_FACTOR * previous:
+            raise UserError(
+                f"only {free / 1e6:.0f} MB free in {self.path}, a checkpoint needs about {previous / 1e6:.0f} MB; "
+                "free some space and resume (the previous checkpoint is intact)"
+            )
+        atomic_write(path, lambda temporary: torch.save(checkpoint, temporary))
+
+    def checkpoint(self) -> dict:
+        """The checkpoint, loaded with ``weights_only=True``: a crafted file cannot run code."""
+        import pickle
+
+        import torch
+
+        path = self.require() / self.CHECKPOINT
+        if not path.is_file():
+            raise UserError(f"{self.path} has no {self.CHECKPOINT} to resume from; start a new run without --resume")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}); it is damaged: start a new run") from None
+        needed = ("model", "optimizer", "scheduler", "state", "rng")
+        if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
+            raise UserError(f"{path} lacks {', '.join(needed)}; it is not a lowres-birds checkpoint: start a new run")
+        return checkpoint
+
+    def save_val_predictions(self, indices, targets, probs) -> None:
+        import numpy as np
+
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, indices=indices, targets=targets, probs=probs)
+
+        atomic_write(self / self.VAL_PREDICTIONS, write)
+
+    def val_predictions(self) -> dict:
+        import numpy as np
+
+        path = self.require() / self.VAL_PREDICTIONS
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                predictions = {key: data[key] for key in ("indices", "targets", "probs")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{path} is missing or damaged ({type(exc).__name__}); retrain that run") from None
+        if predictions["probs"].ndim != 2 or len(predictions["probs"]) != len(predictions["targets"]) or not math.isfinite(float(predictions["probs"].sum())):
+            raise UserError(f"{path} holds inconsistent arrays; retrain that run")
+        return predictions

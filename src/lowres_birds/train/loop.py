@@ -1,0 +1,222 @@
+"""Training: ``train_one_epoch`` / ``evaluate`` / ``train`` in the style of torchvision's classification
+references, run through accelerate (CPU, GPU, mixed precision, ``accelerate launch``/``torchrun`` unchanged).
+
+One checkpoint dict (model, optimiser, scheduler, EMA, loop state, RNG states) makes ``--resume`` continue
+exactly where a run stopped; SIGINT/SIGTERM save it at the next step and stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowres_birds.config import RunConfig, parse_strategy
+from lowres_birds.errors import TrainingInterrupted, UserError
+from lowres_birds.metrics import score
+from lowres_birds.model.factory import create_model, save_architecture
+from lowres_birds.model.wrapper import in_batches
+from lowres_birds.run_dir import RunDir, replace_folder, write_json
+from lowres_birds.train.batches import make_loader
+from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_training_data, training_batch
+from lowres_birds.train.losses import total_loss
+from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler
+from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
+
+
+def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, checkpointer: Checkpointer, stop: StopFlag) -> dict:
+    """One pass over the training batches; returns mean loss and images/s."""
+    from tqdm.auto import tqdm
+
+    model, accelerator = parts.model, parts.accelerator
+    num_classes = accelerator.unwrap_model(model).spec.num_classes
+    feature_kd = parts.hr.teacher is not None and cfg.feature_kd_weight > 0
+    model.train()
+    total, seen, started = 0.0, 0, time.perf_counter()
+    done = state.step_in_epoch * cfg.grad_accum
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", initial=done, total=len(loader) + done,
+               disable=not accelerator.is_local_main_process, leave=False, mininterval=1.0, dynamic_ncols=True)
+    for images, labels, indices in bar:
+        with accelerator.accumulate(model):
+            images, targets = training_batch(images, labels, indices, num_classes, cfg, parts.generator, parts.hr)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            features, logits = model(images, return_features=True) if feature_kd else (None, model(images))
+            loss = total_loss(logits, features, targets, cfg)
+            if not torch.isfinite(loss):
+                kept = "the last checkpoint is kept; resume with --resume" if state.global_step else "no checkpoint was written yet"
+                raise UserError(f"loss became {loss.item()} at epoch {state.epoch + 1}; lower --lr or use --mixed-precision no ({kept})")
+            accelerator.backward(loss)
+            parts.optimizer.step()
+            parts.scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+        total, seen = total + loss.item() * len(labels), seen + len(labels)
+        bar.set_postfix(loss=f"{total / seen:.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        if not accelerator.sync_gradients:
+            continue
+        if parts.ema is not None:
+            parts.ema.update(accelerator.unwrap_model(model), step=state.global_step)
+        state.step_in_epoch += 1
+        state.global_step += 1
+        if stop.signal_name or (cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0):
+            checkpointer.save(state)
+        if stop.signal_name:
+            raise TrainingInterrupted(f"{stop.signal_name}: checkpoint saved at epoch {state.epoch + 1}, step {state.step_in_epoch}; "
+                                      f"continue with: lowres-birds train --resume {checkpointer.run}")
+    bar.close()
+    elapsed = time.perf_counter() - started
+    total, seen = accelerator.reduce(torch.tensor([total, seen], dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return {"train_loss": total / max(seen, 1), "train_images_per_s": seen / elapsed}
+
+
+def evaluate(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, device: torch.device) -> tuple[dict, np.ndarray]:
+    """Macro-F1 and accuracy of ``model`` on uint8 NHWC images (every process scores the whole set)."""
+    model.eval()
+    probs = in_batches(lambda batch: model(batch.to(device)).float().softmax(-1), images)
+    return score(targets, probs.argmax(1)), probs
+
+
+def _check_resume(run: RunDir, data: TrainingData) -> None:
+    """Refuse to resume on other data: the label set and the data fingerprint must be those of the run."""
+    labels, split = run.labels(), run.split()
+    if labels != list(data.label_map.classes):
+        raise UserError(f"{run / RunDir.LABELS} lists other classes than the data ({len(labels)} vs {len(data.label_map.classes)}); "
+                        "resume on the data the run was trained on, or start a new run")
+    if split.get("fingerprint") not in (None, data.table.fingerprint()):
+        raise UserError(f"the data in {data.table.root} changed since {run} was trained (ids, files or labels); "
+                        "resume on the data the run was trained on, or start a new run")
+
+
+def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False, force: bool = False) -> dict:
+    """Train one run (or continue it: ``resume``), returning the best validation metrics."""
+    from accelerate.utils import gather_object, set_seed
+
+    if cfg.folds and cfg.fold < 0:
+        raise UserError("a k-fold config trains one fold per run: set --fold K, or let `train --folds K` run them all")
+    run = RunDir(run_dir)
+    data = load_training_data(data_dir, cfg)
+    labels = list(data.label_map.classes)
+    accelerator = create_accelerator(cfg, run.path)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained)
+    model.freeze_early_layers(cfg.freeze_blocks)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if resume:
+        _check_resume(run, data)
+    else:  # the old run is replaced only now that data and model are known good
+        replace_folder(run.path, force, create=accelerator.is_main_process)
+    if accelerator.is_main_process and not resume:
+        run.write_config(cfg)
+        run.write_labels(labels)
+        save_architecture(model, run)
+        run.write_split(data_dir, [data.table.ids[i] for i in data.val_idx], data.table.fingerprint())
+    accelerator.wait_for_everyone()
+    hr = hr_support(cfg, data)
+    if hr.degradation is not None and accelerator.is_main_process:
+        hr.degradation.save(run / RunDir.DEGRADATION, **hr.degradation_report)
+    optimizer = create_optimizer(model, cfg)
+    loader = make_loader(data.train_images, data.targets, data.train_idx, cfg.batch_size, cfg.seed, shuffle=True)
+    # accelerate steps a prepared scheduler num_processes times per optimizer step: count in those units.
+    steps_per_epoch = accelerator.num_processes * math.ceil(math.ceil(len(loader) / accelerator.num_processes) / cfg.grad_accum)
+    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
+    parts = Trainee(model, optimizer, scheduler, accelerator, torch.Generator().manual_seed(cfg.seed + accelerator.process_index), ema, hr)
+    checkpointer = Checkpointer(run, parts)
+    state = checkpointer.restore() if resume else TrainState()
+    _print_header(accelerator, cfg, data, hr, run, state)
+    if cfg.log != "none":
+        accelerator.init_trackers("lowres-birds", config=cfg.to_dict())
+    val_images = np.asarray(data.lr_images[data.val_idx])
+    clock_start = time.perf_counter() - state.elapsed_s
+    with StopFlag() as stop:
+        while state.epoch < cfg.epochs:
+            loader.set_epoch(state.epoch)  # accelerate's loader forwards it to ShuffledIndices
+            epoch_loader = accelerator.skip_first_batches(loader, state.step_in_epoch * cfg.grad_accum) if state.step_in_epoch else loader
+            train_stats = train_one_epoch(parts, epoch_loader, cfg, state, checkpointer, stop)
+            evaluated = ema.module if ema is not None else model
+            val_stats, val_probs = evaluate(evaluated, val_images, data.targets[data.val_idx], accelerator.device)
+            state.elapsed_s = time.perf_counter() - clock_start
+            record = {"epoch": state.epoch + 1, **train_stats, "val_macro_f1": val_stats["macro_f1"], "val_accuracy": val_stats["accuracy"],
+                      "lr": scheduler.get_last_lr()[0], "elapsed_s": state.elapsed_s}
+            _print_epoch(accelerator, cfg, record)
+            if cfg.log != "none":
+                accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+            if val_stats["macro_f1"] > state.best_f1:
+                state.best_f1, state.best_epoch = val_stats["macro_f1"], record["epoch"]
+                if accelerator.is_main_process:
+                    run.save_weights(accelerator.unwrap_model(evaluated).state_dict())
+                    run.save_val_predictions(data.val_idx, data.targets[data.val_idx], val_probs)
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            state.elapsed_s = gather_object([state.elapsed_s])[0]  # rank 0's clock: every process takes the same stop decision
+            checkpointer.save(state)
+            if accelerator.is_main_process:
+                run.append_metrics(record)  # after the checkpoint: a resume never repeats a recorded epoch
+            if _should_stop(accelerator, cfg, state):
+                break
+    if cfg.log != "none":
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return {"best_val_macro_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_run": state.epoch, "elapsed_s": state.elapsed_s}
+
+
+def _should_stop(accelerator, cfg: RunConfig, state: TrainState) -> bool:
+    if state.epoch >= cfg.epochs:
+        return False
+    if cfg.budget_minutes and state.elapsed_s > cfg.budget_minutes * 60:
+        accelerator.print(f"time budget of {cfg.budget_minutes:g} min reached after epoch {state.epoch} of {cfg.epochs}; stopping")
+        return True
+    if cfg.early_stop_patience and state.epoch - state.best_epoch >= cfg.early_stop_patience:
+        accelerator.print(f"no better validation macro-F1 for {cfg.early_stop_patience} epochs; stopping early")
+        return True
+    return False
+
+
+def _print_header(accelerator, cfg: RunConfig, data: TrainingData, hr: HRSupport, run: RunDir, state: TrainState) -> None:
+    budget = f", budget {cfg.budget_minutes:g} min (stops after the epoch that crosses it)" if cfg.budget_minutes else ""
+    accelerator.print(
+        f"train {cfg.model} ({cfg.strategy}) on {accelerator.device} x{accelerator.num_processes}: {len(data.train_idx)} training / "
+        f"{len(data.val_idx)} validation images, {len(data.label_map.classes)} classes; {cfg.epochs} epochs{budget}; run folder {run}"
+    )
+    if state.global_step:
+        accelerator.print(f"resumed {run} at epoch {state.epoch + 1}, step {state.step_in_epoch}")
+    if hr.degradation is not None:
+        report = hr.degradation_report
+        accelerator.print(f"degradation fitted from the pairs: {hr.degradation} (held-out PSNR {report['held_out_psnr']:.2f} dB "
+                          f"vs {report['plain_resize_psnr']:.2f} for a plain resize)")
+    if hr.teacher is not None:
+        accelerator.print(f"HR teacher ({cfg.model} frozen at {cfg.teacher_size}, logistic head): val macro-F1 on HR twins {hr.teacher.val_macro_f1:.4f}")
+
+
+def _print_epoch(accelerator, cfg: RunConfig, record: dict) -> None:
+    per_epoch = record["elapsed_s"] / record["epoch"]
+    remaining = per_epoch * (cfg.epochs - record["epoch"])
+    accelerator.print(
+        f"epoch {record['epoch']}/{cfg.epochs}  loss {record['train_loss']:.4f}  val macro-F1 {record['val_macro_f1']:.4f}  "
+        f"acc {record['val_accuracy']:.4f}  {record['train_images_per_s']:.0f} img/s  {record['elapsed_s']:.0f}s (~{remaining:.0f}s left)"
+    )
+
+
+def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = False) -> dict:
+    """Stratified K-fold: one self-contained run per fold under OUT/fold<k>, then the out-of-fold macro-F1.
+
+    The fold runs can be averaged at test time with ``predict --run OUT/fold0 --run OUT/fold1 ...``.
+    """
+    out_dir = Path(out_dir)
+    replace_folder(out_dir, force)
+    folds = [train(dataclasses.replace(cfg, fold=k), data_dir, out_dir / f"fold{k}", force=force)["best_val_macro_f1"] for k in range(cfg.folds)]
+    predictions = [RunDir(out_dir / f"fold{k}").val_predictions() for k in range(cfg.folds)]
+    targets = np.concatenate([p["targets"] for p in predictions])
+    predicted = np.concatenate([p["probs"].argmax(1) for p in predictions])
+    summary = {"folds": cfg.folds, "fold_val_macro_f1": folds, **{f"oof_{k}": v for k, v in score(targets, predicted).items()}}
+    write_json(out_dir / "oof.json", summary)
+    return summary
