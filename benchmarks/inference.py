@@ -20,7 +20,7 @@ import numpy as np
 from _machine import DEFAULT_DATA, OtherLoad, add_record_args, describe_machine, record
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_test_table
-from lowres_birds.export import export_onnx
+from lowres_birds.predict.export import export_onnx
 from lowres_birds.predict.classifier import Classifier
 from lowres_birds.config import LR_SIZE
 from lowres_birds.runtime import keep_freed_memory

@@ -2,7 +2,7 @@
 
 ours: the decoded uint8 array from the cache -> training's DataLoader (``BatchGather`` index gather) -> the same
       ``BirdNet.preprocess`` training runs (8-bit PIL bicubic 64->224, normalisation) on --device. Measured without
-      augmentation (the reference had none) and with the cpu recipe's augmentation (``augment_batch``).
+      augmentation (the reference had none) and with the cpu recipe's augmentation (``random_crop_flip``).
 reference: a copy of the reference's loader: per image PIL open -> torchvision Resize((224, 224), bicubic) ->
       BeitImageProcessor (the hub's microsoft/beit-base-patch16-224-pt22k preprocessor config, built locally) ->
       DataLoader(batch 16, shuffle, no workers) -> .to(device). Two processor back ends: the PIL/numpy one the
@@ -116,7 +116,7 @@ def main() -> int:
 
         def prepare(batch: torch.Tensor) -> torch.Tensor:
             batch = batch.to(device, non_blocking=True)
-            return wrapper.preprocess(augment_batch(batch, cfg, generator) if augment else batch)
+            return wrapper.preprocess(random_crop_flip(batch, generator, cfg.crop_scale_min, cfg.hflip) if augment else batch)
 
         return lambda: images_per_second(loader, len(images), device, prepare)
 

@@ -81,10 +81,13 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
     import numpy as np
     import torch
 
-    from lowres_birds.config import load_config
+    from lowres_birds.config import load_config, parse_strategy
     from lowres_birds.model.factory import create_model
-    from lowres_birds.config import parse_strategy
-    from lowres_birds.training import TrainState, _make_accelerator, _make_optimizer, _make_scheduler, load_training_data, make_loader, train_one_epoch
+    from lowres_birds.train.batches import make_loader
+    from lowres_birds.train.data import HRSupport, load_training_data
+    from lowres_birds.train.loop import train_one_epoch
+    from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler
+    from lowres_birds.train.state import StopFlag, Trainee, TrainState
 
     variant = VARIANTS[name]
     beit = variant.model == "beit"
@@ -97,25 +100,25 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
     if name == "beit-reference":
         return reference_loop(cfg, data, batches, device, warmup)
 
-    accelerator = _make_accelerator(cfg, Path(tempfile.mkdtemp(prefix="bench-run-")))
+    accelerator = create_accelerator(cfg, Path(tempfile.mkdtemp(prefix="bench-run-")))
     model = create_model(cfg.model, list(data.label_map.classes), parse_strategy(cfg.strategy).input_size, cfg.pretrained)
     model.freeze_early_layers(cfg.freeze_blocks)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if variant.compile:
         model.compile()
-    optimizer = _make_optimizer(model, cfg)
-    scheduler = _make_scheduler(optimizer, cfg, warmup + steps)
+    optimizer = create_optimizer(model, cfg)
+    scheduler = create_scheduler(optimizer, cfg, warmup + steps)
     warm_loader = make_loader(data.train_images, data.targets, batches[: warmup * cfg.batch_size], cfg.batch_size, cfg.seed, shuffle=True)
     timed_loader = make_loader(data.train_images, data.targets, batches[warmup * cfg.batch_size :], cfg.batch_size, cfg.seed, shuffle=True)
     model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, timed_loader, scheduler)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    state = TrainState()
-    train_one_epoch(model, warm_loader, optimizer, scheduler, accelerator, cfg, generator, state, on_step=lambda: None)
+    parts = Trainee(model, optimizer, scheduler, accelerator, torch.Generator().manual_seed(cfg.seed), None, HRSupport())
+    state, never = TrainState(), StopFlag()  # checkpoint_every is 0 and no signal handler is installed: no checkpoint
+    train_one_epoch(parts, warm_loader, cfg, state, None, never)
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     with around_timed or contextlib.nullcontext():
-        stats = train_one_epoch(model, timed_loader, optimizer, scheduler, accelerator, cfg, generator, state, on_step=lambda: None)
+        stats = train_one_epoch(parts, timed_loader, cfg, state, None, never)
     return stats["train_images_per_s"]  # ends with loss.item(), so GPU work is included
 
 
@@ -160,7 +163,8 @@ def profile_variant(name: str, data_dir: Path, device: str, warmup: int, steps: 
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from lowres_birds import models, training
+    from lowres_birds.model import wrapper
+    from lowres_birds.train import batches, data
 
     def label(owner, attribute: str, text: str) -> None:
         original = getattr(owner, attribute)
@@ -172,9 +176,9 @@ def profile_variant(name: str, data_dir: Path, device: str, warmup: int, steps: 
 
         setattr(owner, attribute, labelled)
 
-    label(training.BatchGather, "__call__", INPUT_STAGES["gather"])
-    label(training, "augment_batch", INPUT_STAGES["augment"])
-    label(models.BirdNet, "preprocess", INPUT_STAGES["resize + normalise"])
+    label(batches.BatchGather, "__call__", INPUT_STAGES["gather"])
+    label(data, "random_crop_flip", INPUT_STAGES["augment"])
+    label(wrapper.BirdNet, "preprocess", INPUT_STAGES["resize + normalise"])
     profiler = profile(activities=[ProfilerActivity.CPU])
     measured = {}
 

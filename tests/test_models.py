@@ -77,3 +77,28 @@ def test_hf_run_trains_and_predicts_offline(tiny_beit, demo_data, tmp_path):
 def test_unknown_models_are_user_errors(source):
     with pytest.raises(UserError, match="model|timm"):
         create_model(source, ["a", "b"], 64, pretrained=False)
+
+
+def test_one_optimiser_factory_for_every_backbone(tmp_path):
+    """timm's AdamW factory: biases and norms never decay; with layer_decay, learning rates grow with depth
+    for Hugging Face BEiT (encoder.layer.N / layers.N) as for timm ViTs, and the head keeps the full rate."""
+    import dataclasses
+
+    from transformers import BeitConfig
+
+    from lowres_birds.config import load_config
+    from lowres_birds.train.optim import create_optimizer
+
+    cfg = dataclasses.replace(load_config("cpu"), layer_decay=0.5, weight_decay=0.05)
+    BeitConfig(image_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24).save_pretrained(tmp_path)
+    for source, blocks in ((f"hf:{tmp_path}", 3), ("timm:test_vit", None)):
+        model = create_model(source, ["a", "b"], 32, pretrained=False)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = create_optimizer(model, cfg).param_groups
+        scale_of = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+        assert all(g["weight_decay"] == 0 for g in groups for p in g["params"] if p.ndim == 1)
+        head = [s for n, s in scale_of.items() if "classifier" in n or n.startswith("backbone.head")]
+        assert head and set(head) == {1.0}
+        assert min(scale_of.values()) < 0.1
+    block_scales = [max(s for n, s in scale_of.items() if f".{k}." in n and "blocks" in n) for k in range(2)]
+    assert block_scales[0] < block_scales[1]

@@ -98,12 +98,12 @@ class BirdNet(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter-name patterns by depth, for timm's layer-wise learning-rate decay: the timm backbone's own
-        matcher, or BEiT/ViT-style ``encoder.layer.N`` groups for Hugging Face backbones."""
+        matcher, or BEiT/ViT-style ``encoder.layer.N`` (``layers.N`` in transformers 5) groups for Hugging Face backbones."""
         own = getattr(self.backbone, "group_matcher", None)
         if own is None:
             return {
                 "stem": r"^backbone\.[^.]+\.embeddings",
-                "blocks": [(r"^backbone\.[^.]+\.encoder\.layer\.(\d+)\.", None), (r"^backbone\.[^.]+\.(layernorm|pooler)", (99999,))],
+                "blocks": [(r"^backbone\.[^.]+\.(?:encoder\.layer|layers)\.(\d+)\.", None), (r"^backbone\.[^.]+\.(?:layernorm|pooler)", (99999,))],
             }
 
         def prefixed(pattern: str) -> str:
