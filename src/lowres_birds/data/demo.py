@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from lowres_birds.run_dir import write_csv
+
 HR, LR = 256, 64
 SPECIES = [
     # name, body, wing, head shape, tail length, belly pattern
@@ -103,10 +105,10 @@ def make_demo_dataset(out_dir: Path, train_per_class: int = 48, test_per_class: 
         image_id = f"TEST_{index:05d}"
         degrade(draw_bird(int(s), rng), rng, out_dir / "test" / f"{image_id}.jpg")
         test_rows.append((image_id, f"./test/{image_id}.jpg", SPECIES[s][0]))
-    pd.DataFrame(train_rows, columns=["id", "img_path", "upscale_img_path", "label"]).to_csv(out_dir / "train.csv", index=False)
+    write_csv(out_dir / "train.csv", pd.DataFrame(train_rows, columns=["id", "img_path", "upscale_img_path", "label"]))
     test = pd.DataFrame(test_rows, columns=["id", "img_path", "label"])
-    test[["id", "img_path"]].to_csv(out_dir / "test.csv", index=False)
-    test.assign(label=0)[["id", "label"]].to_csv(out_dir / "sample_submission.csv", index=False)
-    test[["id", "label"]].to_csv(out_dir / "test_labels.csv", index=False)
+    write_csv(out_dir / "test.csv", test[["id", "img_path"]])
+    write_csv(out_dir / "sample_submission.csv", test.assign(label=0)[["id", "label"]])
+    write_csv(out_dir / "test_labels.csv", test[["id", "label"]])
     return out_dir
 
