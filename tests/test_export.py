@@ -131,3 +131,24 @@ def test_hugging_face_beit_run_exports_and_matches(tmp_path):
 
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     np.testing.assert_allclose(Classifier.load(tmp_path / "beit.onnx").predict_arrays(images), Classifier.load(run_dir).predict_arrays(images), atol=1e-4)
+
+
+def test_int8_export_is_quantized_and_predicts_like_fp32(upscaled_run, exported, demo_test_images, tmp_path, capsys):
+    """export --int8: integer convolutions after onnxruntime's fusion, the same labels and layout metadata, and
+    predictions close to the fp32 model (speed and accuracy on real data: benchmarks/int8.py)."""
+    import onnxruntime as ort
+
+    path = tmp_path / "int8.onnx"
+    assert main(["export", "--run", str(upscaled_run), "--out", str(path), "--int8"]) == 0
+    assert "int8" in capsys.readouterr().out
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [node.op_type for node in onnx.load(str(tmp_path / "fused.onnx")).graph.node]
+    assert fused.count("QLinearConv") >= 10
+    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert metadata["precision"] == "int8" and metadata["layout"] == "nhwc"
+    fp32, int8 = Classifier.load(exported["nhwc"]), Classifier.load(path)
+    assert int8.labels == fp32.labels
+    difference = np.abs(fp32.predict_arrays(demo_test_images) - int8.predict_arrays(demo_test_images)).max()
+    assert difference < 0.2

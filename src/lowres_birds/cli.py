@@ -317,6 +317,7 @@ def add_export(sub) -> None:
     parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     parser.add_argument("--out", type=Path, default=Path("model.onnx"), help="file to write")
     parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8")
+    parser.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on the run's training images (faster on CPUs; see BENCHMARKS.md)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
@@ -325,8 +326,9 @@ def run_export(args) -> int:
     from lowres_birds.run_dir import check_output
 
     check_output(args.out, args.force)
-    path = export_onnx(args.run, args.out, args.layout)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
+    path = export_onnx(args.run, args.out, args.layout, int8=args.int8)
+    precision = "int8" if args.int8 else "fp32"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {precision}): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
     return 0
 
 

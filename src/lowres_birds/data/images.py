@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lowres_birds.errors import UserError
 from lowres_birds.run_dir import atomic_write
 
+DECODE_CHUNK = 1024  # images decoded and written per step (12 MB at 64x64)
 MAX_IMAGE_PIXELS = 40_000_000  # larger "images" are refused as decompression bombs
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # decode_image refuses them with a clear error
@@ -98,17 +99,16 @@ def load_images(paths: list[Path], size: int, workers: int = 2) -> np.ndarray:
         odd_sizes += array.shape[:2] != (size, size)
         return fit_square(array, size)
 
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, array in enumerate(pool.map(decode, paths)):
-            images[index] = array
-    if odd_sizes:
-        warnings.warn(f"{odd_sizes} of {len(paths)} images were not {size}x{size}; resized to {size}x{size} (bicubic)", stacklevel=2)
     def write(temporary: Path) -> None:
-        with open(temporary, "wb") as handle:
-            np.save(handle, images)
+        """Stream the decoded images into the .npy file chunk by chunk: memory stays bounded at any size."""
+        with open(temporary, "wb") as handle, ThreadPoolExecutor(max_workers=workers) as pool:
+            np.lib.format.write_array_header_2_0(handle, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), size, size, 3)})
+            for start in range(0, len(paths), DECODE_CHUNK):
+                handle.write(np.stack(list(pool.map(decode, paths[start : start + DECODE_CHUNK]))).tobytes())
 
     atomic_write(cache, write)
-    return images
+    if odd_sizes:
+        warnings.warn(f"{odd_sizes} of {len(paths)} images were not {size}x{size}; resized to {size}x{size} (bicubic)", stacklevel=2)
+    return np.load(cache, mmap_mode="r")
 
 
