@@ -1,8 +1,14 @@
 """Load test for ``lowres-birds serve``: N requests at C concurrent to POST /api/predict, on loopback only.
 
 Starts the server itself (``--run`` or ``--onnx``) or targets one already running (``--url`` on 127.0.0.1 /
-localhost), prints p50/p95 latency, throughput and errors, and appends one line with the machine described
-to the "Serving" section of BENCHMARKS.md.
+localhost), prints p50/p95 latency, throughput and errors, where a request's milliseconds went (the server's
+/api/stats: upload parsing, decoding, queue wait + model, answer) and the micro-batch sizes the server used.
+When it started the server itself it then stops it and measures, in the same run, the model's offline
+throughput at that mean micro-batch size (``Classifier.predict_arrays``), and prints served/offline.
+Appends one line with the machine described to the "Serving" section of BENCHMARKS.md.
+
+The load comes from ``wrk`` (Debian package; a C client that leaves the cores to the server) when it is
+installed, else from an httpx client in this process.
 
     python benchmarks/serve_load.py --run runs/tiny                 # 1,000 requests, 16 concurrent
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --requests 200 --concurrency 4
@@ -16,9 +22,11 @@ import datetime
 import io
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,6 +40,15 @@ TABLE_HEADER = (
     "| date | model | image | requests | concurrency | p50 ms | p95 ms | requests/s | errors | machine |\n"
     "|---|---|---|---|---|---|---|---|---|---|"
 )
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"
+local f = io.open("%(body)s", "rb"); wrk.body = f:read("*a"); f:close()
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %%d %%d %%.3f %%.3f %%.3f\\n", summary.requests,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout + summary.errors.status,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, summary.duration / 1e6))
+end
+"""
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -43,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     target.add_argument("--url", help="a server already running on loopback, e.g. http://127.0.0.1:8000")
     parser.add_argument("--requests", type=int, default=1000, help="total requests (at most 100,000)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (at most 256)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="load duration with wrk (--requests applies to the httpx client)")
     parser.add_argument("--image", type=Path, help="photo to send (default: a synthetic 256x256 JPEG bird)")
     parser.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file to append the result to")
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
@@ -73,6 +91,8 @@ def start_server(model_args: list[str], log) -> tuple[subprocess.Popen, str]:
         log.seek(0)
         raise SystemExit(f"server did not start (exit {server.returncode}): {log.read().strip()[-500:]}")
     url = line.split(" on ", 1)[1].split("/ ", 1)[0]
+    # uvicorn's access log goes to stdout: keep reading it, or a full pipe would block the server.
+    threading.Thread(target=server.stdout.read, daemon=True).start()
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -115,6 +135,41 @@ async def load(url: str, photo: bytes, requests: int, concurrency: int) -> tuple
     return np.array(latencies), errors, wall
 
 
+def load_with_wrk(url: str, photo: bytes, seconds: float, concurrency: int) -> tuple[int, float, float, int, float]:
+    """(requests, p50 ms, p95 ms, errors, wall seconds) of ``wrk`` posting ``photo`` for ``seconds``."""
+    boundary = "lowresbirdsboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bird.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+        + photo + f"\r\n--{boundary}--\r\n".encode()
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "body.bin").write_bytes(body)
+        script = Path(folder) / "post.lua"
+        script.write_text(WRK_SCRIPT % {"boundary": boundary, "body": Path(folder) / "body.bin"})
+        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:.0f}s", "-s", str(script), f"{url}/api/predict"]
+        output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    requests, errors, p50, p95, wall = output.split("RESULT ", 1)[1].split()
+    return int(requests), float(p50), float(p95), int(errors), float(wall)
+
+
+def offline_images_per_second(model: Path, batch: int, photo: bytes, seconds: float = 10.0) -> float:
+    """The model alone through ``Classifier.predict_arrays`` at ``batch`` images per call, nothing else running."""
+    from PIL import Image
+
+    from lowres_birds.predict.classifier import Classifier, to_model_input
+
+    classifier = Classifier.load(model)
+    image = to_model_input(Image.open(io.BytesIO(photo)))
+    images = np.repeat(image[None], batch, axis=0)
+    for _ in range(5):
+        classifier.predict_arrays(images, batch_size=batch)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        classifier.predict_arrays(images, batch_size=batch)
+        calls += 1
+    return calls * batch / (time.perf_counter() - started)
+
+
 def describe_machine() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -146,6 +201,7 @@ def main() -> int:
     image_name = args.image.name if args.image else "synthetic 256x256 JPEG"
     machine = describe_machine()
     server = None
+    use_wrk = shutil.which("wrk") is not None
     with tempfile.TemporaryFile("w+") as log:
         if args.url:
             url, model = args.url.rstrip("/"), httpx.get(f"{args.url.rstrip('/')}/api/health", timeout=5).json()["model"]
@@ -154,19 +210,36 @@ def main() -> int:
             server, url = start_server(model_args, log)
             model = f"{'onnx' if args.onnx else 'torch'}: {(args.run or args.onnx).name}"
         try:
-            latencies, errors, wall = asyncio.run(load(url, photo, args.requests, args.concurrency))
+            before = httpx.get(f"{url}/api/stats", timeout=5).json()
+            if use_wrk:
+                count, p50, p95, errors, wall = load_with_wrk(url, photo, args.seconds, args.concurrency)
+            else:
+                latencies, errors, wall = asyncio.run(load(url, photo, args.requests, args.concurrency))
+                count = len(latencies)
+                p50, p95 = np.percentile(latencies, [50, 95]) if count else (float("nan"), float("nan"))
+            stats = httpx.get(f"{url}/api/stats", timeout=5).json()
         finally:
             if server is not None:
                 server.terminate()
                 server.wait(30)
-    p50, p95 = (np.percentile(latencies, [50, 95]) if len(latencies) else (float("nan"), float("nan")))
-    throughput = len(latencies) / wall
-    print(f"{args.requests} requests, {args.concurrency} concurrent, {model}, {image_name}")
-    print(f"p50 {p50:.1f} ms  p95 {p95:.1f} ms  {throughput:.1f} requests/s  errors {errors}  ({wall:.1f} s)")
+    throughput = count / wall
+    calls = stats["model_calls"] - before["model_calls"]
+    mean_batch = (stats["images"] - before["images"]) / calls if calls else 0.0
+    print(f"{count} requests in {wall:.1f} s, {args.concurrency} concurrent ({'wrk' if use_wrk else 'httpx'}), {model}, {image_name}")
+    print(f"p50 {p50:.1f} ms  p95 {p95:.1f} ms  {throughput:.1f} requests/s  errors {errors}")
+    print("mean ms per request: " + ", ".join(f"{stage} {ms:.2f}" for stage, ms in stats["mean_ms"].items()) + " (model = queue wait + model call)")
+    print(f"micro-batches: mean {mean_batch:.1f} images per model call; sizes {stats['batch_sizes']}")
+    ratio_text = ""
+    if server is not None and mean_batch:
+        batch = max(1, round(mean_batch))
+        offline = offline_images_per_second(args.run or args.onnx, batch, photo)
+        ratio_text = f"; offline {offline:.0f} img/s at batch {batch} -> served/offline {throughput / offline:.2f}"
+        print(f"the model alone at batch {batch}: {offline:.1f} images/s; served requests/s / offline images/s = {throughput / offline:.2f}")
     print(f"machine: {machine}")
     if not args.no_record:
         date = datetime.date.today().isoformat()
-        record(args.benchmarks, f"| {date} | {model} | {image_name} | {args.requests} | {args.concurrency} | {p50:.1f} | {p95:.1f} | {throughput:.1f} | {errors} | {machine} |")
+        note = f"{throughput:.1f} (mean batch {mean_batch:.1f}{ratio_text})"
+        record(args.benchmarks, f"| {date} | {model} | {image_name} | {count} | {args.concurrency} | {p50:.1f} | {p95:.1f} | {note} | {errors} | {machine} |")
         print(f"appended to {args.benchmarks}")
     return 0 if errors == 0 else 1
 

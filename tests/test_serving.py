@@ -285,3 +285,18 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_2(trained_run, capsys):
     finally:
         busy.close()
     assert "cannot listen" in capsys.readouterr().err
+
+
+def test_stats_and_server_timing_say_where_a_request_went(classifier, demo_data):
+    """Each answer carries a Server-Timing header (upload, decode, model, answer); /api/stats sums them and
+    reports the micro-batch sizes the model was called with."""
+    photo = next((demo_data / "test").iterdir()).read_bytes()
+    with TestClient(create_app(classifier)) as client:
+        for _ in range(3):
+            response = client.post("/api/predict", files={"file": ("bird.jpg", photo, "image/jpeg")})
+            assert response.status_code == 200
+            stages = dict(item.split(";dur=") for item in response.headers["server-timing"].split(", "))
+            assert set(stages) == {"upload", "decode", "model", "answer"} and all(float(ms) >= 0 for ms in stages.values())
+        stats = client.get("/api/stats").json()
+    assert stats["requests"] == 3 and stats["images"] == 3 and stats["model_calls"] == sum(stats["batch_sizes"].values())
+    assert set(stats["mean_ms"]) == {"upload", "decode", "model", "answer"}

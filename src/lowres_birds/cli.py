@@ -246,12 +246,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", type=Path, help="exported ONNX model (instead of --run)")
 
 
-def _load_classifier(args):
+def _load_classifier(args, shares_cpu: bool = False):
     from lowres_birds.predict.classifier import Classifier
 
     if (args.run is None) == (args.onnx is None):
         raise UserError(f"{args.command}: pass exactly one of --run RUN or --onnx MODEL")
-    return Classifier.load(args.run or args.onnx)
+    return Classifier.load(args.run or args.onnx, shares_cpu=shares_cpu)
 
 
 def add_predict_image(sub) -> None:
@@ -304,7 +304,7 @@ def run_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"serve: --port must be between 0 and 65535, got {args.port}")
     listener = bind(args.host, args.port)
-    app = create_app(_load_classifier(args), max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    app = create_app(_load_classifier(args, shares_cpu=True), max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     host, port = listener.getsockname()[:2]
     print(f"serving {args.run or args.onnx} on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])

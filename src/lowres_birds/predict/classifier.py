@@ -35,10 +35,12 @@ class Classifier:
         self.input_size = input_size
 
     @classmethod
-    def load(cls, source: str | Path, device: str = "cpu") -> "Classifier":
+    def load(cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False) -> "Classifier":
+        """A run folder or an exported .onnx file. ``shares_cpu``: other busy threads share the cores (the
+        server's decoders), so onnxruntime's threads wait passively instead of spinning between calls."""
         source = Path(source)
         if source.suffix == ".onnx":
-            return cls._load_onnx(source)
+            return cls._load_onnx(source, shares_cpu)
         return cls._load_run(source, device)
 
     @classmethod
@@ -51,7 +53,7 @@ class Classifier:
         return cls(labels, predict_fn, str(run_dir), model.spec.input_size)
 
     @classmethod
-    def _load_onnx(cls, path: Path) -> "Classifier":
+    def _load_onnx(cls, path: Path, shares_cpu: bool) -> "Classifier":
         import onnx
         import onnxruntime as ort
 
@@ -65,6 +67,8 @@ class Classifier:
             raise UserError(f"{path} was not exported by lowres-birds (no label metadata); re-export it")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(os.environ.get("LOWRES_BIRDS_THREADS", "0")) or (os.cpu_count() or 1)
+        if shares_cpu:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
         channels_last = metadata.get("layout") == "nhwc"  # see export.py; predict_fn receives NCHW

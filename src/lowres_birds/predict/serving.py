@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import io
 import os
 import queue
@@ -22,7 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -49,6 +50,8 @@ class InferenceQueue:
         self.classifier = classifier
         self.max_batch_images = max_batch_images
         self._requests: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue(MAX_QUEUED_REQUESTS)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # images per model call -> calls
+        self.inference_s = 0.0  # time spent in model calls
         self._thread = threading.Thread(target=self._serve_forever, name="inference", daemon=True)
         self._thread.start()
 
@@ -60,6 +63,14 @@ class InferenceQueue:
         except queue.Full:
             raise HTTPException(503, "the server is busy; retry in a moment") from None
         return future
+
+    def stats(self) -> dict:
+        """Model calls so far: how many, images per call, and images per second of model time."""
+        calls, images = sum(self.batch_sizes.values()), sum(size * n for size, n in self.batch_sizes.items())
+        return {
+            "model_calls": calls, "images": images, "mean_batch": images / calls if calls else 0.0,
+            "batch_sizes": dict(sorted(self.batch_sizes.items())), "model_images_per_s": images / self.inference_s if self.inference_s else 0.0,
+        }
 
     def close(self) -> None:
         self._requests.put(None)
@@ -84,12 +95,16 @@ class InferenceQueue:
             self._classify(batch)
 
     def _classify(self, batch: list[tuple[np.ndarray, Future]]) -> None:
+        images = np.concatenate([images for images, _ in batch])
+        started = time.perf_counter()
         try:
-            probs = self.classifier.predict_arrays(np.concatenate([images for images, _ in batch]))
+            probs = self.classifier.predict_arrays(images)
         except Exception as exc:  # the model failed: every waiting request gets the error, the thread lives on
             for _, future in batch:
                 future.set_exception(exc)
             return
+        self.inference_s += time.perf_counter() - started
+        self.batch_sizes[len(images)] += 1
         start = 0
         for images, future in batch:
             future.set_result(probs[start : start + len(images)])
@@ -107,6 +122,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.inference = InferenceQueue(classifier, max_batch_files)
+        app.state.timings = {}
         app.state.decoders = ThreadPoolExecutor(decode_workers or min(4, os.cpu_count() or 1), thread_name_prefix="decode")
         try:
             yield
@@ -143,32 +159,53 @@ def create_app(
     async def labels() -> dict:
         return {"labels": classifier.labels}
 
-    async def classify(request: Request, uploads: list[UploadFile], top: int) -> tuple[list[list[dict]], list[np.ndarray], float]:
-        started = time.perf_counter()
+    @app.get("/api/stats")
+    async def stats() -> dict:
+        """Where requests' time went (mean ms per stage) and how the model was called (micro-batch sizes)."""
+        timings: dict[str, float] = app.state.timings
+        count = timings.get("requests", 0)
+        return {
+            "requests": count, "mean_ms": {stage: round(total / count, 3) for stage, total in timings.items() if stage != "requests"} if count else {},
+            **app.state.inference.stats(),
+        }
+
+    async def classify(request: Request, response: Response, started: float, uploads: list[UploadFile], top: int) -> tuple[list[list[dict]], list[np.ndarray], float]:
+        """Decode (thread pool) -> micro-batched model call -> top-k; the stages' times go to the Server-Timing header."""
         loop = asyncio.get_running_loop()
+        received = time.perf_counter()
         contents = [await upload.read() for upload in uploads]
         images = await asyncio.gather(
             *(loop.run_in_executor(request.app.state.decoders, decode_upload, data, upload.filename or "upload") for data, upload in zip(contents, uploads))
         )
+        decoded = time.perf_counter()
         probs = await asyncio.wrap_future(request.app.state.inference.submit(np.stack(images)))
+        predicted = time.perf_counter()
         tops = [[{"label": label, "probability": p} for label, p in classifier.top_k(row, top)] for row in probs]
+        stages = {"upload": received - started, "decode": decoded - received, "model": predicted - decoded, "answer": time.perf_counter() - predicted}
+        response.headers["Server-Timing"] = ", ".join(f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in stages.items())
+        timings = request.app.state.timings
+        timings["requests"] = timings.get("requests", 0) + 1
+        for stage, seconds in stages.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds * 1000
         return tops, images, (time.perf_counter() - started) * 1000
 
     @app.post("/api/predict")
-    async def predict(request: Request, top: int = Query(5, ge=1, le=MAX_TOP), preview: bool = Query(False, description="include the 64x64 model input as a PNG data URL")) -> dict:
+    async def predict(request: Request, response: Response, top: int = Query(5, ge=1, le=MAX_TOP), preview: bool = Query(False, description="include the 64x64 model input as a PNG data URL")) -> dict:
         """One photo in the multipart field ``file`` -> the top species."""
+        started = time.perf_counter()
         uploads = await read_uploads(request, max_upload_bytes, max_files=1)
-        (best,), (image,), elapsed_ms = await classify(request, uploads, top)
+        (best,), (image,), elapsed_ms = await classify(request, response, started, uploads, top)
         answer = {"top": best, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
         if preview:
             answer["preview"] = png_data_url(image)
         return answer
 
     @app.post("/api/predict/batch")
-    async def predict_batch(request: Request, top: int = Query(5, ge=1, le=MAX_TOP)) -> dict:
+    async def predict_batch(request: Request, response: Response, top: int = Query(5, ge=1, le=MAX_TOP)) -> dict:
         """Up to ``max_batch_files`` photos in the multipart field ``files`` -> the top species of each, in order."""
+        started = time.perf_counter()
         uploads = await read_uploads(request, max_upload_bytes, max_files=max_batch_files, field="files")
-        tops, _, elapsed_ms = await classify(request, uploads, top)
+        tops, _, elapsed_ms = await classify(request, response, started, uploads, top)
         results = [{"filename": upload.filename, "top": best} for upload, best in zip(uploads, tops)]
         return {"results": results, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
 
