@@ -80,7 +80,6 @@ def cam_target(backbone):
 
 def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray]:
     """Grad-CAM heat maps for the given classes, drawn over the images at the model's input size."""
-    import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
