@@ -100,7 +100,10 @@ def run_train(args) -> int:
         return 0
     if args.data is None:
         raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
+    from lowres_birds.run_dir import replace_folder
+
     run_dir = args.out or Path("runs/latest")
+    replace_folder(run_dir, args.force, create=False, others=[("--data", args.data)])  # checked now, replaced once data and model load
     started = time.perf_counter()
     if cfg.folds and cfg.fold < 0:
         from lowres_birds.train.loop import train_folds
@@ -173,11 +176,10 @@ def run_predict(args) -> int:
     sources = args.run + args.onnx
     if not sources:
         raise UserError("predict: pass --run RUN (or --onnx MODEL); repeat it to average several models")
-    if args.probs is not None and args.probs.resolve() == args.out.resolve():
-        raise UserError(f"predict: --out and --probs both name {args.out}; give the probabilities another file")
-    for path in (args.out, args.probs):
-        if path is not None:
-            check_output(path, args.force)
+    inputs = [("--data", args.data), *(("--run", run) for run in args.run), *(("--onnx", model) for model in args.onnx)]
+    check_output(args.out, args.force, others=[("--probs", args.probs), *inputs])
+    if args.probs is not None:
+        check_output(args.probs, args.force, others=inputs)
     ids, labels, probs = predict_test_set(sources, args.data, tta=args.tta, device=args.device)
     write_csv(args.out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
     if args.probs is not None:
@@ -200,9 +202,12 @@ def add_evaluate(sub) -> None:
 
 def run_evaluate(args) -> int:
     from lowres_birds.inspect.evaluate import evaluate_submission
+    from lowres_birds.run_dir import check_output
 
     test_dir = args.data or (args.labels.parent if (args.labels.parent / "test.csv").is_file() else None)
-    evaluate_submission(args.submission, args.labels, test_dir, args.out_dir or args.submission.parent, args.force)
+    out_dir = args.out_dir or args.submission.parent
+    check_output(out_dir, force=True, folder=True)  # a folder that may hold other files; its two files are checked next
+    evaluate_submission(args.submission, args.labels, test_dir, out_dir, args.force)
     return 0
 
 
@@ -324,7 +329,7 @@ def run_export(args) -> int:
     from lowres_birds.predict.export import export_onnx
     from lowres_birds.run_dir import check_output
 
-    check_output(args.out, args.force)
+    check_output(args.out, args.force, others=[("--run", args.run)])
     path = export_onnx(args.run, args.out, args.layout)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
     return 0
@@ -358,7 +363,7 @@ def run_study(args) -> int:
     from lowres_birds.inspect.study import run_study as study
     from lowres_birds.run_dir import check_output
 
-    check_output(args.out, force=True, folder=True)
+    check_output(args.out, force=True, folder=True, others=[("--data", args.data)])  # --force is about the runs inside
     recipes = _split_list(args.recipes) or [args.recipe]
     study(recipes, _split_list(args.strategies), config_overrides(args), args.data, args.out, args.force, args.note)
     return 0
@@ -376,9 +381,9 @@ def run_report(args) -> int:
     from lowres_birds.run_dir import RunDir, check_output
 
     run = RunDir(args.run).require()
-    if args.out is not None:
-        check_output(args.out, force=True, folder=True)
-    page, summary = write_report(run.path, run.data_dir(args.data), args.out)
+    out = args.out or run / RunDir.REPORT
+    check_output(out, force=True, folder=True, others=[("--run", run.path), ("--data", args.data)])  # a report is rewritten in place
+    page, summary = write_report(run.path, run.data_dir(args.data), out)
     print(summary)
     print(f"report: {page}")
     return 0

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,24 +72,46 @@ def write_csv(path: Path, frame) -> Path:
     return atomic_write(path, lambda temporary: frame.to_csv(temporary, index=False))
 
 
-def check_output(path: Path, force: bool, *, folder: bool = False) -> None:
-    """Refuse to overwrite an existing output without --force, and outputs that cannot be one."""
+def check_output(path: Path, force: bool, *, folder: bool = False, others: Iterable[tuple[str, Path | None]] = ()) -> None:
+    """The one up-front check of an output path, before any work: refuse a path that is also an input or another
+    output (``others``: (flag, path) pairs), a file where a folder is needed and the reverse, a parent that is a
+    file, a parent that cannot be written (tried with a temporary file), and an existing output without --force."""
     path = Path(path)
+    for flag, other in others:
+        if other is not None and _same(path, Path(other)):
+            raise UserError(f"{path} is also given as {flag}; choose another output path")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
             break
-    if not path.exists():
-        return
-    if folder and not path.is_dir():
-        raise UserError(f"{path} is a file; pass a folder (choose another --out)")
-    if not folder and path.is_dir():
-        raise UserError(f"{path} is a folder; pass a file name")
-    if folder and not any(path.iterdir()):
-        return
-    if not force:
-        raise UserError(f"{path} already exists; pass --force to overwrite it or choose another output path")
+    if path.exists():
+        if folder and not path.is_dir():
+            raise UserError(f"{path} is a file, not a folder; choose another output folder")
+        if not folder and path.is_dir():
+            raise UserError(f"{path} is a folder, not a file; choose another output file")
+        if not force and not (folder and not any(path.iterdir())):
+            raise UserError(f"{path} already exists; pass --force to overwrite it or choose another output path")
+    _check_writable(path)
+
+
+def _same(path: Path, other: Path) -> bool:
+    try:
+        return path.resolve() == other.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not the same as anything we can tell
+        return False
+
+
+def _check_writable(path: Path) -> None:
+    """Create and remove a temporary file in the nearest existing folder above ``path``: where ``path`` (a file,
+    or a folder that --force may replace) will be created."""
+    existing = next((p for p in path.absolute().parents if p.exists()), path.absolute())  # `/` has no parent
+    try:
+        handle, name = tempfile.mkstemp(dir=existing, prefix=".lowres-birds-probe.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {existing} is not writable ({exc.strerror or exc}); choose another output path") from None
+    os.close(handle)
+    Path(name).unlink(missing_ok=True)
 
 
 def is_ours(folder: Path) -> bool:
@@ -97,20 +119,20 @@ def is_ours(folder: Path) -> bool:
     return (folder / MARKER).is_file() or ((folder / "config.yaml").is_file() and (folder / "labels.json").is_file())
 
 
-def replace_folder(folder: Path, force: bool, create: bool = True) -> None:
+def replace_folder(folder: Path, force: bool, create: bool = True, others: Iterable[tuple[str, Path | None]] = ()) -> None:
     """Make ``folder`` an empty folder of ours. An existing non-empty one is removed only with --force and only
     when this tool made it: never a data folder, a folder of runs or anything else a user keeps. With
-    ``create=False`` (the other processes of a multi-process run) only check."""
+    ``create=False`` only check (up front, and in the other processes of a multi-process run); ``others`` as in
+    ``check_output``."""
     folder = Path(folder)
-    check_output(folder, force, folder=True)
-    if folder.is_dir() and any(folder.iterdir()):
-        if not is_ours(folder):
-            raise UserError(f"{folder} is not a lowres-birds output folder; --force only replaces those: choose another --out")
-        if create:
-            shutil.rmtree(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):
+        raise UserError(f"{folder} is not empty and not a lowres-birds output folder; it is never replaced, even with --force: choose another --out")
+    check_output(folder, force, folder=True, others=others)
     if not create:
         return
     try:
+        if folder.is_dir() and any(folder.iterdir()):
+            shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).write_text("made by lowres-birds; --force may replace this folder\n", encoding="utf-8")
     except OSError as exc:

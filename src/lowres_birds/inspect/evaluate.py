@@ -45,11 +45,11 @@ def align_submission(
 
 def evaluate_submission(submission: Path, labels: Path, test_dir: Path | None, out_dir: Path, force: bool) -> dict:
     """Print the per-class table and scores; write per_class.csv and confusion_matrix.png into ``out_dir``."""
-    test_ids = load_test_table(test_dir).ids if test_dir else None
-    ids, truth, predicted = align_submission(submission, labels, test_ids)
     table_path, png_path = out_dir / "per_class.csv", out_dir / "confusion_matrix.png"
     for path in (table_path, png_path):
-        check_output(path, force)
+        check_output(path, force, others=[("--submission", submission), ("--labels", labels)])
+    test_ids = load_test_table(test_dir).ids if test_dir else None
+    ids, truth, predicted = align_submission(submission, labels, test_ids)
     classes = sorted(set(truth) | set(predicted))
     result = score(truth, predicted)
     table = per_class_table(truth, predicted, classes)
