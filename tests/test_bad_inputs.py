@@ -283,13 +283,13 @@ def test_image_folder_with_a_corrupt_image(data, tmp_path, capfd):
 
 
 BAD_OPTIONS = {
-    "negative-epochs": (["--epochs", "-1"], ["epochs must be at least 1 (got -1)"]),
-    "batch-size-0": (["--batch-size", "0"], ["batch_size must be at least 1 (got 0)"]),
+    "negative-epochs": (["--epochs", "-1"], ["--epochs must be at least 1 (got -1)"]),
+    "batch-size-0": (["--batch-size", "0"], ["--batch-size must be at least 1 (got 0)"]),
     "epochs-not-a-number": (["--epochs", "abc"], ["--epochs", "'abc'"]),
     "unknown-strategy": (["--strategy", "sideways"], ["unknown strategy 'sideways'"]),
     "strategy-size-not-a-number": (["--strategy", "upscale:big"], ["'upscale:big'", "whole number"]),
-    "zero-learning-rate": (["--lr", "0"], ["lr must be positive"]),
-    "val-fraction-above-1": (["--val-fraction", "1.5"], ["val_fraction must be between 0 and 1"]),
+    "zero-learning-rate": (["--lr", "0"], ["--lr must be positive"]),
+    "val-fraction-above-1": (["--val-fraction", "1.5"], ["--val-fraction must be between 0 and 1"]),
     "unknown-schedule": (["--schedule", "zigzag"], ["schedule must be one of constant, cosine"]),
     "unknown-option": (["--bogus", "1"], ["unrecognized arguments: --bogus"]),
     "unknown-recipe": (["--recipe", "turbo"], ["unknown recipe 'turbo'"]),

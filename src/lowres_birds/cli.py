@@ -9,6 +9,7 @@ input is raised as ``UserError`` anywhere below and printed here as one line. No
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -44,14 +45,22 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def number(kind: type, low: float | None = None, high: float | None = None):
+    """The argparse type of a numeric flag that is not a RunConfig field: a finite ``kind`` in [low, high]."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else f"at least {low:g}" if low is not None else f"at most {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
 
 
 # --------------------------------------------------------------------------- train
@@ -263,7 +272,7 @@ def add_predict_image(sub) -> None:
     parser = sub.add_parser("predict-image", help="top species for one or more photos")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="photos of any size (reduced to 64x64 as in training)")
     _add_model_options(parser)
-    parser.add_argument("--top", type=_positive_int, default=5, help="how many species to list per photo")
+    parser.add_argument("--top", type=number(int, 1), default=5, help="how many species to list per photo")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -393,21 +402,15 @@ def add_eda(sub) -> None:
     parser = sub.add_parser("eda", help="class balance, image statistics and data-quality checks")
     parser.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, test.csv, ...) or ImageFolder")
     parser.add_argument("--out", type=Path, default=Path("eda"), help="folder for the figures, CSV tables and eda.html")
-    parser.add_argument("--phash-distance", type=int, default=4, help="train/test pairs within this pHash Hamming distance (of 64 bits) count as near-duplicates")
-    parser.add_argument("--twin-psnr", type=float, default=20.0, help="LR/HR twins below this PSNR (dB) count as mismatched")
+    parser.add_argument("--phash-distance", type=number(int, 0, 64), default=4, help="train/test pairs within this pHash Hamming distance (of 64 bits) count as near-duplicates")
+    parser.add_argument("--twin-psnr", type=number(float, 0, 100), default=20.0, help="LR/HR twins below this PSNR (dB) count as mismatched")
 
 
 def run_eda(args) -> int:
-    import math
-
     from lowres_birds.inspect.eda import write_eda
     from lowres_birds.run_dir import check_output
 
-    if not 0 <= args.phash_distance <= 64:
-        raise UserError(f"--phash-distance must be between 0 and 64 (got {args.phash_distance})")
-    if not math.isfinite(args.twin_psnr):
-        raise UserError(f"--twin-psnr must be a finite number of dB (got {args.twin_psnr})")
-    check_output(args.out, force=True, folder=True)
+    check_output(args.out, force=True, folder=True, others=[("--data", args.data)])  # eda rewrites its own files in place
     write_eda(args.data, args.out, args.phash_distance, args.twin_psnr)
     return 0
 
