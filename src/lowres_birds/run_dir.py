@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lowres_birds.config import RunConfig, config_from_mapping, parse_yaml_mapping
+from lowres_birds.config import FIELDS, RunConfig, config_from_mapping, parse_yaml_mapping
 from lowres_birds.errors import UserError
 
 MARKER = ".lowres-birds"  # written into every folder this tool creates and may later replace with --force
@@ -139,6 +139,19 @@ def replace_folder(folder: Path, force: bool, create: bool = True, others: Itera
         raise UserError(f"cannot create {folder}: {exc.strerror or exc}; choose another --out") from None
 
 
+def check_labels(labels: Any, source: str, remedy: str) -> list[str]:
+    """Class names as a model stores them (labels.json, ONNX metadata): at least 2, non-empty, each once."""
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise UserError(f"{source} must be a JSON list of at least 2 non-empty class names; {remedy}")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"{source} lists a class twice; {remedy}")
+    return labels
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _load_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise UserError(f"{path} not found: {what}")
@@ -162,6 +175,7 @@ class RunDir:
     VAL_PREDICTIONS = "val_predictions.npz"
     DEGRADATION = "degradation.json"
     REPORT = "report"
+    METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")  # in every metrics.jsonl record
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -189,19 +203,19 @@ class RunDir:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8 text; the run folder is damaged") from None
-        return config_from_mapping(parse_yaml_mapping(text, str(path)), str(path))
+        data = parse_yaml_mapping(text, str(path))
+        missing = [name for name in FIELDS if name not in data]  # a recipe may leave keys out, a run's config holds all
+        if missing:
+            raise UserError(f"{path} lacks {len(missing)} of its {len(FIELDS)} keys (first: {missing[0]}); the run folder is damaged "
+                            "or older than this version: retrain it")
+        return config_from_mapping(data, str(path))
 
     def write_labels(self, labels: list[str]) -> None:
         write_json(self / self.LABELS, list(labels))
 
     def labels(self) -> list[str]:
         path = self.require() / self.LABELS
-        labels = _load_json(path, f"{self.path} is not a finished run folder")
-        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x.strip() for x in labels):
-            raise UserError(f"{path} must be a JSON list of at least 2 non-empty class names; the run folder is damaged")
-        if len(set(labels)) != len(labels):
-            raise UserError(f"{path} lists a class twice; the run folder is damaged")
-        return labels
+        return check_labels(_load_json(path, f"{self.path} is not a finished run folder"), str(path), "the run folder is damaged")
 
     def write_split(self, data_dir: Path, val_ids: list[str], fingerprint: str) -> None:
         write_json(self / self.SPLIT, {"data": str(Path(data_dir).resolve()), "fingerprint": fingerprint, "val_ids": val_ids})
@@ -215,7 +229,12 @@ class RunDir:
 
     def data_dir(self, override: Path | None = None) -> Path:
         """The data folder the run was trained on, unless --data names another."""
-        return Path(override) if override is not None else Path(self.split()["data"])
+        if override is not None:
+            return Path(override)
+        data = Path(self.split()["data"])
+        if not data.is_dir():
+            raise UserError(f"{self / self.SPLIT} names the data folder {data}, which is not found; pass the run's data folder with --data")
+        return data
 
     # ---- model
     def write_spec(self, spec: dict) -> None:
@@ -260,14 +279,15 @@ class RunDir:
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{path} is not JSON lines ({exc}); the run folder is damaged") from None
-        if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in records):
-            raise UserError(f"{path}: every line must be an epoch record; the run folder is damaged")
+        for number, record in enumerate(records, start=1):
+            if not isinstance(record, dict) or not all(_is_number(record.get(key)) for key in self.METRIC_KEYS) or not isinstance(record["epoch"], int):
+                raise UserError(f"{path} line {number}: not an epoch record ({', '.join(self.METRIC_KEYS)}); the run folder is damaged")
+            if number > 1 and record["epoch"] <= records[number - 2]["epoch"]:
+                raise UserError(f"{path} line {number}: epoch {record['epoch']} does not follow epoch {records[number - 2]['epoch']}; the run folder is damaged")
         return records
 
     def save_checkpoint(self, checkpoint: dict) -> None:
         """torch.save of tensors and plain types, refused up front when the disk is clearly too full."""
-        import torch
-
         path = self / self.CHECKPOINT
         previous = path.stat().st_size if path.exists() else 0
         free = shutil.disk_usage(self.path).free

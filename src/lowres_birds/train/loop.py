@@ -81,13 +81,18 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, de
 
 
 def _check_resume(run: RunDir, data: TrainingData) -> None:
-    """Refuse to resume on other data: the label set and the data fingerprint must be those of the run."""
+    """Refuse to resume on other data (the label set, the data fingerprint and the validation ids must be those of
+    the run) or with a damaged metrics.jsonl (read now, not after the next epoch)."""
     labels, split = run.labels(), run.split()
+    run.metrics(missing_ok=True)
     if labels != list(data.label_map.classes):
         raise UserError(f"{run / RunDir.LABELS} lists other classes than the data ({len(labels)} vs {len(data.label_map.classes)}); "
                         "resume on the data the run was trained on, or start a new run")
     if split.get("fingerprint") not in (None, data.table.fingerprint()):
-        raise UserError(f"the data in {data.table.root} changed since {run} was trained (ids, files or labels); "
+        raise UserError(f"the data in {data.table.root} changed since {run} was trained ({RunDir.SPLIT} records other ids, files or labels); "
+                        "resume on the data the run was trained on, or start a new run")
+    if split["val_ids"] != [data.table.ids[i] for i in data.val_idx]:
+        raise UserError(f"{run / RunDir.SPLIT} records another validation split than the run's config draws from this data; "
                         "resume on the data the run was trained on, or start a new run")
 
 
@@ -100,15 +105,15 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     run = RunDir(run_dir)
     data = load_training_data(data_dir, cfg)
     labels = list(data.label_map.classes)
+    if resume:
+        _check_resume(run, data)
     accelerator = create_accelerator(cfg, run.path)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained)
     model.freeze_early_layers(cfg.freeze_blocks)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if resume:
-        _check_resume(run, data)
-    else:  # the old run is replaced only now that data and model are known good
+    if not resume:  # the old run is replaced only now that data and model are known good
         replace_folder(run.path, force, create=accelerator.is_main_process)
     if accelerator.is_main_process and not resume:
         run.write_config(cfg)
