@@ -40,7 +40,8 @@ def _umask() -> int:
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(temporary_path)`` then rename it to ``path``: readers never see half a file, a failure
-    leaves neither a temporary file nor a changed ``path``. The file gets 0666 minus the umask, like open()."""
+    leaves neither a temporary file nor a changed ``path``. The file gets 0666 minus the umask, like open().
+    ``write`` reports a failed write (full disk, unwritable folder) as OSError."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,22 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def save_torch(path: Path, data: Any) -> Path:
+    """``torch.save`` of tensors and plain types, atomically. Written through a Python file handle: torch reports
+    a failed write (a full disk) as an opaque RuntimeError, the handle's flush then raises the OSError it was."""
+    import torch
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            try:
+                torch.save(data, handle)
+            except RuntimeError:
+                handle.flush()
+                raise
+
+    return atomic_write(path, write)
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -247,9 +264,16 @@ class RunDir:
         return spec
 
     def save_weights(self, state_dict: dict) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        atomic_write(self / self.WEIGHTS, lambda temporary: save_file({k: v.contiguous() for k, v in state_dict.items()}, str(temporary)))
+        def write(temporary: Path) -> None:
+            try:
+                save_file({k: v.contiguous() for k, v in state_dict.items()}, str(temporary))
+            except SafetensorError as exc:  # how safetensors reports a failed write (a full disk)
+                raise OSError(str(exc).removeprefix("Error while serializing: ")) from None
+
+        atomic_write(self / self.WEIGHTS, write)
 
     def weights(self) -> dict:
         from safetensors import SafetensorError
@@ -296,7 +320,7 @@ class RunDir:
                 f"only {free / 1e6:.0f} MB free in {self.path}, a checkpoint needs about {previous / 1e6:.0f} MB; "
                 "free some space and resume (the previous checkpoint is intact)"
             )
-        atomic_write(path, lambda temporary: torch.save(checkpoint, temporary))
+        save_torch(path, checkpoint)
 
     def checkpoint(self) -> dict:
         """The checkpoint, loaded with ``weights_only=True``: a crafted file cannot run code."""

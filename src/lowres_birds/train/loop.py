@@ -48,7 +48,7 @@ def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, c
             features, logits = model(images, return_features=True) if feature_kd else (None, model(images))
             loss = total_loss(logits, features, targets, cfg)
             if not torch.isfinite(loss):
-                kept = "the last checkpoint is kept; resume with --resume" if state.global_step else "no checkpoint was written yet"
+                kept = "the last checkpoint is kept; resume with --resume" if checkpointer.exists() else "no checkpoint was written yet"
                 raise UserError(f"loss became {loss.item()} at epoch {state.epoch + 1}; lower --lr or use --mixed-precision no ({kept})")
             accelerator.backward(loss)
             parts.optimizer.step()
@@ -163,9 +163,9 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
                     run.save_val_predictions(data.val_idx, data.targets[data.val_idx], val_probs)
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             state.elapsed_s = gather_object([state.elapsed_s])[0]  # rank 0's clock: every process takes the same stop decision
-            checkpointer.save(state)
             if accelerator.is_main_process:
-                run.append_metrics(record)  # after the checkpoint: a resume never repeats a recorded epoch
+                run.append_metrics(record)  # before the checkpoint: a resume after a failed one redoes the epoch and replaces its record
+            checkpointer.save(state)
             if _should_stop(accelerator, cfg, state):
                 break
     if cfg.log != "none":
