@@ -17,7 +17,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from lowres_birds.config import DEFAULT_MAX_UPLOAD_MB, FIELD_TYPES, RunConfig, describe_range, recipe_names
+from lowres_birds.config import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_UPLOAD_MB, FIELD_TYPES, RunConfig, describe_range, recipe_names
 from lowres_birds.errors import TrainingInterrupted, UserError
 
 DEFAULT_DEMO_DIR = "demo-output"
@@ -302,26 +302,25 @@ def add_serve(sub) -> None:
     parser = sub.add_parser("serve", help="web page and JSON API for a trained model")
     _add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network; there is no authentication)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest request body accepted (one photo, or a whole batch)")
+    parser.add_argument("--port", type=number(int, 0, 65535), default=8000, help="TCP port (0 picks a free one)")
+    parser.add_argument("--max-upload-mb", type=number(float, 0.001), default=DEFAULT_MAX_UPLOAD_MB, help="largest request body accepted (one photo, or a whole batch)")
+    parser.add_argument("--max-inflight-mb", type=number(float, 0.001), default=DEFAULT_MAX_INFLIGHT_MB,
+                        help="request bodies of all clients together; uploads beyond it get 503 (at least --max-upload-mb)")
+    parser.add_argument("--client-timeout-s", type=number(float, 0.1, 3600), default=DEFAULT_CLIENT_TIMEOUT_S,
+                        help="drop a client that sends nothing for this long: before its request is complete, between body chunks, or idle between requests")
 
 
 def run_serve(args) -> int:
-    import math
+    from lowres_birds.predict.serving import bind, create_app, http_server
 
-    import uvicorn
-
-    from lowres_birds.predict.serving import bind, create_app
-
-    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
-        raise UserError(f"serve: --max-upload-mb must be a positive number, got {args.max_upload_mb}")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"serve: --port must be between 0 and 65535, got {args.port}")
+    if args.max_inflight_mb < args.max_upload_mb:
+        raise UserError(f"serve: --max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb ({args.max_upload_mb:g})")
+    app = create_app(_load_classifier(args), max_upload_bytes=int(args.max_upload_mb * 2**20), max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+                     client_timeout_s=args.client_timeout_s)
     listener = bind(args.host, args.port)
-    app = create_app(_load_classifier(args), max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     host, port = listener.getsockname()[:2]
     print(f"serving {args.run or args.onnx} on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
+    http_server(app, args.client_timeout_s).run(sockets=[listener])
     return 0
 
 

@@ -25,6 +25,8 @@ LR_SIZE = 64  # the competition's low-res side
 HR_SIZE = 256  # the side of the high-res twins
 STRATEGY_KINDS = ("native", "upscale", "hr-downscale")
 DEFAULT_MAX_UPLOAD_MB = 10.0  # the server's cap on one request body
+DEFAULT_MAX_INFLIGHT_MB = 100.0  # the server's cap on the request bodies of all clients together
+DEFAULT_CLIENT_TIMEOUT_S = 20.0  # the server drops a client silent for this long
 
 
 # --------------------------------------------------------------------------- resolution strategy
