@@ -26,6 +26,9 @@ def align_submission(
         duplicated = frame["id"][frame["id"].duplicated()]
         if len(duplicated):
             raise UserError(f"{path}: duplicate id {duplicated.iloc[0]!r}; ids must be unique")
+    blank = truth.index[truth["label"] == ""]
+    if len(blank):
+        raise UserError(f"{labels_path} row {blank[0] + 2}: empty label (blank or spaces only); give every labelled id its class")
     predicted = dict(zip(submission["id"], submission["label"]))
     known = set(test_ids) if test_ids is not None else set(truth["id"])
     missing = [i for i in truth["id"] if i not in predicted]
