@@ -33,6 +33,7 @@ import dataclasses
 import errno
 import hashlib
 import importlib
+import io
 import json
 import math
 import os
@@ -504,14 +505,35 @@ def full_disk_safetensors(*args, **kwargs):
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-def full_disk_torch_save(data, handle):
-    handle.write(b"PK\x03\x04 partial")  # torch.save has started writing, then the disk is full
-    no_space()
+class FullDiskFile(io.FileIO):
+    """A file on a disk that fills up: the first 64 KB are written, then every write fails with ENOSPC."""
+
+    room = 64 * 1024
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            no_space()
+        return super().write(data)
+
+
+def full_disk_for(name: str, after: int = 0):
+    """open() for run_dir that gives the temporary file of ``name`` a full disk, after ``after`` good ones: the real
+    torch.save then fails as it does on a full disk (an opaque RuntimeError around the OSError)."""
+    opened = []
+
+    def patched(file, mode="r", *args, **kwargs):
+        if Path(file).name.startswith(f".{name}.") and "w" in mode:
+            opened.append(file)
+            if len(opened) > after:
+                return FullDiskFile(file, "wb")
+        return open(file, mode, *args, **kwargs)
+
+    return patched
 
 
 FULL_DISK = {  # case -> (owner, attribute patched, replacement, the file named in the error)
     "train-weights": ("safetensors.torch", "save_file", full_disk_safetensors, "model.safetensors"),
-    "train-checkpoint": ("torch", "save", full_disk_torch_save, "checkpoint.pt"),
+    "train-checkpoint": ("lowres_birds.run_dir", "open", full_disk_for("checkpoint.pt"), "checkpoint.pt"),
     "train-metrics": ("os", "replace", fail_replace_of("metrics.jsonl"), "metrics.jsonl"),
     "export-write": ("torch.onnx.ONNXProgram", "save", no_space, "m.onnx"),
     "export-rename": ("os", "replace", fail_replace_of("m.onnx"), "m.onnx"),
@@ -535,7 +557,7 @@ def test_full_disk(case, world, tmp_path, capfd, monkeypatch):
     else:
         run, argv = world.run, ["export", "--run", world.run, "--out", tmp_path / "m.onnx"]
     with monkeypatch.context() as patch:
-        patch.setattr(owner(where), attribute, replacement)
+        patch.setattr(owner(where), attribute, replacement, raising=False)
         code, _, err = run_cli(argv, capfd)
     assert_refused_after_progress(code, err, named, "No space left on device")
     assert_no_temporaries(tmp_path, run)
@@ -552,17 +574,12 @@ def test_full_disk(case, world, tmp_path, capfd, monkeypatch):
 
 
 def test_full_disk_at_a_later_checkpoint_then_resume_records_each_epoch_once(world, tmp_path, capfd, monkeypatch):
+    import lowres_birds.run_dir
+
     run = tmp_path / "run"
     argv = ["train", "--data", world.data, "--out", run, *FAST[:-4], "--epochs", "2", "--batch-size", "8", "--strategy", "native"]
-    save = torch.save
-
-    def second_fails(data, handle, *args, **kwargs):
-        if isinstance(data, dict) and data.get("state", {}).get("epoch") == 2:
-            full_disk_torch_save(data, handle)
-        return save(data, handle, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(torch, "save", second_fails)
+        patch.setattr(lowres_birds.run_dir, "open", full_disk_for("checkpoint.pt", after=1), raising=False)  # epoch 2's checkpoint
         code, _, err = run_cli(argv, capfd)
     assert_refused_after_progress(code, err, "checkpoint.pt", "No space left on device")
     assert_no_temporaries(run)

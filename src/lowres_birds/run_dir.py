@@ -61,17 +61,36 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+class _WriteErrorKept:
+    """The file object ``torch.save`` writes to. Torch turns an OSError from ``write`` (a full disk) into an opaque
+    RuntimeError ("unexpected pos ..."); this keeps the OSError so that it can be raised instead."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_torch(path: Path, data: Any) -> Path:
-    """``torch.save`` of tensors and plain types, atomically. Written through a Python file handle: torch reports
-    a failed write (a full disk) as an opaque RuntimeError, the handle's flush then raises the OSError it was."""
+    """``torch.save`` of tensors and plain types, atomically; a failed write is the OSError it was."""
     import torch
 
     def write(temporary: Path) -> None:
         with open(temporary, "wb") as handle:
+            kept = _WriteErrorKept(handle)
             try:
-                torch.save(data, handle)
+                torch.save(data, kept)
             except RuntimeError:
-                handle.flush()
+                if kept.error is not None:
+                    raise kept.error from None
                 raise
 
     return atomic_write(path, write)
