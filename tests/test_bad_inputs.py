@@ -1,4 +1,5 @@
-"""Broken and awkward inputs: each one has one exact outcome through the CLI.
+"""Broken and awkward inputs: each one has one exact outcome through the CLI (tests/test_corpus.py adds the
+systematic grids: output paths, numeric flags, damaged run folders, full disk).
 
 Refused inputs exit 2 with one ``error:`` line naming the file/row/option, before any training starts
 (no metrics.jsonl). Awkward but usable inputs (odd image modes, CSV dialects, non-ASCII labels,
@@ -8,6 +9,7 @@ symlinks, odd sizes) are accepted, converted, and round-trip to labels.json and 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -22,7 +24,7 @@ from PIL import Image
 from lowres_birds.cli import main
 from lowres_birds.data.images import decode_image
 from lowres_birds.data.tables import load_test_table, load_train_table
-from lowres_birds.run_dir import RunDir
+from lowres_birds.run_dir import MARKER, RunDir
 from lowres_birds.data.demo import make_demo_dataset
 
 FAST_MODEL = ["--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "native", "--device", "cpu"]
@@ -283,13 +285,13 @@ def test_image_folder_with_a_corrupt_image(data, tmp_path, capfd):
 
 
 BAD_OPTIONS = {
-    "negative-epochs": (["--epochs", "-1"], ["epochs must be at least 1 (got -1)"]),
-    "batch-size-0": (["--batch-size", "0"], ["batch_size must be at least 1 (got 0)"]),
+    "negative-epochs": (["--epochs", "-1"], ["--epochs must be at least 1 (got -1)"]),
+    "batch-size-0": (["--batch-size", "0"], ["--batch-size must be at least 1 (got 0)"]),
     "epochs-not-a-number": (["--epochs", "abc"], ["--epochs", "'abc'"]),
     "unknown-strategy": (["--strategy", "sideways"], ["unknown strategy 'sideways'"]),
     "strategy-size-not-a-number": (["--strategy", "upscale:big"], ["'upscale:big'", "whole number"]),
-    "zero-learning-rate": (["--lr", "0"], ["lr must be positive"]),
-    "val-fraction-above-1": (["--val-fraction", "1.5"], ["val_fraction must be between 0 and 1"]),
+    "zero-learning-rate": (["--lr", "0"], ["--lr must be positive"]),
+    "val-fraction-above-1": (["--val-fraction", "1.5"], ["--val-fraction must be between 0 and 1"]),
     "unknown-schedule": (["--schedule", "zigzag"], ["schedule must be one of constant, cosine"]),
     "unknown-option": (["--bogus", "1"], ["unrecognized arguments: --bogus"]),
     "unknown-recipe": (["--recipe", "turbo"], ["unknown recipe 'turbo'"]),
@@ -491,3 +493,134 @@ def test_load_test_table_follows_sample_submission(base_data, tmp_path):
     order = sample["id"].tolist()[::-1]
     sample.set_index("id").loc[order].reset_index().to_csv(data / "sample_submission.csv", index=False)
     assert load_test_table(data).ids == order
+
+
+# --------------------------------------------------------------------------- issue 15: data loss, resume, messages
+
+
+def test_force_with_a_model_typo_keeps_the_old_run(data, tmp_path, capfd):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text("")
+    (run / "config.yaml").write_text("the old run\n")
+    code, err = run_cli(["train", "--data", data, "--out", run, "--force", *TINY, "--model", "timm:not_a_model"], capfd)
+    assert_refused(code, err, "unknown timm model 'not_a_model'")
+    assert sorted(p.name for p in run.iterdir()) == [MARKER, "config.yaml"] and (run / "config.yaml").read_text() == "the old run\n"
+
+
+@pytest.mark.parametrize("target", ["data-folder", "folder-of-runs"])
+def test_force_never_replaces_a_folder_this_tool_did_not_make(target, data, tmp_path, capfd):
+    if target == "data-folder":
+        out = data
+    else:
+        out = tmp_path / "runs"
+        for name in ("a", "b"):
+            (out / name).mkdir(parents=True)
+            (out / name / MARKER).write_text("")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code, err = run_cli(["train", "--data", data, "--out", out, "--force", *TINY], capfd)
+    assert_refused(code, err, str(out), "not a lowres-birds output folder")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+@pytest.fixture
+def resumable(awkward, tmp_path) -> tuple[Path, Path]:
+    """(a copy of the awkward run, a copy of its data) to change before a resume."""
+    data, run, _ = awkward
+    return Path(shutil.copytree(run, tmp_path / "run")), Path(shutil.copytree(data, tmp_path / "resume-data"))
+
+
+def test_resume_refuses_a_renamed_class(resumable, capfd):
+    run, data = resumable
+    train = pd.read_csv(data / "train.csv", sep=";", dtype=str, encoding="utf-8-sig")
+    train["label"] = train["label"].replace({"물총새": "Kingfisher"})
+    train.to_csv(data / "train.csv", index=False)
+    before = (run / "labels.json").read_bytes()
+    code, err = run_cli(["train", "--resume", run, "--data", data], capfd)
+    assert_refused(code, err, "labels.json lists other classes than the data")
+    assert (run / "labels.json").read_bytes() == before
+
+
+def test_resume_refuses_changed_data(resumable, capfd):
+    run, data = resumable
+    train = pd.read_csv(data / "train.csv", sep=";", dtype=str, encoding="utf-8-sig")
+    train.iloc[:-1].to_csv(data / "train.csv", index=False)  # one image fewer
+    code, err = run_cli(["train", "--resume", run, "--data", data], capfd)
+    assert_refused(code, err, "changed since", "split.json records other ids, files or labels")
+
+
+@pytest.mark.parametrize("flag", [["--recipe", "cpu"], ["--out", "elsewhere"], ["--force"], ["--lr", "0.1"]])
+def test_resume_refuses_flags_that_cannot_apply(flag, resumable, capfd):
+    run, _ = resumable
+    code, err = run_cli(["train", "--resume", run, *flag], capfd)
+    assert_refused(code, err, "--resume continues the run", f"drop {flag[0]}")
+
+
+def test_a_damaged_run_among_several_is_named(awkward, tmp_path, capfd):
+    data, run, _ = awkward
+    damaged = Path(shutil.copytree(run, tmp_path / "second"))
+    (damaged / "labels.json").write_text('"just a string"')
+    code, err = run_cli(["predict", "--run", run, "--run", damaged, "--data", data, "--out", tmp_path / "s.csv"], capfd)
+    assert_refused(code, err, str(damaged / "labels.json"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_predict_on_cuda_without_gpu(awkward, tmp_path, capfd):
+    data, run, _ = awkward
+    code, err = run_cli(["predict", "--run", run, "--data", data, "--out", tmp_path / "s.csv", "--device", "cuda"], capfd)
+    assert_refused(code, err, "--device cuda", "no CUDA GPU is visible")
+
+
+def test_diverging_loss_without_a_checkpoint_says_so(data, tmp_path, capfd):
+    args = ["train", "--data", data, "--out", tmp_path / "run", *FAST_MODEL, "--epochs", "1", "--batch-size", "2", "--lr", "1e30"]
+    code, err = run_cli(args, capfd)
+    assert code == 2 and err.rstrip().endswith("(no checkpoint was written yet)"), err
+    assert "loss became" in err and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_an_empty_upscale_cell_is_named_by_its_row(data, tmp_path, capfd):
+    edit_csv(data / "train.csv", set_cell(3, "upscale_img_path", " "))
+    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, "--strategy", "hr-downscale:64"], capfd)
+    assert_refused(code, err, "hr-downscale:64", "train.csv row 5: empty upscale_img_path (1 of 8 rows)")
+
+
+@pytest.mark.parametrize(
+    ("broken", "change", "fragments"),
+    [
+        ("labels", set_cell(1, "label", "   "), ["test_labels.csv row 3: empty label"]),
+        ("labels", lambda f: f.iloc[:0], ["test_labels.csv has a header but no rows"]),
+        ("submission", lambda f: f.iloc[:0], ["submission.csv has a header but no rows"]),
+    ],
+)
+def test_evaluate_refuses_blank_labels_and_header_only_files(broken, change, fragments, data, tmp_path, capfd):
+    submission = tmp_path / "submission.csv"
+    pd.read_csv(data / "test_labels.csv", dtype=str).to_csv(submission, index=False)  # a perfect submission
+    edit_csv(submission if broken == "submission" else data / "test_labels.csv", change)
+    code, err = run_cli(["evaluate", "--submission", submission, "--labels", data / "test_labels.csv", "--data", data], capfd)
+    assert_refused(code, err, *fragments)
+    assert not (tmp_path / "per_class.csv").exists()
+
+
+def test_a_corrupt_image_cache_is_decoded_again(base_data, tmp_path, monkeypatch):
+    from lowres_birds.data.images import cache_dir, load_images
+
+    monkeypatch.setenv("LOWRES_BIRDS_CACHE", str(tmp_path / "cache"))
+    paths = load_train_table(base_data).lr_paths
+    first = np.array(load_images(paths, 64))
+    (cached,) = cache_dir().glob("images-*.npy")
+    cached.write_bytes(cached.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="was damaged; decoding the images again"):
+        again = np.array(load_images(paths, 64))
+    np.testing.assert_array_equal(again, first)
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    from lowres_birds.run_dir import write_text
+
+    previous = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

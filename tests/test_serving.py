@@ -1,4 +1,4 @@
-"""The JSON API (good photos, every kind of bad upload, the limits), micro-batching, and `predict-image`."""
+"""The JSON API (good photos, every kind of bad upload, the limits), micro-batching, `predict-image`, a foreign ONNX\nmodel refused at load, and the limits of a live server (stalled, idle and concurrent clients, over raw sockets)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,25 @@ import base64
 import io
 import json
 import struct
+import socket
 import tempfile
 import threading
+import time
 import zlib
 from concurrent.futures import wait
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from lowres_birds.cli import main
+from lowres_birds.config import DEFAULT_CLIENT_TIMEOUT_S
 from lowres_birds.predict.classifier import Classifier, to_model_input
-from lowres_birds.predict.serving import InferenceQueue, bind, create_app
+from lowres_birds.predict.serving import InferenceQueue, bind, create_app, http_server
 
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024
 
@@ -300,3 +305,142 @@ def test_stats_and_server_timing_say_where_a_request_went(classifier, demo_data)
         stats = client.get("/api/stats").json()
     assert stats["requests"] == 3 and stats["images"] == 3 and stats["model_calls"] == sum(stats["batch_sizes"].values())
     assert set(stats["mean_ms"]) == {"upload", "decode", "model", "answer"}
+
+
+def foreign_onnx(path: Path, wrong: str) -> Path:
+    """A small ONNX graph with a 'labels' key that is not one of ours: it takes float vectors ('input'), or it takes
+    uint8 images and answers 3 numbers per image for its 2 labels ('output')."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if wrong == "input":
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])]
+        nodes, initializers = [helper.make_node("Identity", ["x"], ["y"])], []
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])]
+    else:
+        inputs = [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 64, 64, 3])]
+        nodes = [helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT), helper.make_node("ReduceMean", ["f", "axes"], ["y"], keepdims=0)]
+        initializers = [helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])]
+    graph = helper.make_graph(nodes, "foreign", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"labels": json.dumps(["a", "b"]), "layout": "nhwc"})
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("wrong", ["input", "output"])
+@pytest.mark.parametrize("command", ["serve", "predict-image", "predict"])
+def test_a_foreign_onnx_model_with_labels_is_refused_at_load(command, wrong, demo_data, tmp_path, capsys, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # were it accepted, return instead of serving
+    model = foreign_onnx(tmp_path / "foreign.onnx", wrong)
+    photo = sorted((demo_data / "test").glob("*.jpg"))[0]
+    argv = {
+        "serve": ["serve", "--onnx", str(model), "--port", "0"],
+        "predict-image": ["predict-image", str(photo), "--onnx", str(model)],
+        "predict": ["predict", "--onnx", str(model), "--data", str(demo_data), "--out", str(tmp_path / "s.csv")],
+    }[command]
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "foreign.onnx" in err and "not a lowres-birds model" in err
+    assert not (tmp_path / "s.csv").exists()
+
+
+# --------------------------------------------------------------------------- limits of a live server (raw sockets on loopback)
+
+
+def poll(condition, what: str, timeout_s: float = 10.0) -> None:
+    """Check ``condition`` until it holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@contextmanager
+def live_server(classifier, **limits):
+    """The app served by `serve`'s uvicorn server in a thread on a free loopback port: (app, port)."""
+    app = create_app(classifier, **limits)
+    listener = bind("127.0.0.1", 0)
+    server = http_server(app, limits.get("client_timeout_s", DEFAULT_CLIENT_TIMEOUT_S), log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        poll(lambda: server.started, "the server did not start")
+        yield app, listener.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
+    assert not thread.is_alive(), "the server did not stop"
+
+
+BOUNDARY = "b0undary"
+
+
+def start_upload(port: int, declared: int, sent: int = 200) -> socket.socket:
+    """A multipart upload that declares ``declared`` bytes and sends only the first ``sent``."""
+    part = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="slow.jpg"\r\n\r\n'.encode()
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head + part + b"\0" * (sent - len(part)))
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection; fails if it is still open after ``timeout_s``."""
+    received, deadline = b"", time.monotonic() + timeout_s
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            raise AssertionError(f"the server kept the connection open for {timeout_s:g} s (received {received[:80]!r})") from None
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def test_a_client_that_stalls_mid_upload_gets_408_and_is_dropped(classifier):
+    with live_server(classifier, client_timeout_s=0.5) as (app, port):
+        with start_upload(port, declared=100_000) as stalled:
+            answer = read_until_closed(stalled)
+        assert answer.startswith(b"HTTP/1.1 408") and b"no data for 0.5 s" in answer
+        poll(lambda: app.state.uploads.used == 0, "the stalled upload still holds its bytes")
+
+
+def test_idle_and_half_sent_connections_are_closed(classifier):
+    with live_server(classifier, client_timeout_s=0.5) as (_, port):
+        with socket.create_connection(("127.0.0.1", port)) as idle, socket.create_connection(("127.0.0.1", port)) as half, \
+                socket.create_connection(("127.0.0.1", port)) as kept_alive:
+            half.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the headers never end
+            kept_alive.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_until_closed(idle) == b""
+            assert read_until_closed(half) == b""
+            assert read_until_closed(kept_alive).startswith(b"HTTP/1.1 200")  # answered, then closed once idle
+
+
+def test_uploads_in_flight_are_bounded_across_clients(classifier, photo):
+    megabyte = 2**20
+    with live_server(classifier, max_upload_bytes=megabyte, max_inflight_bytes=megabyte * 5 // 2, client_timeout_s=30) as (app, port):
+        url = f"http://127.0.0.1:{port}/api/predict"
+        stalled = [start_upload(port, declared=megabyte) for _ in range(2)]
+        try:
+            poll(lambda: app.state.uploads.used == 2 * megabyte, "the two stalled uploads are not counted")
+            with start_upload(port, declared=megabyte) as third:
+                answer = read_until_closed(third)
+            assert answer.startswith(b"HTTP/1.1 503") and b"too many uploads at once" in answer
+            small = httpx.post(url, files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=30)
+            assert small.status_code == 200, small.text  # what is left of the budget still serves
+        finally:
+            for sock in stalled:
+                sock.close()
+        poll(lambda: app.state.uploads.used == 0, "the closed uploads still hold their bytes")
+        assert httpx.post(url, files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=30).status_code == 200

@@ -9,6 +9,7 @@ input is raised as ``UserError`` anywhere below and printed here as one line. No
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from lowres_birds.config import DEFAULT_MAX_UPLOAD_MB, FIELD_TYPES, RunConfig, describe_range, recipe_names
+from lowres_birds.config import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_UPLOAD_MB, FIELD_TYPES, RunConfig, describe_range, recipe_names
 from lowres_birds.errors import TrainingInterrupted, UserError
 
 DEFAULT_DEMO_DIR = "demo-output"
@@ -44,14 +45,22 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def number(kind: type, low: float | None = None, high: float | None = None):
+    """The argparse type of a numeric flag that is not a RunConfig field: a finite ``kind`` in [low, high]."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else f"at least {low:g}" if low is not None else f"at most {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
 
 
 # --------------------------------------------------------------------------- train
@@ -100,7 +109,10 @@ def run_train(args) -> int:
         return 0
     if args.data is None:
         raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
+    from lowres_birds.run_dir import replace_folder
+
     run_dir = args.out or Path("runs/latest")
+    replace_folder(run_dir, args.force, create=False, others=[("--data", args.data)])  # checked now, replaced once data and model load
     started = time.perf_counter()
     if cfg.folds and cfg.fold < 0:
         from lowres_birds.train.loop import train_folds
@@ -173,11 +185,10 @@ def run_predict(args) -> int:
     sources = args.run + args.onnx
     if not sources:
         raise UserError("predict: pass --run RUN (or --onnx MODEL); repeat it to average several models")
-    if args.probs is not None and args.probs.resolve() == args.out.resolve():
-        raise UserError(f"predict: --out and --probs both name {args.out}; give the probabilities another file")
-    for path in (args.out, args.probs):
-        if path is not None:
-            check_output(path, args.force)
+    inputs = [("--data", args.data), *(("--run", run) for run in args.run), *(("--onnx", model) for model in args.onnx)]
+    check_output(args.out, args.force, others=[("--probs", args.probs), *inputs])
+    if args.probs is not None:
+        check_output(args.probs, args.force, others=inputs)
     ids, labels, probs = predict_test_set(sources, args.data, tta=args.tta, device=args.device)
     write_csv(args.out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
     if args.probs is not None:
@@ -200,9 +211,12 @@ def add_evaluate(sub) -> None:
 
 def run_evaluate(args) -> int:
     from lowres_birds.inspect.evaluate import evaluate_submission
+    from lowres_birds.run_dir import check_output
 
     test_dir = args.data or (args.labels.parent if (args.labels.parent / "test.csv").is_file() else None)
-    evaluate_submission(args.submission, args.labels, test_dir, args.out_dir or args.submission.parent, args.force)
+    out_dir = args.out_dir or args.submission.parent
+    check_output(out_dir, force=True, folder=True)  # a folder that may hold other files; its two files are checked next
+    evaluate_submission(args.submission, args.labels, test_dir, out_dir, args.force)
     return 0
 
 
@@ -258,7 +272,7 @@ def add_predict_image(sub) -> None:
     parser = sub.add_parser("predict-image", help="top species for one or more photos")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="photos of any size (reduced to 64x64 as in training)")
     _add_model_options(parser)
-    parser.add_argument("--top", type=_positive_int, default=5, help="how many species to list per photo")
+    parser.add_argument("--top", type=number(int, 1), default=5, help="how many species to list per photo")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -288,26 +302,25 @@ def add_serve(sub) -> None:
     parser = sub.add_parser("serve", help="web page and JSON API for a trained model")
     _add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network; there is no authentication)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest request body accepted (one photo, or a whole batch)")
+    parser.add_argument("--port", type=number(int, 0, 65535), default=8000, help="TCP port (0 picks a free one)")
+    parser.add_argument("--max-upload-mb", type=number(float, 0.001), default=DEFAULT_MAX_UPLOAD_MB, help="largest request body accepted (one photo, or a whole batch)")
+    parser.add_argument("--max-inflight-mb", type=number(float, 0.001), default=DEFAULT_MAX_INFLIGHT_MB,
+                        help="request bodies of all clients together; uploads beyond it get 503 (at least --max-upload-mb)")
+    parser.add_argument("--client-timeout-s", type=number(float, 0.1, 3600), default=DEFAULT_CLIENT_TIMEOUT_S,
+                        help="drop a client that sends nothing for this long: before its request is complete, between body chunks, or idle between requests")
 
 
 def run_serve(args) -> int:
-    import math
+    from lowres_birds.predict.serving import bind, create_app, http_server
 
-    import uvicorn
-
-    from lowres_birds.predict.serving import bind, create_app
-
-    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
-        raise UserError(f"serve: --max-upload-mb must be a positive number, got {args.max_upload_mb}")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"serve: --port must be between 0 and 65535, got {args.port}")
+    if args.max_inflight_mb < args.max_upload_mb:
+        raise UserError(f"serve: --max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb ({args.max_upload_mb:g})")
+    app = create_app(_load_classifier(args, shares_cpu=True), max_upload_bytes=int(args.max_upload_mb * 2**20), max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+                     client_timeout_s=args.client_timeout_s)
     listener = bind(args.host, args.port)
-    app = create_app(_load_classifier(args, shares_cpu=True), max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     host, port = listener.getsockname()[:2]
     print(f"serving {args.run or args.onnx} on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
+    http_server(app, args.client_timeout_s).run(sockets=[listener])
     return 0
 
 
@@ -325,7 +338,7 @@ def run_export(args) -> int:
     from lowres_birds.predict.export import export_onnx
     from lowres_birds.run_dir import check_output
 
-    check_output(args.out, args.force)
+    check_output(args.out, args.force, others=[("--run", args.run)])
     path = export_onnx(args.run, args.out, args.layout, int8=args.int8)
     precision = "int8" if args.int8 else "fp32"
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {precision}): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
@@ -360,7 +373,7 @@ def run_study(args) -> int:
     from lowres_birds.inspect.study import run_study as study
     from lowres_birds.run_dir import check_output
 
-    check_output(args.out, force=True, folder=True)
+    check_output(args.out, force=True, folder=True, others=[("--data", args.data)])  # --force is about the runs inside
     recipes = _split_list(args.recipes) or [args.recipe]
     study(recipes, _split_list(args.strategies), config_overrides(args), args.data, args.out, args.force, args.note)
     return 0
@@ -378,9 +391,9 @@ def run_report(args) -> int:
     from lowres_birds.run_dir import RunDir, check_output
 
     run = RunDir(args.run).require()
-    if args.out is not None:
-        check_output(args.out, force=True, folder=True)
-    page, summary = write_report(run.path, run.data_dir(args.data), args.out)
+    out = args.out or run / RunDir.REPORT
+    check_output(out, force=True, folder=True, others=[("--run", run.path), ("--data", args.data)])  # a report is rewritten in place
+    page, summary = write_report(run.path, run.data_dir(args.data), out)
     print(summary)
     print(f"report: {page}")
     return 0
@@ -390,21 +403,15 @@ def add_eda(sub) -> None:
     parser = sub.add_parser("eda", help="class balance, image statistics and data-quality checks")
     parser.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, test.csv, ...) or ImageFolder")
     parser.add_argument("--out", type=Path, default=Path("eda"), help="folder for the figures, CSV tables and eda.html")
-    parser.add_argument("--phash-distance", type=int, default=4, help="train/test pairs within this pHash Hamming distance (of 64 bits) count as near-duplicates")
-    parser.add_argument("--twin-psnr", type=float, default=20.0, help="LR/HR twins below this PSNR (dB) count as mismatched")
+    parser.add_argument("--phash-distance", type=number(int, 0, 64), default=4, help="train/test pairs within this pHash Hamming distance (of 64 bits) count as near-duplicates")
+    parser.add_argument("--twin-psnr", type=number(float, 0, 100), default=20.0, help="LR/HR twins below this PSNR (dB) count as mismatched")
 
 
 def run_eda(args) -> int:
-    import math
-
     from lowres_birds.inspect.eda import write_eda
     from lowres_birds.run_dir import check_output
 
-    if not 0 <= args.phash_distance <= 64:
-        raise UserError(f"--phash-distance must be between 0 and 64 (got {args.phash_distance})")
-    if not math.isfinite(args.twin_psnr):
-        raise UserError(f"--twin-psnr must be a finite number of dB (got {args.twin_psnr})")
-    check_output(args.out, force=True, folder=True)
+    check_output(args.out, force=True, folder=True, others=[("--data", args.data)])  # eda rewrites its own files in place
     write_eda(args.data, args.out, args.phash_distance, args.twin_psnr)
     return 0
 

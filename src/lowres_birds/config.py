@@ -25,6 +25,8 @@ LR_SIZE = 64  # the competition's low-res side
 HR_SIZE = 256  # the side of the high-res twins
 STRATEGY_KINDS = ("native", "upscale", "hr-downscale")
 DEFAULT_MAX_UPLOAD_MB = 10.0  # the server's cap on one request body
+DEFAULT_MAX_INFLIGHT_MB = 100.0  # the server's cap on the request bodies of all clients together
+DEFAULT_CLIENT_TIMEOUT_S = 20.0  # the server drops a client silent for this long
 
 
 # --------------------------------------------------------------------------- resolution strategy
@@ -136,20 +138,22 @@ FIELDS = {spec.name: spec for spec in dataclasses.fields(RunConfig)}
 FIELD_TYPES: dict[str, type] = typing.get_type_hints(RunConfig)
 
 
-def check_value(name: str, value: Any) -> None:
-    """Choices and range of one field, from its declaration; NaN and infinity are never valid."""
+def check_value(name: str, value: Any, label: str | None = None) -> None:
+    """Choices and range of one field, from its declaration; NaN and infinity are never valid. Errors name
+    ``label`` (e.g. the flag) or else the field."""
     meta = FIELDS[name].metadata
+    label = label or name
     if meta["choices"] and value not in meta["choices"]:
-        raise UserError(f"{name} must be one of {', '.join(meta['choices'])} (got {value!r})")
+        raise UserError(f"{label} must be one of {', '.join(meta['choices'])} (got {value!r})")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     if not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number (got {value})")
+        raise UserError(f"{label} must be a finite number (got {value})")
     low, high = meta["low"], meta["high"]
     too_low = low is not None and (value < low or (meta["low_open"] and value == low))
     too_high = high is not None and (value > high or (meta["high_open"] and value == high))
     if too_low or too_high:
-        raise UserError(f"{name} must be {describe_range(meta)} (got {value:g})")
+        raise UserError(f"{label} must be {describe_range(meta)} (got {value:g})")
 
 
 def describe_range(meta: Mapping[str, Any]) -> str:
@@ -233,7 +237,11 @@ def config_from_mapping(data: dict[str, Any], source: str) -> RunConfig:
     unknown = sorted(set(map(str, data)) - set(FIELDS))
     if unknown:
         raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELDS)}")
-    return RunConfig(**{k: coerce(k, v, source) for k, v in data.items()}).validate()
+    values = {k: coerce(k, v, source) for k, v in data.items()}
+    try:
+        return RunConfig(**values).validate()
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
 
 
 def load_config(recipe: str, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -242,5 +250,7 @@ def load_config(recipe: str, overrides: dict[str, Any] | None = None) -> RunConf
     config_from_mapping(data, f"recipe {recipe}")  # names the recipe when the recipe itself is wrong
     for key, value in (overrides or {}).items():
         if value is not None:
-            data[key] = coerce(key, value, f"--{key.replace('_', '-')}")
+            flag = f"--{key.replace('_', '-')}"
+            data[key] = coerce(key, value, flag)
+            check_value(key, data[key], flag)  # a bad flag names the flag, not the recipe
     return config_from_mapping(data, f"recipe {recipe} with the given flags")

@@ -21,11 +21,11 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lowres_birds.config import RunConfig, config_from_mapping, parse_yaml_mapping
+from lowres_birds.config import FIELDS, RunConfig, config_from_mapping, parse_yaml_mapping
 from lowres_birds.errors import UserError
 
 MARKER = ".lowres-birds"  # written into every folder this tool creates and may later replace with --force
@@ -40,7 +40,8 @@ def _umask() -> int:
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(temporary_path)`` then rename it to ``path``: readers never see half a file, a failure
-    leaves neither a temporary file nor a changed ``path``. The file gets 0666 minus the umask, like open()."""
+    leaves neither a temporary file nor a changed ``path``. The file gets 0666 minus the umask, like open().
+    ``write`` reports a failed write (full disk, unwritable folder) as OSError."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,41 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+class _WriteErrorKept:
+    """The file object ``torch.save`` writes to. Torch turns an OSError from ``write`` (a full disk) into an opaque
+    RuntimeError ("unexpected pos ..."); this keeps the OSError so that it can be raised instead."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def save_torch(path: Path, data: Any) -> Path:
+    """``torch.save`` of tensors and plain types, atomically; a failed write is the OSError it was."""
+    import torch
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            kept = _WriteErrorKept(handle)
+            try:
+                torch.save(data, kept)
+            except RuntimeError:
+                if kept.error is not None:
+                    raise kept.error from None
+                raise
+
+    return atomic_write(path, write)
+
+
 def write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
@@ -72,24 +108,46 @@ def write_csv(path: Path, frame) -> Path:
     return atomic_write(path, lambda temporary: frame.to_csv(temporary, index=False))
 
 
-def check_output(path: Path, force: bool, *, folder: bool = False) -> None:
-    """Refuse to overwrite an existing output without --force, and outputs that cannot be one."""
+def check_output(path: Path, force: bool, *, folder: bool = False, others: Iterable[tuple[str, Path | None]] = ()) -> None:
+    """The one up-front check of an output path, before any work: refuse a path that is also an input or another
+    output (``others``: (flag, path) pairs), a file where a folder is needed and the reverse, a parent that is a
+    file, a parent that cannot be written (tried with a temporary file), and an existing output without --force."""
     path = Path(path)
+    for flag, other in others:
+        if other is not None and _same(path, Path(other)):
+            raise UserError(f"{path} is also given as {flag}; choose another output path")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
             break
-    if not path.exists():
-        return
-    if folder and not path.is_dir():
-        raise UserError(f"{path} is a file; pass a folder (choose another --out)")
-    if not folder and path.is_dir():
-        raise UserError(f"{path} is a folder; pass a file name")
-    if folder and not any(path.iterdir()):
-        return
-    if not force:
-        raise UserError(f"{path} already exists; pass --force to overwrite it or choose another output path")
+    if path.exists():
+        if folder and not path.is_dir():
+            raise UserError(f"{path} is a file, not a folder; choose another output folder")
+        if not folder and path.is_dir():
+            raise UserError(f"{path} is a folder, not a file; choose another output file")
+        if not force and not (folder and not any(path.iterdir())):
+            raise UserError(f"{path} already exists; pass --force to overwrite it or choose another output path")
+    _check_writable(path)
+
+
+def _same(path: Path, other: Path) -> bool:
+    try:
+        return path.resolve() == other.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not the same as anything we can tell
+        return False
+
+
+def _check_writable(path: Path) -> None:
+    """Create and remove a temporary file in the nearest existing folder above ``path``: where ``path`` (a file,
+    or a folder that --force may replace) will be created."""
+    existing = next((p for p in path.absolute().parents if p.exists()), path.absolute())  # `/` has no parent
+    try:
+        handle, name = tempfile.mkstemp(dir=existing, prefix=".lowres-birds-probe.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {existing} is not writable ({exc.strerror or exc}); choose another output path") from None
+    os.close(handle)
+    Path(name).unlink(missing_ok=True)
 
 
 def is_ours(folder: Path) -> bool:
@@ -97,24 +155,37 @@ def is_ours(folder: Path) -> bool:
     return (folder / MARKER).is_file() or ((folder / "config.yaml").is_file() and (folder / "labels.json").is_file())
 
 
-def replace_folder(folder: Path, force: bool, create: bool = True) -> None:
+def replace_folder(folder: Path, force: bool, create: bool = True, others: Iterable[tuple[str, Path | None]] = ()) -> None:
     """Make ``folder`` an empty folder of ours. An existing non-empty one is removed only with --force and only
     when this tool made it: never a data folder, a folder of runs or anything else a user keeps. With
-    ``create=False`` (the other processes of a multi-process run) only check."""
+    ``create=False`` only check (up front, and in the other processes of a multi-process run); ``others`` as in
+    ``check_output``."""
     folder = Path(folder)
-    check_output(folder, force, folder=True)
-    if folder.is_dir() and any(folder.iterdir()):
-        if not is_ours(folder):
-            raise UserError(f"{folder} is not a lowres-birds output folder; --force only replaces those: choose another --out")
-        if create:
-            shutil.rmtree(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):
+        raise UserError(f"{folder} is not empty and not a lowres-birds output folder; it is never replaced, even with --force: choose another --out")
+    check_output(folder, force, folder=True, others=others)
     if not create:
         return
     try:
+        if folder.is_dir() and any(folder.iterdir()):
+            shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).write_text("made by lowres-birds; --force may replace this folder\n", encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot create {folder}: {exc.strerror or exc}; choose another --out") from None
+
+
+def check_labels(labels: Any, source: str, remedy: str) -> list[str]:
+    """Class names as a model stores them (labels.json, ONNX metadata): at least 2, non-empty, each once."""
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise UserError(f"{source} must be a JSON list of at least 2 non-empty class names; {remedy}")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"{source} lists a class twice; {remedy}")
+    return labels
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _load_json(path: Path, what: str) -> Any:
@@ -140,6 +211,7 @@ class RunDir:
     VAL_PREDICTIONS = "val_predictions.npz"
     DEGRADATION = "degradation.json"
     REPORT = "report"
+    METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")  # in every metrics.jsonl record
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -167,19 +239,19 @@ class RunDir:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8 text; the run folder is damaged") from None
-        return config_from_mapping(parse_yaml_mapping(text, str(path)), str(path))
+        data = parse_yaml_mapping(text, str(path))
+        missing = [name for name in FIELDS if name not in data]  # a recipe may leave keys out, a run's config holds all
+        if missing:
+            raise UserError(f"{path} lacks {len(missing)} of its {len(FIELDS)} keys (first: {missing[0]}); the run folder is damaged "
+                            "or older than this version: retrain it")
+        return config_from_mapping(data, str(path))
 
     def write_labels(self, labels: list[str]) -> None:
         write_json(self / self.LABELS, list(labels))
 
     def labels(self) -> list[str]:
         path = self.require() / self.LABELS
-        labels = _load_json(path, f"{self.path} is not a finished run folder")
-        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x.strip() for x in labels):
-            raise UserError(f"{path} must be a JSON list of at least 2 non-empty class names; the run folder is damaged")
-        if len(set(labels)) != len(labels):
-            raise UserError(f"{path} lists a class twice; the run folder is damaged")
-        return labels
+        return check_labels(_load_json(path, f"{self.path} is not a finished run folder"), str(path), "the run folder is damaged")
 
     def write_split(self, data_dir: Path, val_ids: list[str], fingerprint: str) -> None:
         write_json(self / self.SPLIT, {"data": str(Path(data_dir).resolve()), "fingerprint": fingerprint, "val_ids": val_ids})
@@ -193,7 +265,12 @@ class RunDir:
 
     def data_dir(self, override: Path | None = None) -> Path:
         """The data folder the run was trained on, unless --data names another."""
-        return Path(override) if override is not None else Path(self.split()["data"])
+        if override is not None:
+            return Path(override)
+        data = Path(self.split()["data"])
+        if not data.is_dir():
+            raise UserError(f"{self / self.SPLIT} names the data folder {data}, which is not found; pass the run's data folder with --data")
+        return data
 
     # ---- model
     def write_spec(self, spec: dict) -> None:
@@ -206,9 +283,16 @@ class RunDir:
         return spec
 
     def save_weights(self, state_dict: dict) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        atomic_write(self / self.WEIGHTS, lambda temporary: save_file({k: v.contiguous() for k, v in state_dict.items()}, str(temporary)))
+        def write(temporary: Path) -> None:
+            try:
+                save_file({k: v.contiguous() for k, v in state_dict.items()}, str(temporary))
+            except SafetensorError as exc:  # how safetensors reports a failed write (a full disk)
+                raise OSError(str(exc).removeprefix("Error while serializing: ")) from None
+
+        atomic_write(self / self.WEIGHTS, write)
 
     def weights(self) -> dict:
         from safetensors import SafetensorError
@@ -238,14 +322,15 @@ class RunDir:
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{path} is not JSON lines ({exc}); the run folder is damaged") from None
-        if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in records):
-            raise UserError(f"{path}: every line must be an epoch record; the run folder is damaged")
+        for number, record in enumerate(records, start=1):
+            if not isinstance(record, dict) or not all(_is_number(record.get(key)) for key in self.METRIC_KEYS) or not isinstance(record["epoch"], int):
+                raise UserError(f"{path} line {number}: not an epoch record ({', '.join(self.METRIC_KEYS)}); the run folder is damaged")
+            if number > 1 and record["epoch"] <= records[number - 2]["epoch"]:
+                raise UserError(f"{path} line {number}: epoch {record['epoch']} does not follow epoch {records[number - 2]['epoch']}; the run folder is damaged")
         return records
 
     def save_checkpoint(self, checkpoint: dict) -> None:
         """torch.save of tensors and plain types, refused up front when the disk is clearly too full."""
-        import torch
-
         path = self / self.CHECKPOINT
         previous = path.stat().st_size if path.exists() else 0
         free = shutil.disk_usage(self.path).free
@@ -254,7 +339,7 @@ class RunDir:
                 f"only {free / 1e6:.0f} MB free in {self.path}, a checkpoint needs about {previous / 1e6:.0f} MB; "
                 "free some space and resume (the previous checkpoint is intact)"
             )
-        atomic_write(path, lambda temporary: torch.save(checkpoint, temporary))
+        save_torch(path, checkpoint)
 
     def checkpoint(self) -> dict:
         """The checkpoint, loaded with ``weights_only=True``: a crafted file cannot run code."""

@@ -27,6 +27,7 @@ class ImageTable:
     lr_paths: list[Path]
     hr_paths: list[Path] | None = None
     labels: list[str] | None = None
+    hr_missing: str = ""  # why hr_paths is None, for the error of a run that needs the twins
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,6 +60,8 @@ def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)})")
+    if frame.empty:
+        raise UserError(f"{path} has a header but no rows")
     for column in required:
         frame[column] = frame[column].str.strip()
     return frame
@@ -123,13 +126,18 @@ def load_train_table(data_dir: Path) -> ImageTable:
     _check_ids(frame, csv_path)
     lr_paths = [_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(frame["img_path"])]
     _check_files(lr_paths, csv_path, "img_path")
-    hr_paths = None
-    if "upscale_img_path" in frame.columns and (frame["upscale_img_path"] != "").all():
-        hr_paths = [_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(frame["upscale_img_path"].str.strip())]
-        _check_files(hr_paths, csv_path, "upscale_img_path")
+    hr_paths, hr_missing = None, f"{csv_path} has no upscale_img_path column"
+    if "upscale_img_path" in frame.columns:
+        column = frame["upscale_img_path"].str.strip()
+        empty = frame.index[column == ""]
+        if len(empty):  # the twins are optional: refused only by a run that needs them
+            hr_missing = f"{csv_path} row {empty[0] + 2}: empty upscale_img_path ({len(empty)} of {len(frame)} rows); give every row its twin"
+        else:
+            hr_paths = [_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(column)]
+            _check_files(hr_paths, csv_path, "upscale_img_path")
     labels = frame["label"].tolist()
     _check_labels(labels, str(csv_path))
-    return ImageTable(data_dir, frame["id"].tolist(), lr_paths, hr_paths, labels)
+    return ImageTable(data_dir, frame["id"].tolist(), lr_paths, hr_paths, labels, hr_missing)
 
 
 def _class_folders(data_dir: Path) -> list[Path]:
@@ -147,7 +155,7 @@ def _load_image_folder(data_dir: Path) -> ImageTable:
     if not paths:
         raise UserError(f"{data_dir}: no train.csv and no images in class sub-folders (DIR/<class>/*.jpg)")
     _check_labels(labels, str(data_dir))
-    return ImageTable(data_dir, ids, paths, None, labels)
+    return ImageTable(data_dir, ids, paths, None, labels, f"{data_dir} is an ImageFolder, which has no upscale_img_path column")
 
 
 def load_test_table(data_dir: Path) -> ImageTable:

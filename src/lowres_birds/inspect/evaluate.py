@@ -26,6 +26,9 @@ def align_submission(
         duplicated = frame["id"][frame["id"].duplicated()]
         if len(duplicated):
             raise UserError(f"{path}: duplicate id {duplicated.iloc[0]!r}; ids must be unique")
+    blank = truth.index[truth["label"] == ""]
+    if len(blank):
+        raise UserError(f"{labels_path} row {blank[0] + 2}: empty label (blank or spaces only); give every labelled id its class")
     predicted = dict(zip(submission["id"], submission["label"]))
     known = set(test_ids) if test_ids is not None else set(truth["id"])
     missing = [i for i in truth["id"] if i not in predicted]
@@ -45,11 +48,11 @@ def align_submission(
 
 def evaluate_submission(submission: Path, labels: Path, test_dir: Path | None, out_dir: Path, force: bool) -> dict:
     """Print the per-class table and scores; write per_class.csv and confusion_matrix.png into ``out_dir``."""
-    test_ids = load_test_table(test_dir).ids if test_dir else None
-    ids, truth, predicted = align_submission(submission, labels, test_ids)
     table_path, png_path = out_dir / "per_class.csv", out_dir / "confusion_matrix.png"
     for path in (table_path, png_path):
-        check_output(path, force)
+        check_output(path, force, others=[("--submission", submission), ("--labels", labels)])
+    test_ids = load_test_table(test_dir).ids if test_dir else None
+    ids, truth, predicted = align_submission(submission, labels, test_ids)
     classes = sorted(set(truth) | set(predicted))
     result = score(truth, predicted)
     table = per_class_table(truth, predicted, classes)

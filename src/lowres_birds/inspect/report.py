@@ -43,7 +43,8 @@ def validation_images(run: RunDir, data_dir: Path, labels: list[str]) -> tuple[l
     position = {image_id: i for i, image_id in enumerate(table.ids)}
     missing = [i for i in val_ids if i not in position]
     if missing:
-        raise UserError(f"{data_dir} lacks {len(missing)} validation id(s) of {run_dir} (first: {missing[0]}); pass the data folder the run was trained on (--data)")
+        raise UserError(f"{data_dir} lacks {len(missing)} validation id(s) listed in {run / RunDir.SPLIT} (first: {missing[0]}); "
+                        "pass the data folder the run was trained on (--data)")
     rows = np.array([position[i] for i in val_ids])
     truth = [table.labels[i] for i in rows]
     unknown = sorted(set(truth) - set(labels))
@@ -123,6 +124,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     run = RunDir(run_dir).require()
     run_dir = run.path
     out_dir = Path(out_dir or run / RunDir.REPORT)
+    cfg = run.config()  # every file of the run is read before any work
     metrics = read_metrics(run)
     model, labels = load_run_model(run_dir)
     ids, images, truth = validation_images(run, data_dir, labels)
@@ -137,7 +139,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     matrix = confusion_matrix_png(true_names, predicted_names, labels, out_dir / "confusion_matrix.png", "validation confusion matrix (rows normalised)")
     f1_chart = barh_png(per_class["label"].tolist(), per_class["f1"].tolist(), out_dir / "per_class_f1.png", "validation F1 per class, worst first", "F1", (0, 1))
     errors_png, n_wrong = confident_errors_png(model, images, truth, probs, labels, out_dir / "confident_errors.png")
-    config = pd.DataFrame([(k, str(v)) for k, v in run.config().to_dict().items()], columns=["key", "value"])
+    config = pd.DataFrame([(k, str(v)) for k, v in cfg.to_dict().items()], columns=["key", "value"])
     timings = metrics.assign(epoch_s=metrics["elapsed_s"].diff().fillna(metrics["elapsed_s"]))
     best = metrics.loc[metrics["val_macro_f1"].idxmax()]
     worst = ", ".join(f"{r.label} {r.f1:.2f}" for r in per_class.head(5).itertuples())

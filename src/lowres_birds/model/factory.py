@@ -166,7 +166,10 @@ def rebuild_model(run: RunDir, labels: list[str]) -> BirdNet:
     """The run's architecture with no pretrained download; weights are loaded by the caller."""
     spec = ModelSpec.from_dict(run.spec(), labels, str(run / RunDir.SPEC))
     hf_dir = run / RunDir.HF_CONFIG if spec.source.startswith("hf:") else None
-    model = create_model(spec.source, labels, spec.input_size, pretrained=False, config_dir=hf_dir)
+    try:
+        model = create_model(spec.source, labels, spec.input_size, pretrained=False, config_dir=hf_dir)
+    except UserError as exc:
+        raise UserError(f"{run / RunDir.SPEC}: {exc}; the run folder is damaged") from None
     model.spec = spec
     model.mean.copy_(torch.tensor(spec.mean).view(1, 3, 1, 1))
     model.std.copy_(torch.tensor(spec.std).view(1, 3, 1, 1))

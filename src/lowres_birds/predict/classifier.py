@@ -21,6 +21,7 @@ from lowres_birds.data.tables import load_test_table
 from lowres_birds.errors import UserError
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
+from lowres_birds.run_dir import check_labels
 
 TTA_MODES = ("none", "flip")
 
@@ -36,12 +37,28 @@ class Classifier:
 
     @classmethod
     def load(cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False) -> "Classifier":
-        """A run folder or an exported .onnx file. ``shares_cpu``: other busy threads share the cores (the
-        server's decoders), so onnxruntime's threads wait passively instead of spinning between calls."""
+        """A run folder or an exported .onnx file, checked with one prediction before it is handed out.
+
+        ``shares_cpu``: other busy threads share the cores (the server's decoders), so onnxruntime's threads wait
+        passively instead of spinning between calls."""
         source = Path(source)
-        if source.suffix == ".onnx":
-            return cls._load_onnx(source, shares_cpu)
-        return cls._load_run(source, device)
+        classifier = cls._load_onnx(source, shares_cpu) if source.suffix == ".onnx" else cls._load_run(source, device)
+        classifier.check()
+        return classifier
+
+    def check(self) -> None:
+        """Predict one blank image: a model that loads but cannot answer for its labels is refused now, not at
+        its first request (an ONNX file with a ``labels`` key is not necessarily one of ours)."""
+        try:
+            probs = self.predict_arrays(np.zeros((1, LR_SIZE, LR_SIZE, 3), np.uint8))
+        except Exception as exc:  # noqa: BLE001 - a foreign model fails in runtime-specific ways
+            detail = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise UserError(f"{self.name} cannot predict ({type(exc).__name__}: {detail}); it is not a lowres-birds model: re-export or retrain it") from None
+        if probs.shape != (1, len(self.labels)) or not np.isfinite(probs).all() or abs(float(probs.sum()) - 1) > 1e-3:
+            raise UserError(
+                f"{self.name} answers one 64x64 image with an array of shape {tuple(probs.shape)}, not probabilities over its "
+                f"{len(self.labels)} labels; it is not a lowres-birds model: re-export or retrain it"
+            )
 
     @classmethod
     def _load_run(cls, run_dir: Path, device: str) -> "Classifier":
@@ -65,11 +82,20 @@ class Classifier:
             raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
         if "labels" not in metadata:
             raise UserError(f"{path} was not exported by lowres-birds (no label metadata); re-export it")
+        try:
+            labels, input_size = json.loads(metadata["labels"]), int(metadata.get("input_size", 0))
+        except (json.JSONDecodeError, ValueError):
+            labels, input_size = None, 0
+        labels = check_labels(labels, f"{path}: its 'labels' metadata", "re-export it")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(os.environ.get("LOWRES_BIRDS_THREADS", "0")) or (os.cpu_count() or 1)
         if shares_cpu:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common public base
+            detail = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise UserError(f"{path} cannot be loaded by onnxruntime ({detail}); re-export it") from None
         input_name = session.get_inputs()[0].name
         channels_last = metadata.get("layout") == "nhwc"  # see export.py; predict_fn receives NCHW
 
@@ -77,12 +103,6 @@ class Classifier:
             pixels = images.permute(0, 2, 3, 1) if channels_last else images
             return torch.from_numpy(session.run(None, {input_name: np.ascontiguousarray(pixels.numpy())})[0])
 
-        try:
-            labels, input_size = json.loads(metadata["labels"]), int(metadata.get("input_size", 0))
-        except (json.JSONDecodeError, ValueError):
-            labels, input_size = None, 0
-        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-            raise UserError(f"{path}: its 'labels' metadata is not a JSON list of class names; re-export it")
         return cls(labels, predict_fn, str(path), input_size)
 
     def predict_arrays(self, images: np.ndarray, tta: str = "none", batch_size: int = 64) -> np.ndarray:
@@ -126,9 +146,10 @@ def to_model_input(image) -> np.ndarray:
 
 def predict_test_set(runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu") -> tuple[list[str], list[str], np.ndarray]:
     """(ids in submission order, class names, mean probabilities over the runs)."""
+    classifiers = [Classifier.load(run, device) for run in runs]  # a damaged model fails before any image is decoded
     table = load_test_table(data_dir)
     images = load_images(table.lr_paths, LR_SIZE)
-    return table.ids, *average_probabilities([Classifier.load(run, device) for run in runs], images, tta)
+    return table.ids, *average_probabilities(classifiers, images, tta)
 
 
 def average_probabilities(classifiers: list[Classifier], images: np.ndarray, tta: str) -> tuple[list[str], np.ndarray]:

@@ -4,6 +4,11 @@ Built on ``Classifier`` so that an upload goes through exactly the preprocessing
 Python API. Uploads stay in memory (the request body is capped before parsing, and the multipart parser is
 told never to spool to disk), are decoded on a small bounded thread pool, and are classified by a single
 inference thread that stacks concurrent requests into one batch.
+
+Limits: one request body (413 beyond ``max_upload_bytes``), the bodies of all clients together (503 beyond
+``max_inflight_bytes``, counted from the declared length or as chunks arrive), and time: a client that sends
+nothing for ``client_timeout_s`` is dropped, whether before its request is complete (``http_server``), between
+two chunks of its body (408) or idle between requests.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +36,10 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from lowres_birds import __version__
-from lowres_birds.config import DEFAULT_MAX_UPLOAD_MB, LR_SIZE
+from lowres_birds.config import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_UPLOAD_MB, LR_SIZE
 from lowres_birds.data.images import decode_image
 from lowres_birds.errors import UserError
 from lowres_birds.predict.classifier import Classifier, to_model_input
@@ -41,6 +48,7 @@ STATIC_DIR = Path(__file__).parents[1] / "static"
 MAX_BATCH_FILES = 32
 MAX_QUEUED_REQUESTS = 256  # beyond this the server answers 503 instead of piling up work
 MAX_TOP = 20
+CLOSE = {"Connection": "close"}  # after a refused or cut upload: the rest of its body is never read
 
 
 class InferenceQueue:
@@ -111,13 +119,58 @@ class InferenceQueue:
             start += len(images)
 
 
+class UploadBudget:
+    """Request-body bytes held by all clients together. Used from the event loop's thread only (no lock)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    @asynccontextmanager
+    async def reservation(self) -> AsyncIterator["Reservation"]:
+        held = Reservation(self)
+        try:
+            yield held
+        finally:
+            self.used -= held.bytes
+
+
+class Reservation:
+    """What one request holds of the budget, until its response is built."""
+
+    def __init__(self, budget: UploadBudget):
+        self.budget = budget
+        self.bytes = 0
+
+    def grow(self, total: int) -> None:
+        """Hold ``total`` bytes for this request; 503 when all clients together would pass the limit."""
+        if total <= self.bytes:
+            return
+        if self.budget.used + total - self.bytes > self.budget.limit:
+            raise HTTPException(503, f"the server is receiving too many uploads at once (limit {self.budget.limit:,} bytes); retry in a moment", headers=CLOSE)
+        self.budget.used += total - self.bytes
+        self.bytes = total
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int
+    timeout_s: float
+
+
 def create_app(
     classifier: Classifier,
-    max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1024 * 1024),
+    max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20),
     max_batch_files: int = MAX_BATCH_FILES,
     decode_workers: int | None = None,
+    max_inflight_bytes: int = int(DEFAULT_MAX_INFLIGHT_MB * 2**20),
+    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
 ) -> FastAPI:
-    """The web app and API around ``classifier``. ``max_upload_bytes`` caps each request body (413 beyond)."""
+    """The web app and API around ``classifier``. ``max_upload_bytes`` caps each request body (413 beyond),
+    ``max_inflight_bytes`` all of them together (503 beyond), ``client_timeout_s`` the wait for each body chunk (408)."""
+    if max_inflight_bytes < max_upload_bytes:
+        raise ValueError("max_inflight_bytes must be at least max_upload_bytes")
+    limits = Limits(max_upload_bytes, client_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -131,6 +184,7 @@ def create_app(
             app.state.inference.close()
 
     app = FastAPI(title="lowres-birds", version=__version__, lifespan=lifespan)
+    app.state.uploads = UploadBudget(max_inflight_bytes)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     model_name = Path(classifier.name).name
 
@@ -193,8 +247,9 @@ def create_app(
     async def predict(request: Request, response: Response, top: int = Query(5, ge=1, le=MAX_TOP), preview: bool = Query(False, description="include the 64x64 model input as a PNG data URL")) -> dict:
         """One photo in the multipart field ``file`` -> the top species."""
         started = time.perf_counter()
-        uploads = await read_uploads(request, max_upload_bytes, max_files=1)
-        (best,), (image,), elapsed_ms = await classify(request, response, started, uploads, top)
+        async with app.state.uploads.reservation() as held:
+            uploads = await read_uploads(request, limits, held, max_files=1)
+            (best,), (image,), elapsed_ms = await classify(request, response, started, uploads, top)
         answer = {"top": best, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
         if preview:
             answer["preview"] = png_data_url(image)
@@ -204,22 +259,27 @@ def create_app(
     async def predict_batch(request: Request, response: Response, top: int = Query(5, ge=1, le=MAX_TOP)) -> dict:
         """Up to ``max_batch_files`` photos in the multipart field ``files`` -> the top species of each, in order."""
         started = time.perf_counter()
-        uploads = await read_uploads(request, max_upload_bytes, max_files=max_batch_files, field="files")
-        tops, _, elapsed_ms = await classify(request, response, started, uploads, top)
+        async with app.state.uploads.reservation() as held:
+            uploads = await read_uploads(request, limits, held, max_files=max_batch_files, field="files")
+            tops, _, elapsed_ms = await classify(request, response, started, uploads, top)
         results = [{"filename": upload.filename, "top": best} for upload, best in zip(uploads, tops)]
         return {"results": results, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
 
     return app
 
 
-async def read_uploads(request: Request, max_bytes: int, max_files: int, field: str = "file") -> list[UploadFile]:
-    """The files of one multipart field, held in memory; 413 past ``max_bytes``, 422 past ``max_files`` or when absent."""
+async def read_uploads(request: Request, limits: Limits, held: Reservation, max_files: int, field: str = "file") -> list[UploadFile]:
+    """The files of one multipart field, held in memory; 413 past the upload limit, 503 past the budget of all
+    uploads, 408 when the client stalls, 422 past ``max_files`` or when absent."""
+    max_bytes = limits.max_upload_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise HTTPException(415, f"send the photo as multipart/form-data in the field '{field}'")
+        raise HTTPException(415, f"send the photo as multipart/form-data in the field '{field}'", headers=CLOSE)
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"upload of {int(declared):,} bytes is larger than the limit of {max_bytes:,} bytes")
-    parser = MultiPartParser(request.headers, _capped(request.stream(), max_bytes), max_files=max_files, max_fields=8)
+    if declared is not None and declared.isdigit():
+        if int(declared) > max_bytes:
+            raise HTTPException(413, f"upload of {int(declared):,} bytes is larger than the limit of {max_bytes:,} bytes", headers=CLOSE)
+        held.grow(int(declared))
+    parser = MultiPartParser(request.headers, _capped(request.stream(), limits, held), max_files=max_files, max_fields=8)
     parser.spool_max_size = max_bytes + 1  # never roll an upload over to a temporary file on disk
     try:
         form = await parser.parse()
@@ -231,13 +291,23 @@ async def read_uploads(request: Request, max_bytes: int, max_files: int, field: 
     return uploads
 
 
-async def _capped(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
-    """The request body, refused with 413 as soon as it grows past ``max_bytes`` (chunked uploads too)."""
-    received = 0
-    async for chunk in stream:
+async def _capped(stream: AsyncIterator[bytes], limits: Limits, held: Reservation) -> AsyncIterator[bytes]:
+    """The request body, refused with 413 as soon as it grows past the upload limit (chunked uploads too), with
+    503 past the budget of all uploads, and with 408 when no chunk arrives for ``limits.timeout_s``."""
+    received, chunks = 0, aiter(stream)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), limits.timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise HTTPException(408, f"no data for {limits.timeout_s:g} s; upload dropped", headers=CLOSE) from None
+        except ClientDisconnect:
+            raise HTTPException(400, "the client went away during the upload", headers=CLOSE) from None
         received += len(chunk)
-        if received > max_bytes:
-            raise HTTPException(413, f"upload is larger than the limit of {max_bytes:,} bytes")
+        if received > limits.max_upload_bytes:
+            raise HTTPException(413, f"upload is larger than the limit of {limits.max_upload_bytes:,} bytes", headers=CLOSE)
+        held.grow(received)
         yield chunk
 
 
@@ -264,6 +334,34 @@ def png_data_url(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def http_server(app: FastAPI, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S, log_level: str = "info"):
+    """The uvicorn server ``serve`` runs: idle keep-alive connections and connections that have not sent a complete
+    request within ``client_timeout_s`` are closed (uvicorn alone waits forever for a first request)."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class RequestDeadlineProtocol(H11Protocol):
+        """Arms a deadline on connect and after each response; it closes the connection unless a request started."""
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_deadline()
+
+        def _arm_deadline(self) -> None:
+            self.loop.call_later(self.timeout_keep_alive, self._deadline, self.cycle)
+
+        def _deadline(self, cycle) -> None:
+            if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    config = uvicorn.Config(app, log_level=log_level, http=RequestDeadlineProtocol, timeout_keep_alive=client_timeout_s)
+    return uvicorn.Server(config)
 
 
 def bind(host: str, port: int) -> socket.socket:

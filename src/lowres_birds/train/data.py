@@ -53,7 +53,7 @@ def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
     hr_images = None
     if strategy.train_source == "hr" or uses_hr_twins(cfg):
         if table.hr_paths is None:
-            raise UserError(f"{cfg.strategy} / the HR techniques need the high-res twins, but {data_dir} has no upscale_img_path column")
+            raise UserError(f"{cfg.strategy} / the HR techniques need the high-res twins, but {table.hr_missing}")
         hr_images = load_images(table.hr_paths, HR_SIZE)
     train_images = hr_images if strategy.train_source == "hr" else lr_images
     return TrainingData(table, label_map, targets, lr_images, train_images, train_idx, val_idx, hr_images)

@@ -48,7 +48,7 @@ def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, c
             features, logits = model(images, return_features=True) if feature_kd else (None, model(images))
             loss = total_loss(logits, features, targets, cfg)
             if not torch.isfinite(loss):
-                kept = "the last checkpoint is kept; resume with --resume" if state.global_step else "no checkpoint was written yet"
+                kept = "the last checkpoint is kept; resume with --resume" if checkpointer.exists() else "no checkpoint was written yet"
                 raise UserError(f"loss became {loss.item()} at epoch {state.epoch + 1}; lower --lr or use --mixed-precision no ({kept})")
             accelerator.backward(loss)
             parts.optimizer.step()
@@ -81,13 +81,18 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, de
 
 
 def _check_resume(run: RunDir, data: TrainingData) -> None:
-    """Refuse to resume on other data: the label set and the data fingerprint must be those of the run."""
+    """Refuse to resume on other data (the label set, the data fingerprint and the validation ids must be those of
+    the run) or with a damaged metrics.jsonl (read now, not after the next epoch)."""
     labels, split = run.labels(), run.split()
+    run.metrics(missing_ok=True)
     if labels != list(data.label_map.classes):
         raise UserError(f"{run / RunDir.LABELS} lists other classes than the data ({len(labels)} vs {len(data.label_map.classes)}); "
                         "resume on the data the run was trained on, or start a new run")
     if split.get("fingerprint") not in (None, data.table.fingerprint()):
-        raise UserError(f"the data in {data.table.root} changed since {run} was trained (ids, files or labels); "
+        raise UserError(f"the data in {data.table.root} changed since {run} was trained ({RunDir.SPLIT} records other ids, files or labels); "
+                        "resume on the data the run was trained on, or start a new run")
+    if split["val_ids"] != [data.table.ids[i] for i in data.val_idx]:
+        raise UserError(f"{run / RunDir.SPLIT} records another validation split than the run's config draws from this data; "
                         "resume on the data the run was trained on, or start a new run")
 
 
@@ -100,15 +105,15 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     run = RunDir(run_dir)
     data = load_training_data(data_dir, cfg)
     labels = list(data.label_map.classes)
+    if resume:
+        _check_resume(run, data)
     accelerator = create_accelerator(cfg, run.path)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained)
     model.freeze_early_layers(cfg.freeze_blocks)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if resume:
-        _check_resume(run, data)
-    else:  # the old run is replaced only now that data and model are known good
+    if not resume:  # the old run is replaced only now that data and model are known good
         replace_folder(run.path, force, create=accelerator.is_main_process)
     if accelerator.is_main_process and not resume:
         run.write_config(cfg)
@@ -158,9 +163,9 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
                     run.save_val_predictions(data.val_idx, data.targets[data.val_idx], val_probs)
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             state.elapsed_s = gather_object([state.elapsed_s])[0]  # rank 0's clock: every process takes the same stop decision
-            checkpointer.save(state)
             if accelerator.is_main_process:
-                run.append_metrics(record)  # after the checkpoint: a resume never repeats a recorded epoch
+                run.append_metrics(record)  # before the checkpoint: a resume after a failed one redoes the epoch and replaces its record
+            checkpointer.save(state)
             if _should_stop(accelerator, cfg, state):
                 break
     if cfg.log != "none":

@@ -84,6 +84,9 @@ class Checkpointer:
     def __init__(self, run: RunDir, parts: Trainee):
         self.run, self.parts = run, parts
 
+    def exists(self) -> bool:
+        return (self.run / RunDir.CHECKPOINT).is_file()
+
     def save(self, state: TrainState) -> None:
         from accelerate.utils import gather_object
 

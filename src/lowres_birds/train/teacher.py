@@ -18,7 +18,7 @@ from lowres_birds.data.images import cache_dir
 from lowres_birds.metrics import score
 from lowres_birds.model.factory import create_model
 from lowres_birds.model.wrapper import in_batches
-from lowres_birds.run_dir import atomic_write
+from lowres_birds.run_dir import save_torch
 from lowres_birds.train.degradation import array_fingerprint
 
 
@@ -44,7 +44,7 @@ def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_siz
             pass
     model = create_model(source, labels, input_size, pretrained=True).eval()
     features = torch.from_numpy(in_batches(lambda batch: model(batch, return_features=True)[0], hr_images))
-    atomic_write(cache, lambda temporary: torch.save(features, temporary))
+    save_torch(cache, features)
     return features
 
 
