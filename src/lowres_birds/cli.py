@@ -295,6 +295,9 @@ def add_serve(sub) -> None:
 def run_serve(args) -> int:
     import math
 
+    from lowres_birds.extras import require
+
+    require("serve", "serve")
     import uvicorn
 
     from lowres_birds.predict.serving import bind, create_app
@@ -321,9 +324,11 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
+    from lowres_birds.extras import require
     from lowres_birds.predict.export import export_onnx
     from lowres_birds.run_dir import check_output
 
+    require("onnx", "export --format onnx")
     check_output(args.out, args.force)
     path = export_onnx(args.run, args.out, args.layout)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")

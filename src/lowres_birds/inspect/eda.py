@@ -20,6 +20,7 @@ from lowres_birds.config import HR_SIZE, LR_SIZE
 from lowres_birds.data.images import fit_square, load_images
 from lowres_birds.data.tables import load_test_table, load_train_table
 from lowres_birds.errors import UserError
+from lowres_birds.extras import require as require_extra
 from lowres_birds.inspect.html import Section, write_page
 from lowres_birds.inspect.plots import barh_png, image_grid_png
 from lowres_birds.run_dir import write_csv
@@ -236,6 +237,7 @@ def twin_check(table, lr: np.ndarray, hr: np.ndarray, threshold_db: float, out: 
 
 def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: float) -> Path:
     """All tables, figures and eda.html for a data folder; prints a summary; returns the page."""
+    require_extra("eda", "eda (perceptual hashes for the near-duplicate check)")
     started = time.perf_counter()
     table = load_train_table(data_dir)
     test = load_test_table(data_dir) if (data_dir / "test.csv").is_file() else None

@@ -17,6 +17,7 @@ from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import fit_square, load_images
 from lowres_birds.data.tables import LabelMap, load_train_table
 from lowres_birds.errors import UserError
+from lowres_birds.extras import install_command, missing as missing_extra, require as require_extra
 from lowres_birds.inspect.html import Section, write_page
 from lowres_birds.inspect.plots import barh_png, confusion_matrix_png, curves_png, image_grid_png
 from lowres_birds.metrics import per_class_table, score
@@ -121,6 +122,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     """All figures and report.html for a run; returns (page, short text summary)."""
     import pandas as pd
 
+    require_extra("report", "report (Grad-CAM figures)")
     run = RunDir(run_dir).require()
     run_dir = run.path
     out_dir = Path(out_dir or run / RunDir.REPORT)
@@ -166,6 +168,9 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
 
 def report_after_training(run_dir: Path, data_dir: Path | None) -> None:
     """Called by ``train`` on success: a failed report never fails the training, it warns in one line."""
+    if missing_extra("report"):
+        warnings.warn(f"training report skipped: it needs the [report] extra ({install_command('report')}), then run lowres-birds report --run {run_dir}", stacklevel=2)
+        return
     try:
         page, _ = write_report(run_dir, RunDir(run_dir).data_dir(data_dir))
         print(f"report: {page}")

@@ -19,6 +19,7 @@ from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import decode_image, fit_square, load_images, to_rgb_array
 from lowres_birds.data.tables import load_test_table
 from lowres_birds.errors import UserError
+from lowres_birds.extras import require as require_extra
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 
@@ -52,6 +53,7 @@ class Classifier:
 
     @classmethod
     def _load_onnx(cls, path: Path) -> "Classifier":
+        require_extra("onnx", "an ONNX model")
         import onnx
         import onnxruntime as ort
 
