@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lowres_birds.errors import UserError
+from lowres_birds.progress import bar as progress_bar
 from lowres_birds.run_dir import atomic_write
 
 MAX_IMAGE_PIXELS = 40_000_000  # larger "images" are refused as decompression bombs
@@ -100,7 +101,8 @@ def load_images(paths: list[Path], size: int, workers: int = 2) -> np.ndarray:
 
     images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, array in enumerate(pool.map(decode, paths)):
+        decoded = progress_bar(pool.map(decode, paths), desc=f"decoding {len(paths)} images", total=len(paths))
+        for index, array in enumerate(decoded):
             images[index] = array
     if odd_sizes:
         warnings.warn(f"{odd_sizes} of {len(paths)} images were not {size}x{size}; resized to {size}x{size} (bicubic)", stacklevel=2)

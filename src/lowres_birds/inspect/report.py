@@ -24,6 +24,7 @@ from lowres_birds.metrics import per_class_table, score
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.resolution import to_nchw
 from lowres_birds.model.wrapper import in_batches
+from lowres_birds.progress import working
 from lowres_birds.run_dir import RunDir, write_csv
 
 CONFIDENT_ERRORS = 12
@@ -130,7 +131,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     model, labels = load_run_model(run_dir)
     ids, images, truth = validation_images(run, data_dir, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probs = in_batches(lambda batch: model(batch).softmax(-1), images)
+    probs = in_batches(lambda batch: model(batch).softmax(-1), images, desc=f"scoring {len(images)} validation images")
     predicted = probs.argmax(1)
     true_names, predicted_names = [labels[i] for i in truth], [labels[i] for i in predicted]
     scores = score(true_names, predicted_names)
@@ -139,7 +140,8 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     curves = curves_png(metrics, out_dir / "curves.png")
     matrix = confusion_matrix_png(true_names, predicted_names, labels, out_dir / "confusion_matrix.png", "validation confusion matrix (rows normalised)")
     f1_chart = barh_png(per_class["label"].tolist(), per_class["f1"].tolist(), out_dir / "per_class_f1.png", "validation F1 per class, worst first", "F1", (0, 1))
-    errors_png, n_wrong = confident_errors_png(model, images, truth, probs, labels, out_dir / "confident_errors.png")
+    with working("Grad-CAM of the most confident errors"):
+        errors_png, n_wrong = confident_errors_png(model, images, truth, probs, labels, out_dir / "confident_errors.png")
     config = pd.DataFrame([(k, str(v)) for k, v in run.config().to_dict().items()], columns=["key", "value"])
     timings = metrics.assign(epoch_s=metrics["elapsed_s"].diff().fillna(metrics["elapsed_s"]))
     best = metrics.loc[metrics["val_macro_f1"].idxmax()]
