@@ -54,6 +54,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _default_out(kind: str) -> Path:
+    """runs/<kind>, runs/<kind>2, ... for a command run without --out (run_dir.numbered_folder decides)."""
+    from lowres_birds.run_dir import numbered_folder
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would count the folders at another moment
+        raise UserError(f"{kind}: pass --out under torchrun / accelerate launch, so that every process names the same folder")
+    return numbered_folder(kind)
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -81,7 +90,7 @@ def add_train(sub) -> None:
     parser = sub.add_parser("train", help="train a model on a data folder")
     parser.add_argument("--data", type=Path, help="competition folder (train.csv, train/, upscale_train/) or ImageFolder")
     parser.add_argument("--recipe", help=f"built-in recipe ({', '.join(recipe_names())}) or a YAML path (default: {DEFAULT_RECIPE})")
-    parser.add_argument("--out", type=Path, help="run folder to create (default: runs/latest)")
+    parser.add_argument("--out", type=Path, help="run folder to create (default: runs/train, then runs/train2, ...)")
     parser.add_argument("--resume", metavar="RUN", type=Path, help="continue RUN from its last checkpoint, with its saved config and data")
     parser.add_argument("--force", action="store_true", help="replace an existing run folder (only a folder this tool made)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -100,7 +109,7 @@ def run_train(args) -> int:
         return 0
     if args.data is None:
         raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
-    run_dir = args.out or Path("runs/latest")
+    run_dir = args.out or _default_out("train")
     started = time.perf_counter()
     if cfg.folds and cfg.fold < 0:
         from lowres_birds.train.loop import train_folds
@@ -344,7 +353,7 @@ def add_study(sub) -> None:
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe shared by all strategies")
     parser.add_argument("--recipes", help="comma-separated recipes to compare (replaces --recipe); each keeps its own strategy unless --strategies is given, all take the first recipe's seed, validation fraction and budget")
     parser.add_argument("--strategies", help="comma-separated strategies, e.g. native,upscale:224,upscale:256,hr-downscale:64 (default: the recipe's)")
-    parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder: one run folder per row, results.* and study.html")
+    parser.add_argument("--out", type=Path, help="study folder: one run folder per row, results.* and study.html; pass the same --out to continue an interrupted study (default: runs/study, runs/study2, ...)")
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
     parser.add_argument("--note", default="", help="sentence put before the table, e.g. how sizes were adapted to the hardware")
     add_config_overrides(parser)
@@ -363,9 +372,12 @@ def run_study(args) -> int:
     from lowres_birds.inspect.study import run_study as study
     from lowres_birds.run_dir import check_output
 
-    check_output(args.out, force=True, folder=True)
+    out = args.out or _default_out("study")
+    check_output(out, force=True, folder=True)
     recipes = _split_list(args.recipes) or [args.recipe]
-    study(recipes, _split_list(args.strategies), config_overrides(args), args.data, args.out, args.force, args.note)
+    if args.out is None:
+        print(f"study folder: {out} (if interrupted, continue with --out {out})")
+    study(recipes, _split_list(args.strategies), config_overrides(args), args.data, out, args.force, args.note)
     return 0
 
 

@@ -92,6 +92,19 @@ def check_output(path: Path, force: bool, *, folder: bool = False) -> None:
         raise UserError(f"{path} already exists; pass --force to overwrite it or choose another output path")
 
 
+RUNS = Path("runs")  # where outputs go when --out is not given
+
+
+def numbered_folder(kind: str, root: Path = RUNS) -> Path:
+    """The default output folder of a command: runs/<kind>, then runs/<kind>2, runs/<kind>3, ... (the first that
+    does not exist yet), so no earlier run is ever reused or replaced, as Ultralytics numbers runs/train."""
+    candidate, number = Path(root) / kind, 1
+    while candidate.exists():
+        number += 1
+        candidate = Path(root) / f"{kind}{number}"
+    return candidate
+
+
 def is_ours(folder: Path) -> bool:
     """A folder this tool made (marker), or a run folder written before the marker existed."""
     return (folder / MARKER).is_file() or ((folder / "config.yaml").is_file() and (folder / "labels.json").is_file())
