@@ -162,11 +162,14 @@ def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float
 
 
 def add_predict(sub) -> None:
-    parser = sub.add_parser("predict", help="write a submission for test.csv")
+    parser = sub.add_parser("predict", help="predict a test set (submission CSV) or any images (CSV of path, label, score, top-k)")
     parser.add_argument("--run", type=Path, action="append", default=[], help="trained run folder (repeat to average several runs)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="exported ONNX model (repeatable, averaged with --run)")
-    parser.add_argument("--data", type=Path, required=True, help="folder with test.csv and test/ (sample_submission.csv gives the order)")
-    parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV to write")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--data", type=Path, help="competition folder with test.csv and test/: writes a submission (id,label) in sample_submission.csv's order")
+    inputs.add_argument("--images", metavar="DIR|GLOB", help="any images: a folder (searched recursively), a quoted glob such as 'photos/*.jpg', or one file")
+    parser.add_argument("--out", type=Path, help="CSV to write (default: submission.csv with --data, predictions.csv with --images)")
+    parser.add_argument("--top", type=_positive_int, default=5, help="with --images: classes per image (columns label, score, label_2, score_2, ...)")
     parser.add_argument("--probs", type=Path, help="also write per-class probabilities to this CSV")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
@@ -176,22 +179,32 @@ def add_predict(sub) -> None:
 def run_predict(args) -> int:
     import pandas as pd
 
-    from lowres_birds.predict.classifier import predict_test_set
+    from lowres_birds.data.tables import find_images
+    from lowres_birds.predict.classifier import predict_files, predict_test_set, top_k_table
     from lowres_birds.run_dir import check_output, write_csv
 
     sources = args.run + args.onnx
     if not sources:
         raise UserError("predict: pass --run RUN (or --onnx MODEL); repeat it to average several models")
-    if args.probs is not None and args.probs.resolve() == args.out.resolve():
-        raise UserError(f"predict: --out and --probs both name {args.out}; give the probabilities another file")
-    for path in (args.out, args.probs):
+    out = args.out or Path("submission.csv" if args.data is not None else "predictions.csv")
+    if args.probs is not None and args.probs.resolve() == out.resolve():
+        raise UserError(f"predict: --out and --probs both name {out}; give the probabilities another file")
+    for path in (out, args.probs):
         if path is not None:
             check_output(path, args.force)
-    ids, labels, probs = predict_test_set(sources, args.data, tta=args.tta, device=args.device)
-    write_csv(args.out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
+    if args.data is not None:
+        ids, labels, probs = predict_test_set(sources, args.data, tta=args.tta, device=args.device)
+        write_csv(out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
+        key = "id"
+    else:
+        paths = find_images(args.images)
+        labels, probs = predict_files(sources, paths, tta=args.tta, device=args.device)
+        ids = [str(path) for path in paths]
+        write_csv(out, top_k_table(ids, labels, probs, args.top))
+        key = "path"
     if args.probs is not None:
-        write_csv(args.probs, pd.concat([pd.DataFrame({"id": ids}), pd.DataFrame(probs, columns=labels)], axis=1))
-    print(f"wrote {len(ids)} predictions to {args.out}" + (f" and probabilities to {args.probs}" if args.probs else ""))
+        write_csv(args.probs, pd.concat([pd.DataFrame({key: ids}), pd.DataFrame(probs, columns=labels)], axis=1))
+    print(f"wrote {len(ids)} predictions to {out}" + (f" and probabilities to {args.probs}" if args.probs else ""))
     return 0
 
 
@@ -199,17 +212,35 @@ def run_predict(args) -> int:
 
 
 def add_evaluate(sub) -> None:
-    parser = sub.add_parser("evaluate", help="score a submission against labels")
-    parser.add_argument("--submission", type=Path, required=True, help="CSV with id,label")
-    parser.add_argument("--labels", type=Path, required=True, help="CSV with id,label (may cover part of the test set)")
-    parser.add_argument("--data", type=Path, help="test folder: submission ids outside its test.csv are refused (default: the folder of --labels when it holds a test.csv)")
-    parser.add_argument("--out-dir", type=Path, help="where to write confusion_matrix.png and per_class.csv (default: beside the submission)")
+    parser = sub.add_parser("evaluate", help="score a submission against labels, or a trained model on a labelled ImageFolder")
+    parser.add_argument("--submission", type=Path, help="CSV with id,label (with --labels)")
+    parser.add_argument("--labels", type=Path, help="CSV with id,label (may cover part of the test set)")
+    parser.add_argument("--run", type=Path, action="append", default=[], help="instead of a submission: a trained run folder to score on --data; repeat to average")
+    parser.add_argument("--onnx", type=Path, action="append", default=[], help="an exported ONNX model to score on --data (repeatable)")
+    parser.add_argument(
+        "--data", type=Path,
+        help="with --run: a labelled ImageFolder (DIR/<class>/*.jpg) to predict and score; with --submission: the test folder, "
+        "whose test.csv ids the submission must cover (default: the folder of --labels when it holds a test.csv)",
+    )
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="with --run: test-time augmentation")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="with --run: where the models run")
+    parser.add_argument("--out-dir", type=Path, help="where to write confusion_matrix.png and per_class.csv (default: beside the submission; with --run: runs/evaluate, runs/evaluate2, ...)")
     parser.add_argument("--force", action="store_true", help="overwrite existing per_class.csv / confusion_matrix.png")
 
 
 def run_evaluate(args) -> int:
-    from lowres_birds.inspect.evaluate import evaluate_submission
+    from lowres_birds.inspect.evaluate import evaluate_models, evaluate_submission
 
+    sources = args.run + args.onnx
+    if sources:
+        if args.submission is not None or args.labels is not None:
+            raise UserError("evaluate: score either models (--run/--onnx with --data IMAGEFOLDER) or a submission (--submission with --labels), not both")
+        if args.data is None:
+            raise UserError("evaluate: --run needs --data, a labelled ImageFolder (DIR/<class>/*.jpg) to score it on")
+        evaluate_models(sources, args.data, args.out_dir or _default_out("evaluate"), args.force, args.tta, args.device)
+        return 0
+    if args.submission is None or args.labels is None:
+        raise UserError("evaluate: pass --submission CSV --labels CSV, or --run RUN --data IMAGEFOLDER")
     test_dir = args.data or (args.labels.parent if (args.labels.parent / "test.csv").is_file() else None)
     evaluate_submission(args.submission, args.labels, test_dir, args.out_dir or args.submission.parent, args.force)
     return 0
@@ -239,8 +270,8 @@ def run_demo(args) -> int:
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
     submission = args.out / "submission.csv"
-    run_predict(argparse.Namespace(run=[run_dir], onnx=[], data=data_dir, out=submission, probs=None, tta="flip", device="cpu", force=True))
-    run_evaluate(argparse.Namespace(submission=submission, labels=data_dir / "test_labels.csv", data=data_dir, out_dir=args.out, force=True))
+    run_predict(argparse.Namespace(run=[run_dir], onnx=[], data=data_dir, images=None, out=submission, top=1, probs=None, tta="flip", device="cpu", force=True))
+    run_evaluate(argparse.Namespace(submission=submission, labels=data_dir / "test_labels.csv", run=[], onnx=[], data=data_dir, out_dir=args.out, force=True))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. Everything is in {args.out}/:")
     print("  data/ (synthetic)  run/ (model, config, metrics)  submission.csv  confusion_matrix.png")
     print("Real data: lowres-birds train --data DIR --recipe cpu --out runs/mine  (see README)")
@@ -264,8 +295,8 @@ def _load_classifier(args):
 
 
 def add_predict_image(sub) -> None:
-    parser = sub.add_parser("predict-image", help="top species for one or more photos")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="photos of any size (reduced to 64x64 as in training)")
+    parser = sub.add_parser("predict-image", help="top species for one or more photos (or folders of them)")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="photos of any size (reduced to 64x64 as in training), or folders searched for them")
     _add_model_options(parser)
     parser.add_argument("--top", type=_positive_int, default=5, help="how many species to list per photo")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -276,17 +307,22 @@ def run_predict_image(args) -> int:
 
     import numpy as np
 
+    from lowres_birds.data.tables import find_images
     from lowres_birds.predict.classifier import to_model_input
+    from lowres_birds.progress import bar
 
     classifier = _load_classifier(args)
-    images = np.stack([to_model_input(path) for path in args.paths])  # every file is checked before any output
-    tops = [classifier.top_k(row, args.top) for row in classifier.predict_arrays(images)]
+    paths = [found for path in args.paths for found in (find_images(path) if path.is_dir() else [path])]
+    shown = bar(paths, desc=f"decoding {len(paths)} images", total=len(paths)) if len(paths) > 1 else paths
+    images = np.stack([to_model_input(path) for path in shown])  # every file is checked before any output
+    probs = classifier.predict_arrays(images, progress=f"predicting {len(paths)} images" if len(paths) > 1 else None)
+    tops = [classifier.top_k(row, args.top) for row in probs]
     if args.json:
-        answers = [{"path": str(path), "top": [{"label": label, "probability": p} for label, p in top]} for path, top in zip(args.paths, tops)]
+        answers = [{"path": str(path), "top": [{"label": label, "probability": p} for label, p in top]} for path, top in zip(paths, tops)]
         print(json.dumps(answers, indent=2))
         return 0
     width = max(len(label) for top in tops for label, _ in top)
-    for path, top in zip(args.paths, tops):
+    for path, top in zip(paths, tops):
         print(path)
         for rank, (label, probability) in enumerate(top, 1):
             print(f"  {rank:>2}. {label:<{width}}  {probability:6.1%}")
