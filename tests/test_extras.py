@@ -74,6 +74,7 @@ assert not any(name.split('.')[0] in {BLOCKED!r} for name in sys.modules), sorte
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: training report skipped: it needs the [report] extra" in result.stderr
     assert "serve needs the [serve] extra" in result.stderr
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()
 
 
 def test_psnr_and_ssim_without_scikit_image_give_its_values():

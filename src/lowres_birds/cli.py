@@ -152,10 +152,24 @@ def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float
         f"best validation macro-F1 {result['best_val_macro_f1']:.4f} (epoch {result['best_epoch']}), "
         f"{time.perf_counter() - started:.0f}s; run folder: {run_dir}"
     )
+    _hf_folder_after_training(run_dir)
     from lowres_birds.inspect.report import report_after_training
 
     report_after_training(run_dir, data_dir)
     return 0
+
+
+def _hf_folder_after_training(run_dir: Path) -> None:
+    """RUN/hf, as ``export --format hf`` writes it; like the report, a failure only warns."""
+    from lowres_birds.predict.hf_folder import write_hf_folder
+    from lowres_birds.run_dir import RunDir
+
+    try:
+        folder = write_hf_folder(run_dir, Path(run_dir) / RunDir.HF, force=True)
+    except Exception as exc:  # noqa: BLE001 - the run itself is complete
+        warnings.warn(f"Hugging Face folder skipped ({type(exc).__name__}: {exc}); run lowres-birds export --format hf --run {run_dir}", stacklevel=2)
+        return
+    print(f"Hugging Face folder: {folder} (transformers.pipeline('image-classification', model='{folder}'))")
 
 
 # --------------------------------------------------------------------------- predict
@@ -163,7 +177,7 @@ def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float
 
 def add_predict(sub) -> None:
     parser = sub.add_parser("predict", help="predict a test set (submission CSV) or any images (CSV of path, label, score, top-k)")
-    parser.add_argument("--run", type=Path, action="append", default=[], help="trained run folder (repeat to average several runs)")
+    parser.add_argument("--run", type=Path, action="append", default=[], help="trained run folder or exported Hugging Face folder (repeat to average several)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="exported ONNX model (repeatable, averaged with --run)")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--data", type=Path, help="competition folder with test.csv and test/: writes a submission (id,label) in sample_submission.csv's order")
@@ -215,7 +229,7 @@ def add_evaluate(sub) -> None:
     parser = sub.add_parser("evaluate", help="score a submission against labels, or a trained model on a labelled ImageFolder")
     parser.add_argument("--submission", type=Path, help="CSV with id,label (with --labels)")
     parser.add_argument("--labels", type=Path, help="CSV with id,label (may cover part of the test set)")
-    parser.add_argument("--run", type=Path, action="append", default=[], help="instead of a submission: a trained run folder to score on --data; repeat to average")
+    parser.add_argument("--run", type=Path, action="append", default=[], help="instead of a submission: a trained run folder (or exported Hugging Face folder) to score on --data; repeat to average")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="an exported ONNX model to score on --data (repeatable)")
     parser.add_argument(
         "--data", type=Path,
@@ -282,7 +296,7 @@ def run_demo(args) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", type=Path, help="trained run folder")
+    parser.add_argument("--run", type=Path, help="trained run folder (or a folder written by export --format hf)")
     parser.add_argument("--onnx", type=Path, help="exported ONNX model (instead of --run)")
 
 
@@ -360,22 +374,35 @@ def run_serve(args) -> int:
 
 
 def add_export(sub) -> None:
-    parser = sub.add_parser("export", help="export a trained run as a self-contained ONNX model")
+    parser = sub.add_parser("export", help="export a trained run as a self-contained ONNX model or a Hugging Face folder")
     parser.add_argument("--run", type=Path, required=True, help="trained run folder (with model.safetensors)")
-    parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
-    parser.add_argument("--out", type=Path, default=Path("model.onnx"), help="file to write")
+    parser.add_argument("--format", choices=("onnx", "hf"), default="onnx",
+                        help="onnx: one .onnx file (uint8 pixels in); hf: a folder for transformers.pipeline / timm (config.json, model.safetensors, preprocessing, model card)")
+    parser.add_argument("--out", type=Path, help="file (onnx; default model.onnx) or folder (hf; default runs/hf, runs/hf2, ...) to write")
     parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
 def run_export(args) -> int:
-    from lowres_birds.extras import require
-    from lowres_birds.predict.export import export_onnx
+    from lowres_birds.progress import working
     from lowres_birds.run_dir import check_output
 
+    if args.format == "hf":
+        from lowres_birds.predict.hf_folder import write_hf_folder
+
+        out = args.out or _default_out("hf")
+        with working(f"writing a Hugging Face folder to {out}"):
+            folder = write_hf_folder(args.run, out, force=args.force)
+        print(f"wrote {folder}/ (config.json, model.safetensors, README.md): transformers.pipeline('image-classification', model='{folder}')")
+        return 0
+    from lowres_birds.extras import require
+    from lowres_birds.predict.export import export_onnx
+
     require("onnx", "export --format onnx")
-    check_output(args.out, args.force)
-    path = export_onnx(args.run, args.out, args.layout)
+    out = args.out or Path("model.onnx")
+    check_output(out, args.force)
+    with working(f"exporting {args.run} to ONNX (about a minute on 2 cores)"):
+        path = export_onnx(args.run, out, args.layout)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
     return 0
 

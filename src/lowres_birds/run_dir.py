@@ -7,6 +7,7 @@ A run folder holds::
     split.json           data folder, fingerprint, ids     model.safetensors  the best weights
     metrics.jsonl        one record per finished epoch     checkpoint.pt    resumable state (tensors + plain types)
     val_predictions.npz  the best model's validation probabilities (out-of-fold scoring)
+    report/              figures and report.html          hf/              the best weights as a Hugging Face folder
 
 ``RunDir`` owns these names and their formats: every reader validates what it reads (a run folder is input
 like any other) and names the file on failure; nothing is unpickled. ``atomic_write`` is the only way files
@@ -153,6 +154,7 @@ class RunDir:
     VAL_PREDICTIONS = "val_predictions.npz"
     DEGRADATION = "degradation.json"
     REPORT = "report"
+    HF = "hf"  # the best weights as a Hugging Face folder (export --format hf)
 
     def __init__(self, path: Path | str):
         self.path = Path(path)

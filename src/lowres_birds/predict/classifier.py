@@ -1,10 +1,11 @@
-"""Prediction: load a trained run (or an exported ONNX model) and turn images into probabilities.
+"""Prediction: load a trained run (or an exported ONNX model or Hugging Face folder) and turn images into
+probabilities.
 
 ``Classifier`` is the one code path the CLI, the server and the Python API share: any image is brought
 to the run's low-res input (downscaled to 64x64 first when larger, as the training images were), then
 the model wrapper resizes and normalises exactly as in training. Called like a Hugging Face pipeline::
 
-    classify = Classifier.load("runs/train")          # a run folder or model.onnx
+    classify = Classifier.load("runs/train")          # a run folder, model.onnx or an exported HF folder
     classify("photo.jpg", top_k=3)                    # [{"label": ..., "score": ...}, ...] best first
     classify(["a.jpg", pil_image, array])             # one such list per image
 """
@@ -26,6 +27,7 @@ from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
+from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
 
 TTA_MODES = ("none", "flip")
 
@@ -41,10 +43,12 @@ class Classifier:
 
     @classmethod
     def load(cls, source: str | Path, device: str = "cpu") -> "Classifier":
-        """A run folder (``train``) or an ONNX file (``export``)."""
+        """A run folder (``train``), an ONNX file or a Hugging Face folder (``export --format hf``)."""
         source = Path(source)
         if source.suffix == ".onnx":
             return cls._load_onnx(source)
+        if is_hf_folder(source):
+            return cls._from_model(*load_hf_folder(source, device), str(source), device)
         return cls._from_model(*load_run_model(source, device), str(source), device)
 
     @classmethod
