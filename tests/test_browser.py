@@ -65,7 +65,7 @@ def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(server_url
     from playwright.sync_api import expect, sync_playwright
 
     photo = sorted((demo_data / "upscale_train").glob("*.jpg"))[0]
-    expected = Classifier.load(eight_species_run).predict(photo, top=5)
+    expected = Classifier.load(eight_species_run)(photo, top_k=5)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
@@ -76,8 +76,8 @@ def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(server_url
 
             bars = page.locator("#predictions li")
             expect(bars).to_have_count(5)
-            assert [bars.nth(i).get_attribute("data-label") for i in range(bars.count())] == [label for label, _ in expected]
-            expect(bars.first.locator(".value")).to_have_text(f"{expected[0][1] * 100:.1f}%")
+            assert [bars.nth(i).get_attribute("data-label") for i in range(bars.count())] == [e["label"] for e in expected]
+            expect(bars.first.locator(".value")).to_have_text(f"{expected[0]['score'] * 100:.1f}%")
             assert all(bars.nth(i).locator(".label").inner_text().strip() for i in range(bars.count()))
             page.wait_for_function("() => document.querySelector('#model-view').naturalWidth === 64")
             assert page.locator("#model-view").evaluate("img => [img.naturalHeight, getComputedStyle(img).imageRendering]") == [64, "pixelated"]

@@ -74,9 +74,9 @@ def test_predict_matches_the_python_api_and_previews_the_model_input(client, cla
 
     assert response.status_code == 200, response.text
     answer = response.json()
-    expected = classifier.predict(photo, top=3)
-    assert [entry["label"] for entry in answer["top"]] == [label for label, _ in expected]
-    assert [entry["probability"] for entry in answer["top"]] == pytest.approx([p for _, p in expected], abs=1e-5)
+    expected = classifier(photo, top_k=3)
+    assert [entry["label"] for entry in answer["top"]] == [e["label"] for e in expected]
+    assert [entry["probability"] for entry in answer["top"]] == pytest.approx([e["score"] for e in expected], abs=1e-5)
     assert answer["input_size"] == 64 and answer["elapsed_ms"] > 0 and answer["model"]
     header, encoded = answer["preview"].split(",", 1)
     assert header == "data:image/png;base64"
@@ -103,7 +103,7 @@ def test_batch_answers_each_file_in_order(client, classifier, demo_data):
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [r["filename"] for r in results] == [p.name for p in photos]
-    assert [r["top"][0]["label"] for r in results] == [classifier.predict(p, top=1)[0][0] for p in photos]
+    assert [r["top"][0]["label"] for r in results] == [best["label"] for (best,) in classifier(photos, top_k=1)]
 
 
 def test_labels_health_and_page(client, classifier):
@@ -257,9 +257,9 @@ def test_predict_image_prints_a_table_and_json(trained_run, classifier, demo_dat
 
     assert [a["path"] for a in answers] == photos
     for answer, path in zip(answers, photos):
-        expected = classifier.predict(path, top=2)
-        assert [e["label"] for e in answer["top"]] == [label for label, _ in expected]
-        assert path in table and f"1. {expected[0][0]}" in table and f"{expected[0][1]:.1%}" in table
+        expected = classifier(path, top_k=2)
+        assert [e["label"] for e in answer["top"]] == [e["label"] for e in expected]
+        assert path in table and f"1. {expected[0]['label']}" in table and f"{expected[0]['score']:.1%}" in table
 
 
 @pytest.mark.parametrize(

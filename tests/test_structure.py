@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lowres_birds"
 # Lower layers never import higher ones: cli -> inspect -> train / predict -> model / data -> run_dir -> config -> errors.
 LAYERS = {
-    "errors": 0, "runtime": 0, "config": 1, "metrics": 1, "run_dir": 2,
+    "errors": 0, "runtime": 0, "progress": 0, "extras": 1, "config": 1, "metrics": 1, "run_dir": 2,
     "data": 3, "model": 3, "train": 4, "predict": 4, "inspect": 5, "cli": 6,
 }
 

@@ -63,6 +63,15 @@ def number(kind: type, low: float | None = None, high: float | None = None):
     return parse
 
 
+def _default_out(kind: str) -> Path:
+    """runs/<kind>, runs/<kind>2, ... for a command run without --out (run_dir.numbered_folder decides)."""
+    from lowres_birds.run_dir import numbered_folder
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would count the folders at another moment
+        raise UserError(f"{kind}: pass --out under torchrun / accelerate launch, so that every process names the same folder")
+    return numbered_folder(kind)
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -90,7 +99,7 @@ def add_train(sub) -> None:
     parser = sub.add_parser("train", help="train a model on a data folder")
     parser.add_argument("--data", type=Path, help="competition folder (train.csv, train/, upscale_train/) or ImageFolder")
     parser.add_argument("--recipe", help=f"built-in recipe ({', '.join(recipe_names())}) or a YAML path (default: {DEFAULT_RECIPE})")
-    parser.add_argument("--out", type=Path, help="run folder to create (default: runs/latest)")
+    parser.add_argument("--out", type=Path, help="run folder to create (default: runs/train, then runs/train2, ...)")
     parser.add_argument("--resume", metavar="RUN", type=Path, help="continue RUN from its last checkpoint, with its saved config and data")
     parser.add_argument("--force", action="store_true", help="replace an existing run folder (only a folder this tool made)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -111,7 +120,7 @@ def run_train(args) -> int:
         raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
     from lowres_birds.run_dir import replace_folder
 
-    run_dir = args.out or Path("runs/latest")
+    run_dir = args.out or _default_out("train")
     replace_folder(run_dir, args.force, create=False, others=[("--data", args.data)])  # checked now, replaced once data and model load
     started = time.perf_counter()
     if cfg.folds and cfg.fold < 0:
@@ -155,21 +164,38 @@ def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float
         f"best validation macro-F1 {result['best_val_macro_f1']:.4f} (epoch {result['best_epoch']}), "
         f"{time.perf_counter() - started:.0f}s; run folder: {run_dir}"
     )
+    _hf_folder_after_training(run_dir)
     from lowres_birds.inspect.report import report_after_training
 
     report_after_training(run_dir, data_dir)
     return 0
 
 
+def _hf_folder_after_training(run_dir: Path) -> None:
+    """RUN/hf, as ``export --format hf`` writes it; like the report, a failure only warns."""
+    from lowres_birds.predict.hf_folder import write_hf_folder
+    from lowres_birds.run_dir import RunDir
+
+    try:
+        folder = write_hf_folder(run_dir, Path(run_dir) / RunDir.HF, force=True)
+    except Exception as exc:  # noqa: BLE001 - the run itself is complete
+        warnings.warn(f"Hugging Face folder skipped ({type(exc).__name__}: {exc}); run lowres-birds export --format hf --run {run_dir}", stacklevel=2)
+        return
+    print(f"Hugging Face folder: {folder} (transformers.pipeline('image-classification', model='{folder}'))")
+
+
 # --------------------------------------------------------------------------- predict
 
 
 def add_predict(sub) -> None:
-    parser = sub.add_parser("predict", help="write a submission for test.csv")
-    parser.add_argument("--run", type=Path, action="append", default=[], help="trained run folder (repeat to average several runs)")
+    parser = sub.add_parser("predict", help="predict a test set (submission CSV) or any images (CSV of path, label, score, top-k)")
+    parser.add_argument("--run", type=Path, action="append", default=[], help="trained run folder or exported Hugging Face folder (repeat to average several)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="exported ONNX model (repeatable, averaged with --run)")
-    parser.add_argument("--data", type=Path, required=True, help="folder with test.csv and test/ (sample_submission.csv gives the order)")
-    parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV to write")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--data", type=Path, help="competition folder with test.csv and test/: writes a submission (id,label) in sample_submission.csv's order")
+    inputs.add_argument("--images", metavar="DIR|GLOB", help="any images: a folder (searched recursively), a quoted glob such as 'photos/*.jpg', or one file")
+    parser.add_argument("--out", type=Path, help="CSV to write (default: submission.csv with --data, predictions.csv with --images)")
+    parser.add_argument("--top", type=number(int, 1), default=5, help="with --images: classes per image (columns label, score, label_2, score_2, ...)")
     parser.add_argument("--probs", type=Path, help="also write per-class probabilities to this CSV")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
@@ -179,21 +205,31 @@ def add_predict(sub) -> None:
 def run_predict(args) -> int:
     import pandas as pd
 
-    from lowres_birds.predict.classifier import predict_test_set
+    from lowres_birds.data.tables import find_images
+    from lowres_birds.predict.classifier import predict_files, predict_test_set, top_k_table
     from lowres_birds.run_dir import check_output, write_csv
 
     sources = args.run + args.onnx
     if not sources:
         raise UserError("predict: pass --run RUN (or --onnx MODEL); repeat it to average several models")
+    out = args.out or Path("submission.csv" if args.data is not None else "predictions.csv")
     inputs = [("--data", args.data), *(("--run", run) for run in args.run), *(("--onnx", model) for model in args.onnx)]
-    check_output(args.out, args.force, others=[("--probs", args.probs), *inputs])
+    check_output(out, args.force, others=[("--probs", args.probs), *inputs])
     if args.probs is not None:
         check_output(args.probs, args.force, others=inputs)
-    ids, labels, probs = predict_test_set(sources, args.data, tta=args.tta, device=args.device)
-    write_csv(args.out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
+    if args.data is not None:
+        ids, labels, probs = predict_test_set(sources, args.data, tta=args.tta, device=args.device)
+        write_csv(out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
+        key = "id"
+    else:
+        paths = find_images(args.images)
+        labels, probs = predict_files(sources, paths, tta=args.tta, device=args.device)
+        ids = [str(path) for path in paths]
+        write_csv(out, top_k_table(ids, labels, probs, args.top))
+        key = "path"
     if args.probs is not None:
-        write_csv(args.probs, pd.concat([pd.DataFrame({"id": ids}), pd.DataFrame(probs, columns=labels)], axis=1))
-    print(f"wrote {len(ids)} predictions to {args.out}" + (f" and probabilities to {args.probs}" if args.probs else ""))
+        write_csv(args.probs, pd.concat([pd.DataFrame({key: ids}), pd.DataFrame(probs, columns=labels)], axis=1))
+    print(f"wrote {len(ids)} predictions to {out}" + (f" and probabilities to {args.probs}" if args.probs else ""))
     return 0
 
 
@@ -201,18 +237,36 @@ def run_predict(args) -> int:
 
 
 def add_evaluate(sub) -> None:
-    parser = sub.add_parser("evaluate", help="score a submission against labels")
-    parser.add_argument("--submission", type=Path, required=True, help="CSV with id,label")
-    parser.add_argument("--labels", type=Path, required=True, help="CSV with id,label (may cover part of the test set)")
-    parser.add_argument("--data", type=Path, help="test folder: submission ids outside its test.csv are refused (default: the folder of --labels when it holds a test.csv)")
-    parser.add_argument("--out-dir", type=Path, help="where to write confusion_matrix.png and per_class.csv (default: beside the submission)")
+    parser = sub.add_parser("evaluate", help="score a submission against labels, or a trained model on a labelled ImageFolder")
+    parser.add_argument("--submission", type=Path, help="CSV with id,label (with --labels)")
+    parser.add_argument("--labels", type=Path, help="CSV with id,label (may cover part of the test set)")
+    parser.add_argument("--run", type=Path, action="append", default=[], help="instead of a submission: a trained run folder (or exported Hugging Face folder) to score on --data; repeat to average")
+    parser.add_argument("--onnx", type=Path, action="append", default=[], help="an exported ONNX model to score on --data (repeatable)")
+    parser.add_argument(
+        "--data", type=Path,
+        help="with --run: a labelled ImageFolder (DIR/<class>/*.jpg) to predict and score; with --submission: the test folder, "
+        "whose test.csv ids the submission must cover (default: the folder of --labels when it holds a test.csv)",
+    )
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="with --run: test-time augmentation")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="with --run: where the models run")
+    parser.add_argument("--out-dir", type=Path, help="where to write confusion_matrix.png and per_class.csv (default: beside the submission; with --run: runs/evaluate, runs/evaluate2, ...)")
     parser.add_argument("--force", action="store_true", help="overwrite existing per_class.csv / confusion_matrix.png")
 
 
 def run_evaluate(args) -> int:
-    from lowres_birds.inspect.evaluate import evaluate_submission
+    from lowres_birds.inspect.evaluate import evaluate_models, evaluate_submission
     from lowres_birds.run_dir import check_output
 
+    sources = args.run + args.onnx
+    if sources:
+        if args.submission is not None or args.labels is not None:
+            raise UserError("evaluate: score either models (--run/--onnx with --data IMAGEFOLDER) or a submission (--submission with --labels), not both")
+        if args.data is None:
+            raise UserError("evaluate: --run needs --data, a labelled ImageFolder (DIR/<class>/*.jpg) to score it on")
+        evaluate_models(sources, args.data, args.out_dir or _default_out("evaluate"), args.force, args.tta, args.device)
+        return 0
+    if args.submission is None or args.labels is None:
+        raise UserError("evaluate: pass --submission CSV --labels CSV, or --run RUN --data IMAGEFOLDER")
     test_dir = args.data or (args.labels.parent if (args.labels.parent / "test.csv").is_file() else None)
     out_dir = args.out_dir or args.submission.parent
     check_output(out_dir, force=True, folder=True)  # a folder that may hold other files; its two files are checked next
@@ -244,8 +298,8 @@ def run_demo(args) -> int:
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
     submission = args.out / "submission.csv"
-    run_predict(argparse.Namespace(run=[run_dir], onnx=[], data=data_dir, out=submission, probs=None, tta="flip", device="cpu", force=True))
-    run_evaluate(argparse.Namespace(submission=submission, labels=data_dir / "test_labels.csv", data=data_dir, out_dir=args.out, force=True))
+    run_predict(argparse.Namespace(run=[run_dir], onnx=[], data=data_dir, images=None, out=submission, top=1, probs=None, tta="flip", device="cpu", force=True))
+    run_evaluate(argparse.Namespace(submission=submission, labels=data_dir / "test_labels.csv", run=[], onnx=[], data=data_dir, out_dir=args.out, force=True))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. Everything is in {args.out}/:")
     print("  data/ (synthetic)  run/ (model, config, metrics)  submission.csv  confusion_matrix.png")
     print("Real data: lowres-birds train --data DIR --recipe cpu --out runs/mine  (see README)")
@@ -256,7 +310,7 @@ def run_demo(args) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", type=Path, help="trained run folder")
+    parser.add_argument("--run", type=Path, help="trained run folder (or a folder written by export --format hf)")
     parser.add_argument("--onnx", type=Path, help="exported ONNX model (instead of --run)")
 
 
@@ -269,8 +323,8 @@ def _load_classifier(args, shares_cpu: bool = False):
 
 
 def add_predict_image(sub) -> None:
-    parser = sub.add_parser("predict-image", help="top species for one or more photos")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="photos of any size (reduced to 64x64 as in training)")
+    parser = sub.add_parser("predict-image", help="top species for one or more photos (or folders of them)")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="photos of any size (reduced to 64x64 as in training), or folders searched for them")
     _add_model_options(parser)
     parser.add_argument("--top", type=number(int, 1), default=5, help="how many species to list per photo")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -281,17 +335,22 @@ def run_predict_image(args) -> int:
 
     import numpy as np
 
+    from lowres_birds.data.tables import find_images
     from lowres_birds.predict.classifier import to_model_input
+    from lowres_birds.progress import bar
 
     classifier = _load_classifier(args)
-    images = np.stack([to_model_input(path) for path in args.paths])  # every file is checked before any output
-    tops = [classifier.top_k(row, args.top) for row in classifier.predict_arrays(images)]
+    paths = [found for path in args.paths for found in (find_images(path) if path.is_dir() else [path])]
+    shown = bar(paths, desc=f"decoding {len(paths)} images", total=len(paths)) if len(paths) > 1 else paths
+    images = np.stack([to_model_input(path) for path in shown])  # every file is checked before any output
+    probs = classifier.predict_arrays(images, progress=f"predicting {len(paths)} images" if len(paths) > 1 else None)
+    tops = [classifier.top_k(row, args.top) for row in probs]
     if args.json:
-        answers = [{"path": str(path), "top": [{"label": label, "probability": p} for label, p in top]} for path, top in zip(args.paths, tops)]
+        answers = [{"path": str(path), "top": [{"label": label, "probability": p} for label, p in top]} for path, top in zip(paths, tops)]
         print(json.dumps(answers, indent=2))
         return 0
     width = max(len(label) for top in tops for label, _ in top)
-    for path, top in zip(args.paths, tops):
+    for path, top in zip(paths, tops):
         print(path)
         for rank, (label, probability) in enumerate(top, 1):
             print(f"  {rank:>2}. {label:<{width}}  {probability:6.1%}")
@@ -311,6 +370,9 @@ def add_serve(sub) -> None:
 
 
 def run_serve(args) -> int:
+    from lowres_birds.extras import require
+
+    require("serve", "serve")
     from lowres_birds.predict.serving import bind, create_app, http_server
 
     if args.max_inflight_mb < args.max_upload_mb:
@@ -325,22 +387,38 @@ def run_serve(args) -> int:
 
 
 def add_export(sub) -> None:
-    parser = sub.add_parser("export", help="export a trained run as a self-contained ONNX model")
+    parser = sub.add_parser("export", help="export a trained run as a self-contained ONNX model or a Hugging Face folder")
     parser.add_argument("--run", type=Path, required=True, help="trained run folder (with model.safetensors)")
-    parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
-    parser.add_argument("--out", type=Path, default=Path("model.onnx"), help="file to write")
+    parser.add_argument("--format", choices=("onnx", "hf"), default="onnx",
+                        help="onnx: one .onnx file (uint8 pixels in); hf: a folder for transformers.pipeline / timm (config.json, model.safetensors, preprocessing, model card)")
+    parser.add_argument("--out", type=Path, help="file (onnx; default model.onnx) or folder (hf; default runs/hf, runs/hf2, ...) to write")
     parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8")
     parser.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on the run's training images (faster on CPUs; see BENCHMARKS.md)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
 def run_export(args) -> int:
-    from lowres_birds.predict.export import export_onnx
+    from lowres_birds.progress import working
     from lowres_birds.run_dir import check_output
 
-    check_output(args.out, args.force, others=[("--run", args.run)])
-    path = export_onnx(args.run, args.out, args.layout, int8=args.int8)
+    if args.format == "hf":
+        from lowres_birds.predict.hf_folder import write_hf_folder
+
+        out = args.out or _default_out("hf")
+        with working(f"writing a Hugging Face folder to {out}"):
+            folder = write_hf_folder(args.run, out, force=args.force)
+        print(f"wrote {folder}/ (config.json, model.safetensors, README.md): transformers.pipeline('image-classification', model='{folder}')")
+        return 0
+    from lowres_birds.extras import require
+
+    require("onnx", "export --format onnx")
+    from lowres_birds.predict.export import export_onnx
+
+    out = args.out or Path("model.onnx")
+    check_output(out, args.force, others=[("--run", args.run)])
     precision = "int8" if args.int8 else "fp32"
+    with working(f"exporting {args.run} to {precision} ONNX (about a minute on 2 cores)"):
+        path = export_onnx(args.run, out, args.layout, int8=args.int8)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {precision}): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
     return 0
 
@@ -354,7 +432,7 @@ def add_study(sub) -> None:
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe shared by all strategies")
     parser.add_argument("--recipes", help="comma-separated recipes to compare (replaces --recipe); each keeps its own strategy unless --strategies is given, all take the first recipe's seed, validation fraction and budget")
     parser.add_argument("--strategies", help="comma-separated strategies, e.g. native,upscale:224,upscale:256,hr-downscale:64 (default: the recipe's)")
-    parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder: one run folder per row, results.* and study.html")
+    parser.add_argument("--out", type=Path, help="study folder: one run folder per row, results.* and study.html; pass the same --out to continue an interrupted study (default: runs/study, runs/study2, ...)")
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
     parser.add_argument("--note", default="", help="sentence put before the table, e.g. how sizes were adapted to the hardware")
     add_config_overrides(parser)
@@ -373,9 +451,12 @@ def run_study(args) -> int:
     from lowres_birds.inspect.study import run_study as study
     from lowres_birds.run_dir import check_output
 
-    check_output(args.out, force=True, folder=True, others=[("--data", args.data)])  # --force is about the runs inside
+    out = args.out or _default_out("study")
+    check_output(out, force=True, folder=True, others=[("--data", args.data)])  # --force is about the runs inside
     recipes = _split_list(args.recipes) or [args.recipe]
-    study(recipes, _split_list(args.strategies), config_overrides(args), args.data, args.out, args.force, args.note)
+    if args.out is None:
+        print(f"study folder: {out} (if interrupted, continue with --out {out})")
+    study(recipes, _split_list(args.strategies), config_overrides(args), args.data, out, args.force, args.note)
     return 0
 
 

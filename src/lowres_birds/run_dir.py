@@ -7,6 +7,7 @@ A run folder holds::
     split.json           data folder, fingerprint, ids     model.safetensors  the best weights
     metrics.jsonl        one record per finished epoch     checkpoint.pt    resumable state (tensors + plain types)
     val_predictions.npz  the best model's validation probabilities (out-of-fold scoring)
+    report/              figures and report.html          hf/              the best weights as a Hugging Face folder
 
 ``RunDir`` owns these names and their formats: every reader validates what it reads (a run folder is input
 like any other) and names the file on failure; nothing is unpickled. ``atomic_write`` is the only way files
@@ -150,6 +151,19 @@ def _check_writable(path: Path) -> None:
     Path(name).unlink(missing_ok=True)
 
 
+RUNS = Path("runs")  # where outputs go when --out is not given
+
+
+def numbered_folder(kind: str, root: Path = RUNS) -> Path:
+    """The default output folder of a command: runs/<kind>, then runs/<kind>2, runs/<kind>3, ... (the first that
+    does not exist yet), so no earlier run is ever reused or replaced, as Ultralytics numbers runs/train."""
+    candidate, number = Path(root) / kind, 1
+    while candidate.exists():
+        number += 1
+        candidate = Path(root) / f"{kind}{number}"
+    return candidate
+
+
 def is_ours(folder: Path) -> bool:
     """A folder this tool made (marker), or a run folder written before the marker existed."""
     return (folder / MARKER).is_file() or ((folder / "config.yaml").is_file() and (folder / "labels.json").is_file())
@@ -212,6 +226,7 @@ class RunDir:
     DEGRADATION = "degradation.json"
     REPORT = "report"
     METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")  # in every metrics.jsonl record
+    HF = "hf"  # the best weights as a Hugging Face folder (export --format hf)
 
     def __init__(self, path: Path | str):
         self.path = Path(path)

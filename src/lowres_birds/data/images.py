@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lowres_birds.errors import UserError
+from lowres_birds.progress import bar as progress_bar
 from lowres_birds.run_dir import atomic_write
 
 DECODE_CHUNK = 1024  # images decoded and written per step (12 MB at 64x64)
@@ -103,8 +104,11 @@ def load_images(paths: list[Path], size: int, workers: int = 2) -> np.ndarray:
         """Stream the decoded images into the .npy file chunk by chunk: memory stays bounded at any size."""
         with open(temporary, "wb") as handle, ThreadPoolExecutor(max_workers=workers) as pool:
             np.lib.format.write_array_header_2_0(handle, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), size, size, 3)})
+            bar = progress_bar(None, desc=f"decoding {len(paths)} images", total=len(paths))
             for start in range(0, len(paths), DECODE_CHUNK):
                 handle.write(np.stack(list(pool.map(decode, paths[start : start + DECODE_CHUNK]))).tobytes())
+                bar.update(min(DECODE_CHUNK, len(paths) - start))
+            bar.close()
 
     atomic_write(cache, write)
     if odd_sizes:

@@ -16,6 +16,7 @@ import pandas as pd
 from lowres_birds.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+COMPETITION_FILES = ("train.csv", "test.csv", "sample_submission.csv", "upscale_train")  # any of them: not an ImageFolder
 
 
 @dataclass
@@ -119,9 +120,10 @@ def load_train_table(data_dir: Path) -> ImageTable:
     if not data_dir.is_dir():
         raise UserError(f"data folder {data_dir} not found")
     csv_path = data_dir / "train.csv"
-    competition_files = [n for n in ("test.csv", "sample_submission.csv", "upscale_train") if (data_dir / n).exists()]
-    if not csv_path.exists() and _class_folders(data_dir) and not competition_files:
-        return _load_image_folder(data_dir)
+    if is_image_folder(data_dir):
+        table = load_image_folder(data_dir)
+        _check_labels(table.labels, str(data_dir))
+        return table
     frame = read_csv(csv_path, ("id", "img_path", "label"))
     _check_ids(frame, csv_path)
     lr_paths = [_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(frame["img_path"])]
@@ -144,7 +146,19 @@ def _class_folders(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _load_image_folder(data_dir: Path) -> ImageTable:
+def is_image_folder(data_dir: Path) -> bool:
+    """A folder of class sub-folders (DIR/<class>/*.jpg) with no competition files."""
+    data_dir = Path(data_dir)
+    competition_files = [n for n in COMPETITION_FILES if (data_dir / n).exists()]
+    return data_dir.is_dir() and not competition_files and bool(_class_folders(data_dir))
+
+
+def load_image_folder(data_dir: Path) -> ImageTable:
+    """A labelled ImageFolder (DIR/<class>/*.jpg): ids are ``<class>/<file>``, labels the folder names.
+    Training adds its own checks (two images per class); scoring takes any labelled folder."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {data_dir} not found")
     ids, paths, labels = [], [], []
     for folder in _class_folders(data_dir):
         for path in sorted(folder.iterdir()):
@@ -154,8 +168,30 @@ def _load_image_folder(data_dir: Path) -> ImageTable:
                 labels.append(folder.name)
     if not paths:
         raise UserError(f"{data_dir}: no train.csv and no images in class sub-folders (DIR/<class>/*.jpg)")
-    _check_labels(labels, str(data_dir))
     return ImageTable(data_dir, ids, paths, None, labels, f"{data_dir} is an ImageFolder, which has no upscale_img_path column")
+
+
+def find_images(where: str | Path) -> list[Path]:
+    """The image files (by extension) of a folder, searched recursively, or of a glob pattern ('photos/*.jpg',
+    'photos/**/*.png'), or one file; sorted. Hidden files and folders are skipped; none found is a UserError."""
+    import glob
+
+    text = str(where)
+    path = Path(text)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        where_text = f"folder {path}"
+    elif glob.has_magic(text):
+        found = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file()]
+        where_text = f"pattern {text!r}"
+    else:
+        raise UserError(f"{text} not found: pass an image, a folder of images or a quoted glob pattern such as 'photos/*.jpg'")
+    if not found:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {where_text}")
+    return sorted(found)
 
 
 def load_test_table(data_dir: Path) -> ImageTable:

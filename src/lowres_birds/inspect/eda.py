@@ -20,8 +20,10 @@ from lowres_birds.config import HR_SIZE, LR_SIZE
 from lowres_birds.data.images import fit_square, load_images
 from lowres_birds.data.tables import load_test_table, load_train_table
 from lowres_birds.errors import UserError
+from lowres_birds.extras import require as require_extra
 from lowres_birds.inspect.html import Section, write_page
 from lowres_birds.inspect.plots import barh_png, image_grid_png
+from lowres_birds.progress import bar as progress_bar
 from lowres_birds.run_dir import write_csv
 
 SAMPLE_CLASSES = 6
@@ -88,7 +90,8 @@ def image_stats(folders: list[Folder], pixels: dict[str, np.ndarray]):
     rows = []
     for folder in folders:
         with ThreadPoolExecutor(max_workers=4) as pool:
-            headers = pd.DataFrame(list(pool.map(_header, folder.paths)), columns=["size", "mode", "format"])
+            read = progress_bar(pool.map(_header, folder.paths), desc=f"reading {folder.name} headers", total=len(folder.paths))
+            headers = pd.DataFrame(list(read), columns=["size", "mode", "format"])
         mean, std = channel_stats(pixels[folder.name])
         rows.append(
             {
@@ -119,12 +122,13 @@ def duplicates_within(ids: list[str], labels: list[str], hashes: list[str]):
     return repeated[["group", "id", "label", "labels agree"]].reset_index(drop=True)
 
 
-def perceptual_hashes(images: np.ndarray) -> np.ndarray:
+def perceptual_hashes(images: np.ndarray, name: str = "images") -> np.ndarray:
     """64-bit pHash (imagehash) of each image as uint64, for Hamming distances with numpy."""
     import imagehash
     from PIL import Image
 
-    return np.array([int(str(imagehash.phash(Image.fromarray(np.asarray(image)))), 16) for image in images], dtype=np.uint64)
+    shown = progress_bar(images, desc=f"perceptual hashes of {name}", total=len(images))
+    return np.array([int(str(imagehash.phash(Image.fromarray(np.asarray(image)))), 16) for image in shown], dtype=np.uint64)
 
 
 def train_test_matches(train_ids, train_labels, train_hashes, train_phash, test_ids, test_hashes, test_phash, max_distance: int):
@@ -152,7 +156,7 @@ def twin_psnr(lr_images: np.ndarray, hr_images: np.ndarray) -> np.ndarray:
 
     size = lr_images.shape[1]
     values = np.empty(len(lr_images))
-    for index, (lr, hr) in enumerate(zip(lr_images, hr_images)):
+    for index, (lr, hr) in enumerate(progress_bar(zip(lr_images, hr_images), desc="comparing LR/HR twins", total=len(lr_images))):
         shrunk = fit_square(np.asarray(hr), size).astype(np.float32) / 255
         mse = np.mean((shrunk - np.asarray(lr, dtype=np.float32) / 255) ** 2)
         values[index] = 10 * np.log10(1.0 / max(float(mse), 1e-10))
@@ -188,8 +192,8 @@ def pairs_png(left: list[np.ndarray], right: list[np.ndarray], left_titles: list
 def leakage_check(table, test, lr: np.ndarray, test_pixels: np.ndarray, train_hashes: list[str], max_distance: int, out: Path):
     """(matches table, page items): test images equal or near-equal to a training image, with example pairs."""
     leaks = train_test_matches(
-        table.ids, table.labels, train_hashes, perceptual_hashes(lr), test.ids, content_hashes(test_pixels),
-        perceptual_hashes(test_pixels), max_distance,
+        table.ids, table.labels, train_hashes, perceptual_hashes(lr, "train"), test.ids, content_hashes(test_pixels),
+        perceptual_hashes(test_pixels, "test"), max_distance,
     )
     write_csv(out / "leakage_train_test.csv", leaks)
     items: list = [
@@ -236,6 +240,7 @@ def twin_check(table, lr: np.ndarray, hr: np.ndarray, threshold_db: float, out: 
 
 def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: float) -> Path:
     """All tables, figures and eda.html for a data folder; prints a summary; returns the page."""
+    require_extra("eda", "eda (perceptual hashes for the near-duplicate check)")
     started = time.perf_counter()
     table = load_train_table(data_dir)
     test = load_test_table(data_dir) if (data_dir / "test.csv").is_file() else None

@@ -1,14 +1,17 @@
-"""Score a submission against labels (which may cover part of the test set): macro-F1, accuracy, the
-per-class table and the confusion matrix."""
+"""Scores: a submission against labels (which may cover part of the test set), or trained models on a
+labelled ImageFolder (as timm's validate.py or ``yolo val``). Both print and write the same things: macro-F1,
+accuracy, the per-class table and the confusion matrix."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from lowres_birds.data.tables import load_test_table, read_csv
+from lowres_birds.data.tables import is_image_folder, load_image_folder, load_test_table, read_csv
 from lowres_birds.errors import UserError
 from lowres_birds.inspect.plots import confusion_matrix_png
 from lowres_birds.metrics import per_class_table, score
+from lowres_birds.predict.classifier import predict_files
 from lowres_birds.run_dir import check_output, write_csv
 
 
@@ -53,6 +56,31 @@ def evaluate_submission(submission: Path, labels: Path, test_dir: Path | None, o
         check_output(path, force, others=[("--submission", submission), ("--labels", labels)])
     test_ids = load_test_table(test_dir).ids if test_dir else None
     ids, truth, predicted = align_submission(submission, labels, test_ids)
+    return report_scores(ids, truth, predicted, out_dir)
+
+
+def evaluate_models(sources: list[Path], image_folder: Path, out_dir: Path, force: bool, tta: str = "none", device: str = "cpu") -> dict:
+    """Predict every image of a labelled ImageFolder (DIR/<class>/*.jpg) with the models (averaged) and score them."""
+    if not is_image_folder(image_folder):
+        raise UserError(
+            f"{image_folder} is not a labelled ImageFolder (DIR/<class>/*.jpg without train.csv or test.csv); for a test set in "
+            "the competition layout run lowres-birds predict --data DIR, then lowres-birds evaluate --submission CSV --labels CSV"
+        )
+    for path in (out_dir / "per_class.csv", out_dir / "confusion_matrix.png"):
+        check_output(path, force, others=[("--data", image_folder), *(("--run", source) for source in sources)])  # before minutes of predicting
+    table = load_image_folder(image_folder)
+    labels, probs = predict_files(sources, table.lr_paths, tta=tta, device=device)
+    unknown = sorted(set(table.labels) - set(labels))
+    if unknown:
+        count = sum(label in unknown for label in table.labels)
+        warnings.warn(f"{count} image(s) of {len(unknown)} class(es) the model was not trained on (first: {unknown[0]!r}) count as errors", stacklevel=2)
+    return report_scores(table.ids, table.labels, [labels[i] for i in probs.argmax(1)], out_dir)
+
+
+def report_scores(ids: list[str], truth: list[str], predicted: list[str], out_dir: Path) -> dict:
+    """Print the per-class table and scores; write per_class.csv and confusion_matrix.png into ``out_dir`` (the
+    callers checked both outputs before any work)."""
+    table_path, png_path = out_dir / "per_class.csv", out_dir / "confusion_matrix.png"
     classes = sorted(set(truth) | set(predicted))
     result = score(truth, predicted)
     table = per_class_table(truth, predicted, classes)

@@ -17,12 +17,14 @@ from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import fit_square, load_images
 from lowres_birds.data.tables import LabelMap, load_train_table
 from lowres_birds.errors import UserError
+from lowres_birds.extras import install_command, missing as missing_extra, require as require_extra
 from lowres_birds.inspect.html import Section, write_page
 from lowres_birds.inspect.plots import barh_png, confusion_matrix_png, curves_png, image_grid_png
 from lowres_birds.metrics import per_class_table, score
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.resolution import to_nchw
 from lowres_birds.model.wrapper import in_batches
+from lowres_birds.progress import working
 from lowres_birds.run_dir import RunDir, write_csv
 
 CONFIDENT_ERRORS = 12
@@ -121,6 +123,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     """All figures and report.html for a run; returns (page, short text summary)."""
     import pandas as pd
 
+    require_extra("report", "report (Grad-CAM figures)")
     run = RunDir(run_dir).require()
     run_dir = run.path
     out_dir = Path(out_dir or run / RunDir.REPORT)
@@ -129,7 +132,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     model, labels = load_run_model(run_dir)
     ids, images, truth = validation_images(run, data_dir, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probs = in_batches(lambda batch: model(batch).softmax(-1), images)
+    probs = in_batches(lambda batch: model(batch).softmax(-1), images, desc=f"scoring {len(images)} validation images")
     predicted = probs.argmax(1)
     true_names, predicted_names = [labels[i] for i in truth], [labels[i] for i in predicted]
     scores = score(true_names, predicted_names)
@@ -138,7 +141,8 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     curves = curves_png(metrics, out_dir / "curves.png")
     matrix = confusion_matrix_png(true_names, predicted_names, labels, out_dir / "confusion_matrix.png", "validation confusion matrix (rows normalised)")
     f1_chart = barh_png(per_class["label"].tolist(), per_class["f1"].tolist(), out_dir / "per_class_f1.png", "validation F1 per class, worst first", "F1", (0, 1))
-    errors_png, n_wrong = confident_errors_png(model, images, truth, probs, labels, out_dir / "confident_errors.png")
+    with working("Grad-CAM of the most confident errors"):
+        errors_png, n_wrong = confident_errors_png(model, images, truth, probs, labels, out_dir / "confident_errors.png")
     config = pd.DataFrame([(k, str(v)) for k, v in cfg.to_dict().items()], columns=["key", "value"])
     timings = metrics.assign(epoch_s=metrics["elapsed_s"].diff().fillna(metrics["elapsed_s"]))
     best = metrics.loc[metrics["val_macro_f1"].idxmax()]
@@ -167,6 +171,9 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
 
 def report_after_training(run_dir: Path, data_dir: Path | None) -> None:
     """Called by ``train`` on success: a failed report never fails the training, it warns in one line."""
+    if missing_extra("report"):
+        warnings.warn(f"training report skipped: it needs the [report] extra ({install_command('report')}), then run lowres-birds report --run {run_dir}", stacklevel=2)
+        return
     try:
         page, _ = write_report(run_dir, RunDir(run_dir).data_dir(data_dir))
         print(f"report: {page}")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowres_birds.errors import UserError
+from lowres_birds.extras import require as require_extra
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
 from lowres_birds.run_dir import RunDir
 
@@ -102,6 +103,7 @@ def _load_timm(name: str, num_classes: int, pretrained: bool, input_size: int) -
 
 
 def _load_hf(name: str, labels: list[str], pretrained: bool, config_dir: Path | None) -> tuple[nn.Module, tuple, tuple]:
+    require_extra("hf", f"model 'hf:{name}' (Hugging Face transformers)")
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
     id2label = dict(enumerate(labels))

@@ -16,6 +16,7 @@ from torch import nn
 
 from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import normalise, resize_batch, resize_uint8, to_nchw
+from lowres_birds.progress import bar as progress_bar
 
 RESIZES = ("pil", "float")
 
@@ -150,11 +151,16 @@ class BirdNet(nn.Module):
         return output.logits if hasattr(output, "logits") else output
 
 
-def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 64, desc: str | None = None) -> np.ndarray:
     """The one batched inference loop: uint8 N x H x W x 3 rows (array or memory-mapped cache) -> ``fn`` of
-    each NCHW batch under inference mode, as float32 rows of one array."""
+    each NCHW batch under inference mode, as float32 rows of one array. ``desc``: show a progress bar."""
     outputs = []
+    shown = progress_bar(desc=desc, total=len(images)) if desc else None
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             outputs.append(torch.as_tensor(fn(to_nchw(images[start : start + batch_size]))).float().cpu().numpy())
+            if shown is not None:
+                shown.update(len(outputs[-1]))
+    if shown is not None:
+        shown.close()
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)

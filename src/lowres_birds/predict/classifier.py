@@ -1,8 +1,13 @@
-"""Prediction: load a trained run (or an exported ONNX model) and turn uint8 images into probabilities.
+"""Prediction: load a trained run (or an exported ONNX model or Hugging Face folder) and turn images into
+probabilities.
 
 ``Classifier`` is the one code path the CLI, the server and the Python API share: any image is brought
 to the run's low-res input (downscaled to 64x64 first when larger, as the training images were), then
-the model wrapper resizes and normalises exactly as in training.
+the model wrapper resizes and normalises exactly as in training. Called like a Hugging Face pipeline::
+
+    classify = Classifier.load("runs/train")          # a run folder, model.onnx or an exported HF folder
+    classify("photo.jpg", top_k=3)                    # [{"label": ..., "score": ...}, ...] best first
+    classify(["a.jpg", pil_image, array])             # one such list per image
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import decode_image, fit_square, load_images, to_rgb_array
 from lowres_birds.data.tables import load_test_table
 from lowres_birds.errors import UserError
+from lowres_birds.extras import require as require_extra
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.run_dir import check_labels
+from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
 
 TTA_MODES = ("none", "flip")
 
 
 class Classifier:
-    """A trained model ready to predict: ``Classifier.load(run_dir_or_onnx).predict(image, top=5)``."""
+    """A trained model ready to predict: ``Classifier.load(source)(image, top_k=5)``."""
 
     def __init__(self, labels: list[str], predict_fn, name: str, input_size: int):
         self.labels = labels
@@ -37,15 +44,20 @@ class Classifier:
 
     @classmethod
     def load(cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False) -> "Classifier":
-        """A run folder or an exported .onnx file, checked with one prediction before it is handed out.
+        """A run folder (``train``), an ONNX file or a Hugging Face folder (``export --format hf``), checked with one
+        prediction before it is handed out.
 
         ``shares_cpu``: other busy threads share the cores (the server's decoders), so onnxruntime's threads wait
         passively instead of spinning between calls."""
         source = Path(source)
-        classifier = cls._load_onnx(source, shares_cpu) if source.suffix == ".onnx" else cls._load_run(source, device)
+        if source.suffix == ".onnx":
+            classifier = cls._load_onnx(source, shares_cpu)
+        elif is_hf_folder(source):
+            classifier = cls._from_model(*load_hf_folder(source, device), str(source), device)
+        else:
+            classifier = cls._from_model(*load_run_model(source, device), str(source), device)
         classifier.check()
         return classifier
-
     def check(self) -> None:
         """Predict one blank image: a model that loads but cannot answer for its labels is refused now, not at
         its first request (an ONNX file with a ``labels`` key is not necessarily one of ours)."""
@@ -61,16 +73,15 @@ class Classifier:
             )
 
     @classmethod
-    def _load_run(cls, run_dir: Path, device: str) -> "Classifier":
-        model, labels = load_run_model(run_dir, device)
-
+    def _from_model(cls, model, labels: list[str], name: str, device: str) -> "Classifier":
         def predict_fn(images: torch.Tensor) -> torch.Tensor:
             return model(images.to(device)).float().softmax(-1)
 
-        return cls(labels, predict_fn, str(run_dir), model.spec.input_size)
+        return cls(labels, predict_fn, name, model.spec.input_size)
 
     @classmethod
     def _load_onnx(cls, path: Path, shares_cpu: bool) -> "Classifier":
+        require_extra("onnx", "an ONNX model")
         import onnx
         import onnxruntime as ort
 
@@ -105,8 +116,11 @@ class Classifier:
 
         return cls(labels, predict_fn, str(path), input_size)
 
-    def predict_arrays(self, images: np.ndarray, tta: str = "none", batch_size: int = 64) -> np.ndarray:
-        """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> probabilities N x C, optionally flip-averaged."""
+    def predict_arrays(self, images: np.ndarray, tta: str = "none", batch_size: int = 64, progress: str | None = None) -> np.ndarray:
+        """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> probabilities N x C, optionally flip-averaged.
+        ``progress``: the description of a progress bar (shown on terminals)."""
+        if tta not in TTA_MODES:
+            raise UserError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
         images = np.asarray(images)
         if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
             images = images.transpose(0, 2, 3, 1)
@@ -115,41 +129,65 @@ class Classifier:
             probs = self._predict_fn(batch)
             return (probs + self._predict_fn(batch.flip(-1))) / 2 if tta == "flip" else probs
 
-        probs = in_batches(probabilities, images, batch_size)
+        probs = in_batches(probabilities, images, batch_size, desc=progress)
         return probs if len(probs) else np.zeros((0, len(self.labels)), np.float32)
 
-    def predict(self, image, top: int = 5, tta: str = "none") -> list[tuple[str, float]]:
-        """One image (path, PIL image or HxWx3 uint8 array) -> the top-k (label, probability) pairs."""
-        array = to_model_input(image)
-        return self.top_k(self.predict_arrays(array[None], tta=tta)[0], top)
+    def __call__(self, images, top_k: int = 5, tta: str = "none") -> list[dict] | list[list[dict]]:
+        """Like a Hugging Face image-classification pipeline: one image (a path, a PIL image or an H x W x 3
+        uint8 array) -> ``[{"label", "score"}, ...]``, the ``top_k`` best first; a list of images -> one such
+        list per image."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise UserError(f"top_k must be a whole number of at least 1, got {top_k!r}")
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        arrays = np.stack([to_model_input(image) for image in batch]) if batch else np.zeros((0, LR_SIZE, LR_SIZE, 3), np.uint8)
+        answers = [[{"label": label, "score": score} for label, score in self.top_k(row, top_k)] for row in self.predict_arrays(arrays, tta=tta)]
+        return answers[0] if single else answers
+
+    predict = __call__
 
     def top_k(self, probs: np.ndarray, top: int) -> list[tuple[str, float]]:
         """One row of probabilities -> the ``top`` most likely (label, probability) pairs, best first."""
-        best = np.argsort(-probs)[:top]
+        best = np.argsort(-probs, kind="stable")[:top]
         return [(self.labels[i], float(probs[i])) for i in best]
 
 
 def to_model_input(image) -> np.ndarray:
-    """Path / PIL / array -> 64x64x3 uint8, area-downscaled like the training images when larger."""
+    """Path / PIL image / H x W x 3 (or 3 x H x W) uint8 array -> 64x64x3 uint8, downscaled like the training
+    images when larger. Float arrays are refused rather than guessed (is 1.0 white, or almost black?)."""
     if isinstance(image, (str, Path)):
         array = decode_image(Path(image))
     elif isinstance(image, Image.Image):
         array = to_rgb_array(image)
     else:
-        array = np.asarray(image, dtype=np.uint8)
+        array = np.asarray(image.cpu() if hasattr(image, "cpu") else image)  # numpy arrays and torch tensors
+        if array.dtype != np.uint8:
+            if array.dtype.kind not in "iu" or array.size == 0 or array.min() < 0 or array.max() > 255:
+                low, high = (f"{array.min():g}", f"{array.max():g}") if array.size and array.dtype.kind in "iuf" else ("?", "?")
+                raise UserError(
+                    f"expected uint8 pixels (0-255), got a {array.dtype} array with values {low} to {high}; "
+                    "for floats in [0, 1] pass (array * 255).round().astype(np.uint8), or pass the file path or PIL image"
+                )
+            array = array.astype(np.uint8)
+        if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+            array = array.transpose(1, 2, 0)  # channels first (torchvision.io.read_image) -> H x W x 3
         if array.ndim == 2:
             array = np.repeat(array[..., None], 3, axis=-1)
         if array.ndim != 3 or array.shape[-1] != 3:
-            raise UserError(f"expected an H x W x 3 image array, got shape {array.shape}")
+            raise UserError(f"expected one H x W x 3 image array, got shape {array.shape}; pass a list for several images")
     return fit_square(array, LR_SIZE)
 
 
 def predict_test_set(runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu") -> tuple[list[str], list[str], np.ndarray]:
     """(ids in submission order, class names, mean probabilities over the runs)."""
-    classifiers = [Classifier.load(run, device) for run in runs]  # a damaged model fails before any image is decoded
     table = load_test_table(data_dir)
-    images = load_images(table.lr_paths, LR_SIZE)
-    return table.ids, *average_probabilities(classifiers, images, tta)
+    return table.ids, *predict_files(runs, table.lr_paths, tta, device)
+
+
+def predict_files(sources: list[Path], paths: list[Path], tta: str = "none", device: str = "cpu") -> tuple[list[str], np.ndarray]:
+    """(class names, mean probabilities over the models) for image files of any size, each reduced to 64x64."""
+    classifiers = [Classifier.load(source, device) for source in sources]  # a bad model fails before any decoding
+    return average_probabilities(classifiers, load_images(paths, LR_SIZE), tta)
 
 
 def average_probabilities(classifiers: list[Classifier], images: np.ndarray, tta: str) -> tuple[list[str], np.ndarray]:
@@ -158,5 +196,20 @@ def average_probabilities(classifiers: list[Classifier], images: np.ndarray, tta
     for classifier in classifiers[1:]:
         if classifier.labels != labels:
             raise UserError(f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average")
-    probs = np.mean([c.predict_arrays(images, tta=tta) for c in classifiers], axis=0)
+    count = f" x {len(classifiers)} models" if len(classifiers) > 1 else ""
+    probs = np.mean([c.predict_arrays(images, tta=tta, progress=f"predicting {len(images)} images{count}") for c in classifiers], axis=0)
     return labels, probs
+
+
+def top_k_table(paths: list, labels: list[str], probs: np.ndarray, top: int):
+    """path, label, score (the best class), then label_2, score_2 ... label_K, score_K: one row per image."""
+    import pandas as pd
+
+    top = min(top, len(labels))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
+    columns: dict[str, list] = {"path": [str(p) for p in paths]}
+    for rank in range(top):
+        suffix = "" if rank == 0 else f"_{rank + 1}"
+        columns[f"label{suffix}"] = [labels[i] for i in order[:, rank]]
+        columns[f"score{suffix}"] = np.round(probs[np.arange(len(probs)), order[:, rank]], 6)
+    return pd.DataFrame(columns)

@@ -88,14 +88,27 @@ def jpeg_round_trip(images: np.ndarray, quality: int) -> np.ndarray:
     return out
 
 
-def psnr_ssim(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
-    """Mean PSNR (dB) and SSIM between two uint8 NCHW batches (scikit-image's definitions)."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+SSIM_WINDOW = 7  # scikit-image's default: a uniform 7 x 7 window, sample covariances, K1 = 0.01, K2 = 0.03
 
-    fake_np, real_np = fake.permute(0, 2, 3, 1).numpy(), real.permute(0, 2, 3, 1).numpy()
-    psnr = [peak_signal_noise_ratio(r, f, data_range=255) for f, r in zip(fake_np, real_np)]
-    ssim = [structural_similarity(r, f, channel_axis=-1, data_range=255) for f, r in zip(fake_np, real_np)]
-    return float(np.mean(psnr)), float(np.mean(ssim))
+
+def psnr_ssim(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
+    """Mean PSNR (dB) and SSIM between two uint8 NCHW batches, as scikit-image's ``peak_signal_noise_ratio`` and
+    ``structural_similarity(channel_axis=-1, data_range=255)`` compute them per image (float64, same values)."""
+    fake64, real64 = fake.to(torch.float64), real.to(torch.float64)
+    mse = ((fake64 - real64) ** 2).mean(dim=(1, 2, 3))
+    psnr = 10 * torch.log10(255.0**2 / mse)  # identical images give inf, as scikit-image does
+
+    def local_mean(x: torch.Tensor) -> torch.Tensor:  # the window's mean where it fits whole (skimage crops the rest)
+        return F.avg_pool2d(x, SSIM_WINDOW, stride=1)
+
+    covariance = SSIM_WINDOW**2 / (SSIM_WINDOW**2 - 1)
+    mean_f, mean_r = local_mean(fake64), local_mean(real64)
+    var_f = covariance * (local_mean(fake64 * fake64) - mean_f * mean_f)
+    var_r = covariance * (local_mean(real64 * real64) - mean_r * mean_r)
+    cov = covariance * (local_mean(fake64 * real64) - mean_f * mean_r)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim_map = ((2 * mean_f * mean_r + c1) * (2 * cov + c2)) / ((mean_f**2 + mean_r**2 + c1) * (var_f + var_r + c2))
+    return float(psnr.mean()), float(ssim_map.mean(dim=(1, 2, 3)).mean())
 
 
 def fit_degradation(hr_images: np.ndarray, lr_images: np.ndarray, pairs: int = 256, seed: int = 0) -> tuple[Degradation, dict]:
