@@ -136,7 +136,7 @@ def test_export_hf_refuses_what_it_cannot_write(trained_run, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert main(["export", "--run", str(trained_run), "--format", "hf", "--out", str(tmp_path / "taken")]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "not a lowres-birds output folder" in capsys.readouterr().err
     assert main(["export", "--run", str(trained_run), "--format", "hf", "--out", str(tmp_path / "taken"), "--force"]) == 2
     assert "not a lowres-birds output folder" in capsys.readouterr().err
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
