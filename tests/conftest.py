@@ -42,3 +42,23 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "train.csv").is_file():
         pytest.skip("../shared/data/cub100-lr is not present on this machine")
     return SHARED_DATA
+
+
+def write_tiny_beit_run(folder: Path, labels: list[str], size: int = 96, **beit) -> Path:
+    """A loadable run folder around a tiny randomly initialised Hugging Face BEiT (what training would write
+    besides the metrics): config, architecture, labels and weights."""
+    from transformers import BeitConfig
+
+    from lowres_birds.config import load_config
+    from lowres_birds.model.factory import create_model, save_architecture
+    from lowres_birds.run_dir import RunDir
+
+    config_dir = folder.parent / f"{folder.name}-config"
+    BeitConfig(image_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **beit).save_pretrained(config_dir)
+    model = create_model(f"hf:{config_dir}", labels, size, pretrained=False)
+    run = RunDir(folder)
+    save_architecture(model, run)
+    run.write_labels(labels)
+    run.save_weights(model.state_dict())
+    run.write_config(load_config("beit-seed", {"model": f"hf:{config_dir}", "strategy": f"upscale:{size}"}))
+    return folder

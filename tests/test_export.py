@@ -13,7 +13,7 @@ from lowres_birds.cli import main
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_test_table
 from lowres_birds.predict.classifier import Classifier
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, write_tiny_beit_run
 
 
 @pytest.fixture(scope="module")
@@ -114,19 +114,7 @@ def test_runs_saved_before_the_uint8_resize_keep_their_float_resize(upscaled_run
 
 def test_hugging_face_beit_run_exports_and_matches(tmp_path):
     """HF models export too (their SDPA attention does not with a dynamic batch: export switches it to eager)."""
-    from transformers import BeitConfig
-
-    from lowres_birds.model.factory import create_model, save_architecture
-    from lowres_birds.run_dir import RunDir
-
-    config_dir, run_dir = tmp_path / "beit-config", tmp_path / "beit-run"
-    BeitConfig(image_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, use_relative_position_bias=True).save_pretrained(config_dir)
-    labels = ["a", "b", "c"]
-    model = create_model(f"hf:{config_dir}", labels, 96, pretrained=False)
-    run = RunDir(run_dir)
-    save_architecture(model, run)
-    run.write_labels(labels)
-    run.save_weights(model.state_dict())
+    run_dir = write_tiny_beit_run(tmp_path / "beit-run", ["a", "b", "c"], use_relative_position_bias=True)
     assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "beit.onnx")]) == 0
 
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)

@@ -10,7 +10,7 @@ import pytest
 
 from lowres_birds.cli import main
 from lowres_birds.predict.classifier import Classifier
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, write_tiny_beit_run
 
 CUB_TEST_IMAGES = None if os.environ.get("LOWRES_BIRDS_SLOW_TESTS") else 300  # all 1,773 with LOWRES_BIRDS_SLOW_TESTS=1
 
@@ -99,23 +99,12 @@ def test_timm_loads_the_folder_too(trained_run, demo_data):
 
 
 def test_hugging_face_backbones_export_to_a_transformers_folder(tmp_path):
-    from transformers import BeitConfig
-
     import numpy as np
 
-    from lowres_birds.config import load_config
-    from lowres_birds.model.factory import create_model, save_architecture
     from lowres_birds.run_dir import RunDir
 
-    config_dir, run_dir = tmp_path / "beit-config", tmp_path / "beit-run"
-    BeitConfig(image_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37).save_pretrained(config_dir)
-    labels = ["a", "b", "c"]
-    model = create_model(f"hf:{config_dir}", labels, 96, pretrained=False)
+    run_dir = write_tiny_beit_run(tmp_path / "beit-run", ["a", "b", "c"])
     run = RunDir(run_dir)
-    save_architecture(model, run)
-    run.write_labels(labels)
-    run.save_weights(model.state_dict())
-    run.write_config(load_config("beit-seed", {"model": f"hf:{config_dir}", "strategy": "upscale:96"}))
     run.write_split(tmp_path, ["x"], "fingerprint")
     folder = tmp_path / "beit-hf"
     assert main(["export", "--run", str(run_dir), "--format", "hf", "--out", str(folder)]) == 0

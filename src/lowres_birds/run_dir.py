@@ -211,6 +211,20 @@ def _load_json(path: Path, what: str) -> Any:
         raise UserError(f"{path} is not valid JSON ({exc}); the run folder is damaged: retrain it") from None
 
 
+def load_safetensors(path: Path, missing: str, damaged: str) -> dict:
+    """A safetensors file's tensors (no code runs); ``missing`` is the whole message for an absent file,
+    ``damaged`` what to do when it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}); {damaged}") from None
+
+
 class RunDir:
     """One run folder: its file names, and a validated reader and an atomic writer for each file."""
 
@@ -310,16 +324,11 @@ class RunDir:
         atomic_write(self / self.WEIGHTS, write)
 
     def weights(self) -> dict:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = self.require() / self.WEIGHTS
-        if not path.is_file():
-            raise UserError(f"{self.path} is not a finished run (no {self.WEIGHTS}); train it first or pass the right --run")
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}); the run folder is damaged") from None
+        return load_safetensors(
+            self.require() / self.WEIGHTS,
+            missing=f"{self.path} is not a finished run (no {self.WEIGHTS}); train it first or pass the right --run",
+            damaged="the run folder is damaged",
+        )
 
     # ---- training state
     def append_metrics(self, record: dict) -> None:

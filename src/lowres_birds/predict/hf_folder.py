@@ -35,7 +35,7 @@ from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.factory import LITE0, LITE0_TIMM_ARCH, load_run_model
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
-from lowres_birds.run_dir import RunDir, atomic_write, replace_folder, write_json, write_text
+from lowres_birds.run_dir import RunDir, atomic_write, load_safetensors, replace_folder, write_json, write_text
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -256,16 +256,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _weights(folder: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = folder / WEIGHTS
-    if not path.is_file():
-        raise UserError(f"{path} not found; {folder} is not a complete Hugging Face folder (write one with lowres-birds export --format hf)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}); export the folder again") from None
+    missing = f"{path} not found; {folder} is not a complete Hugging Face folder (write one with lowres-birds export --format hf)"
+    return load_safetensors(path, missing=missing, damaged="export the folder again")
 
 
 def load_hf_folder(folder: Path, device: str = "cpu") -> tuple[BirdNet, list[str]]:
