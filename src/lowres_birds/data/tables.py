@@ -78,24 +78,42 @@ def _check_ids(frame: pd.DataFrame, path: Path) -> None:
         raise UserError(f"{path} row {row}: duplicate id {duplicated.iloc[0]!r} ({len(duplicated)} duplicates); ids must be unique")
 
 
-def _resolve(root: Path, relative: str, csv_path: Path, row: int) -> Path:
-    """CSV paths are relative to the CSV's folder (with or without './'); escaping it is refused."""
-    if relative == "":
-        raise UserError(f"{csv_path} row {row}: empty image path")
-    normalised = os.path.normpath(relative)
-    if os.path.isabs(normalised) or normalised == ".." or normalised.startswith(".." + os.sep):
-        raise UserError(f"{csv_path} row {row}: image path {relative!r} points outside the data folder; refused")
-    return root / normalised
-
-
-def _check_files(paths: list[Path], csv_path: Path, column: str) -> None:
-    missing = [p for p in paths if not p.is_file()]
+def _image_paths(root: Path, values: list[str], csv_path: Path, column: str) -> list[Path]:
+    """One CSV column of image paths, relative to the CSV's folder (with or without './'): an empty cell or a path
+    escaping the folder is refused naming its row, and every file must exist (one listing per folder rather
+    than one stat per file, string arithmetic rather than pathlib's: 100,000 rows take a fraction of a second)."""
+    base, resolved = str(root), []
+    for row, relative in enumerate(values, start=2):
+        if relative == "":
+            raise UserError(f"{csv_path} row {row}: empty image path")
+        normalised = os.path.normpath(relative)
+        if os.path.isabs(normalised) or normalised == ".." or normalised.startswith(".." + os.sep):
+            raise UserError(f"{csv_path} row {row}: image path {relative!r} points outside the data folder; refused")
+        resolved.append(os.path.join(base, normalised))
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for path in resolved:
+        folder, name = os.path.split(path)
+        names = listings.get(folder)
+        if names is None:
+            names = listings[folder] = _regular_files(folder)
+        if name not in names:
+            missing.append(path)
     if missing:
-        first = ", ".join(str(p) for p in missing[:3])
         raise UserError(
-            f"{csv_path}: {len(missing)} file(s) in column {column} missing or not regular files (first: {first}); "
+            f"{csv_path}: {len(missing)} file(s) in column {column} missing or not regular files (first: {', '.join(missing[:3])}); "
             "check the data folder is complete"
         )
+    return [Path(path) for path in resolved]
+
+
+def _regular_files(folder: str) -> set[str]:
+    """Names of the regular files (or links to one) in ``folder``; empty when it is missing or unreadable."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries if entry.is_file()}
+    except OSError:
+        return set()
 
 
 def _check_labels(labels: list[str], source: str) -> None:
@@ -126,8 +144,7 @@ def load_train_table(data_dir: Path) -> ImageTable:
         return table
     frame = read_csv(csv_path, ("id", "img_path", "label"))
     _check_ids(frame, csv_path)
-    lr_paths = [_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(frame["img_path"])]
-    _check_files(lr_paths, csv_path, "img_path")
+    lr_paths = _image_paths(data_dir, frame["img_path"].tolist(), csv_path, "img_path")
     hr_paths, hr_missing = None, f"{csv_path} has no upscale_img_path column"
     if "upscale_img_path" in frame.columns:
         column = frame["upscale_img_path"].str.strip()
@@ -135,8 +152,7 @@ def load_train_table(data_dir: Path) -> ImageTable:
         if len(empty):  # the twins are optional: refused only by a run that needs them
             hr_missing = f"{csv_path} row {empty[0] + 2}: empty upscale_img_path ({len(empty)} of {len(frame)} rows); give every row its twin"
         else:
-            hr_paths = [_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(column)]
-            _check_files(hr_paths, csv_path, "upscale_img_path")
+            hr_paths = _image_paths(data_dir, column.tolist(), csv_path, "upscale_img_path")
     labels = frame["label"].tolist()
     _check_labels(labels, str(csv_path))
     return ImageTable(data_dir, frame["id"].tolist(), lr_paths, hr_paths, labels, hr_missing)
@@ -200,26 +216,25 @@ def load_test_table(data_dir: Path) -> ImageTable:
     csv_path = data_dir / "test.csv"
     frame = read_csv(csv_path, ("id", "img_path"))
     _check_ids(frame, csv_path)
-    paths = dict(zip(frame["id"], (_resolve(data_dir, p, csv_path, i + 2) for i, p in enumerate(frame["img_path"]))))
     order = frame["id"].tolist()
+    paths = dict(zip(order, _image_paths(data_dir, frame["img_path"].tolist(), csv_path, "img_path")))
     sample_path = data_dir / "sample_submission.csv"
     if sample_path.exists():
         sample = read_csv(sample_path, ("id",))
         _check_ids(sample, sample_path)
-        sample_ids = set(sample["id"])
+        sample_order = sample["id"].tolist()
+        sample_ids = set(sample_order)
         absent = [i for i in order if i not in sample_ids]
         if absent:
             raise UserError(
                 f"{csv_path}: {len(absent)} id(s) absent from {sample_path.name} (first: {absent[0]}); "
                 "the two files must list the same ids"
             )
-        unknown = [i for i in sample["id"] if i not in paths]
+        unknown = [i for i in sample_order if i not in paths]
         if unknown:
             raise UserError(f"{sample_path}: {len(unknown)} id(s) not in test.csv (first: {unknown[0]})")
-        order = sample["id"].tolist()
-    ordered_paths = [paths[i] for i in order]
-    _check_files(ordered_paths, csv_path, "img_path")
-    return ImageTable(data_dir, order, ordered_paths)
+        order = sample_order
+    return ImageTable(data_dir, order, [paths[i] for i in order])
 
 
 # --------------------------------------------------------------------------- labels

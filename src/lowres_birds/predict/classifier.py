@@ -68,8 +68,8 @@ class Classifier:
             raise UserError(f"{self.name} cannot predict ({type(exc).__name__}: {detail}); it is not a lowres-birds model: re-export or retrain it") from None
         if probs.shape != (1, len(self.labels)) or not np.isfinite(probs).all() or abs(float(probs.sum()) - 1) > 1e-3:
             raise UserError(
-                f"{self.name} answers one 64x64 image with an array of shape {tuple(probs.shape)}, not probabilities over its "
-                f"{len(self.labels)} labels; it is not a lowres-birds model: re-export or retrain it"
+                f"{self.name} answers one 64x64 image with an array of shape {tuple(probs.shape)} summing to {float(probs.sum()):.4g}, "
+                f"not probabilities over its {len(self.labels)} labels; it is not a lowres-birds model: re-export or retrain it"
             )
 
     @classmethod
