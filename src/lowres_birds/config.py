@@ -82,7 +82,7 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, low: float
 class RunConfig:
     """Everything that decides a training run. Field names are the recipe keys and the CLI flags."""
 
-    model: str = setting("efficientnet_lite0", "efficientnet_lite0 (offline ImageNet weights), timm:<name> or hf:<hub id or local dir>")
+    model: str = setting("efficientnet_lite0", "efficientnet_lite0/1/2 (offline ImageNet weights; 1 and 2 need the [lite] extra), timm:<name> or hf:<hub id or local dir>")
     pretrained: bool = setting(True, "start from pretrained weights")
     freeze_blocks: int = setting(0, "freeze the stem and this many early blocks (EfficientNet-style timm models); 0 trains everything", low=0)
     strategy: str = setting("upscale:224", "what the model sees: native, upscale:N or hr-downscale:N")

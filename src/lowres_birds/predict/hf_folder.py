@@ -33,7 +33,7 @@ from lowres_birds import __version__
 from lowres_birds.config import LR_SIZE, RunConfig, parse_strategy
 from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
-from lowres_birds.model.factory import LITE0, LITE0_TIMM_ARCH, load_run_model
+from lowres_birds.model.factory import OFFLINE_LITE, load_run_model, timm_architecture
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
 from lowres_birds.run_dir import RunDir, atomic_write, load_safetensors, replace_folder, write_json, write_text
 
@@ -83,7 +83,7 @@ def _save_weights(state_dict: dict, path: Path) -> None:
 def _write_timm_files(model: BirdNet, labels: list[str], out: Path, ours: dict) -> None:
     backbone, spec = model.backbone, model.spec
     own_cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
-    architecture = LITE0_TIMM_ARCH if spec.source == LITE0 else own_cfg.get("architecture") or spec.source.removeprefix("timm:")
+    architecture = timm_architecture(spec.source) if spec.source in OFFLINE_LITE else own_cfg.get("architecture") or timm_architecture(spec.source)
     size = spec.input_size
     pretrained_cfg = {
         "input_size": [3, size, size],
@@ -184,7 +184,7 @@ tags:
 # {name}: bird species from 64x64 photos
 
 A {len(labels)}-class bird classifier for **low-resolution photos (64x64 pixels)**, trained with lowres-birds
-{__version__} on {trained_on}. Backbone: `{spec.source}`{" (timm's `tf_efficientnet_lite0`, ImageNet weights)" if spec.source == LITE0 else ""}.
+{__version__} on {trained_on}. Backbone: `{spec.source}`{f" (timm's `{timm_architecture(spec.source)}`, ImageNet weights)" if spec.source in OFFLINE_LITE else ""}.
 The network sees {seen}; the preprocessing stored with the model does that resize and the normalisation
 (mean {list(spec.mean)}, std {list(spec.std)}). Classes: {examples}.
 
