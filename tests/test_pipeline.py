@@ -43,12 +43,24 @@ def test_predict_refuses_to_overwrite(trained_run, demo_data, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and out.read_text() == "keep me"
 
 
-def test_resume_continues_to_the_same_result(demo_data, tmp_path):
-    """A run stopped after epoch 1 (time budget) and resumed ends where an uninterrupted run ends."""
+def test_resume_continues_to_the_same_result(demo_data, tmp_path, monkeypatch):
+    """A run stopped right after epoch 1's checkpoint (Ctrl-C arriving then) and resumed ends where an
+    uninterrupted run ends."""
+    from lowres_birds.train.state import Checkpointer
+
     common = [*TINY_TRAIN[:-6], "--epochs", "2", "--batch-size", "8", "--seed", "3", "--hflip", "--device", "cpu"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main(["train", "--data", str(demo_data), "--out", str(straight), *common]) == 0
-    assert main(["train", "--data", str(demo_data), "--out", str(stopped), *common, "--budget-minutes", "0.00001"]) == 0
+    save = Checkpointer.save
+
+    def save_then_interrupt(self, state):
+        save(self, state)
+        if state.epoch == 1 and state.step_in_epoch == 0:  # the checkpoint at the end of epoch 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_interrupt)
+    assert main(["train", "--data", str(demo_data), "--out", str(stopped), *common]) == 130
+    monkeypatch.undo()
     assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 1
     assert main(["train", "--resume", str(stopped)]) == 0
     final = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()][-1]

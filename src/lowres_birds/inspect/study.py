@@ -122,7 +122,7 @@ def run_study(recipes: list[str], strategies: list[str] | None, overrides: dict,
         print(f"--- run {index}/{len(runs)}: {run.name}")
         run_or_reuse(run, data_dir, force)
     cfg = runs[0].cfg
-    budget = f"{cfg.budget_minutes:g} min per run, training stops after the epoch that crosses it" if cfg.budget_minutes else "none"
+    budget = f"{cfg.budget_minutes:g} min per run: each run's epochs and schedule were sized to fit it after its first steps" if cfg.budget_minutes else "none"
     note = (
         f"{note + ' ' if note else ''}All rows share the validation split (seed {cfg.seed}, {cfg.val_fraction:.0%} of "
         f"{data_dir}), the seed and the time budget ({budget}). Validation macro-F1 is the best epoch's; the reference column "

@@ -22,6 +22,7 @@ from lowres_birds.model.factory import create_model, save_architecture
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.run_dir import RunDir, replace_folder, write_json
 from lowres_birds.train.batches import make_loader
+from lowres_birds.train.budget import BudgetPlanner
 from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_training_data, training_batch
 from lowres_birds.train.losses import total_loss
 from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler
@@ -38,7 +39,7 @@ def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, c
     model.train()
     total, seen, started = 0.0, 0, time.perf_counter()
     done = state.step_in_epoch * cfg.grad_accum
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", initial=done, total=len(loader) + done,
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{state.epochs(cfg)}", initial=done, total=len(loader) + done,
                disable=not accelerator.is_local_main_process, leave=False, mininterval=1.0, dynamic_ncols=True)
     for images, labels, indices in bar:
         with accelerator.accumulate(model):
@@ -62,6 +63,8 @@ def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, c
             parts.ema.update(accelerator.unwrap_model(model), step=state.global_step)
         state.step_in_epoch += 1
         state.global_step += 1
+        if parts.planner is not None:
+            parts.planner.after_step(state)
         if stop.signal_name or (cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0):
             checkpointer.save(state)
         if stop.signal_name:
@@ -143,8 +146,12 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
         accelerator.init_trackers("lowres-birds", config=cfg.to_dict())
     val_images = np.asarray(data.lr_images[data.val_idx])
     clock_start = time.perf_counter() - state.elapsed_s
+    if cfg.budget_minutes:
+        parts.planner = BudgetPlanner(cfg, accelerator, scheduler, steps_per_epoch // accelerator.num_processes, steps_per_epoch,
+                                      len(data.val_idx) / len(data.train_idx), clock_start)
+        parts.planner.apply(state)  # a resumed run keeps the schedule its plan set
     with StopFlag() as stop:
-        while state.epoch < cfg.epochs:
+        while state.epoch < state.epochs(cfg):
             loader.set_epoch(state.epoch)  # accelerate's loader forwards it to ShuffledIndices
             epoch_loader = accelerator.skip_first_batches(loader, state.step_in_epoch * cfg.grad_accum) if state.step_in_epoch else loader
             train_stats = train_one_epoch(parts, epoch_loader, cfg, state, checkpointer, stop)
@@ -153,7 +160,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
             state.elapsed_s = time.perf_counter() - clock_start
             record = {"epoch": state.epoch + 1, **train_stats, "val_macro_f1": val_stats["macro_f1"], "val_accuracy": val_stats["accuracy"],
                       "lr": scheduler.get_last_lr()[0], "elapsed_s": state.elapsed_s}
-            _print_epoch(accelerator, cfg, record)
+            _print_epoch(accelerator, state.epochs(cfg), record)
             if cfg.log != "none":
                 accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
             if val_stats["macro_f1"] > state.best_f1:
@@ -175,10 +182,10 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
 
 
 def _should_stop(accelerator, cfg: RunConfig, state: TrainState) -> bool:
-    if state.epoch >= cfg.epochs:
+    if state.epoch >= state.epochs(cfg):
         return False
-    if cfg.budget_minutes and state.elapsed_s > cfg.budget_minutes * 60:
-        accelerator.print(f"time budget of {cfg.budget_minutes:g} min reached after epoch {state.epoch} of {cfg.epochs}; stopping")
+    if cfg.budget_minutes and state.elapsed_s > cfg.budget_minutes * 60:  # the plan was too optimistic (the machine slowed)
+        accelerator.print(f"time budget of {cfg.budget_minutes:g} min exceeded after epoch {state.epoch} of {state.epochs(cfg)}; stopping")
         return True
     if cfg.early_stop_patience and state.epoch - state.best_epoch >= cfg.early_stop_patience:
         accelerator.print(f"no better validation macro-F1 for {cfg.early_stop_patience} epochs; stopping early")
@@ -187,7 +194,7 @@ def _should_stop(accelerator, cfg: RunConfig, state: TrainState) -> bool:
 
 
 def _print_header(accelerator, cfg: RunConfig, data: TrainingData, hr: HRSupport, run: RunDir, state: TrainState) -> None:
-    budget = f", budget {cfg.budget_minutes:g} min (stops after the epoch that crosses it)" if cfg.budget_minutes else ""
+    budget = f" (at most: a budget of {cfg.budget_minutes:g} min, planned after the first steps)" if cfg.budget_minutes else ""
     accelerator.print(
         f"train {cfg.model} ({cfg.strategy}) on {accelerator.device} x{accelerator.num_processes}: {len(data.train_idx)} training / "
         f"{len(data.val_idx)} validation images, {len(data.label_map.classes)} classes; {cfg.epochs} epochs{budget}; run folder {run}"
@@ -202,11 +209,11 @@ def _print_header(accelerator, cfg: RunConfig, data: TrainingData, hr: HRSupport
         accelerator.print(f"HR teacher ({cfg.model} frozen at {cfg.teacher_size}, logistic head): val macro-F1 on HR twins {hr.teacher.val_macro_f1:.4f}")
 
 
-def _print_epoch(accelerator, cfg: RunConfig, record: dict) -> None:
+def _print_epoch(accelerator, epochs: int, record: dict) -> None:
     per_epoch = record["elapsed_s"] / record["epoch"]
-    remaining = per_epoch * (cfg.epochs - record["epoch"])
+    remaining = per_epoch * (epochs - record["epoch"])
     accelerator.print(
-        f"epoch {record['epoch']}/{cfg.epochs}  loss {record['train_loss']:.4f}  val macro-F1 {record['val_macro_f1']:.4f}  "
+        f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  val macro-F1 {record['val_macro_f1']:.4f}  "
         f"acc {record['val_accuracy']:.4f}  {record['train_images_per_s']:.0f} img/s  {record['elapsed_s']:.0f}s (~{remaining:.0f}s left)"
     )
 

@@ -36,11 +36,20 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule over all planned epochs, counted in scheduler steps."""
+def _factor(cfg: RunConfig, steps_per_epoch: int, epochs: int):
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    factor = partial(lr_factor, schedule=cfg.schedule, warmup=warmup, total=cfg.epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return partial(lr_factor, schedule=cfg.schedule, warmup=warmup, total=epochs * steps_per_epoch)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule over the config's epochs, counted in scheduler steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _factor(cfg, steps_per_epoch, cfg.epochs))
+
+
+def set_schedule_length(scheduler, cfg: RunConfig, steps_per_epoch: int, epochs: int) -> None:
+    """Make the schedule end after ``epochs`` (the time budget's plan); steps already taken keep their place."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the LambdaLR
+    inner.lr_lambdas = [_factor(cfg, steps_per_epoch, epochs) for _ in inner.lr_lambdas]
 
 
 def create_accelerator(cfg: RunConfig, run_dir: Path):

@@ -14,6 +14,7 @@ import torch
 
 from lowres_birds.errors import UserError
 from lowres_birds.run_dir import RunDir
+from lowres_birds.train.budget import BudgetPlanner
 from lowres_birds.train.data import HRSupport
 
 
@@ -25,6 +26,11 @@ class TrainState:
     best_f1: float = -1.0
     best_epoch: int = -1
     elapsed_s: float = 0.0
+    planned_epochs: int = 0  # set once by the time-budget planner (0: no budget, or not planned yet)
+
+    def epochs(self, cfg) -> int:
+        """The epochs this run trains: the budget's plan, else the config's."""
+        return self.planned_epochs or cfg.epochs
 
 
 class StopFlag:
@@ -58,6 +64,7 @@ class Trainee:
     generator: torch.Generator
     ema: torch.nn.Module | None
     hr: HRSupport
+    planner: BudgetPlanner | None = None
 
 
 def rng_state(generator: torch.Generator) -> dict:

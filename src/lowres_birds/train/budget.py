@@ -1,0 +1,69 @@
+"""A time budget that plans instead of cutting: after the first steps, size the run (epochs and the learning-rate
+schedule) to what fits, so the schedule still ends at its floor; a recipe's budget never leaves a larger data
+set with a model stopped at a high learning rate."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from lowres_birds.config import RunConfig
+
+MEASURED_STEPS = 20  # optimizer steps timed before planning (after one warm-up step)
+SAFETY = 0.95  # plan for this share of the budget: the machine's speed drifts
+VALIDATION_COST = 1 / 3  # a validation image costs about a third of a training image (forward only)
+
+
+def plan_epochs(budget_s: float, spent_s: float, step_s: float, steps_per_epoch: int, steps_done: int,
+                validation_share: float, max_epochs: int) -> int:
+    """Epochs that fit: the budget (minus what was spent besides the steps already taken) over one epoch's
+    estimated time, training plus validation; at least 1, at most ``max_epochs``."""
+    epoch_s = step_s * steps_per_epoch * (1 + validation_share * VALIDATION_COST)
+    available = budget_s * SAFETY - spent_s + steps_done * step_s
+    return max(1, min(max_epochs, math.floor(available / epoch_s)))
+
+
+class BudgetPlanner:
+    """Times the first optimizer steps of a run with a budget, then fixes ``state.planned_epochs`` once and
+    shortens the learning-rate schedule to match; every process takes rank 0's plan."""
+
+    def __init__(self, cfg: RunConfig, accelerator, scheduler, steps_per_epoch: int, schedule_steps_per_epoch: int,
+                 validation_share: float, clock_start: float):
+        self.cfg, self.accelerator, self.scheduler = cfg, accelerator, scheduler
+        self.steps_per_epoch, self.schedule_steps_per_epoch = steps_per_epoch, schedule_steps_per_epoch
+        self.validation_share, self.clock_start = validation_share, clock_start
+        self.measured_steps = max(1, min(MEASURED_STEPS, steps_per_epoch - 1))
+        self.first_step_done: float | None = None
+
+    def after_step(self, state) -> None:
+        """Call after each optimizer step; plans at the step that ends the measurement (or the first epoch)."""
+        if state.planned_epochs:
+            return
+        now = time.perf_counter()
+        if self.first_step_done is None:
+            self.first_step_done = now
+            if self.steps_per_epoch > 1:
+                return
+        timed = max(state.global_step - 1, 1)
+        if state.global_step - 1 < self.measured_steps and state.step_in_epoch < self.steps_per_epoch:
+            return
+        from accelerate.utils import gather_object
+
+        step_s = (now - (self.first_step_done if state.global_step > 1 else self.clock_start)) / timed
+        epochs = plan_epochs(self.cfg.budget_minutes * 60, now - self.clock_start, step_s, self.steps_per_epoch,
+                             state.global_step, self.validation_share, self.cfg.epochs)
+        state.planned_epochs = epochs = gather_object([epochs])[0]
+        self.apply(state)
+        fits = "all of them fit" if epochs == self.cfg.epochs else f"training {epochs} (the learning-rate schedule now ends there)"
+        self.accelerator.print(
+            f"time budget {self.cfg.budget_minutes:g} min: {step_s:.2f} s per step over the first {timed} step(s), "
+            f"~{step_s * self.steps_per_epoch * (1 + self.validation_share * VALIDATION_COST):.0f} s per epoch -> "
+            f"of {self.cfg.epochs} epochs {fits}"
+        )
+
+    def apply(self, state) -> None:
+        """Fit the schedule to ``state.planned_epochs`` (at the plan, and again after a resume)."""
+        from lowres_birds.train.optim import set_schedule_length
+
+        if state.planned_epochs and state.planned_epochs < self.cfg.epochs:
+            set_schedule_length(self.scheduler, self.cfg, self.schedule_steps_per_epoch, state.planned_epochs)
