@@ -34,22 +34,21 @@ class BudgetPlanner:
         self.validation_share, self.clock_start = validation_share, clock_start
         self.measured_steps = max(1, min(MEASURED_STEPS, steps_per_epoch - 1))
         self.first_step_done: float | None = None
+        self.first_step = 0
 
     def after_step(self, state) -> None:
         """Call after each optimizer step; plans at the step that ends the measurement (or the first epoch)."""
         if state.planned_epochs:
             return
         now = time.perf_counter()
-        if self.first_step_done is None:
-            self.first_step_done = now
-            if self.steps_per_epoch > 1:
-                return
-        timed = max(state.global_step - 1, 1)
-        if state.global_step - 1 < self.measured_steps and state.step_in_epoch < self.steps_per_epoch:
+        if self.first_step_done is None:  # the first step (of this process) warms up: the timing starts after it
+            self.first_step_done, self.first_step = now, state.global_step
+        timed = state.global_step - self.first_step
+        if timed < self.measured_steps and state.step_in_epoch < self.steps_per_epoch:
             return
         from accelerate.utils import gather_object
 
-        step_s = (now - (self.first_step_done if state.global_step > 1 else self.clock_start)) / timed
+        step_s = (now - self.first_step_done) / timed if timed else now - self.clock_start
         epochs = plan_epochs(self.cfg.budget_minutes * 60, now - self.clock_start, step_s, self.steps_per_epoch,
                              state.global_step, self.validation_share, self.cfg.epochs)
         state.planned_epochs = epochs = gather_object([epochs])[0]
