@@ -202,13 +202,33 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _load_json(path: Path, what: str) -> Any:
+def load_json(path: Path, missing: str, damaged: str) -> Any:
+    """A JSON file this tool wrote; ``missing`` is the whole message for an absent file, ``damaged`` what to do
+    when it does not parse."""
     if not path.is_file():
-        raise UserError(f"{path} not found: {what}")
+        raise UserError(missing)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); the run folder is damaged: retrain it") from None
+        raise UserError(f"{path} is not valid JSON ({exc}); {damaged}") from None
+
+
+def _run_json(path: Path, what: str) -> Any:
+    return load_json(path, f"{path} not found: {what}", "the run folder is damaged: retrain it")
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Tensors as a safetensors file, atomically; a failed write (a full disk) is an OSError like any other."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(temporary: Path) -> None:
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
+        except SafetensorError as exc:  # how safetensors reports a failed write
+            raise OSError(str(exc).removeprefix("Error while serializing: ")) from None
+
+    return atomic_write(path, write)
 
 
 def load_safetensors(path: Path, missing: str, damaged: str) -> dict:
@@ -280,14 +300,14 @@ class RunDir:
 
     def labels(self) -> list[str]:
         path = self.require() / self.LABELS
-        return check_labels(_load_json(path, f"{self.path} is not a finished run folder"), str(path), "the run folder is damaged")
+        return check_labels(_run_json(path, f"{self.path} is not a finished run folder"), str(path), "the run folder is damaged")
 
     def write_split(self, data_dir: Path, val_ids: list[str], fingerprint: str) -> None:
         write_json(self / self.SPLIT, {"data": str(Path(data_dir).resolve()), "fingerprint": fingerprint, "val_ids": val_ids})
 
     def split(self) -> dict:
         path = self.require() / self.SPLIT
-        split = _load_json(path, f"{self.path} does not record its data; pass a run folder written by lowres-birds train")
+        split = _run_json(path, f"{self.path} does not record its data; pass a run folder written by lowres-birds train")
         if not isinstance(split, dict) or not isinstance(split.get("data"), str) or not isinstance(split.get("val_ids"), list):
             raise UserError(f"{path} must hold 'data' (a folder) and 'val_ids' (a list); the run folder is damaged")
         return split
@@ -306,22 +326,13 @@ class RunDir:
         write_json(self / self.SPEC, spec)
 
     def spec(self) -> dict:
-        spec = _load_json(self.require() / self.SPEC, f"{self.path} is not a finished run folder")
+        spec = _run_json(self.require() / self.SPEC, f"{self.path} is not a finished run folder")
         if not isinstance(spec, dict):
             raise UserError(f"{self / self.SPEC} must be a JSON object; the run folder is damaged")
         return spec
 
     def save_weights(self, state_dict: dict) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
-        def write(temporary: Path) -> None:
-            try:
-                save_file({k: v.contiguous() for k, v in state_dict.items()}, str(temporary))
-            except SafetensorError as exc:  # how safetensors reports a failed write (a full disk)
-                raise OSError(str(exc).removeprefix("Error while serializing: ")) from None
-
-        atomic_write(self / self.WEIGHTS, write)
+        save_safetensors(self / self.WEIGHTS, state_dict)
 
     def weights(self) -> dict:
         return load_safetensors(

@@ -195,10 +195,15 @@ def rebuild_model(run: RunDir, labels: list[str]) -> BirdNet:
     return model
 
 
-def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[BirdNet, list[str]]:
-    """(BirdNet in eval mode with the run's best weights, label names); every file checked on the way."""
+def check_device(device: str) -> None:
+    """Refuse a CUDA device on a machine that has none, before anything is loaded onto it."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+
+
+def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[BirdNet, list[str]]:
+    """(BirdNet in eval mode with the run's best weights, label names); every file checked on the way."""
+    check_device(device)
     run = RunDir(run_dir).require()
     labels = run.labels()
     weights = run.weights()

@@ -22,20 +22,18 @@ which others ignore. Every file goes through ``atomic_write``; the folder is mad
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 from lowres_birds import __version__
 from lowres_birds.config import LR_SIZE, RunConfig, parse_strategy
 from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
-from lowres_birds.model.factory import OFFLINE_LITE, load_run_model, timm_architecture
+from lowres_birds.model.factory import OFFLINE_LITE, check_device, load_run_model, timm_architecture
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
-from lowres_birds.run_dir import RunDir, atomic_write, load_safetensors, replace_folder, write_json, write_text
+from lowres_birds.run_dir import RunDir, check_labels, load_json, load_safetensors, replace_folder, save_safetensors, write_json, write_text
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -73,13 +71,6 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
     return out
 
 
-def _save_weights(state_dict: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
-
-
 def _write_timm_files(model: BirdNet, labels: list[str], out: Path, ours: dict) -> None:
     backbone, spec = model.backbone, model.spec
     own_cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
@@ -107,7 +98,7 @@ def _write_timm_files(model: BirdNet, labels: list[str], out: Path, ours: dict) 
     if own_cfg.get("fixed_input_size"):  # ViTs: the patch grid was built for the run's input size
         config["model_args"] = {"img_size": size}
     write_json(out / CONFIG, config)
-    _save_weights(backbone.state_dict(), out / WEIGHTS)
+    save_safetensors(out / WEIGHTS, backbone.state_dict(), metadata={"format": "pt"})
 
 
 def _write_transformers_files(model: BirdNet, out: Path, ours: dict) -> None:
@@ -123,7 +114,7 @@ def _write_transformers_files(model: BirdNet, out: Path, ours: dict) -> None:
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std),
     )
     write_text(out / PROCESSOR, processor.to_json_string())
-    _save_weights(backbone.state_dict(), out / WEIGHTS)
+    save_safetensors(out / WEIGHTS, backbone.state_dict(), metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------- the model card
@@ -244,12 +235,8 @@ it was not trained on, and not for decisions that need a confirmed identificatio
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path} not found; {path.parent} is not a complete Hugging Face folder (write one with lowres-birds export --format hf)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); export the folder again") from None
+    missing = f"{path} not found; {path.parent} is not a complete Hugging Face folder (write one with lowres-birds export --format hf)"
+    data = load_json(path, missing, "export the folder again")
     if not isinstance(data, dict):
         raise UserError(f"{path} must be a JSON object; export the folder again")
     return data
@@ -264,8 +251,7 @@ def _weights(folder: Path) -> dict:
 def load_hf_folder(folder: Path, device: str = "cpu") -> tuple[BirdNet, list[str]]:
     """(BirdNet in eval mode, class names) from a folder written by :func:`write_hf_folder` (or any timm or
     transformers image-classification folder on disk): the same preprocessing as the run it came from."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    check_device(device)
     folder = Path(folder)
     config = _read_json(folder / CONFIG)
     ours = config.get(OURS) if isinstance(config.get(OURS), dict) else {}
@@ -284,9 +270,7 @@ def _timm_backbone(folder: Path, config: dict):
 
     path = folder / CONFIG
     pretrained_cfg = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
-    labels = config.get("label_names") or pretrained_cfg.get("label_names")
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(label, str) for label in labels):
-        raise UserError(f"{path}: 'label_names' must list the class names (at least 2); export the folder again")
+    labels = check_labels(config.get("label_names") or pretrained_cfg.get("label_names"), f"{path}: 'label_names'", "export the folder again")
     try:
         size = int(pretrained_cfg.get("input_size", [3, 224, 224])[-1])
         mean, std = [float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))], [float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))]

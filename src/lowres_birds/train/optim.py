@@ -10,6 +10,7 @@ import torch
 
 from lowres_birds.config import RunConfig
 from lowres_birds.errors import UserError
+from lowres_birds.model.factory import check_device
 from lowres_birds.model.wrapper import BirdNet
 
 # One fused kernel over all parameters instead of ~10 tensor ops per parameter: the cpu recipe trains ~15%
@@ -56,8 +57,7 @@ def create_accelerator(cfg: RunConfig, run_dir: Path):
     """accelerate's Accelerator for the config: device, mixed precision, accumulation, tracker."""
     from accelerate import Accelerator
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    check_device(cfg.device)
     if cfg.log != "none":  # accelerate would only warn and log nothing
         from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
