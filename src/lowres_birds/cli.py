@@ -178,6 +178,9 @@ def _hf_folder_after_training(run_dir: Path) -> None:
 
     try:
         folder = write_hf_folder(run_dir, Path(run_dir) / RunDir.HF, force=True)
+    except UserError as exc:  # the run cannot be written as one (e.g. its upscale filter): the message says why and what instead
+        print(f"Hugging Face folder skipped: {exc}")
+        return
     except Exception as exc:  # noqa: BLE001 - the run itself is complete
         warnings.warn(f"Hugging Face folder skipped ({type(exc).__name__}: {exc}); run lowres-birds export --format hf --run {run_dir}", stacklevel=2)
         return

@@ -24,6 +24,7 @@ from lowres_birds.errors import UserError
 LR_SIZE = 64  # the competition's low-res side
 HR_SIZE = 256  # the side of the high-res twins
 STRATEGY_KINDS = ("native", "upscale", "hr-downscale")
+UPSCALE_FILTERS = ("bicubic", "lanczos", "robidoux-sharp")  # the model wrapper's resize kernels (model/resolution.py)
 DEFAULT_MAX_UPLOAD_MB = 10.0  # the server's cap on one request body
 DEFAULT_MAX_INFLIGHT_MB = 100.0  # the server's cap on the request bodies of all clients together
 DEFAULT_CLIENT_TIMEOUT_S = 20.0  # the server drops a client silent for this long
@@ -113,6 +114,8 @@ class RunConfig:
     teacher_size: int = setting(224, "the frozen HR teacher's input size", low=16, high=1024)
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0)
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0)
+    upscale_filter: str = setting("bicubic", "the model's resize kernel, saved with it: bicubic (PIL's), lanczos (PIL's Lanczos-3) or "
+                                             "robidoux-sharp (ImageMagick's sharp Mitchell-Netravali cubic)", choices=UPSCALE_FILTERS)
     ema_decay: float = setting(0.0, "EMA of the weights, evaluated and saved instead of them (0 = off)", low=0, high=1, high_open=True)
     layer_decay: float = setting(0.0, "layer-wise learning-rate decay for ViTs (0 = off)", low=0)
     early_stop_patience: int = setting(0, "epochs without a better validation macro-F1 before stopping (0 = never)", low=0)

@@ -153,8 +153,10 @@ def _load_hf(name: str, labels: list[str], pretrained: bool, config_dir: Path | 
     return model, mean, std
 
 
-def create_model(source: str, labels: list[str], input_size: int, pretrained: bool = True, config_dir: Path | None = None) -> BirdNet:
-    """The model factory. ``source`` is ``efficientnet_lite0``, ``timm:<name>`` or ``hf:<hub id or dir>``."""
+def create_model(source: str, labels: list[str], input_size: int, pretrained: bool = True, config_dir: Path | None = None,
+                 upscale_filter: str = "bicubic") -> BirdNet:
+    """The model factory. ``source`` is ``efficientnet_lite0``, ``timm:<name>`` or ``hf:<hub id or dir>``; ``upscale_filter``
+    is the kernel of the wrapper's resize to ``input_size``."""
     num_classes = len(labels)
     if source in OFFLINE_LITE:  # the TF Lite models take pixels scaled to [-1, 1]
         backbone, mean, std = _load_lite(source, num_classes, pretrained), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -164,7 +166,7 @@ def create_model(source: str, labels: list[str], input_size: int, pretrained: bo
         backbone, mean, std = _load_hf(source[3:], labels, pretrained, config_dir)
     else:
         raise UserError(f"unknown model {source!r}: use efficientnet_lite0/1/2, timm:<name> or hf:<hub id or local dir>")
-    spec = ModelSpec(source, num_classes, input_size, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    spec = ModelSpec(source, num_classes, input_size, tuple(float(m) for m in mean), tuple(float(s) for s in std), upscale_filter=upscale_filter)
     return BirdNet(backbone, spec)
 
 

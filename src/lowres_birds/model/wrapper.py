@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowres_birds.config import UPSCALE_FILTERS
 from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import normalise, resize_batch, resize_uint8, to_nchw
 from lowres_birds.progress import bar as progress_bar
@@ -25,7 +26,8 @@ RESIZES = ("pil", "float")
 class ModelSpec:
     """What is needed to rebuild a model offline: its source string, normalisation, input size and resize.
 
-    ``resize``: ``pil`` (8-bit bicubic as PIL, :func:`resize_uint8`) or ``float`` (runs saved before it).
+    ``resize``: ``pil`` (8-bit as PIL, :func:`resize_uint8`) or ``float`` (runs saved before it, bicubic).
+    ``upscale_filter``: the resize kernel (``bicubic``, ``lanczos``, ``robidoux-sharp``); files without it are bicubic.
     """
 
     source: str
@@ -34,6 +36,7 @@ class ModelSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize: str = "pil"
+    upscale_filter: str = "bicubic"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,11 +44,12 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict, labels: list[str], source: str) -> "ModelSpec":
         """A spec read from a run folder, checked field by field (it sizes tensors: never trust it blindly)."""
-        data = {"resize": "float", **data}  # runs saved before the 8-bit resize used the float one
+        data = {"resize": "float", "upscale_filter": "bicubic", **data}  # runs saved before the 8-bit resize used the float one
         try:
             spec = cls(
                 source=str(data["source"]), num_classes=int(data["num_classes"]), input_size=int(data["input_size"]),
                 mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]), resize=str(data["resize"]),
+                upscale_filter=str(data["upscale_filter"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{source}: missing or malformed field ({type(exc).__name__}: {exc}); the run folder is damaged") from None
@@ -55,6 +59,8 @@ class ModelSpec:
             (len(spec.mean) != 3 or len(spec.std) != 3, "mean and std need 3 values"),
             (not all(math.isfinite(v) for v in spec.mean + spec.std) or min(spec.std) <= 0, "mean/std must be finite, std positive"),
             (spec.resize not in RESIZES, f"resize {spec.resize!r} is not one of {', '.join(RESIZES)}"),
+            (spec.upscale_filter not in UPSCALE_FILTERS, f"upscale_filter {spec.upscale_filter!r} is not one of {', '.join(UPSCALE_FILTERS)}"),
+            (spec.resize == "float" and spec.upscale_filter != "bicubic", "the float resize is bicubic only"),
         ]
         for bad, message in problems:
             if bad:
@@ -129,7 +135,7 @@ class BirdNet(nn.Module):
             )
         if self.spec.resize == "float":
             return (resize_batch(images.float() / 255.0, self.spec.input_size) - self.mean) / self.std
-        return normalise(resize_uint8(images, self.spec.input_size), self.spec.mean, self.spec.std)
+        return normalise(resize_uint8(images, self.spec.input_size, self.spec.upscale_filter), self.spec.mean, self.spec.std)
 
     def forward(self, images: torch.Tensor, return_features: bool = False):
         """uint8 images -> logits, or (pooled features, logits) for feature distillation (timm backbones).

@@ -1,13 +1,14 @@
 """ONNX export: a trained run as one self-contained file that takes raw uint8 64x64 RGB images.
 
-The graph holds everything ``Classifier`` does after decoding: the 8-bit bicubic resize (PIL's, as torch's CPU
-kernel computes it, written as two float64 ``MatMul``s with rounding and clipping so every runtime gets the same
-pixels), the normalisation, the network and a softmax. A consumer in any language only has to hand it pixels.
+The graph holds everything ``Classifier`` does after decoding: the 8-bit resize with the run's filter (PIL's
+bicubic as torch's CPU kernel computes it, PIL's Lanczos or the sharp Robidoux cubic, written as two float64
+``MatMul``s with rounding and clipping so every runtime gets the same pixels), the normalisation, the network
+and a softmax. A consumer in any language only has to hand it pixels.
 
 Input ``images``: uint8, ``N x 64 x 64 x 3`` (layout ``nhwc``, how decoders return pixels) or
 ``N x 3 x 64 x 64`` (``nchw``); N is dynamic. Output ``probabilities``: float32 ``N x classes``.
 Metadata (``metadata_props``): ``labels`` (JSON list, output column order), ``input_size`` (the side the
-network sees after the in-graph resize), ``layout``, ``image_size`` (64) and ``source`` (the model).
+network sees after the in-graph resize), ``upscale_filter``, ``layout``, ``image_size`` (64) and ``source`` (the model).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = Fal
         {
             "labels": json.dumps(labels, ensure_ascii=False),
             "input_size": str(model.spec.input_size),
+            "upscale_filter": model.spec.upscale_filter,
             "image_size": str(LR_SIZE),
             "layout": layout,
             "source": model.spec.source,

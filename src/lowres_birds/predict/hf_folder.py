@@ -6,17 +6,17 @@ Two kinds, by backbone:
 * timm backbones (``efficientnet_lite0``, ``timm:<name>``): timm's own Hub layout, which transformers loads
   through its timm wrapper (``TimmWrapperForImageClassification``, transformers >= 4.47) and timm through
   ``timm.create_model("local-dir:DIR", pretrained=True)``. ``config.json`` holds the architecture, the
-  class names (``label_names``) and the preprocessing (``pretrained_cfg``: the run's input size, bicubic,
-  its mean and std, no crop), ``model.safetensors`` the backbone's weights under timm's names. Writing it
+  class names (``label_names``) and the preprocessing (``pretrained_cfg``: the run's input size, its resize
+  filter, its mean and std, no crop), ``model.safetensors`` the backbone's weights under timm's names. Writing it
   needs no transformers.
 * Hugging Face backbones (``hf:``): the backbone's ``config.json`` (with ``id2label``), its weights, and a
-  ``preprocessor_config.json`` that resizes to the run's input size with bicubic and normalises with the
-  run's mean and std.
+  ``preprocessor_config.json`` that resizes to the run's input size with the run's filter and normalises with
+  the run's mean and std.
 
-The pipeline resizes 64x64 photos to the input size with PIL's bicubic (timm) or torchvision's uint8 kernel
-(transformers), the resize the model wrapper reproduces, so both agree with ``lowres-birds`` on the top-1
-class. Both kinds also carry ``lowres_birds`` in ``config.json`` (source, strategy, resize, photo size),
-which others ignore. Every file goes through ``atomic_write``; the folder is made by ``replace_folder``
+The pipeline resizes 64x64 photos to the input size with PIL's bicubic or Lanczos (timm) or torchvision's
+uint8 kernel (transformers), the resize the model wrapper reproduces, so both agree with ``lowres-birds`` on
+the top-1 class. Neither has the ``robidoux-sharp`` filter, so runs trained with it are refused. Both kinds
+also carry ``lowres_birds`` in ``config.json`` (source, strategy, resize, filter, photo size), which others ignore. Every file goes through ``atomic_write``; the folder is made by ``replace_folder``
 (--force replaces only a folder this tool made).
 """
 
@@ -40,7 +40,9 @@ WEIGHTS = "model.safetensors"
 PROCESSOR = "preprocessor_config.json"
 CARD = "README.md"
 OURS = "lowres_birds"  # our key in config.json
-BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as transformers' processors store it
+# The run's upscale_filter as timm's pretrained_cfg names it and as transformers' processors store it (PIL's number).
+TIMM_INTERPOLATION = {"bicubic": "bicubic", "lanczos": "lanczos"}
+PIL_RESAMPLE = {"bicubic": 3, "lanczos": 1}
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -58,10 +60,14 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
     model, labels = load_run_model(run.path)
     cfg = run.config()
     spec = model.spec
+    if spec.upscale_filter not in TIMM_INTERPOLATION:
+        raise UserError(f"{run.path} was trained with upscale_filter {spec.upscale_filter}, which timm's and transformers' preprocessing "
+                        "cannot reproduce (they resize with PIL's or torchvision's filters); export it with --format onnx, or use the run folder")
     is_hf = spec.source.startswith("hf:")
     if is_hf:
         require_extra("hf", "export --format hf of a Hugging Face model")
-    ours = {"source": spec.source, "strategy": cfg.strategy, "resize": spec.resize, "image_size": LR_SIZE, "version": __version__}
+    ours = {"source": spec.source, "strategy": cfg.strategy, "resize": spec.resize, "upscale_filter": spec.upscale_filter,
+            "image_size": LR_SIZE, "version": __version__}
     replace_folder(out, force)
     if is_hf:
         _write_transformers_files(model, out, ours)
@@ -79,7 +85,7 @@ def _write_timm_files(model: BirdNet, labels: list[str], out: Path, ours: dict) 
     pretrained_cfg = {
         "input_size": [3, size, size],
         "fixed_input_size": bool(own_cfg.get("fixed_input_size", False)),
-        "interpolation": "bicubic",
+        "interpolation": TIMM_INTERPOLATION[spec.upscale_filter],
         "crop_pct": 1.0,
         "crop_mode": "center",
         "mean": list(spec.mean),
@@ -110,7 +116,7 @@ def _write_transformers_files(model: BirdNet, out: Path, ours: dict) -> None:
     setattr(config, OURS, ours)
     write_text(out / CONFIG, config.to_json_string())
     processor = ViTImageProcessor(
-        do_resize=True, size={"height": spec.input_size, "width": spec.input_size}, resample=BICUBIC,
+        do_resize=True, size={"height": spec.input_size, "width": spec.input_size}, resample=PIL_RESAMPLE[spec.upscale_filter],
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std),
     )
     write_text(out / PROCESSOR, processor.to_json_string())
@@ -137,7 +143,7 @@ def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], l
     trained_on = datetime.fromtimestamp((run / RunDir.WEIGHTS).stat().st_mtime, timezone.utc).date().isoformat()
     seen = {
         "native": "the 64x64 photo as it is",
-        "upscale": f"the 64x64 photo enlarged to {strategy.input_size}x{strategy.input_size} (bicubic)",
+        "upscale": f"the 64x64 photo enlarged to {strategy.input_size}x{strategy.input_size} ({spec.upscale_filter})",
         "hr-downscale": f"the photo resized to {strategy.input_size}x{strategy.input_size}; trained on the 256x256 twins shrunk to that size",
     }[strategy.kind]
     if best is not None:
@@ -156,7 +162,7 @@ def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], l
     loaders = {
         "timm": (
             "timm:\n\n```python\nimport timm\nmodel = timm.create_model(\"local-dir:" + where + "\", pretrained=True).eval()\n"
-            "config = timm.data.resolve_data_config({}, model=model)  # input size, bicubic, mean and std\n"
+            "config = timm.data.resolve_data_config({}, model=model)  # input size, resize filter, mean and std\n"
             "transform = timm.data.create_transform(**config)\n```\n"
         ),
         "transformers": "",
@@ -260,7 +266,7 @@ def load_hf_folder(folder: Path, device: str = "cpu") -> tuple[BirdNet, list[str
     else:
         backbone, labels, size, mean, std, source = _transformers_backbone(folder, config)
     spec_data = {"source": ours.get("source", source), "num_classes": len(labels), "input_size": size, "mean": mean, "std": std,
-                 "resize": ours.get("resize", "pil")}
+                 "resize": ours.get("resize", "pil"), "upscale_filter": ours.get("upscale_filter", "bicubic")}
     spec = ModelSpec.from_dict(spec_data, labels, str(folder / CONFIG))
     return BirdNet(backbone, spec).eval().to(device), labels
 

@@ -112,7 +112,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
         _check_resume(run, data)
     accelerator = create_accelerator(cfg, run.path)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
-    model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained)
+    model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained, upscale_filter=cfg.upscale_filter)
     model.freeze_early_layers(cfg.freeze_blocks)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
