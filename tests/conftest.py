@@ -37,6 +37,17 @@ def trained_run(demo_data, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def winners_run(demo_data, tmp_path_factory) -> Path:
+    """A tiny run with the competition winner's options on: TrivialAugment, RandomErasing, class-balanced loss and a
+    Lanczos upscale to 96."""
+    run_dir = tmp_path_factory.mktemp("runs") / "winners"
+    os.environ["LOWRES_BIRDS_CACHE"] = str(tmp_path_factory.getbasetemp() / "image-cache")
+    assert main(["train", "--data", str(demo_data), "--out", str(run_dir), *FAST_TRAIN, "--strategy", "upscale:96", "--trivial-augment",
+                 "--random-erasing", "0.5", "--class-balanced-beta", "0.99", "--upscale-filter", "lanczos", "--label-smoothing", "0.05"]) == 0
+    return run_dir
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "train.csv").is_file():

@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 
 from lowres_birds.cli import main
 
-# Augmentation, label smoothing and a warmup + cosine schedule on, so every random draw matters.
+# Augmentation (TrivialAugment and erasing included), a class-balanced smoothed loss and a warmup + cosine schedule
+# on, so every random draw matters.
 RUN = [
     "--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "upscale:72", "--epochs", "2", "--batch-size", "8",
-    "--lr", "3e-3", "--hflip", "--crop-scale-min", "0.7", "--label-smoothing", "0.1", "--schedule", "cosine",
-    "--warmup-epochs", "0.5", "--device", "cpu", "--deterministic",
+    "--lr", "3e-3", "--hflip", "--crop-scale-min", "0.7", "--trivial-augment", "--random-erasing", "0.3", "--label-smoothing", "0.1",
+    "--class-balanced-beta", "0.9", "--schedule", "cosine", "--warmup-epochs", "0.5", "--device", "cpu", "--deterministic",
 ]
 TIMING_KEYS = {"train_images_per_s", "elapsed_s"}
 

@@ -12,6 +12,8 @@ import pytest
 from lowres_birds.cli import main
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_test_table
+from lowres_birds.model.factory import load_run_model
+from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.classifier import Classifier
 from conftest import TINY_TRAIN, write_tiny_beit_run
 
@@ -52,6 +54,20 @@ def test_onnx_matches_pytorch(upscaled_run, exported, demo_test_images, layout):
     assert onnx_probs.shape == torch_probs.shape
     np.testing.assert_allclose(onnx_probs, torch_probs, atol=1e-4)
     assert (onnx_probs.argmax(1) == torch_probs.argmax(1)).all()
+
+
+def test_onnx_reproduces_the_runs_upscale_filter(winners_run, demo_test_images, tmp_path):
+    """A run trained with --upscale-filter lanczos: the graph resizes with Lanczos, so ONNX and PyTorch agree."""
+    path = tmp_path / "lanczos.onnx"
+    assert main(["export", "--run", str(winners_run), "--out", str(path)]) == 0
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert (metadata["upscale_filter"], metadata["input_size"]) == ("lanczos", "96")
+    onnx_probs = Classifier.load(path).predict_arrays(demo_test_images)
+    np.testing.assert_allclose(onnx_probs, Classifier.load(winners_run).predict_arrays(demo_test_images), atol=1e-5)
+    model, _ = load_run_model(winners_run)
+    model.spec.upscale_filter = "bicubic"  # the same weights seeing bicubic pixels answer measurably otherwise
+    bicubic_probs = in_batches(lambda batch: model(batch).softmax(-1), demo_test_images)
+    assert np.abs(onnx_probs - bicubic_probs).max() > 1e-4
 
 
 def test_predict_with_onnx_writes_the_same_submission(upscaled_run, exported, demo_data, tmp_path):

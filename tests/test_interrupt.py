@@ -16,7 +16,7 @@ from lowres_birds.cli import main
 
 ARGS = [
     "--model", "efficientnet_lite0", "--strategy", "native", "--epochs", "2", "--batch-size", "4", "--seed", "5",
-    "--hflip", "--crop-scale-min", "0.8", "--checkpoint-every", "2", "--device", "cpu",
+    "--hflip", "--crop-scale-min", "0.8", "--trivial-augment", "--random-erasing", "0.3", "--checkpoint-every", "2", "--device", "cpu",
 ]
 
 

@@ -94,3 +94,16 @@ def test_hf_export_refuses_robidoux_sharp_in_one_line(robidoux_run, tmp_path, ca
     assert len(error.splitlines()) == 1 and "robidoux-sharp" in error and "--format onnx" in error
     assert not (tmp_path / "hf").exists()
 
+
+def test_hf_folder_of_a_lanczos_run_resizes_as_the_model(winners_run):
+    """timm's own transform from the folder's pretrained_cfg (what the transformers pipeline runs) sees the model's pixels."""
+    import timm
+
+    config = json.loads((winners_run / "hf" / "config.json").read_text())
+    assert config["pretrained_cfg"]["interpolation"] == "lanczos" and config["lowres_birds"]["upscale_filter"] == "lanczos"
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(config["pretrained_cfg"]), is_training=False)
+    model, _ = load_hf_folder(winners_run / "hf")
+    assert model.spec.upscale_filter == "lanczos"
+    images = random_images(3)
+    theirs = torch.stack([transform(Image.fromarray(image)) for image in images])
+    np.testing.assert_allclose(model.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2)), theirs, atol=1e-5)

@@ -114,6 +114,10 @@ class RunConfig:
     teacher_size: int = setting(224, "the frozen HR teacher's input size", low=16, high=1024)
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0)
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0)
+    trivial_augment: bool = setting(False, "TrivialAugmentWide on each training image at its stored size, after the crop and flip")
+    random_erasing: float = setting(0.0, "probability of erasing a random box of each training image with random pixels (0 = off)", low=0, high=1)
+    class_balanced_beta: float = setting(0.0, "class-balanced cross-entropy (Cui et al. 2019): class weights (1 - beta) / (1 - beta^n) from the "
+                                              "training split's counts n, e.g. 0.999 (0 = off)", low=0, high=1, high_open=True)
     upscale_filter: str = setting("bicubic", "the model's resize kernel, saved with it: bicubic (PIL's), lanczos (PIL's Lanczos-3) or "
                                              "robidoux-sharp (ImageMagick's sharp Mitchell-Netravali cubic)", choices=UPSCALE_FILTERS)
     ema_decay: float = setting(0.0, "EMA of the weights, evaluated and saved instead of them (0 = off)", low=0, high=1, high_open=True)

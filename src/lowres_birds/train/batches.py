@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2  # timm, which every run imports, imports torchvision anyway
 
 from lowres_birds.model.resolution import gather_nchw
 from lowres_birds.train.degradation import Degradation, degrade
@@ -61,8 +62,6 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, crop_scal
 
     The one crop-and-flip of the project: LR batches and HR views both go through it.
     """
-    from torchvision.transforms.v2 import functional as TF
-
     if hflip:
         flip = torch.rand(len(images), generator=generator) < 0.5
         images = torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
@@ -73,22 +72,51 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, crop_scal
             scale = crop_scale_min + (1 - crop_scale_min) * torch.rand(1, generator=generator).item()
             side = max(8, int(round(size * math.sqrt(scale))))
             top, left = torch.randint(0, size - side + 1, (2,), generator=generator).tolist()
-            crops.append(TF.resized_crop(image, top, left, side, side, [size, size], antialias=True))
+            crops.append(v2.functional.resized_crop(image, top, left, side, side, [size, size], antialias=True))
         images = torch.stack(crops)
     return images
+
+
+def per_image(transform, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A torchvision v2 ``transform`` applied to each image of a uint8 NCHW batch on its own (given the batch it
+    would draw one operation for all), its random draws seeded from ``generator`` (torchvision draws from the
+    global RNG, which is forked here and left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return torch.stack([transform(image) for image in images])
 
 
 def hr_views(hr_images: torch.Tensor, degradation: Degradation, crop_scale_min: float, randaugment_ops: int, generator: torch.Generator) -> torch.Tensor:
     """uint8 HR NCHW -> realistic uint8 LR views: crop + flip (+ RandAugment) at HR, then the fitted degradation."""
     views = random_crop_flip(hr_images, generator, crop_scale_min, hflip=True)
     if randaugment_ops:
-        from torchvision.transforms import v2
-
-        augment = v2.RandAugment(num_ops=randaugment_ops)
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG: seed it from ours
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            views = torch.stack([augment(view) for view in views])
+        views = per_image(v2.RandAugment(num_ops=randaugment_ops), views, generator)
     return degrade(views, degradation)
+
+
+def trivial_augment_and_erase(images: torch.Tensor, generator: torch.Generator, trivial_augment: bool, erasing_p: float) -> torch.Tensor:
+    """The 1st-place recipe's image augmentation, per uint8 image: TrivialAugmentWide, then RandomErasing with
+    probability ``erasing_p`` filling the box with uniform random pixels. Returns ``images`` itself when both are off."""
+    steps = ([v2.TrivialAugmentWide()] if trivial_augment else []) + ([PixelErasing(p=erasing_p)] if erasing_p > 0 else [])
+    return per_image(v2.Compose(steps), images, generator) if steps else images
+
+
+class PixelErasing(v2.RandomErasing):
+    """torchvision's RandomErasing (box area 2-33 %, aspect 0.3-3.3, as timm's) filled with uniform 0-255 noise.
+
+    Its own ``value="random"`` draws N(0, 1) floats, meant for normalised tensors: cast into a uint8 image they
+    are nearly all 0, 1 or 255. timm's ``pixel`` mode is that normal noise after normalisation; in 8-bit pixels
+    before it, uniform noise is the plain equivalent.
+    """
+
+    def __init__(self, p: float):
+        super().__init__(p=p, value="random")
+
+    def make_params(self, flat_inputs: list) -> dict:
+        params = super().make_params(flat_inputs)
+        if params["v"] is not None:
+            params["v"] = torch.randint(0, 256, params["v"].shape, dtype=torch.uint8)
+        return params
 
 
 @dataclass

@@ -16,7 +16,7 @@ from lowres_birds.data.splits import fold_indices, stratified_split
 from lowres_birds.data.tables import ImageTable, LabelMap, load_train_table
 from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import gather_nchw
-from lowres_birds.train.batches import Targets, hr_views, mix_batch, random_crop_flip
+from lowres_birds.train.batches import Targets, hr_views, mix_batch, random_crop_flip, trivial_augment_and_erase
 from lowres_birds.train.degradation import Degradation, fitted_degradation
 from lowres_birds.train.teacher import TeacherTargets, build_teacher
 
@@ -82,8 +82,10 @@ def hr_support(cfg: RunConfig, data: TrainingData) -> HRSupport:
 
 def training_batch(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, num_classes: int, cfg: RunConfig,
                    generator: torch.Generator, hr: HRSupport) -> tuple[torch.Tensor, Targets]:
-    """Augment (LR crops/flips, HR-derived views), attach the teacher's targets, then mix."""
+    """Augment (crops/flips, TrivialAugment and erasing of the stored images, HR-derived views), attach the
+    teacher's targets, then mix."""
     images = random_crop_flip(images, generator, cfg.crop_scale_min, cfg.hflip)
+    images = trivial_augment_and_erase(images, generator, cfg.trivial_augment, cfg.random_erasing)
     if hr.degradation is not None:
         chosen = torch.rand(len(images), generator=generator) < cfg.hr_view_ratio
         if chosen.any():

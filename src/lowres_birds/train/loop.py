@@ -24,7 +24,7 @@ from lowres_birds.run_dir import RunDir, replace_folder, write_json
 from lowres_birds.train.batches import make_loader
 from lowres_birds.train.budget import BudgetPlanner
 from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_training_data, training_batch
-from lowres_birds.train.losses import total_loss
+from lowres_birds.train.losses import class_balanced_weights, total_loss
 from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
 
@@ -47,7 +47,7 @@ def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, c
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             features, logits = model(images, return_features=True) if feature_kd else (None, model(images))
-            loss = total_loss(logits, features, targets, cfg)
+            loss = total_loss(logits, features, targets, cfg, parts.class_weights)
             if not torch.isfinite(loss):
                 kept = "the last checkpoint is kept; resume with --resume" if checkpointer.exists() else "no checkpoint was written yet"
                 raise UserError(f"loss became {loss.item()} at epoch {state.epoch + 1}; lower --lr or use --mixed-precision no ({kept})")
@@ -139,6 +139,9 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
 
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
     parts = Trainee(model, optimizer, scheduler, accelerator, torch.Generator().manual_seed(cfg.seed + accelerator.process_index), ema, hr)
+    if cfg.class_balanced_beta > 0:
+        counts = np.bincount(data.targets[data.train_idx], minlength=len(labels))
+        parts.class_weights = class_balanced_weights(counts, cfg.class_balanced_beta).to(accelerator.device)
     checkpointer = Checkpointer(run, parts)
     state = checkpointer.restore() if resume else TrainState()
     _print_header(accelerator, cfg, data, hr, run, state)

@@ -1,12 +1,23 @@
-"""The training loss: cross-entropy on (mixed, smoothed) labels, plus the two distillation terms."""
+"""The training loss: cross-entropy on (mixed, smoothed) labels, optionally class-balanced, plus the two
+distillation terms."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lowres_birds.config import RunConfig
 from lowres_birds.train.batches import Targets
+
+
+def class_balanced_weights(counts: np.ndarray, beta: float) -> torch.Tensor:
+    """Per-class cross-entropy weights by the effective number of samples (Cui et al., CVPR 2019):
+    (1 - beta) / (1 - beta^n_c), normalised to mean 1 over the classes. ``counts``: images per class in the training
+    split (a class with none is weighted as if it had one)."""
+    effective = 1.0 - np.power(beta, np.maximum(np.asarray(counts, dtype=np.float64), 1.0))
+    weights = (1.0 - beta) / effective
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -23,10 +34,12 @@ def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor)
     return F.mse_loss(student_features, teacher_features) / teacher_features.pow(2).mean().clamp_min(1e-8)
 
 
-def total_loss(logits: torch.Tensor, features: torch.Tensor | None, targets: Targets, cfg: RunConfig) -> torch.Tensor:
-    """(1 - kd_weight) * CE + kd_weight * KD + feature_kd_weight * feature matching; absent targets drop their term."""
+def total_loss(logits: torch.Tensor, features: torch.Tensor | None, targets: Targets, cfg: RunConfig,
+               class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - kd_weight) * CE + kd_weight * KD + feature_kd_weight * feature matching; absent targets drop their term.
+    ``class_weights`` (see :func:`class_balanced_weights`) weigh the cross-entropy's classes."""
     logits = logits.float()
-    loss = F.cross_entropy(logits, targets.labels, label_smoothing=cfg.label_smoothing)
+    loss = F.cross_entropy(logits, targets.labels, weight=class_weights, label_smoothing=cfg.label_smoothing)
     if targets.teacher_probs is not None and cfg.kd_weight > 0:
         loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(logits, targets.teacher_probs, cfg.kd_temperature)
     if targets.teacher_features is not None and features is not None and cfg.feature_kd_weight > 0:

@@ -65,6 +65,7 @@ class Trainee:
     ema: torch.nn.Module | None
     hr: HRSupport
     planner: BudgetPlanner | None = None
+    class_weights: torch.Tensor | None = None  # class-balanced cross-entropy weights, fixed for the run
 
 
 def rng_state(generator: torch.Generator) -> dict:
