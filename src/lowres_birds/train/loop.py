@@ -118,9 +118,11 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     check_teacher(cfg, model, labels)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if not resume:  # the old run is replaced only now that data and model are known good
-        replace_folder(run.path, force, create=processes.is_main_process)
+    if not resume:  # the old run is replaced only now that data and model are known good, once every process checked it
+        replace_folder(run.path, force, create=False)
+        processes.wait_for_everyone()
     if processes.is_main_process and not resume:
+        replace_folder(run.path, force)
         run.write_config(cfg)
         run.write_labels(labels)
         save_architecture(model, run)
