@@ -131,3 +131,19 @@ def test_a_teacher_with_another_feature_width_is_refused_for_feature_kd_before_t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--feature-kd-weight 0" in err and "96" in err and "256" in err
     assert not run.exists()
+
+
+def test_a_teacher_stopped_by_a_signal_says_to_resume_the_whole_run(demo_data, tmp_path):
+    from lowres_birds.errors import TrainingInterrupted
+    from lowres_birds.train.data import load_training_data
+    from lowres_birds.train.teacher import finetuned_teacher
+
+    cfg = load_config("cpu", {"teacher": "finetuned", "kd_weight": 0.7, "model": "timm:test_efficientnet", "pretrained": False})
+
+    def stopped(*_args, **_kwargs):
+        raise TrainingInterrupted(f"SIGINT: checkpoint saved at epoch 1, step 2; continue with: lowres-birds train --resume {tmp_path / 'teacher'}")
+
+    with pytest.raises(TrainingInterrupted) as stop:
+        finetuned_teacher(cfg, load_training_data(demo_data, cfg), RunDir(tmp_path), demo_data, stopped)
+    assert str(stop.value) == (f"SIGINT: checkpoint saved at epoch 1, step 2 of the HR teacher in {tmp_path / 'teacher'}; "
+                               f"continue with: lowres-birds train --resume {tmp_path}")
