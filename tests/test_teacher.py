@@ -147,3 +147,13 @@ def test_a_teacher_stopped_by_a_signal_says_to_resume_the_whole_run(demo_data, t
         finetuned_teacher(cfg, load_training_data(demo_data, cfg), RunDir(tmp_path), demo_data, stopped)
     assert str(stop.value) == (f"SIGINT: checkpoint saved at epoch 1, step 2 of the HR teacher in {tmp_path / 'teacher'}; "
                                f"continue with: lowres-birds train --resume {tmp_path}")
+
+
+def test_each_fold_trains_its_own_teacher_on_its_own_split(demo_data, tmp_path):
+    out = tmp_path / "folds"
+    assert main(["train", "--data", str(demo_data), "--out", str(out), *FINETUNED, "--folds", "2"]) == 0
+    for fold in ("fold0", "fold1"):
+        student, teacher = RunDir(out / fold), RunDir(out / fold / RunDir.TEACHER)
+        assert (teacher.config().folds, teacher.config().fold) == (2, int(fold[-1]))
+        assert teacher.split()["val_ids"] == student.split()["val_ids"]
+    assert RunDir(out / "fold0").split()["val_ids"] != RunDir(out / "fold1").split()["val_ids"]
