@@ -16,7 +16,7 @@ from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_train_table
 from lowres_birds.predict.classifier import Classifier
 from lowres_birds.metrics import score
-from lowres_birds.run_dir import MARKER
+from lowres_birds.run_dir import MARKER, RunDir
 from lowres_birds.config import LR_SIZE
 
 EPOCHS = 2
@@ -90,6 +90,4 @@ def test_a_fine_tuned_teacher_trains_inside_a_two_process_run_and_rank_0_alone_w
     assert [record["epoch"] for record in metrics(teacher)] == [1] and [record["epoch"] for record in metrics(run)] == [1]
     assert not [p.name for folder in (run, teacher) for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert result.stdout.count("HR teacher finetuned") == 1
-    from lowres_birds.run_dir import RunDir
-
     assert RunDir(teacher).teacher_targets(30, 3, damaged="test")["logits"].shape == (30, 3)

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import FAST_TRAIN
 
 from lowres_birds.cli import main
 from lowres_birds.config import load_config
-from lowres_birds.errors import UserError
+from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.run_dir import RunDir, save_safetensors
-from lowres_birds.train.teacher import teacher_config
-from conftest import FAST_TRAIN
+from lowres_birds.train.data import load_training_data
+from lowres_birds.train.teacher import finetuned_teacher, teacher_config
 
 FINETUNED = [*FAST_TRAIN, "--teacher", "finetuned", "--teacher-epochs", "1", "--teacher-size", "64",
              "--kd-weight", "0.7", "--feature-kd-weight", "1", "--mixup-alpha", "0.2", "--budget-minutes", "0"]
@@ -134,10 +135,6 @@ def test_a_teacher_with_another_feature_width_is_refused_for_feature_kd_before_t
 
 
 def test_a_teacher_stopped_by_a_signal_says_to_resume_the_whole_run(demo_data, tmp_path):
-    from lowres_birds.errors import TrainingInterrupted
-    from lowres_birds.train.data import load_training_data
-    from lowres_birds.train.teacher import finetuned_teacher
-
     cfg = load_config("cpu", {"teacher": "finetuned", "kd_weight": 0.7, "model": "timm:test_efficientnet", "pretrained": False})
 
     def stopped(*_args, **_kwargs):
