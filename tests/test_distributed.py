@@ -16,7 +16,7 @@ from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_train_table
 from lowres_birds.predict.classifier import Classifier
 from lowres_birds.metrics import score
-from lowres_birds.run_dir import MARKER
+from lowres_birds.run_dir import MARKER, RunDir
 from lowres_birds.config import LR_SIZE
 
 EPOCHS = 2
@@ -75,3 +75,19 @@ def test_cosine_schedule_is_half_way_after_half_the_epochs(two_process_run):
     run, _ = two_process_run
     assert metrics(run)[0]["lr"] == pytest.approx(0.5e-3, rel=1e-6)
     assert metrics(run)[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_fine_tuned_teacher_trains_inside_a_two_process_run_and_rank_0_alone_writes_its_targets(demo_data, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWRES_BIRDS_CACHE": str(tmp_path / "cache")}
+    flags = [*TRAIN[: TRAIN.index("--epochs")], "--epochs", "1", *TRAIN[TRAIN.index("--epochs") + 2 :],
+             "--teacher", "finetuned", "--teacher-epochs", "1", "--teacher-size", "64", "--kd-weight", "0.7", "--feature-kd-weight", "1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "lowres_birds", "train", "--data", str(demo_data), "--out", str(run), *flags]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    teacher = run / "teacher"
+    assert [record["epoch"] for record in metrics(teacher)] == [1] and [record["epoch"] for record in metrics(run)] == [1]
+    assert not [p.name for folder in (run, teacher) for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert result.stdout.count("HR teacher finetuned") == 1
+    assert RunDir(teacher).teacher_targets(30, 3, damaged="test")["logits"].shape == (30, 3)

@@ -144,7 +144,8 @@ def _resume(args, overrides: dict) -> int:
     if given:
         raise UserError(f"--resume continues the run with its saved config, data and folder; drop {', '.join(given)}")
     run = RunDir(args.resume).require()
-    if not (run / RunDir.CHECKPOINT).is_file():
+    stopped_in_teacher = (run / RunDir.TEACHER / RunDir.CHECKPOINT).is_file()  # a fine-tuned teacher trains before the run
+    if not (run / RunDir.CHECKPOINT).is_file() and not stopped_in_teacher:
         raise UserError(f"{run} has no {RunDir.CHECKPOINT} to resume from; start a new run without --resume")
     cfg = run.config()
     if args.print_config:

@@ -111,7 +111,11 @@ class RunConfig:
     kd_weight: float = setting(0.0, "weight of the distillation term to the HR teacher (cross-entropy gets 1 - kd_weight)", low=0, high=1)
     kd_temperature: float = setting(4.0, "distillation temperature", low=0, low_open=True)
     feature_kd_weight: float = setting(0.0, "weight of matching the backbone's HR features from LR input", low=0)
-    teacher_size: int = setting(224, "the frozen HR teacher's input size", low=16, high=1024)
+    teacher_size: int = setting(224, "the HR teacher's input size (the twins are resized to it)", low=16, high=1024)
+    teacher: str = setting("frozen", "the HR teacher: the pretrained backbone frozen with a logistic head, or a run fine-tuned on the "
+                           "HR twins first (RUN/teacher)", choices=("frozen", "finetuned"))
+    teacher_epochs: int = setting(4, "training epochs of the fine-tuned teacher", low=1)
+    teacher_model: str = setting("", "the teacher's model id (as --model; empty = the student's model)")
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0)
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0)
     trivial_augment: bool = setting(False, "TrivialAugmentWide on each training image at its stored size, after the crop and flip")

@@ -8,6 +8,8 @@ A run folder holds::
     metrics.jsonl        one record per finished epoch     checkpoint.pt    resumable state (tensors + plain types)
     val_predictions.npz  the best model's validation probabilities (out-of-fold scoring)
     report/              figures and report.html          hf/              the best weights as a Hugging Face folder
+    teacher/             the fine-tuned HR teacher: a run folder of its own, plus targets.safetensors (its logits
+                         and pooled features on every training row's HR twin, the distillation targets)
 
 ``RunDir`` owns these names and their formats: every reader validates what it reads (a run folder is input
 like any other) and names the file on failure; nothing is unpickled. ``atomic_write`` is the only way files
@@ -259,6 +261,8 @@ class RunDir:
     VAL_PREDICTIONS = "val_predictions.npz"
     DEGRADATION = "degradation.json"
     REPORT = "report"
+    TEACHER = "teacher"  # the fine-tuned HR teacher's run folder (teacher: finetuned)
+    TEACHER_TARGETS = "targets.safetensors"  # in the teacher's folder
     METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")  # in every metrics.jsonl record
     HF = "hf"  # the best weights as a Hugging Face folder (export --format hf)
 
@@ -393,6 +397,31 @@ class RunDir:
         if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
             raise UserError(f"{path} lacks {', '.join(needed)}; it is not a lowres-birds checkpoint: start a new run")
         return checkpoint
+
+    # ---- the fine-tuned teacher's distillation targets (in RUN/teacher)
+    def save_teacher_targets(self, features, logits, val_macro_f1: float, seconds: float) -> None:
+        import torch
+
+        save_safetensors(self / self.TEACHER_TARGETS, {
+            "features": features, "logits": logits, "val_macro_f1": torch.tensor(val_macro_f1), "seconds": torch.tensor(seconds),
+        })
+
+    def teacher_targets(self, rows: int, classes: int, damaged: str) -> dict:
+        """features (rows x D), logits (rows x classes), val_macro_f1 and seconds, all finite; ``damaged``: what happens
+        to a file that is not that."""
+        path = self / self.TEACHER_TARGETS
+        tensors = load_safetensors(path, missing=f"{path} not found; {damaged}", damaged=damaged)
+        keys = ("features", "logits", "val_macro_f1", "seconds")
+        if any(key not in tensors for key in keys):
+            raise UserError(f"{path} lacks one of {', '.join(keys)}; {damaged}")
+        features, logits = tensors["features"], tensors["logits"]
+        shapes = f"{tuple(features.shape)} features and {tuple(logits.shape)} logits"
+        scalars = tensors["val_macro_f1"].numel() == 1 and tensors["seconds"].numel() == 1
+        if features.ndim != 2 or len(features) != rows or features.shape[1] < 1 or tuple(logits.shape) != (rows, classes) or not scalars:
+            raise UserError(f"{path} holds {shapes}, not {rows} x D features, {rows} x {classes} logits and two scalars; {damaged}")
+        if not all(bool(tensor.float().isfinite().all()) for tensor in tensors.values()) or not 0 <= float(tensors["val_macro_f1"]) <= 1:
+            raise UserError(f"{path} holds values that are not finite (or a macro-F1 outside 0-1); {damaged}")
+        return {"features": features.float(), "logits": logits.float(), "val_macro_f1": float(tensors["val_macro_f1"]), "seconds": float(tensors["seconds"])}
 
     def save_val_predictions(self, indices, targets, probs) -> None:
         import numpy as np

@@ -137,6 +137,11 @@ class BirdNet(nn.Module):
             return (resize_batch(images.float() / 255.0, self.spec.input_size) - self.mean) / self.std
         return normalise(resize_uint8(images, self.spec.input_size, self.spec.upscale_filter), self.spec.mean, self.spec.std)
 
+    @property
+    def feature_width(self) -> int | None:
+        """Width of the pooled features ``forward(..., return_features=True)`` returns (timm backbones), else None."""
+        return getattr(self.backbone, "num_features", None) if hasattr(self.backbone, "forward_head") else None
+
     def forward(self, images: torch.Tensor, return_features: bool = False):
         """uint8 images -> logits, or (pooled features, logits) for feature distillation (timm backbones).
 

@@ -18,7 +18,6 @@ from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import gather_nchw
 from lowres_birds.train.batches import Targets, hr_views, mix_batch, random_crop_flip, trivial_augment_and_erase
 from lowres_birds.train.degradation import Degradation, fitted_degradation
-from lowres_birds.train.teacher import TeacherTargets, build_teacher
 
 
 @dataclass
@@ -35,8 +34,12 @@ class TrainingData:
     hr_images: np.ndarray | None  # the 256x256 twins, when the strategy or the HR techniques need them
 
 
+def uses_teacher(cfg: RunConfig) -> bool:
+    return cfg.kd_weight > 0 or cfg.feature_kd_weight > 0
+
+
 def uses_hr_twins(cfg: RunConfig) -> bool:
-    return cfg.hr_view_ratio > 0 or cfg.kd_weight > 0 or cfg.feature_kd_weight > 0
+    return cfg.hr_view_ratio > 0 or uses_teacher(cfg)
 
 
 def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
@@ -60,6 +63,19 @@ def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
 
 
 @dataclass
+class TeacherTargets:
+    """Per training row, the HR teacher's outputs on the row's HR twin: the distillation targets (teacher.py builds them)."""
+
+    features: torch.Tensor  # N x D pooled features
+    logits: torch.Tensor  # N x C
+    val_macro_f1: float  # the teacher's own score on the validation rows' HR twins
+    kind: str  # RunConfig.teacher: frozen or finetuned
+    description: str  # what the teacher is, for the train header
+    seconds: float  # the time the teacher took to build (training included)
+    reused: bool = False  # read back from an earlier run of this folder, not built now
+
+
+@dataclass
 class HRSupport:
     """What the high-res twins add to each training step; absent parts are off."""
 
@@ -69,14 +85,11 @@ class HRSupport:
     teacher: TeacherTargets | None = None
 
 
-def hr_support(cfg: RunConfig, data: TrainingData) -> HRSupport:
-    """Fit the degradation and build the HR teacher when the recipe asks for them (cached across runs)."""
-    support = HRSupport(hr_images=data.hr_images)
+def hr_support(cfg: RunConfig, data: TrainingData, teacher: TeacherTargets | None) -> HRSupport:
+    """Fit the degradation when the recipe asks for it (cached across runs); ``teacher`` comes from teacher.py."""
+    support = HRSupport(hr_images=data.hr_images, teacher=teacher)
     if cfg.hr_view_ratio > 0:
         support.degradation, support.degradation_report = fitted_degradation(data.hr_images, data.lr_images)
-    if cfg.kd_weight > 0 or cfg.feature_kd_weight > 0:
-        labels = list(data.label_map.classes)
-        support.teacher = build_teacher(cfg.model, labels, data.hr_images, data.targets, data.train_idx, data.val_idx, cfg.teacher_size)
     return support
 
 

@@ -25,8 +25,9 @@ from lowres_birds.train.batches import make_loader
 from lowres_birds.train.budget import BudgetPlanner
 from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_training_data, training_batch
 from lowres_birds.train.losses import class_balanced_weights, total_loss
-from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler
+from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler, start_processes
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
+from lowres_birds.train.teacher import check_teacher, hr_teacher
 
 
 def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, checkpointer: Checkpointer, stop: StopFlag) -> dict:
@@ -110,21 +111,25 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     labels = list(data.label_map.classes)
     if resume:
         _check_resume(run, data)
-    accelerator = create_accelerator(cfg, run.path)
+    processes = start_processes(cfg)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained, upscale_filter=cfg.upscale_filter)
     model.freeze_early_layers(cfg.freeze_blocks)
+    check_teacher(cfg, model, labels)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if not resume:  # the old run is replaced only now that data and model are known good
-        replace_folder(run.path, force, create=accelerator.is_main_process)
-    if accelerator.is_main_process and not resume:
+    if not resume:  # the old run is replaced only now that data and model are known good, once every process checked it
+        replace_folder(run.path, force, create=False)
+        processes.wait_for_everyone()
+    if processes.is_main_process and not resume:
+        replace_folder(run.path, force)
         run.write_config(cfg)
         run.write_labels(labels)
         save_architecture(model, run)
         run.write_split(data_dir, [data.table.ids[i] for i in data.val_idx], data.table.fingerprint())
-    accelerator.wait_for_everyone()
-    hr = hr_support(cfg, data)
+    processes.wait_for_everyone()
+    hr = hr_support(cfg, data, hr_teacher(cfg, data, run, data_dir, train))  # a fine-tuned teacher trains here, in RUN/teacher
+    accelerator = create_accelerator(cfg, run.path)  # after the teacher's: one Accelerator at a time
     if hr.degradation is not None and accelerator.is_main_process:
         hr.degradation.save(run / RunDir.DEGRADATION, **hr.degradation_report)
     optimizer = create_optimizer(model, cfg)
@@ -143,7 +148,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
         counts = np.bincount(data.targets[data.train_idx], minlength=len(labels))
         parts.class_weights = class_balanced_weights(counts, cfg.class_balanced_beta).to(accelerator.device)
     checkpointer = Checkpointer(run, parts)
-    state = checkpointer.restore() if resume else TrainState()
+    state = checkpointer.restore() if resume and checkpointer.exists() else TrainState()  # none yet: stopped in the teacher
     _print_header(accelerator, cfg, data, hr, run, state)
     if cfg.log != "none":
         accelerator.init_trackers("lowres-birds", config=cfg.to_dict())
@@ -209,7 +214,9 @@ def _print_header(accelerator, cfg: RunConfig, data: TrainingData, hr: HRSupport
         accelerator.print(f"degradation fitted from the pairs: {hr.degradation} (held-out PSNR {report['held_out_psnr']:.2f} dB "
                           f"vs {report['plain_resize_psnr']:.2f} for a plain resize)")
     if hr.teacher is not None:
-        accelerator.print(f"HR teacher ({cfg.model} frozen at {cfg.teacher_size}, logistic head): val macro-F1 on HR twins {hr.teacher.val_macro_f1:.4f}")
+        teacher = hr.teacher
+        took = f"reused (it took {teacher.seconds:.0f}s)" if teacher.reused else f"took {teacher.seconds:.0f}s"
+        accelerator.print(f"HR teacher {teacher.kind} ({teacher.description}): val macro-F1 on HR twins {teacher.val_macro_f1:.4f}, {took}")
 
 
 def _print_epoch(accelerator, epochs: int, record: dict) -> None:

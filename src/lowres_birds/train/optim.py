@@ -53,6 +53,14 @@ def set_schedule_length(scheduler, cfg: RunConfig, steps_per_epoch: int, epochs:
     inner.lr_lambdas = [_factor(cfg, steps_per_epoch, epochs) for _ in inner.lr_lambdas]
 
 
+def start_processes(cfg: RunConfig):
+    """accelerate's process state (rank, device) before any Accelerator: a fine-tuned teacher trains in between."""
+    from accelerate import PartialState
+
+    check_device(cfg.device)
+    return PartialState(cpu=cfg.device == "cpu")
+
+
 def create_accelerator(cfg: RunConfig, run_dir: Path):
     """accelerate's Accelerator for the config: device, mixed precision, accumulation, tracker."""
     from accelerate import Accelerator

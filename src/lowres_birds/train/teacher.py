@@ -1,34 +1,71 @@
 """The HR teacher: what the 256x256 twins can teach a 64x64 student (the test set has no twins).
 
-``build_teacher``: the pretrained backbone, frozen, sees the HR twins at ``teacher_size``; a
-logistic-regression head fitted on those features is the teacher. Its soft labels and features are the
-distillation targets (losses.py). The features are cached beside the decoded images, so ablations and folds
-compute them once.
+Both kinds (``teacher``) give, for every training row, logits and pooled features on its HR twin at
+``teacher_size``: the distillation targets of losses.py.
+
+- ``frozen``: the pretrained backbone, frozen, with a logistic-regression head fitted on the training split. The
+  features are cached beside the decoded images, so ablations and folds compute them once.
+- ``finetuned``: a regular run at RUN/teacher, trained first on the HR twins by the same ``train()`` (passed in,
+  since loop.py imports this module) on the student's split, so the student's validation rows stay unseen. Its
+  best weights' outputs are written once into that folder; a resumed student reads them back, or resumes an
+  unfinished teacher.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from lowres_birds.config import FIELDS, RunConfig
 from lowres_birds.data.images import cache_dir
+from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.metrics import score
-from lowres_birds.model.factory import create_model
-from lowres_birds.model.wrapper import in_batches
-from lowres_birds.run_dir import save_torch
+from lowres_birds.model.factory import create_model, load_run_model
+from lowres_birds.model.wrapper import BirdNet, in_batches
+from lowres_birds.run_dir import RunDir, save_torch
+from lowres_birds.train.data import TeacherTargets, TrainingData, uses_teacher
 from lowres_birds.train.degradation import array_fingerprint
 
+# What the fine-tuned teacher does not take from the student's config: it learns from the HR labels alone, for a
+# fixed number of epochs, untracked (the student's tracker run is the one that is logged).
+STUDENT_ONLY = ("hr_view_ratio", "randaugment_ops", "kd_weight", "kd_temperature", "feature_kd_weight", "teacher", "teacher_epochs",
+                "teacher_model", "teacher_size", "mixup_alpha", "cutmix_alpha", "budget_minutes", "early_stop_patience", "log")
 
-@dataclass
-class TeacherTargets:
-    """Per training-set index: the frozen backbone's pooled HR features and the HR teacher's logits."""
 
-    features: torch.Tensor  # N x D
-    logits: torch.Tensor  # N x C
-    val_macro_f1: float  # the teacher's own score on the validation HR twins
+def teacher_source(cfg: RunConfig) -> str:
+    return cfg.teacher_model or cfg.model
+
+
+def check_teacher(cfg: RunConfig, student: BirdNet, labels: list[str]) -> None:
+    """Refuse, before any training, a teacher without pooled features or whose features the student cannot match."""
+    if not uses_teacher(cfg):
+        return
+    source = teacher_source(cfg)
+    teacher = student if source == cfg.model else create_model(source, labels, cfg.teacher_size, pretrained=False)
+    if teacher.feature_width is None:
+        raise UserError(f"the HR teacher needs pooled features, which {source} does not give (a timm backbone does); "
+                        "set --teacher-model to a timm or efficientnet_lite model, or --kd-weight 0 --feature-kd-weight 0")
+    if cfg.feature_kd_weight > 0 and teacher.feature_width != student.feature_width:
+        raise UserError(f"--feature-kd-weight {cfg.feature_kd_weight:g} needs equal feature widths, but the teacher {source} has "
+                        f"{teacher.feature_width} and the student {cfg.model} {student.feature_width}; set --feature-kd-weight 0 or use the same model")
+
+
+def hr_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict]) -> TeacherTargets | None:
+    """The config's HR teacher, or None when the recipe distils nothing; ``train`` is loop.train."""
+    if not uses_teacher(cfg):
+        return None
+    if cfg.teacher == "finetuned":
+        return finetuned_teacher(cfg, data, run, data_dir, train)
+    return frozen_teacher(cfg, data)
+
+
+# --------------------------------------------------------------------------- frozen
 
 
 def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_size: int) -> torch.Tensor:
@@ -48,14 +85,78 @@ def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_siz
     return features
 
 
-def build_teacher(source: str, labels: list[str], hr_images: np.ndarray, targets: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, input_size: int) -> TeacherTargets:
-    """Frozen pretrained backbone on HR at ``input_size`` + logistic regression fitted on the training split."""
+def frozen_teacher(cfg: RunConfig, data: TrainingData) -> TeacherTargets:
+    """Frozen pretrained backbone on HR at ``teacher_size`` + logistic regression fitted on the training split."""
     from sklearn.linear_model import LogisticRegression
 
-    features = hr_features(source, labels, hr_images, input_size)
+    started, source, labels = time.perf_counter(), teacher_source(cfg), list(data.label_map.classes)
+    features = hr_features(source, labels, data.hr_images, cfg.teacher_size)
     head = LogisticRegression(C=0.5, max_iter=300)
-    head.fit(features[train_idx].numpy(), targets[train_idx])
+    head.fit(features[data.train_idx].numpy(), data.targets[data.train_idx])
     logits = torch.zeros(len(features), len(labels))
     logits[:, head.classes_] = torch.from_numpy(head.decision_function(features.numpy())).float()
-    val_f1 = score(targets[val_idx], logits[val_idx].argmax(1).numpy())["macro_f1"]
-    return TeacherTargets(features, logits, val_f1)
+    return TeacherTargets(features, logits, _hr_val_f1(data, logits), "frozen", f"{source} frozen at {cfg.teacher_size}, logistic head",
+                          time.perf_counter() - started)
+
+
+def _hr_val_f1(data: TrainingData, logits: torch.Tensor) -> float:
+    return score(data.targets[data.val_idx], logits[data.val_idx].argmax(1).numpy())["macro_f1"]
+
+
+# --------------------------------------------------------------------------- fine-tuned
+
+
+def teacher_config(cfg: RunConfig) -> RunConfig:
+    """The teacher run's config: the student's model (or ``teacher_model``), seed, split and optimiser, trained on
+    the HR twins resized to ``teacher_size`` for ``teacher_epochs``."""
+    plain = {name: FIELDS[name].default for name in STUDENT_ONLY}
+    return dataclasses.replace(cfg, **plain, model=teacher_source(cfg), strategy=f"hr-downscale:{cfg.teacher_size}",
+                               epochs=cfg.teacher_epochs).validate()
+
+
+def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict]) -> TeacherTargets:
+    """Train RUN/teacher (or resume it, or reuse it when finished), then its targets: computed and written by the
+    main process, read back by the others. Every process of a distributed run calls this (training is shared)."""
+    from accelerate import PartialState
+
+    processes = PartialState()
+    folder = RunDir(run / RunDir.TEACHER)
+    rows, classes = len(data.targets), len(data.label_map.classes)
+    description = f"{teacher_source(cfg)} fine-tuned {cfg.teacher_epochs} epochs on the HR twins at {cfg.teacher_size}, {folder}"
+    saved = None
+    if (folder / RunDir.TEACHER_TARGETS).is_file():
+        try:
+            saved = folder.teacher_targets(rows, classes, damaged="computing them again")
+        except UserError as exc:
+            processes.print(str(exc))
+    processes.wait_for_everyone()  # every process has read the file before the main one may replace it
+    if saved is not None:
+        return TeacherTargets(saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned", description, saved["seconds"], reused=True)
+    started = time.perf_counter()
+    if not _finished(folder, cfg.teacher_epochs):
+        try:
+            train(teacher_config(cfg), data_dir, folder.path, resume=(folder / RunDir.CHECKPOINT).is_file(), force=True)
+        except TrainingInterrupted as exc:
+            stopped = str(exc).partition(";")[0]
+            raise TrainingInterrupted(f"{stopped} of the HR teacher in {folder}; continue with: lowres-birds train --resume {run}") from None
+    if processes.is_main_process:
+        features, logits = _teacher_outputs(folder, data.hr_images, processes.device)
+        folder.save_teacher_targets(features, logits, _hr_val_f1(data, logits), time.perf_counter() - started)
+    processes.wait_for_everyone()
+    saved = folder.teacher_targets(rows, classes, damaged="the teacher's folder is damaged: remove it and resume")
+    return TeacherTargets(saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned", description, saved["seconds"])
+
+
+def _finished(folder: RunDir, epochs: int) -> bool:
+    """The teacher run trained all its epochs and kept its best weights."""
+    records = folder.metrics(missing_ok=True) if folder.path.is_dir() else []
+    return bool(records) and records[-1]["epoch"] >= epochs and (folder / RunDir.WEIGHTS).is_file()
+
+
+def _teacher_outputs(folder: RunDir, hr_images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled features, logits) of the teacher's best weights on every HR twin, at the teacher's input size."""
+    model, _ = load_run_model(folder.path, str(device))
+    width = model.feature_width
+    both = in_batches(lambda batch: torch.cat(model(batch.to(device), return_features=True), dim=1), hr_images, desc="teacher targets")
+    both = torch.from_numpy(both)
+    return both[:, :width], both[:, width:]
