@@ -114,6 +114,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained)
     model.freeze_early_layers(cfg.freeze_blocks)
+    if cfg.grad_checkpointing:
+        model.enable_grad_checkpointing()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if not resume:  # the old run is replaced only now that data and model are known good
