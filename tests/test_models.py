@@ -92,15 +92,18 @@ def test_one_optimiser_factory_for_every_backbone(tmp_path):
     from transformers import BeitConfig
 
     from lowres_birds.config import load_config
-    from lowres_birds.train.optim import create_optimizer
+    from lowres_birds.train.optim import create_optimizer, create_scheduler
 
     cfg = dataclasses.replace(load_config("cpu"), layer_decay=0.5, weight_decay=0.05)
     BeitConfig(image_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24).save_pretrained(tmp_path)
     for source, blocks in ((f"hf:{tmp_path}", 3), ("timm:test_vit", None)):
         model = create_model(source, ["a", "b"], 32, pretrained=False)
         names = {id(p): n for n, p in model.named_parameters()}
-        groups = create_optimizer(model, cfg).param_groups
+        optimizer = create_optimizer(model, cfg)
+        create_scheduler(optimizer, cfg, steps_per_epoch=10)
+        groups = optimizer.param_groups
         scale_of = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+        assert all(g["initial_lr"] == pytest.approx(cfg.lr * g["lr_scale"]) for g in groups)  # the schedule scales these: applied, not only labelled
         assert all(g["weight_decay"] == 0 for g in groups for p in g["params"] if p.ndim == 1)
         head = [s for n, s in scale_of.items() if "classifier" in n or n.startswith("backbone.head")]
         assert head and set(head) == {1.0}
