@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_beit
 from lowres_birds.cli import main
 from lowres_birds.data.demo import draw_bird
 from lowres_birds.errors import UserError
@@ -50,16 +51,7 @@ def test_model_wrapper_resizes_to_the_strategy_size():
 @pytest.fixture(scope="module")
 def tiny_beit(tmp_path_factory):
     """A 2-layer BEiT built from a config and saved locally, as a hub checkpoint would be."""
-    from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
-
-    config = BeitConfig(
-        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37, use_relative_position_bias=True, num_labels=10,
-    )
-    folder = tmp_path_factory.mktemp("hub") / "tiny-beit"
-    BeitForImageClassification(config).save_pretrained(folder)
-    BeitImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
-    return folder
+    return save_tiny_beit(tmp_path_factory.mktemp("hub") / "tiny-beit", 64, use_relative_position_bias=True, num_labels=10)
 
 
 def test_hf_model_from_local_dir_gets_a_fresh_head_and_processor_stats(tiny_beit):

@@ -76,7 +76,7 @@ def hr_support(cfg: RunConfig, data: TrainingData) -> HRSupport:
         support.degradation, support.degradation_report = fitted_degradation(data.hr_images, data.lr_images)
     if cfg.kd_weight > 0 or cfg.feature_kd_weight > 0:
         labels = list(data.label_map.classes)
-        support.teacher = build_teacher(cfg.model, labels, data.hr_images, data.targets, data.train_idx, data.val_idx, cfg.teacher_size)
+        support.teacher = build_teacher(cfg.model, labels, data.hr_images, data.targets, data.train_idx, data.val_idx, cfg.teacher_size, cfg.pretrained)
     return support
 
 

@@ -31,9 +31,11 @@ class TeacherTargets:
     val_macro_f1: float  # the teacher's own score on the validation HR twins
 
 
-def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_size: int) -> torch.Tensor:
-    """Pooled pre-logit features of the pretrained backbone for every HR twin (cached on disk)."""
-    key = hashlib.sha256(f"{source}|{input_size}|{array_fingerprint(hr_images)}".encode()).hexdigest()[:20]
+def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_size: int, pretrained: bool = True) -> torch.Tensor:
+    """Pooled pre-logit features of the pretrained backbone for every HR twin (cached on disk). ``pretrained``
+    False (a run with --no-pretrained: a rehearsal or a benchmark offline) gives a randomly initialised one."""
+    weights = "" if pretrained else "|random-init"
+    key = hashlib.sha256(f"{source}|{input_size}|{array_fingerprint(hr_images)}{weights}".encode()).hexdigest()[:20]
     cache = cache_dir() / f"teacher-{key}.pt"
     if cache.exists():
         try:
@@ -42,17 +44,18 @@ def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_siz
                 return features
         except Exception:  # noqa: BLE001 - any damage to a cache entry means: compute it again
             pass
-    model = create_model(source, labels, input_size, pretrained=True).eval()
+    model = create_model(source, labels, input_size, pretrained=pretrained).eval()
     features = torch.from_numpy(in_batches(lambda batch: model(batch, return_features=True)[0], hr_images))
     save_torch(cache, features)
     return features
 
 
-def build_teacher(source: str, labels: list[str], hr_images: np.ndarray, targets: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, input_size: int) -> TeacherTargets:
+def build_teacher(source: str, labels: list[str], hr_images: np.ndarray, targets: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                  input_size: int, pretrained: bool = True) -> TeacherTargets:
     """Frozen pretrained backbone on HR at ``input_size`` + logistic regression fitted on the training split."""
     from sklearn.linear_model import LogisticRegression
 
-    features = hr_features(source, labels, hr_images, input_size)
+    features = hr_features(source, labels, hr_images, input_size, pretrained)
     head = LogisticRegression(C=0.5, max_iter=300)
     head.fit(features[train_idx].numpy(), targets[train_idx])
     logits = torch.zeros(len(features), len(labels))
