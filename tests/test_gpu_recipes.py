@@ -123,6 +123,12 @@ class Observed:
         monkeypatch.setattr(loop, "total_loss", loss_seen)
 
 
+def read_recipe_text(recipe: str) -> str:
+    from importlib import resources
+
+    return (resources.files("lowres_birds.recipes") / f"{recipe}.yaml").read_text(encoding="utf-8")
+
+
 def grad_checkpointing_on(model) -> bool:
     backbone = model.backbone
     if hasattr(backbone, "set_grad_checkpointing"):  # timm
@@ -144,6 +150,8 @@ def fresh_accelerate_state():
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("recipe", GPU_RECIPES)
 def test_gpu_recipe_rehearsal_on_cpu(recipe, demo_data, tmp_path, monkeypatch, capsys):
+    header = read_recipe_text(recipe)
+    assert "\n# GPU memory" in header, f"{recipe}.yaml: state the GPU memory it needs in its header (benchmarks/gpu_memory.py estimates it)"
     cfg = load_config(recipe)
     strategy = parse_strategy(cfg.strategy)
     size = STAND_IN_PATCHES * patch_size(cfg.model)
