@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one command (< 8 minutes on one NVIDIA GPU, no network needed):
+# GPU benchmarks in one command (< 12 minutes on one NVIDIA GPU, no network needed):
 #   1. input pipeline: ours vs the reference's loader, batches made ready on the GPU
 #   2. BEiT-base@224 training images/s: bf16 (our loop) vs the reference's fp32 loop
 #   3. efficientnet_lite0 training at 64->224 (fp32 and bf16)
+#   4. each GPU recipe (a recipe whose header states its "# GPU memory"): its real architecture, randomly initialised
+#      (--no-pretrained), trains a few steps as written and with grad checkpointing: images/s and
+#      torch.cuda.max_memory_allocated, to hold against the header's estimate (benchmarks/gpu_memory.py)
 # Results: one table on stdout; each script also appends its section to BENCHMARKS.md.
 # Needs torch, timm, transformers, accelerate and this package (pip install --no-deps -e .).
 # Data: ../shared/data/cub100-lr when present, else a synthetic set (or DATA=/path).
@@ -48,6 +51,10 @@ step() {
 step "input pipeline" 150 benchmarks/input_pipeline.py --device "$DEVICE"
 step "BEiT-base@224 training" 200 benchmarks/train_throughput.py --device "$DEVICE" --only beit-reference,beit,beit-bf16
 step "lite0 64->224 training" 100 benchmarks/train_throughput.py --device "$DEVICE" --only lite0-224,lite0-224-bf16
+for recipe in $(grep -l '^# GPU memory' src/lowres_birds/recipes/*.yaml | xargs -n 1 basename | sed 's/\.yaml$//'); do
+  step "$recipe memory" 200 benchmarks/gpu_memory.py --measure --device "$DEVICE" --recipe "$recipe"
+  step "$recipe memory, ckpt" 200 benchmarks/gpu_memory.py --measure --device "$DEVICE" --recipe "$recipe" --grad-checkpointing
+done
 
 echo
 echo "| benchmark | result |"

@@ -73,3 +73,14 @@ def write_tiny_beit_run(folder: Path, labels: list[str], size: int = 96, **beit)
     run.save_weights(model.state_dict())
     run.write_config(load_config("beit-seed", {"model": f"hf:{config_dir}", "strategy": f"upscale:{size}"}))
     return folder
+
+
+def save_tiny_beit(folder: Path, size: int = 64, **beit) -> Path:
+    """A randomly initialised 2-layer Hugging Face BEiT saved with save_pretrained (weights and processor), loadable
+    offline as --model hf:FOLDER the way a Hub checkpoint would be."""
+    from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
+
+    config = BeitConfig(image_size=size, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **beit)
+    BeitForImageClassification(config).save_pretrained(folder)
+    BeitImageProcessor(size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+    return folder

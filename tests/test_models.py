@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_beit
 from lowres_birds.cli import main
 from lowres_birds.data.demo import draw_bird
 from lowres_birds.errors import UserError
@@ -50,16 +51,7 @@ def test_model_wrapper_resizes_to_the_strategy_size():
 @pytest.fixture(scope="module")
 def tiny_beit(tmp_path_factory):
     """A 2-layer BEiT built from a config and saved locally, as a hub checkpoint would be."""
-    from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
-
-    config = BeitConfig(
-        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37, use_relative_position_bias=True, num_labels=10,
-    )
-    folder = tmp_path_factory.mktemp("hub") / "tiny-beit"
-    BeitForImageClassification(config).save_pretrained(folder)
-    BeitImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
-    return folder
+    return save_tiny_beit(tmp_path_factory.mktemp("hub") / "tiny-beit", 64, use_relative_position_bias=True, num_labels=10)
 
 
 def test_hf_model_from_local_dir_gets_a_fresh_head_and_processor_stats(tiny_beit):
@@ -92,18 +84,72 @@ def test_one_optimiser_factory_for_every_backbone(tmp_path):
     from transformers import BeitConfig
 
     from lowres_birds.config import load_config
-    from lowres_birds.train.optim import create_optimizer
+    from lowres_birds.train.optim import create_optimizer, create_scheduler
 
     cfg = dataclasses.replace(load_config("cpu"), layer_decay=0.5, weight_decay=0.05)
     BeitConfig(image_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24).save_pretrained(tmp_path)
     for source, blocks in ((f"hf:{tmp_path}", 3), ("timm:test_vit", None)):
         model = create_model(source, ["a", "b"], 32, pretrained=False)
         names = {id(p): n for n, p in model.named_parameters()}
-        groups = create_optimizer(model, cfg).param_groups
+        optimizer = create_optimizer(model, cfg)
+        create_scheduler(optimizer, cfg, steps_per_epoch=10)
+        groups = optimizer.param_groups
         scale_of = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+        assert all(g["initial_lr"] == pytest.approx(cfg.lr * g["lr_scale"]) for g in groups)  # the schedule scales these: applied, not only labelled
         assert all(g["weight_decay"] == 0 for g in groups for p in g["params"] if p.ndim == 1)
         head = [s for n, s in scale_of.items() if "classifier" in n or n.startswith("backbone.head")]
         assert head and set(head) == {1.0}
         assert min(scale_of.values()) < 0.1
     block_scales = [max(s for n, s in scale_of.items() if f".{k}." in n and "blocks" in n) for k in range(2)]
     assert block_scales[0] < block_scales[1]
+
+
+def _loss_gradients_and_saved_bytes(model, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """One training step's loss, every parameter's gradient, and the bytes autograd keeps from forward to backward
+    outside checkpointed blocks (inside them, checkpointing's own hooks keep only the block inputs)."""
+    saved = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    model.train().zero_grad()
+    torch.manual_seed(0)  # drop path draws the same masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model(images).logsumexp(-1).mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+
+@pytest.mark.parametrize("backbone", ["timm", "hf"])
+def test_grad_checkpointing_keeps_loss_and_gradients_and_drops_activations(backbone, tiny_beit):
+    """Through BirdNet.enable_grad_checkpointing: timm's set_grad_checkpointing, transformers' checkpointing; fp32."""
+    import copy
+
+    source, size = ("timm:test_vit", 32) if backbone == "timm" else (f"hf:{tiny_beit}", 64)
+    torch.manual_seed(0)
+    plain = create_model(source, ["a", "b", "c"], size, pretrained=False)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.enable_grad_checkpointing()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    loss, gradients, kept_bytes = _loss_gradients_and_saved_bytes(plain, images)
+    loss_ckpt, gradients_ckpt, kept_bytes_ckpt = _loss_gradients_and_saved_bytes(checkpointed, images)
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert gradients_ckpt.keys() == gradients.keys() and len(gradients) > 10
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradients_ckpt[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+    assert kept_bytes_ckpt < 0.6 * kept_bytes  # 2 blocks: most of what is kept is theirs
+
+
+def test_grad_checkpointing_on_a_model_without_it_is_one_line(demo_data, tmp_path, capsys):
+    from torch import nn
+
+    from lowres_birds.model.wrapper import BirdNet, ModelSpec
+
+    model = BirdNet(nn.Sequential(nn.Flatten(), nn.LazyLinear(3)), ModelSpec("timm:plain", 3, 64, (0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(UserError, match="timm:plain supports no gradient checkpointing; set --no-grad-checkpointing"):
+        model.enable_grad_checkpointing()
+    args = ["--model", "timm:inception_v3", "--no-pretrained", "--strategy", "upscale:75", "--freeze-blocks", "0", "--device", "cpu", "--grad-checkpointing"]
+    assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "run"), *args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "timm:inception_v3 supports no gradient checkpointing" in error

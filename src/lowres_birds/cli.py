@@ -127,8 +127,7 @@ def run_train(args) -> int:
         from lowres_birds.train.loop import train_folds
 
         summary = train_folds(cfg, args.data, run_dir, force=args.force)
-        folds = " ".join(f"--run {run_dir / f'fold{k}'}" for k in range(cfg.folds))
-        print(f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds predict {folds} --data DIR")
+        print(f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds predict --run {run_dir} --ensemble f1 --data DIR")
         return 0
     from lowres_birds.train.loop import train
 
@@ -193,8 +192,10 @@ def _hf_folder_after_training(run_dir: Path) -> None:
 
 def add_predict(sub) -> None:
     parser = sub.add_parser("predict", help="predict a test set (submission CSV) or any images (CSV of path, label, score, top-k)")
-    parser.add_argument("--run", type=Path, action="append", default=[], help="trained run folder or exported Hugging Face folder (repeat to average several)")
+    parser.add_argument("--run", type=Path, action="append", default=[],
+                        help="trained run folder, folds folder (train --folds: all its fold runs) or exported Hugging Face folder (repeat to average several)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="exported ONNX model (repeatable, averaged with --run)")
+    _add_ensemble_option(parser)
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--data", type=Path, help="competition folder with test.csv and test/: writes a submission (id,label) in sample_submission.csv's order")
     inputs.add_argument("--images", metavar="DIR|GLOB", help="any images: a folder (searched recursively), a quoted glob such as 'photos/*.jpg', or one file")
@@ -204,6 +205,21 @@ def add_predict(sub) -> None:
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ensemble", choices=("mean", "f1"), default="mean",
+                        help="how several models' probabilities are averaged: mean, or f1: weighted by each run's best validation macro-F1 (run folders only)")
+
+
+def _resolve_ensemble(sources: list[Path], mode: str) -> tuple[list[Path], list[float] | None]:
+    """The models to average and their weights, announced in one line when there is more than a single model."""
+    from lowres_birds.predict.classifier import describe_ensemble, resolve_ensemble
+
+    members, weights = resolve_ensemble(sources, mode)
+    if len(members) > 1 or weights is not None:
+        print(describe_ensemble(members, weights))
+    return members, weights
 
 
 def run_predict(args) -> int:
@@ -221,13 +237,14 @@ def run_predict(args) -> int:
     check_output(out, args.force, others=[("--probs", args.probs), *inputs])
     if args.probs is not None:
         check_output(args.probs, args.force, others=inputs)
+    members, weights = _resolve_ensemble(sources, args.ensemble)
     if args.data is not None:
-        ids, labels, probs = predict_test_set(sources, args.data, tta=args.tta, device=args.device)
+        ids, labels, probs = predict_test_set(members, args.data, tta=args.tta, device=args.device, weights=weights)
         write_csv(out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
         key = "id"
     else:
         paths = find_images(args.images)
-        labels, probs = predict_files(sources, paths, tta=args.tta, device=args.device)
+        labels, probs = predict_files(members, paths, tta=args.tta, device=args.device, weights=weights)
         ids = [str(path) for path in paths]
         write_csv(out, top_k_table(ids, labels, probs, args.top))
         key = "path"
@@ -244,8 +261,10 @@ def add_evaluate(sub) -> None:
     parser = sub.add_parser("evaluate", help="score a submission against labels, or a trained model on a labelled ImageFolder")
     parser.add_argument("--submission", type=Path, help="CSV with id,label (with --labels)")
     parser.add_argument("--labels", type=Path, help="CSV with id,label (may cover part of the test set)")
-    parser.add_argument("--run", type=Path, action="append", default=[], help="instead of a submission: a trained run folder (or exported Hugging Face folder) to score on --data; repeat to average")
+    parser.add_argument("--run", type=Path, action="append", default=[],
+                        help="instead of a submission: a trained run folder, folds folder or exported Hugging Face folder to score on --data; repeat to average")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="an exported ONNX model to score on --data (repeatable)")
+    _add_ensemble_option(parser)
     parser.add_argument(
         "--data", type=Path,
         help="with --run: a labelled ImageFolder (DIR/<class>/*.jpg) to predict and score; with --submission: the test folder, "
@@ -267,7 +286,8 @@ def run_evaluate(args) -> int:
             raise UserError("evaluate: score either models (--run/--onnx with --data IMAGEFOLDER) or a submission (--submission with --labels), not both")
         if args.data is None:
             raise UserError("evaluate: --run needs --data, a labelled ImageFolder (DIR/<class>/*.jpg) to score it on")
-        evaluate_models(sources, args.data, args.out_dir or _default_out("evaluate"), args.force, args.tta, args.device)
+        out_dir = args.out_dir or _default_out("evaluate")
+        evaluate_models(*_resolve_ensemble(sources, args.ensemble), args.data, out_dir, args.force, args.tta, args.device)
         return 0
     if args.submission is None or args.labels is None:
         raise UserError("evaluate: pass --submission CSV --labels CSV, or --run RUN --data IMAGEFOLDER")
@@ -302,7 +322,8 @@ def run_demo(args) -> int:
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
     submission = args.out / "submission.csv"
-    run_predict(argparse.Namespace(run=[run_dir], onnx=[], data=data_dir, images=None, out=submission, top=1, probs=None, tta="flip", device="cpu", force=True))
+    run_predict(argparse.Namespace(run=[run_dir], onnx=[], ensemble="mean", data=data_dir, images=None, out=submission, top=1, probs=None, tta="flip",
+                                   device="cpu", force=True))
     run_evaluate(argparse.Namespace(submission=submission, labels=data_dir / "test_labels.csv", run=[], onnx=[], data=data_dir, out_dir=args.out, force=True))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. Everything is in {args.out}/:")
     print("  data/ (synthetic)  run/ (model, config, metrics)  submission.csv  confusion_matrix.png")

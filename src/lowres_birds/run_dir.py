@@ -11,6 +11,8 @@ A run folder holds::
     teacher/             the fine-tuned HR teacher: a run folder of its own, plus targets.safetensors (its logits
                          and pooled features on every training row's HR twin, the distillation targets)
 
+``train --folds K`` writes a folds folder (``FoldsDir``): ``fold0/`` ... ``fold<K-1>/`` (run folders) and ``oof.json``.
+
 ``RunDir`` owns these names and their formats: every reader validates what it reads (a run folder is input
 like any other) and names the file on failure; nothing is unpickled. ``atomic_write`` is the only way files
 are written (temporary file in the same folder, then rename; removed on failure; mode from the umask), and
@@ -368,6 +370,10 @@ class RunDir:
                 raise UserError(f"{path} line {number}: epoch {record['epoch']} does not follow epoch {records[number - 2]['epoch']}; the run folder is damaged")
         return records
 
+    def best_val_macro_f1(self) -> float:
+        """The best validation macro-F1 of any finished epoch (a fold run's is its out-of-fold score)."""
+        return max(record["val_macro_f1"] for record in self.metrics())
+
     def save_checkpoint(self, checkpoint: dict) -> None:
         """torch.save of tensors and plain types, refused up front when the disk is clearly too full."""
         path = self / self.CHECKPOINT
@@ -444,3 +450,38 @@ class RunDir:
         if predictions["probs"].ndim != 2 or len(predictions["probs"]) != len(predictions["targets"]) or not math.isfinite(float(predictions["probs"].sum())):
             raise UserError(f"{path} holds inconsistent arrays; retrain that run")
         return predictions
+
+
+class FoldsDir:
+    """The folder ``train --folds K`` writes: one run folder per fold (``fold<k>/``) and the out-of-fold summary."""
+
+    SUMMARY = "oof.json"
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def fold(self, k: int) -> Path:
+        return self.path / f"fold{k}"
+
+    def is_folds(self) -> bool:
+        """A folds folder rather than one run (a run folder never holds oof.json)."""
+        return (self.path / self.SUMMARY).is_file()
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / self.SUMMARY, summary)
+
+    def summary(self) -> dict:
+        path = self.path / self.SUMMARY
+        summary = load_json(path, f"{path} not found; {self.path} is not a folder written by lowres-birds train --folds", "retrain the folds")
+        folds = summary.get("folds") if isinstance(summary, dict) else None
+        if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+            raise UserError(f"{path} must give 'folds', a whole number of at least 2; the folds folder is damaged: retrain the folds")
+        return summary
+
+    def runs(self) -> list[Path]:
+        """The fold run folders, in fold order; every fold the summary counts must be there."""
+        folds = self.summary()["folds"]
+        missing = [self.fold(k) for k in range(folds) if not self.fold(k).is_dir()]
+        if missing:
+            raise UserError(f"{self.path / self.SUMMARY} counts {folds} folds but {missing[0]} is missing; retrain the folds or pass the fold runs with --run")
+        return [self.fold(k) for k in range(folds)]

@@ -59,8 +59,10 @@ def evaluate_submission(submission: Path, labels: Path, test_dir: Path | None, o
     return report_scores(ids, truth, predicted, out_dir)
 
 
-def evaluate_models(sources: list[Path], image_folder: Path, out_dir: Path, force: bool, tta: str = "none", device: str = "cpu") -> dict:
-    """Predict every image of a labelled ImageFolder (DIR/<class>/*.jpg) with the models (averaged) and score them."""
+def evaluate_models(sources: list[Path], weights: list[float] | None, image_folder: Path, out_dir: Path, force: bool, tta: str = "none",
+                    device: str = "cpu") -> dict:
+    """Predict every image of a labelled ImageFolder (DIR/<class>/*.jpg) with the models (averaged, or weighted by
+    ``weights``) and score them."""
     if not is_image_folder(image_folder):
         raise UserError(
             f"{image_folder} is not a labelled ImageFolder (DIR/<class>/*.jpg without train.csv or test.csv); for a test set in "
@@ -69,7 +71,7 @@ def evaluate_models(sources: list[Path], image_folder: Path, out_dir: Path, forc
     for path in (out_dir / "per_class.csv", out_dir / "confusion_matrix.png"):
         check_output(path, force, others=[("--data", image_folder), *(("--run", source) for source in sources)])  # before minutes of predicting
     table = load_image_folder(image_folder)
-    labels, probs = predict_files(sources, table.lr_paths, tta=tta, device=device)
+    labels, probs = predict_files(sources, table.lr_paths, tta=tta, device=device, weights=weights)
     unknown = sorted(set(table.labels) - set(labels))
     if unknown:
         count = sum(label in unknown for label in table.labels)

@@ -103,6 +103,23 @@ class BirdNet(nn.Module):
             module.eval()  # frozen BatchNorm keeps its ImageNet statistics
         return self
 
+    def enable_grad_checkpointing(self) -> None:
+        """Keep only each block's input in the forward pass and recompute the rest in the backward pass: a large
+        ViT's activations, not its weights, are what fill a GPU (benchmarks/gpu_memory.py). Same loss and gradients."""
+        backbone = self.backbone
+        if hasattr(backbone, "set_grad_checkpointing"):  # timm
+            try:
+                backbone.set_grad_checkpointing(True)
+                return
+            except AssertionError:  # timm's way of saying a model has no checkpointed forward
+                pass
+        elif getattr(backbone, "supports_gradient_checkpointing", False):  # transformers
+            # activation_checkpointing_enable replaces gradient_checkpointing_enable in transformers 5
+            enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            return
+        raise UserError(f"grad_checkpointing: {self.spec.source} supports no gradient checkpointing; set --no-grad-checkpointing")
+
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter-name patterns by depth, for timm's layer-wise learning-rate decay: the timm backbone's own
         matcher, or BEiT/ViT-style ``encoder.layer.N`` (``layers.N`` in transformers 5) groups for Hugging Face backbones."""

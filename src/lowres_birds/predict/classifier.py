@@ -27,10 +27,11 @@ from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
-from lowres_birds.run_dir import check_labels
+from lowres_birds.run_dir import FoldsDir, RunDir, check_labels
 from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
 
 TTA_MODES = ("none", "flip")
+ENSEMBLE_MODES = ("mean", "f1")
 
 
 class Classifier:
@@ -178,27 +179,63 @@ def to_model_input(image) -> np.ndarray:
     return fit_square(array, LR_SIZE)
 
 
-def predict_test_set(runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu") -> tuple[list[str], list[str], np.ndarray]:
+def resolve_ensemble(sources: list[Path], mode: str = "mean") -> tuple[list[Path], list[float] | None]:
+    """(members, weights): a folds folder (``train --folds``) stands for its fold runs; ``mode`` ``mean`` gives
+    no weights (a plain mean), ``f1`` weighs each member by its best validation macro-F1, normalised, as the
+    competition's 1st place weighted its fold ensemble."""
+    if mode not in ENSEMBLE_MODES:
+        raise UserError(f"unknown ensemble {mode!r}: use one of {', '.join(ENSEMBLE_MODES)}")
+    members = [run for source in sources for run in (FoldsDir(source).runs() if FoldsDir(source).is_folds() else [Path(source)])]
+    if mode == "mean":
+        return members, None
+    scores = [validation_f1(member) for member in members]
+    if sum(scores) <= 0:
+        raise UserError(f"--ensemble f1: every model's best validation macro-F1 is 0 ({', '.join(map(str, members))}); use --ensemble mean")
+    return members, [score / sum(scores) for score in scores]
+
+
+def validation_f1(source: Path) -> float:
+    """A run folder's best validation macro-F1 (its metrics.jsonl); other models carry none and are refused."""
+    if Path(source).suffix == ".onnx" or is_hf_folder(source):
+        kind = "an ONNX file" if Path(source).suffix == ".onnx" else "an exported Hugging Face folder"
+        raise UserError(f"--ensemble f1 weighs each model by the validation macro-F1 in its run folder; {source} is {kind}, which records none: "
+                        "pass its run folder or use --ensemble mean")
+    return RunDir(source).require().best_val_macro_f1()
+
+
+def describe_ensemble(members: list[Path], weights: list[float] | None) -> str:
+    """One line: every member and its weight."""
+    shares = weights or [1 / len(members)] * len(members)
+    how = "weighted by validation macro-F1" if weights else "plain mean"
+    return f"ensemble of {len(members)} ({how}): " + ", ".join(f"{member} {share:.3f}" for member, share in zip(members, shares))
+
+
+def predict_test_set(runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu",
+                     weights: list[float] | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """(ids in submission order, class names, mean probabilities over the runs)."""
     table = load_test_table(data_dir)
-    return table.ids, *predict_files(runs, table.lr_paths, tta, device)
+    return table.ids, *predict_files(runs, table.lr_paths, tta, device, weights)
 
 
-def predict_files(sources: list[Path], paths: list[Path], tta: str = "none", device: str = "cpu") -> tuple[list[str], np.ndarray]:
-    """(class names, mean probabilities over the models) for image files of any size, each reduced to 64x64."""
+def predict_files(sources: list[Path], paths: list[Path], tta: str = "none", device: str = "cpu",
+                  weights: list[float] | None = None) -> tuple[list[str], np.ndarray]:
+    """(class names, mean probabilities over the models, or weighted by ``weights``) for image files of any
+    size, each reduced to 64x64."""
     classifiers = [Classifier.load(source, device) for source in sources]  # a bad model fails before any decoding
-    return average_probabilities(classifiers, load_images(paths, LR_SIZE), tta)
+    return average_probabilities(classifiers, load_images(paths, LR_SIZE), tta, weights)
 
 
-def average_probabilities(classifiers: list[Classifier], images: np.ndarray, tta: str) -> tuple[list[str], np.ndarray]:
-    """Mean of the classifiers' probabilities; every classifier must share the same classes."""
+def average_probabilities(classifiers: list[Classifier], images: np.ndarray, tta: str,
+                          weights: list[float] | None = None) -> tuple[list[str], np.ndarray]:
+    """Mean of the classifiers' probabilities, or their average weighted by ``weights`` (one per classifier,
+    summing to 1); every classifier must share the same classes."""
     labels = classifiers[0].labels
     for classifier in classifiers[1:]:
         if classifier.labels != labels:
             raise UserError(f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average")
     count = f" x {len(classifiers)} models" if len(classifiers) > 1 else ""
-    probs = np.mean([c.predict_arrays(images, tta=tta, progress=f"predicting {len(images)} images{count}") for c in classifiers], axis=0)
-    return labels, probs
+    probs = [c.predict_arrays(images, tta=tta, progress=f"predicting {len(images)} images{count}") for c in classifiers]
+    return labels, np.mean(probs, axis=0) if weights is None else np.average(probs, axis=0, weights=weights)
 
 
 def top_k_table(paths: list, labels: list[str], probs: np.ndarray, top: int):

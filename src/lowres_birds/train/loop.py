@@ -20,7 +20,7 @@ from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.metrics import score
 from lowres_birds.model.factory import create_model, save_architecture
 from lowres_birds.model.wrapper import in_batches
-from lowres_birds.run_dir import RunDir, replace_folder, write_json
+from lowres_birds.run_dir import FoldsDir, RunDir, replace_folder
 from lowres_birds.train.batches import make_loader
 from lowres_birds.train.budget import BudgetPlanner
 from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_training_data, training_batch
@@ -116,6 +116,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained, upscale_filter=cfg.upscale_filter)
     model.freeze_early_layers(cfg.freeze_blocks)
     check_teacher(cfg, model, labels)
+    if cfg.grad_checkpointing:
+        model.enable_grad_checkpointing()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if not resume:  # the old run is replaced only now that data and model are known good, once every process checked it
@@ -231,14 +233,14 @@ def _print_epoch(accelerator, epochs: int, record: dict) -> None:
 def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = False) -> dict:
     """Stratified K-fold: one self-contained run per fold under OUT/fold<k>, then the out-of-fold macro-F1.
 
-    The fold runs can be averaged at test time with ``predict --run OUT/fold0 --run OUT/fold1 ...``.
+    The fold runs are averaged at test time with ``predict --run OUT`` (``--ensemble f1``: weighted by fold macro-F1).
     """
-    out_dir = Path(out_dir)
-    replace_folder(out_dir, force)
-    folds = [train(dataclasses.replace(cfg, fold=k), data_dir, out_dir / f"fold{k}", force=force)["best_val_macro_f1"] for k in range(cfg.folds)]
-    predictions = [RunDir(out_dir / f"fold{k}").val_predictions() for k in range(cfg.folds)]
+    out = FoldsDir(out_dir)
+    replace_folder(out.path, force)
+    folds = [train(dataclasses.replace(cfg, fold=k), data_dir, out.fold(k), force=force)["best_val_macro_f1"] for k in range(cfg.folds)]
+    predictions = [RunDir(out.fold(k)).val_predictions() for k in range(cfg.folds)]
     targets = np.concatenate([p["targets"] for p in predictions])
     predicted = np.concatenate([p["probs"].argmax(1) for p in predictions])
     summary = {"folds": cfg.folds, "fold_val_macro_f1": folds, **{f"oof_{k}": v for k, v in score(targets, predicted).items()}}
-    write_json(out_dir / "oof.json", summary)
+    out.write_summary(summary)
     return summary

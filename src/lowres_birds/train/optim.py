@@ -23,9 +23,12 @@ def create_optimizer(model: BirdNet, cfg: RunConfig) -> torch.optim.Optimizer:
     no_weight_decay() names; with layer_decay, per-depth learning rates from BirdNet.group_matcher."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(
+    optimizer = create_optimizer_v2(
         model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay or None, **FUSED_ADAMW
     )
+    for group in optimizer.param_groups:  # timm's schedulers apply lr_scale; the LambdaLR schedule scales each group's own lr
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+    return optimizer
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:

@@ -68,9 +68,11 @@ def hr_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, 
 # --------------------------------------------------------------------------- frozen
 
 
-def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_size: int) -> torch.Tensor:
-    """Pooled pre-logit features of the pretrained backbone for every HR twin (cached on disk)."""
-    key = hashlib.sha256(f"{source}|{input_size}|{array_fingerprint(hr_images)}".encode()).hexdigest()[:20]
+def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_size: int, pretrained: bool = True) -> torch.Tensor:
+    """Pooled pre-logit features of the pretrained backbone for every HR twin (cached on disk). ``pretrained``
+    False (a run with --no-pretrained: a rehearsal or a benchmark offline) gives a randomly initialised one."""
+    weights = "" if pretrained else "|random-init"
+    key = hashlib.sha256(f"{source}|{input_size}|{array_fingerprint(hr_images)}{weights}".encode()).hexdigest()[:20]
     cache = cache_dir() / f"teacher-{key}.pt"
     if cache.exists():
         try:
@@ -79,7 +81,7 @@ def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_siz
                 return features
         except Exception:  # noqa: BLE001 - any damage to a cache entry means: compute it again
             pass
-    model = create_model(source, labels, input_size, pretrained=True).eval()
+    model = create_model(source, labels, input_size, pretrained=pretrained).eval()
     features = torch.from_numpy(in_batches(lambda batch: model(batch, return_features=True)[0], hr_images))
     save_torch(cache, features)
     return features
@@ -90,7 +92,7 @@ def frozen_teacher(cfg: RunConfig, data: TrainingData) -> TeacherTargets:
     from sklearn.linear_model import LogisticRegression
 
     started, source, labels = time.perf_counter(), teacher_source(cfg), list(data.label_map.classes)
-    features = hr_features(source, labels, data.hr_images, cfg.teacher_size)
+    features = hr_features(source, labels, data.hr_images, cfg.teacher_size, cfg.pretrained)
     head = LogisticRegression(C=0.5, max_iter=300)
     head.fit(features[data.train_idx].numpy(), data.targets[data.train_idx])
     logits = torch.zeros(len(features), len(labels))
