@@ -150,7 +150,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     validator = Validator(cfg, run, parts, checkpointer, data, steps_per_epoch // accelerator.num_processes, clock_start)
     if cfg.budget_minutes:
         parts.planner = BudgetPlanner(cfg, accelerator, scheduler, steps_per_epoch // accelerator.num_processes, steps_per_epoch,
-                                      len(data.val_idx) / len(data.train_idx), clock_start)
+                                      len(data.val_idx) / len(data.train_idx), validator.per_epoch, clock_start)
         parts.planner.apply(state)  # a resumed run keeps the schedule its plan set
     with StopFlag() as stop:
         while state.epoch < state.epochs(cfg) and not validator.stopped:

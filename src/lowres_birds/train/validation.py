@@ -74,6 +74,7 @@ class Validator:
         from accelerate.utils import gather_object
 
         cfg, parts, accelerator = self.cfg, self.parts, self.parts.accelerator
+        started = time.perf_counter()
         evaluated = parts.ema.module if parts.ema is not None else parts.model
         val_stats, val_probs = evaluate(evaluated, self.images, self.targets, accelerator.device)
         parts.model.train()
@@ -97,6 +98,8 @@ class Validator:
             self.run.append_metrics(record)  # before the checkpoint: a resume after a failed one redoes the validation and replaces its record
         self.checkpointer.save(state)
         self.stopped = self._should_stop(state, epoch)
+        if parts.planner is not None:
+            parts.planner.leave_out(time.perf_counter() - started)
 
     def _should_stop(self, state: TrainState, epoch: float) -> bool:
         cfg, accelerator = self.cfg, self.parts.accelerator
