@@ -114,11 +114,11 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
     model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, timed_loader, scheduler)
     parts = Trainee(model, optimizer, scheduler, accelerator, torch.Generator().manual_seed(cfg.seed), None, HRSupport())
     state, never = TrainState(), StopFlag()  # checkpoint_every is 0 and no signal handler is installed: no checkpoint
-    train_one_epoch(parts, warm_loader, cfg, state, None, never)
+    train_one_epoch(parts, warm_loader, cfg, state, None, never, None)
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     with around_timed or contextlib.nullcontext():
-        stats = train_one_epoch(parts, timed_loader, cfg, state, None, never)
+        stats = train_one_epoch(parts, timed_loader, cfg, state, None, never, None)
     return stats["train_images_per_s"]  # ends with loss.item(), so GPU work is included
 
 

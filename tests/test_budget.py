@@ -13,10 +13,17 @@ from lowres_birds.train.budget import SAFETY, VALIDATION_COST, plan_epochs
 def test_plan_counts_the_budget_left_and_the_validation_cost():
     # 10 s/epoch of steps + 10 % validation images at a third of the cost: 10.33 s per epoch.
     epoch_s = 10 * (1 + 0.1 * VALIDATION_COST)
-    assert plan_epochs(100, 1, 0.1, 100, 0, 0.1, 50) == int((100 * SAFETY - 1) / epoch_s)
-    assert plan_epochs(100, 12, 0.1, 100, 20, 0.1, 50) == int((100 * SAFETY - 12 + 2) / epoch_s)
-    assert plan_epochs(100, 1, 0.1, 100, 0, 0.1, 3) == 3  # never more than asked
-    assert plan_epochs(1, 5, 0.1, 100, 0, 0.1, 3) == 1  # never less than one
+    assert plan_epochs(100, 1, 0.1, 100, 0, 0.1, 1, 50) == int((100 * SAFETY - 1) / epoch_s)
+    assert plan_epochs(100, 12, 0.1, 100, 20, 0.1, 1, 50) == int((100 * SAFETY - 12 + 2) / epoch_s)
+    assert plan_epochs(100, 1, 0.1, 100, 0, 0.1, 1, 3) == 3  # never more than asked
+    assert plan_epochs(1, 5, 0.1, 100, 0, 0.1, 1, 3) == 1  # never less than one
+
+
+def test_plan_counts_every_validation_of_an_epoch():
+    # Validating half the training set's size 4 times an epoch (val_every 0.25) at a third of the cost: 16.67 s per epoch.
+    epoch_s = 10 * (1 + 4 * 0.5 * VALIDATION_COST)
+    assert plan_epochs(100, 0, 0.1, 100, 0, 0.5, 4, 50) == int(100 * SAFETY / epoch_s) == 5
+    assert plan_epochs(100, 0, 0.1, 100, 0, 0.5, 1, 50) == 8  # once per epoch: 11.67 s per epoch
 
 
 def test_a_budget_too_short_for_the_epochs_shortens_the_schedule_to_its_floor(demo_data, tmp_path, capsys):
@@ -28,3 +35,28 @@ def test_a_budget_too_short_for_the_epochs_shortens_the_schedule_to_its_floor(de
     assert "time budget 0.02 min" in out and f"of 40 epochs training {len(records)}" in out
     assert 1 <= len(records) < 40
     assert records[-1]["lr"] < 1e-4  # the cosine schedule ended at its floor, 1 % of the way from 0.01
+
+
+def test_the_step_timing_leaves_out_a_validation_within_the_measured_steps(monkeypatch):
+    import torch
+
+    import lowres_birds.train.budget as budget
+    from lowres_birds.config import load_config
+    from lowres_birds.train.optim import create_scheduler
+    from lowres_birds.train.state import TrainState
+
+    cfg = load_config("cpu", {"budget_minutes": 1, "epochs": 50})
+    scheduler = create_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg, 100)
+    accelerator = type("Accelerator", (), {"print": staticmethod(lambda *_: None)})()
+    planner = budget.BudgetPlanner(cfg, accelerator, scheduler, 100, 100, 0.0, 1, clock_start=0.0)
+    clock, state = [0.0], TrainState()
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    for step in range(1, 22):  # steps of 0.1 s; a 5 s validation after step 5
+        clock[0] += 0.1
+        state.global_step = state.step_in_epoch = step
+        planner.after_step(state)
+        if step == 5:
+            clock[0] += 5
+            planner.leave_out(5)
+    # Timed at 0.1 s per step (not 0.35): (57 s - 7.1 s spent + 2.1 s of steps) / 10 s per epoch.
+    assert state.planned_epochs == 5

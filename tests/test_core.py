@@ -144,7 +144,7 @@ def test_per_class_table_matches_sklearn():
 
 
 def test_training_evaluate_scores_every_image_like_sklearn():
-    from lowres_birds.train.loop import evaluate
+    from lowres_birds.train.validation import evaluate
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (37, 8, 8, 3), dtype=np.uint8)

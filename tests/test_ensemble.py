@@ -72,7 +72,7 @@ def test_a_folds_folder_expands_to_its_fold_runs(tmp_path):
 @pytest.mark.parametrize("case, expected", [
     ("onnx", "is an ONNX file, which records none: pass its run folder or use --ensemble mean"),
     ("hf-folder", "is an exported Hugging Face folder, which records none"),
-    ("no-metrics", "has no metrics.jsonl with a finished epoch"),
+    ("no-metrics", "has no metrics.jsonl with a validation"),
     ("all-zero", "every model's best validation macro-F1 is 0"),
     ("missing-fold", "counts 3 folds but"),
 ])

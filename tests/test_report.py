@@ -35,7 +35,7 @@ def test_report_command_scores_the_best_weights_on_the_run_split(trained_run, tm
     assert per_class["support"].sum() == len(json.loads((trained_run / "split.json").read_text())["val_ids"])
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") >= len(FIGURES)
-    assert "Resolved config" in page and "Timings per epoch" in page and "<script" not in page
+    assert "Resolved config" in page and "Timings per validation" in page and "<script" not in page
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -91,7 +91,8 @@ class RunConfig:
     batch_size: int = setting(16, "images per optimizer step and process (before --grad-accum)", low=1)
     lr: float = setting(5e-5, "peak learning rate (AdamW)", low=0, low_open=True)
     weight_decay: float = setting(0.0, "AdamW weight decay (never on biases and norms)", low=0)
-    schedule: str = setting("constant", "learning-rate schedule after warmup", choices=("constant", "cosine"))
+    schedule: str = setting("constant", "learning-rate schedule after warmup (cosine-restarts: a cosine from the peak to 0 every --restart-epochs)",
+                            choices=("constant", "cosine", "cosine-restarts"))
     warmup_epochs: float = setting(0.0, "linear warmup length in epochs", low=0)
     grad_accum: int = setting(1, "batches accumulated per optimizer step", low=1)
     mixed_precision: str = setting("no", "autocast precision", choices=("no", "bf16", "fp16"))
@@ -127,7 +128,9 @@ class RunConfig:
                                              "robidoux-sharp (ImageMagick's sharp Mitchell-Netravali cubic)", choices=UPSCALE_FILTERS)
     ema_decay: float = setting(0.0, "EMA of the weights, evaluated and saved instead of them (0 = off)", low=0, high=1, high_open=True)
     layer_decay: float = setting(0.0, "layer-wise learning-rate decay for ViTs (0 = off)", low=0)
-    early_stop_patience: int = setting(0, "epochs without a better validation macro-F1 before stopping (0 = never)", low=0)
+    early_stop_patience: int = setting(0, "validations without a better validation macro-F1 before stopping (0 = never)", low=0)
+    val_every: float = setting(1.0, "validate every this share of an epoch, and at each epoch's end (1 = once per epoch)", low=0, high=1, low_open=True)
+    restart_epochs: float = setting(1.0, "cycle length of --schedule cosine-restarts in epochs (after the warmup)", low=0, low_open=True)
     folds: int = setting(0, "stratified k-fold: train K runs (0 = one hold-out run)", low=0)
     fold: int = setting(-1, "which fold this run trains (-1 = the hold-out split, or all folds with --folds)", low=-1)
 

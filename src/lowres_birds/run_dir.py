@@ -5,7 +5,7 @@ A run folder holds::
     config.yaml          the resolved RunConfig            labels.json      class names, output order
     model_spec.json      what rebuilds the model offline   hf_config/       Hugging Face config (hf: models)
     split.json           data folder, fingerprint, ids     model.safetensors  the best weights
-    metrics.jsonl        one record per finished epoch     checkpoint.pt    resumable state (tensors + plain types)
+    metrics.jsonl        one record per validation         checkpoint.pt    resumable state (tensors + plain types)
     val_predictions.npz  the best model's validation probabilities (out-of-fold scoring)
     report/              figures and report.html          hf/              the best weights as a Hugging Face folder
     teacher/             the fine-tuned HR teacher: a run folder of its own, plus targets.safetensors (its logits
@@ -265,7 +265,9 @@ class RunDir:
     REPORT = "report"
     TEACHER = "teacher"  # the fine-tuned HR teacher's run folder (teacher: finetuned)
     TEACHER_TARGETS = "targets.safetensors"  # in the teacher's folder
-    METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")  # in every metrics.jsonl record
+    # In every metrics.jsonl record; "epoch" counts the epochs trained (fractional for a validation within an epoch).
+    # Records also hold "step" (the optimizer step; absent before validations within an epoch existed) and "lr".
+    METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")
     HF = "hf"  # the best weights as a Hugging Face folder (export --format hf)
 
     def __init__(self, path: Path | str):
@@ -349,7 +351,7 @@ class RunDir:
 
     # ---- training state
     def append_metrics(self, record: dict) -> None:
-        """Add one epoch's record; a record for an epoch already written (a resume after a failed checkpoint) replaces it."""
+        """Add one validation's record; records from that point on (a resume after a failed checkpoint) are replaced."""
         records = [r for r in self.metrics(missing_ok=True) if r["epoch"] < record["epoch"]] + [record]
         write_text(self / self.METRICS, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -358,20 +360,22 @@ class RunDir:
         if not path.is_file() or path.stat().st_size == 0:
             if missing_ok:
                 return []
-            raise UserError(f"{self.path} has no {self.METRICS} with a finished epoch; pass a training run folder (--run)")
+            raise UserError(f"{self.path} has no {self.METRICS} with a validation; pass a training run folder (--run)")
         try:
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{path} is not JSON lines ({exc}); the run folder is damaged") from None
         for number, record in enumerate(records, start=1):
-            if not isinstance(record, dict) or not all(_is_number(record.get(key)) for key in self.METRIC_KEYS) or not isinstance(record["epoch"], int):
-                raise UserError(f"{path} line {number}: not an epoch record ({', '.join(self.METRIC_KEYS)}); the run folder is damaged")
+            if not isinstance(record, dict) or not all(_is_number(record.get(key)) for key in self.METRIC_KEYS) or record["epoch"] <= 0:
+                raise UserError(f"{path} line {number}: not a validation record ({', '.join(self.METRIC_KEYS)}); the run folder is damaged")
+            if "step" in record and not (isinstance(record["step"], int) and not isinstance(record["step"], bool) and record["step"] > 0):
+                raise UserError(f"{path} line {number}: step must be a positive whole number (got {record['step']!r}); the run folder is damaged")
             if number > 1 and record["epoch"] <= records[number - 2]["epoch"]:
                 raise UserError(f"{path} line {number}: epoch {record['epoch']} does not follow epoch {records[number - 2]['epoch']}; the run folder is damaged")
         return records
 
     def best_val_macro_f1(self) -> float:
-        """The best validation macro-F1 of any finished epoch (a fold run's is its out-of-fold score)."""
+        """The best macro-F1 of any validation (a fold run's is its out-of-fold score)."""
         return max(record["val_macro_f1"] for record in self.metrics())
 
     def save_checkpoint(self, checkpoint: dict) -> None:

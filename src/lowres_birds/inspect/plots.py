@@ -91,9 +91,9 @@ def image_grid_png(images: list[np.ndarray], titles: list[str], path: Path, colu
 
 
 def curves_png(metrics, path: Path) -> Path:
-    """Loss, validation macro-F1, accuracy and learning rate per epoch."""
+    """Loss, validation macro-F1, accuracy and learning rate at each validation, over the epochs trained."""
     plt = pyplot()
-    panels = [("train_loss", "training loss"), ("val_macro_f1", "validation macro-F1"), ("val_accuracy", "validation accuracy"), ("lr", "learning rate (epoch end)")]
+    panels = [("train_loss", "training loss"), ("val_macro_f1", "validation macro-F1"), ("val_accuracy", "validation accuracy"), ("lr", "learning rate (at validation)")]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     for ax, (column, title) in zip(axes, panels):
         ax.plot(metrics["epoch"], metrics[column], marker="o")

@@ -31,7 +31,7 @@ CONFIDENT_ERRORS = 12
 
 
 def read_metrics(run: RunDir):
-    """metrics.jsonl (one record per finished epoch) as a DataFrame."""
+    """metrics.jsonl (one record per validation) as a DataFrame."""
     import pandas as pd
 
     return pd.DataFrame(run.metrics())
@@ -144,11 +144,12 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     with working("Grad-CAM of the most confident errors"):
         errors_png, n_wrong = confident_errors_png(model, images, truth, probs, labels, out_dir / "confident_errors.png")
     config = pd.DataFrame([(k, str(v)) for k, v in cfg.to_dict().items()], columns=["key", "value"])
-    timings = metrics.assign(epoch_s=metrics["elapsed_s"].diff().fillna(metrics["elapsed_s"]))
+    timings = metrics.assign(since_previous_s=metrics["elapsed_s"].diff().fillna(metrics["elapsed_s"]))
     best = metrics.loc[metrics["val_macro_f1"].idxmax()]
     worst = ", ".join(f"{r.label} {r.f1:.2f}" for r in per_class.head(5).itertuples())
     summary = (
-        f"run {run_dir}: {len(metrics)} epoch(s) in {metrics['elapsed_s'].iloc[-1]:.0f}s, best epoch {int(best['epoch'])}\n"
+        f"run {run_dir}: {metrics['epoch'].iloc[-1]:g} epoch(s) in {metrics['elapsed_s'].iloc[-1]:.0f}s ({len(metrics)} validations), "
+        f"best at epoch {best['epoch']:g}\n"
         f"validation ({len(ids)} images, best weights): macro-F1 {scores['macro_f1']:.4f}  accuracy {scores['accuracy']:.4f}  "
         f"errors {n_wrong}\nworst classes: {worst}"
     )
@@ -163,7 +164,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
             ["Each pair: the 64x64 input, then Grad-CAM of the predicted class at the model's input size.", *errors_items],
         ),
         Section("Resolved config", [config]),
-        Section("Timings per epoch", [timings]),
+        Section("Timings per validation", [timings]),
     ]
     page = write_page(out_dir / "report.html", f"Training report: {run_dir.name}", sections)
     return page, summary

@@ -70,7 +70,7 @@ def run_or_reuse(run: StudyRun, data_dir: Path, force: bool) -> dict:
 
 
 def result_row(run: StudyRun) -> dict:
-    """One table row from the run's metrics.jsonl: the best epoch's scores, time and throughput."""
+    """One table row from the run's metrics.jsonl: the best validation's scores, time and throughput."""
     metrics = read_metrics(RunDir(run.run_dir))
     best = metrics.loc[metrics["val_macro_f1"].idxmax()]
     strategy = parse_strategy(run.cfg.strategy)
@@ -80,7 +80,7 @@ def result_row(run: StudyRun) -> dict:
         "strategy": str(strategy),
         "trained on": "HR 256 twins" if strategy.train_source == "hr" else "LR 64",
         "model input": f"{strategy.input_size}x{strategy.input_size}",
-        "epochs": f"{len(metrics)}/{run.cfg.epochs}",
+        "epochs": f"{metrics['epoch'].iloc[-1]:g}/{run.cfg.epochs}",
         "budget (min)": f"{run.cfg.budget_minutes:g}" if run.cfg.budget_minutes else "none",
         "val macro-F1": float(best["val_macro_f1"]),
         "val accuracy": float(best["val_accuracy"]),
@@ -125,7 +125,7 @@ def run_study(recipes: list[str], strategies: list[str] | None, overrides: dict,
     budget = f"{cfg.budget_minutes:g} min per run: each run's epochs and schedule were sized to fit it after its first steps" if cfg.budget_minutes else "none"
     note = (
         f"{note + ' ' if note else ''}All rows share the validation split (seed {cfg.seed}, {cfg.val_fraction:.0%} of "
-        f"{data_dir}), the seed and the time budget ({budget}). Validation macro-F1 is the best epoch's; the reference column "
+        f"{data_dir}), the seed and the time budget ({budget}). Validation macro-F1 is the best validation's; the reference column "
         "is the reference's private-test score with BEiT-base at 5 epochs (another model and test set: compare the ranking, not the values)."
     )
     table = write_results(runs, out, note)

@@ -126,11 +126,6 @@ def _write_transformers_files(model: BirdNet, out: Path, ours: dict) -> None:
 # --------------------------------------------------------------------------- the model card
 
 
-def _best_epoch(run: RunDir) -> dict | None:
-    records = [r for r in run.metrics(missing_ok=True) if isinstance(r.get("val_macro_f1"), (int, float))]
-    return max(records, key=lambda r: r["val_macro_f1"]) if records else None
-
-
 def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], library: str, out: Path) -> str:
     """README.md: what the model is, how to load it, how it was trained, its scores and their data, its limits."""
     spec = model.spec
@@ -138,8 +133,9 @@ def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], l
     split = run.split()
     data_name = Path(split["data"]).name or split["data"]
     val_count = len(split["val_ids"])
-    best = _best_epoch(run)
-    epochs_run = len(run.metrics(missing_ok=True))
+    records = run.metrics(missing_ok=True)
+    best = max(records, key=lambda r: r["val_macro_f1"], default=None)
+    epochs_run = records[-1]["epoch"] if records else 0  # fractional after an early stop within an epoch
     trained_on = datetime.fromtimestamp((run / RunDir.WEIGHTS).stat().st_mtime, timezone.utc).date().isoformat()
     seen = {
         "native": "the 64x64 photo as it is",
@@ -149,7 +145,7 @@ def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], l
     if best is not None:
         metrics = (
             "| data | images | macro-F1 | accuracy |\n|---|---|---|---|\n"
-            f"| validation split of `{data_name}` (held out of training: {cfg.val_fraction:.0%}, seed {cfg.seed}; best epoch {best['epoch']}) "
+            f"| validation split of `{data_name}` (held out of training: {cfg.val_fraction:.0%}, seed {cfg.seed}; best epoch {best['epoch']:g}) "
             f"| {val_count} | {best['val_macro_f1']:.4f} | {best.get('val_accuracy', math.nan):.4f} |\n\n"
             "The validation images come from the same collection as the training images; the weights are those of the "
             "epoch with the best validation macro-F1, so this figure is slightly optimistic. Score a test set with "
@@ -209,7 +205,7 @@ or `lowres-birds predict-image photo.jpg --run {where}`, `lowres-birds predict -
 
 - Data: `{data_name}` ({split['data']}), {len(labels)} classes; {val_count} images held out for validation, the rest trained on.
 - Model: `{cfg.model}`, {"pretrained" if cfg.pretrained else "from scratch"}; strategy `{cfg.strategy}` ({seen}).
-- Schedule: {epochs_run} of {cfg.epochs} planned epochs, batch {cfg.batch_size}, AdamW lr {cfg.lr:g} ({cfg.schedule}), weight decay {cfg.weight_decay:g}.
+- Schedule: {epochs_run:g} of {cfg.epochs} planned epochs, batch {cfg.batch_size}, AdamW lr {cfg.lr:g} ({cfg.schedule}), weight decay {cfg.weight_decay:g}.
 - The whole resolved recipe:
 
 ```yaml

@@ -1,5 +1,6 @@
-"""Training: ``train_one_epoch`` / ``evaluate`` / ``train`` in the style of torchvision's classification
-references, run through accelerate (CPU, GPU, mixed precision, ``accelerate launch``/``torchrun`` unchanged).
+"""Training: ``train_one_epoch`` / ``train`` in the style of torchvision's classification references (validation,
+every ``val_every`` of an epoch, in train/validation.py), run through accelerate (CPU, GPU, mixed precision,
+``accelerate launch``/``torchrun`` unchanged).
 
 One checkpoint dict (model, optimiser, scheduler, EMA, loop state, RNG states) makes ``--resume`` continue
 exactly where a run stopped; SIGINT/SIGTERM save it at the next step and stop.
@@ -19,7 +20,6 @@ from lowres_birds.config import RunConfig, parse_strategy
 from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.metrics import score
 from lowres_birds.model.factory import create_model, save_architecture
-from lowres_birds.model.wrapper import in_batches
 from lowres_birds.run_dir import FoldsDir, RunDir, replace_folder
 from lowres_birds.train.batches import make_loader
 from lowres_birds.train.budget import BudgetPlanner
@@ -28,17 +28,20 @@ from lowres_birds.train.losses import class_balanced_weights, total_loss
 from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler, start_processes
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
 from lowres_birds.train.teacher import check_teacher, hr_teacher
+from lowres_birds.train.validation import TrainingMeter, Validator
 
 
-def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, checkpointer: Checkpointer, stop: StopFlag) -> dict:
-    """One pass over the training batches; returns mean loss and images/s."""
+def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, checkpointer: Checkpointer, stop: StopFlag,
+                    validator: Validator | None) -> dict:
+    """One pass over the training batches, validating when ``validator`` says so (None: never), up to the epoch's
+    end or an early stop; returns the mean loss and images/s since the last validation."""
     from tqdm.auto import tqdm
 
     model, accelerator = parts.model, parts.accelerator
     num_classes = accelerator.unwrap_model(model).spec.num_classes
     feature_kd = parts.hr.teacher is not None and cfg.feature_kd_weight > 0
     model.train()
-    total, seen, started = 0.0, 0, time.perf_counter()
+    meter = TrainingMeter()
     done = state.step_in_epoch * cfg.grad_accum
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{state.epochs(cfg)}", initial=done, total=len(loader) + done,
                disable=not accelerator.is_local_main_process, leave=False, mininterval=1.0, dynamic_ncols=True)
@@ -56,8 +59,8 @@ def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, c
             parts.optimizer.step()
             parts.scheduler.step()
             parts.optimizer.zero_grad(set_to_none=True)
-        total, seen = total + loss.item() * len(labels), seen + len(labels)
-        bar.set_postfix(loss=f"{total / seen:.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        meter.update(loss.item(), len(labels))
+        bar.set_postfix(meter.postfix())
         if not accelerator.sync_gradients:
             continue
         if parts.ema is not None:
@@ -66,22 +69,18 @@ def train_one_epoch(parts: Trainee, loader, cfg: RunConfig, state: TrainState, c
         state.global_step += 1
         if parts.planner is not None:
             parts.planner.after_step(state)
-        if stop.signal_name or (cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0):
+        if validator is not None and validator.due(state):
+            validator.validate(state, meter.stats(accelerator))  # saves the checkpoint too
+            meter.reset()
+        elif stop.signal_name or (cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0):
             checkpointer.save(state)
         if stop.signal_name:
             raise TrainingInterrupted(f"{stop.signal_name}: checkpoint saved at epoch {state.epoch + 1}, step {state.step_in_epoch}; "
                                       f"continue with: lowres-birds train --resume {checkpointer.run}")
+        if validator is not None and validator.stopped:
+            break
     bar.close()
-    elapsed = time.perf_counter() - started
-    total, seen = accelerator.reduce(torch.tensor([total, seen], dtype=torch.float64, device=accelerator.device), "sum").tolist()
-    return {"train_loss": total / max(seen, 1), "train_images_per_s": seen / elapsed}
-
-
-def evaluate(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, device: torch.device) -> tuple[dict, np.ndarray]:
-    """Macro-F1 and accuracy of ``model`` on uint8 NHWC images (every process scores the whole set)."""
-    model.eval()
-    probs = in_batches(lambda batch: model(batch.to(device)).float().softmax(-1), images)
-    return score(targets, probs.argmax(1)), probs
+    return meter.stats(accelerator)
 
 
 def _check_resume(run: RunDir, data: TrainingData) -> None:
@@ -102,7 +101,7 @@ def _check_resume(run: RunDir, data: TrainingData) -> None:
 
 def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False, force: bool = False) -> dict:
     """Train one run (or continue it: ``resume``), returning the best validation metrics."""
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
 
     if cfg.folds and cfg.fold < 0:
         raise UserError("a k-fold config trains one fold per run: set --fold K, or let `train --folds K` run them all")
@@ -154,53 +153,23 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     _print_header(accelerator, cfg, data, hr, run, state)
     if cfg.log != "none":
         accelerator.init_trackers("lowres-birds", config=cfg.to_dict())
-    val_images = np.asarray(data.lr_images[data.val_idx])
     clock_start = time.perf_counter() - state.elapsed_s
+    validator = Validator(cfg, run, parts, checkpointer, data, steps_per_epoch // accelerator.num_processes, clock_start)
     if cfg.budget_minutes:
         parts.planner = BudgetPlanner(cfg, accelerator, scheduler, steps_per_epoch // accelerator.num_processes, steps_per_epoch,
-                                      len(data.val_idx) / len(data.train_idx), clock_start)
+                                      len(data.val_idx) / len(data.train_idx), validator.per_epoch, clock_start)
         parts.planner.apply(state)  # a resumed run keeps the schedule its plan set
     with StopFlag() as stop:
-        while state.epoch < state.epochs(cfg):
+        while state.epoch < state.epochs(cfg) and not validator.stopped:
             loader.set_epoch(state.epoch)  # accelerate's loader forwards it to ShuffledIndices
             epoch_loader = accelerator.skip_first_batches(loader, state.step_in_epoch * cfg.grad_accum) if state.step_in_epoch else loader
-            train_stats = train_one_epoch(parts, epoch_loader, cfg, state, checkpointer, stop)
-            evaluated = ema.module if ema is not None else model
-            val_stats, val_probs = evaluate(evaluated, val_images, data.targets[data.val_idx], accelerator.device)
-            state.elapsed_s = time.perf_counter() - clock_start
-            record = {"epoch": state.epoch + 1, **train_stats, "val_macro_f1": val_stats["macro_f1"], "val_accuracy": val_stats["accuracy"],
-                      "lr": scheduler.get_last_lr()[0], "elapsed_s": state.elapsed_s}
-            _print_epoch(accelerator, state.epochs(cfg), record)
-            if cfg.log != "none":
-                accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-            if val_stats["macro_f1"] > state.best_f1:
-                state.best_f1, state.best_epoch = val_stats["macro_f1"], record["epoch"]
-                if accelerator.is_main_process:
-                    run.save_weights(accelerator.unwrap_model(evaluated).state_dict())
-                    run.save_val_predictions(data.val_idx, data.targets[data.val_idx], val_probs)
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            state.elapsed_s = gather_object([state.elapsed_s])[0]  # rank 0's clock: every process takes the same stop decision
-            if accelerator.is_main_process:
-                run.append_metrics(record)  # before the checkpoint: a resume after a failed one redoes the epoch and replaces its record
-            checkpointer.save(state)
-            if _should_stop(accelerator, cfg, state):
-                break
+            train_stats = train_one_epoch(parts, epoch_loader, cfg, state, checkpointer, stop, validator)
+            if not validator.stopped:  # an early stop within the epoch ends the run at that validation
+                validator.validate(state, train_stats, epoch_end=True)
     if cfg.log != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return {"best_val_macro_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_run": state.epoch, "elapsed_s": state.elapsed_s}
-
-
-def _should_stop(accelerator, cfg: RunConfig, state: TrainState) -> bool:
-    if state.epoch >= state.epochs(cfg):
-        return False
-    if cfg.budget_minutes and state.elapsed_s > cfg.budget_minutes * 60:  # the plan was too optimistic (the machine slowed)
-        accelerator.print(f"time budget of {cfg.budget_minutes:g} min exceeded after epoch {state.epoch} of {state.epochs(cfg)}; stopping")
-        return True
-    if cfg.early_stop_patience and state.epoch - state.best_epoch >= cfg.early_stop_patience:
-        accelerator.print(f"no better validation macro-F1 for {cfg.early_stop_patience} epochs; stopping early")
-        return True
-    return False
 
 
 def _print_header(accelerator, cfg: RunConfig, data: TrainingData, hr: HRSupport, run: RunDir, state: TrainState) -> None:
@@ -219,15 +188,6 @@ def _print_header(accelerator, cfg: RunConfig, data: TrainingData, hr: HRSupport
         teacher = hr.teacher
         took = f"reused (it took {teacher.seconds:.0f}s)" if teacher.reused else f"took {teacher.seconds:.0f}s"
         accelerator.print(f"HR teacher {teacher.kind} ({teacher.description}): val macro-F1 on HR twins {teacher.val_macro_f1:.4f}, {took}")
-
-
-def _print_epoch(accelerator, epochs: int, record: dict) -> None:
-    per_epoch = record["elapsed_s"] / record["epoch"]
-    remaining = per_epoch * (epochs - record["epoch"])
-    accelerator.print(
-        f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  val macro-F1 {record['val_macro_f1']:.4f}  "
-        f"acc {record['val_accuracy']:.4f}  {record['train_images_per_s']:.0f} img/s  {record['elapsed_s']:.0f}s (~{remaining:.0f}s left)"
-    )
 
 
 def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = False) -> dict:

@@ -31,18 +31,23 @@ def create_optimizer(model: BirdNet, cfg: RunConfig) -> torch.optim.Optimizer:
     return optimizer
 
 
-def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
-    """Linear warmup from 0, then 1 (constant) or a half cosine to 0 at ``total`` (transformers' formulas)."""
+def lr_factor(step: int, schedule: str, warmup: int, total: int, cycle: int) -> float:
+    """Linear warmup from 0, then 1 (constant), a half cosine to 0 at ``total`` (transformers' formulas), or
+    cosine-restarts: that half cosine over every ``cycle`` steps, back at the peak when a cycle starts (torch's
+    CosineAnnealingWarmRestarts with T_mult=1, here inside the one LambdaLR the checkpoint and the budget know)."""
     if step < warmup:
         return step / max(1, warmup)
     if schedule == "constant":
         return 1.0
+    if schedule == "cosine-restarts":
+        return 0.5 * (1.0 + math.cos(math.pi * ((step - warmup) % cycle) / cycle))
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
 def _factor(cfg: RunConfig, steps_per_epoch: int, epochs: int):
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    return partial(lr_factor, schedule=cfg.schedule, warmup=warmup, total=epochs * steps_per_epoch)
+    cycle = max(1, round(cfg.restart_epochs * steps_per_epoch))
+    return partial(lr_factor, schedule=cfg.schedule, warmup=warmup, total=epochs * steps_per_epoch, cycle=cycle)
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -24,7 +24,9 @@ class TrainState:
     step_in_epoch: int = 0  # optimizer steps already done in that epoch
     global_step: int = 0
     best_f1: float = -1.0
-    best_epoch: int = -1
+    best_epoch: float = -1  # the best validation's epoch (fractional within an epoch)
+    validations: int = 0  # validations done (early_stop_patience counts them)
+    best_validation: int = 0  # which of them was the best (1-based)
     elapsed_s: float = 0.0
     planned_epochs: int = 0  # set once by the time-budget planner (0: no budget, or not planned yet)
 
