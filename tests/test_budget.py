@@ -26,7 +26,18 @@ def test_plan_counts_every_validation_of_an_epoch():
     assert plan_epochs(100, 0, 0.1, 100, 0, 0.5, 1, 50) == 8  # once per epoch: 11.67 s per epoch
 
 
-def test_a_budget_too_short_for_the_epochs_shortens_the_schedule_to_its_floor(demo_data, tmp_path, capsys):
+def test_a_budget_too_short_for_the_epochs_shortens_the_schedule_to_its_floor(demo_data, tmp_path, capsys, monkeypatch):
+    import types
+
+    import lowres_birds.train.budget as budget
+    import lowres_birds.train.loop as loop
+    import lowres_birds.train.validation as validation
+
+    # The training clock advances 10 ms per reading, whatever the machine's load: the plan and the budget check agree.
+    ticks = iter(range(10**9))
+    clock = types.SimpleNamespace(perf_counter=lambda: next(ticks) / 100)
+    for module in (budget, loop, validation):
+        monkeypatch.setattr(module, "time", clock)
     run = tmp_path / "run"
     assert main(["train", "--data", str(demo_data), "--out", str(run), *FAST_TRAIN, "--epochs", "40", "--batch-size", "4",
                  "--schedule", "cosine", "--lr", "0.01", "--budget-minutes", "0.02"]) == 0

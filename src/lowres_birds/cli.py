@@ -110,11 +110,12 @@ def run_train(args) -> int:
     overrides = config_overrides(args)
     if args.resume is not None:
         return _resume(args, overrides)
-    from lowres_birds.config import load_config
+    from lowres_birds.config import load_config, load_members
 
-    cfg = load_config(args.recipe or DEFAULT_RECIPE, overrides)
+    members = load_members(args.recipe or DEFAULT_RECIPE, overrides)
+    cfg = None if members else load_config(args.recipe or DEFAULT_RECIPE, overrides)
     if args.print_config:
-        print(cfg.to_yaml(), end="")
+        print("".join(f"# member {name}\n{member.to_yaml()}" for name, member in members.items()) if members else cfg.to_yaml(), end="")
         return 0
     if args.data is None:
         raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
@@ -123,6 +124,10 @@ def run_train(args) -> int:
     run_dir = args.out or _default_out("train")
     replace_folder(run_dir, args.force, create=False, others=[("--data", args.data)])  # checked now, replaced once data and model load
     started = time.perf_counter()
+    if members:
+        from lowres_birds.train.loop import train_members
+
+        return _finish_members(train_members(members, args.data, run_dir, force=args.force), run_dir, started)
     if cfg.folds and cfg.fold < 0:
         from lowres_birds.train.loop import train_folds
 
@@ -135,13 +140,18 @@ def run_train(args) -> int:
 
 
 def _resume(args, overrides: dict) -> int:
-    from lowres_birds.run_dir import RunDir
+    from lowres_birds.run_dir import MembersDir, RunDir
     from lowres_birds.train.loop import train
 
     given = [f"--{name.replace('_', '-')}" for name, value in overrides.items() if value is not None]
     given += [flag for flag, value in (("--recipe", args.recipe), ("--out", args.out), ("--force", args.force)) if value]
     if given:
         raise UserError(f"--resume continues the run with its saved config, data and folder; drop {', '.join(given)}")
+    if MembersDir(args.resume).is_members():
+        from lowres_birds.train.loop import resume_members
+
+        started = time.perf_counter()
+        return _finish_members(resume_members(args.resume, args.data), args.resume, started)
     run = RunDir(args.resume).require()
     stopped_in_teacher = (run / RunDir.TEACHER / RunDir.CHECKPOINT).is_file()  # a fine-tuned teacher trains before the run
     if not (run / RunDir.CHECKPOINT).is_file() and not stopped_in_teacher:
@@ -153,6 +163,13 @@ def _resume(args, overrides: dict) -> int:
     started = time.perf_counter()
     data_dir = run.data_dir(args.data)
     return _finish_training(train(cfg, data_dir, run.path, resume=True), run.path, data_dir, started)
+
+
+def _finish_members(summary: dict, out: Path, started: float) -> int:
+    scores = ", ".join(f"{name} {score:.4f}" for name, score in summary["val_macro_f1"].items())
+    print(f"ensemble of {len(summary['members'])} trained in {time.perf_counter() - started:.0f}s (validation macro-F1: {scores}); "
+          f"predict with: lowres-birds predict --run {out} --ensemble f1 --tta flip --data DIR")
+    return 0
 
 
 def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float) -> int:

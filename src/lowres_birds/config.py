@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -262,10 +263,43 @@ def config_from_mapping(data: dict[str, Any], source: str) -> RunConfig:
 def load_config(recipe: str, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Recipe (built-in name or YAML path), then overrides (None values are ignored), validated."""
     data = read_recipe(recipe)
-    config_from_mapping(data, f"recipe {recipe}")  # names the recipe when the recipe itself is wrong
+    if MEMBERS in data:
+        raise UserError(f"recipe {recipe} is an ensemble of {len(data[MEMBERS] or ())} members: train it with lowres-birds train --recipe {recipe}")
+    return _with_overrides(data, f"recipe {recipe}", overrides)
+
+
+def _with_overrides(data: dict[str, Any], source: str, overrides: dict[str, Any] | None) -> RunConfig:
+    config_from_mapping(data, source)  # names the recipe when the recipe itself is wrong
+    data = dict(data)
     for key, value in (overrides or {}).items():
         if value is not None:
             flag = f"--{key.replace('_', '-')}"
             data[key] = coerce(key, value, flag)
             check_value(key, data[key], flag)  # a bad flag names the flag, not the recipe
-    return config_from_mapping(data, f"recipe {recipe} with the given flags")
+    return config_from_mapping(data, f"{source} with the given flags")
+
+
+MEMBERS = "members"
+
+
+def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> dict[str, RunConfig]:
+    """An ensemble recipe as one config per member, {} for a one-model recipe.
+
+    ``members:`` maps a name (the member's folder) to its keys, optionally with its own ``base:``; the recipe's
+    other keys are shared: member base < shared keys < the member's keys < command-line flags.
+    """
+    data = read_recipe(recipe)
+    members = data.pop(MEMBERS, None)
+    if members is None:
+        return {}
+    if not isinstance(members, dict) or not members or not all(isinstance(keys, dict) for keys in (members or {}).values()):
+        raise UserError(f"recipe {recipe}: {MEMBERS} must map member names to their recipe keys")
+    configs = {}
+    for name, keys in members.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
+            raise UserError(f"recipe {recipe}: member name {name!r} must be a folder name (letters, digits, '_', '.', '-')")
+        keys = dict(keys)
+        base = keys.pop("base", None)
+        merged = {**(read_recipe(str(base)) if base is not None else {}), **data, **keys}
+        configs[str(name)] = _with_overrides(merged, f"recipe {recipe}, member {name}", overrides)
+    return configs

@@ -489,3 +489,55 @@ class FoldsDir:
         if missing:
             raise UserError(f"{self.path / self.SUMMARY} counts {folds} folds but {missing[0]} is missing; retrain the folds or pass the fold runs with --run")
         return [self.fold(k) for k in range(folds)]
+
+
+class MembersDir:
+    """The folder an ensemble recipe (``members:``) trains: one run (or folds) folder per member and
+    ``ensemble.json``, which records each member's config, the data folder and each finished member's validation
+    macro-F1, so ``train --resume OUT`` trains only what is missing and ``predict --run OUT`` finds the members."""
+
+    SUMMARY = "ensemble.json"
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def member(self, name: str) -> Path:
+        return self.path / name
+
+    def is_members(self) -> bool:
+        """An ensemble folder rather than one run (a run folder never holds ensemble.json)."""
+        return (self.path / self.SUMMARY).is_file()
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / self.SUMMARY, summary)
+
+    def summary(self) -> dict:
+        """{"data": str, "members": {name: config dict}, "val_macro_f1": {name: float}}, checked."""
+        path = self.path / self.SUMMARY
+        damaged = "the ensemble folder is damaged: retrain it"
+        summary = load_json(path, f"{path} not found; {self.path} is not a folder written by an ensemble recipe", damaged)
+        members = summary.get("members") if isinstance(summary, dict) else None
+        scores = summary.get("val_macro_f1") if isinstance(summary, dict) else None
+        if (not isinstance(members, dict) or not members or not all(isinstance(c, dict) for c in members.values())
+                or not isinstance(summary.get("data"), str) or not isinstance(scores, dict)
+                or not set(scores) <= set(members) or not all(_is_number(v) for v in scores.values())):
+            raise UserError(f"{path} must give 'data', 'members' (name -> config) and 'val_macro_f1' (name -> number); {damaged}")
+        return summary
+
+    def runs(self) -> list[Path]:
+        """The member folders, in recipe order; every member must have finished training."""
+        summary = self.summary()
+        missing = [name for name in summary["members"] if name not in summary["val_macro_f1"] or not self.member(name).is_dir()]
+        if missing:
+            raise UserError(f"member {missing[0]} of the ensemble {self.path} has not finished training; continue with: lowres-birds train --resume {self.path}")
+        return [self.member(name) for name in summary["members"]]
+
+
+def model_folders(source: Path | str) -> list[Path]:
+    """The run folders a model path stands for: an ensemble folder its members', a folds folder its folds',
+    anything else (a run, an ONNX file, a Hugging Face folder) itself."""
+    if MembersDir(source).is_members():
+        return [run for member in MembersDir(source).runs() for run in model_folders(member)]
+    if FoldsDir(source).is_folds():
+        return FoldsDir(source).runs()
+    return [Path(source)]

@@ -27,7 +27,7 @@ from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
-from lowres_birds.run_dir import FoldsDir, RunDir, check_labels
+from lowres_birds.run_dir import RunDir, check_labels, model_folders
 from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
 
 TTA_MODES = ("none", "flip")
@@ -180,12 +180,13 @@ def to_model_input(image) -> np.ndarray:
 
 
 def resolve_ensemble(sources: list[Path], mode: str = "mean") -> tuple[list[Path], list[float] | None]:
-    """(members, weights): a folds folder (``train --folds``) stands for its fold runs; ``mode`` ``mean`` gives
+    """(members, weights): a folds folder (``train --folds``) stands for its fold runs and an ensemble recipe's folder
+    for its members' runs; ``mode`` ``mean`` gives
     no weights (a plain mean), ``f1`` weighs each member by its best validation macro-F1, normalised, as the
     competition's 1st place weighted its fold ensemble."""
     if mode not in ENSEMBLE_MODES:
         raise UserError(f"unknown ensemble {mode!r}: use one of {', '.join(ENSEMBLE_MODES)}")
-    members = [run for source in sources for run in (FoldsDir(source).runs() if FoldsDir(source).is_folds() else [Path(source)])]
+    members = [run for source in sources for run in model_folders(source)]
     if mode == "mean":
         return members, None
     scores = [validation_f1(member) for member in members]

@@ -20,7 +20,7 @@ from lowres_birds.config import RunConfig, parse_strategy
 from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.metrics import score
 from lowres_birds.model.factory import create_model, save_architecture
-from lowres_birds.run_dir import FoldsDir, RunDir, replace_folder
+from lowres_birds.run_dir import FoldsDir, MembersDir, RunDir, replace_folder
 from lowres_birds.train.batches import make_loader
 from lowres_birds.train.budget import BudgetPlanner
 from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_training_data, training_batch
@@ -203,4 +203,47 @@ def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = Fal
     predicted = np.concatenate([p["probs"].argmax(1) for p in predictions])
     summary = {"folds": cfg.folds, "fold_val_macro_f1": folds, **{f"oof_{k}": v for k, v in score(targets, predicted).items()}}
     out.write_summary(summary)
+    return summary
+
+
+def train_members(configs: dict[str, RunConfig], data_dir: Path, out_dir: Path, force: bool = False) -> dict:
+    """An ensemble recipe: each member (one run, or its folds) trained into OUT/<name>, in recipe order.
+
+    OUT/ensemble.json records the members' configs at the start and each member's validation macro-F1 as it
+    finishes, so :func:`resume_members` continues an interrupted ensemble; ``predict --run OUT`` averages them.
+    """
+    out = MembersDir(out_dir)
+    replace_folder(out.path, force)
+    out.write_summary({"data": str(Path(data_dir).resolve()), "members": {name: cfg.to_dict() for name, cfg in configs.items()}, "val_macro_f1": {}})
+    return _train_missing_members(out, configs, data_dir, resume=False)
+
+
+def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
+    """Continue an ensemble folder: finished members are kept, a stopped one resumed, the rest trained."""
+    from lowres_birds.config import config_from_mapping
+
+    out = MembersDir(out_dir)
+    summary = out.summary()
+    configs = {name: config_from_mapping(values, f"{out.path / MembersDir.SUMMARY}, member {name}") for name, values in summary["members"].items()}
+    return _train_missing_members(out, configs, Path(data_dir or summary["data"]), resume=True)
+
+
+def _train_missing_members(out: MembersDir, configs: dict[str, RunConfig], data_dir: Path, resume: bool) -> dict:
+    summary = out.summary()
+    for name, cfg in configs.items():
+        if name in summary["val_macro_f1"]:
+            continue
+        folder = out.member(name)
+        print(f"ensemble member {name} ({len(summary['val_macro_f1']) + 1} of {len(configs)}): {cfg.model} ({cfg.strategy})")
+        try:
+            if cfg.folds and cfg.fold < 0:  # folds restart: a folds folder records no progress of its own
+                score = train_folds(cfg, data_dir, folder, force=True)["oof_macro_f1"]
+            else:
+                stopped = resume and ((folder / RunDir.CHECKPOINT).is_file() or (folder / RunDir.TEACHER / RunDir.CHECKPOINT).is_file())
+                score = train(cfg, data_dir, folder, resume=stopped, force=True)["best_val_macro_f1"]
+        except TrainingInterrupted as exc:
+            raise TrainingInterrupted(f"{str(exc).partition('; continue with')[0]} of ensemble member {name}; "
+                                      f"continue with: lowres-birds train --resume {out.path}") from None
+        summary["val_macro_f1"][name] = score
+        out.write_summary(summary)
     return summary

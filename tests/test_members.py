@@ -1,0 +1,97 @@
+"""Ensemble recipes (``members:``): one config per member, each trained into OUT/<name>, resumable, predicted as one."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from lowres_birds.cli import main
+from lowres_birds.config import load_config, load_members
+from lowres_birds.errors import UserError
+from lowres_birds.run_dir import MembersDir
+
+TWO_MEMBERS = """
+epochs: 1
+strategy: native
+pretrained: false
+members:
+  small:
+    model: timm:test_efficientnet
+  other:
+    model: timm:test_efficientnet
+    seed: 7
+    hflip: true
+"""
+
+
+def write_recipe(tmp_path, text: str = TWO_MEMBERS):
+    path = tmp_path / "ensemble.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_members_take_base_then_shared_keys_then_their_own_then_the_flags(tmp_path):
+    path = write_recipe(tmp_path, "epochs: 3\nlr: 0.002\nmembers:\n  a: {base: cpu}\n  b: {base: cpu, model: efficientnet_lite2, lr: 0.003}\n")
+    members = load_members(str(path), {"seed": 5, "epochs": None})
+    assert list(members) == ["a", "b"]
+    assert members["a"].freeze_blocks == load_config("cpu").freeze_blocks  # from the member's base
+    assert members["a"].epochs == members["b"].epochs == 3 and members["a"].lr == 0.002  # shared keys over the base
+    assert members["b"].model == "efficientnet_lite2" and members["b"].lr == 0.003  # the member's own keys over the shared ones
+    assert members["a"].seed == members["b"].seed == 5  # flags over everything
+    assert load_members("cpu") == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("members: [a, b]\n", "members must map member names to their recipe keys"),
+    ("members: {}\n", "members must map member names to their recipe keys"),
+    ("members:\n  ../up: {epochs: 1}\n", "must be a folder name"),
+    ("members:\n  a: {epochs: 0}\n", "member a"),
+    ("members:\n  a: {colour: red}\n", "unknown key(s) colour"),
+])
+def test_bad_member_declarations_are_one_line_errors(tmp_path, text, message):
+    with pytest.raises(UserError) as error:
+        load_members(str(write_recipe(tmp_path, text)))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_ensemble_recipe_is_not_a_single_config(tmp_path):
+    with pytest.raises(UserError, match="is an ensemble of 2 members"):
+        load_config(str(write_recipe(tmp_path)))
+
+
+def test_an_ensemble_trains_every_member_then_predicts_as_one_and_resumes_only_what_is_missing(demo_data, tmp_path, capsys):
+    out = tmp_path / "ensemble"
+    flags = ["--device", "cpu"]
+    assert main(["train", "--recipe", str(write_recipe(tmp_path)), "--data", str(demo_data), "--out", str(out), *flags]) == 0
+    assert "ensemble of 2 trained" in capsys.readouterr().out
+    summary = MembersDir(out).summary()
+    assert list(summary["members"]) == ["small", "other"] and set(summary["val_macro_f1"]) == {"small", "other"}
+    assert summary["members"]["other"]["seed"] == 7 and summary["members"]["small"]["seed"] == 42
+    assert (out / "small" / "model.safetensors").is_file() and (out / "other" / "model.safetensors").is_file()
+
+    submission = tmp_path / "submission.csv"
+    assert main(["predict", "--run", str(out), "--ensemble", "f1", "--data", str(demo_data), "--out", str(submission)]) == 0
+    assert "ensemble of 2 (weighted by validation macro-F1)" in capsys.readouterr().out
+    assert list(pd.read_csv(submission)["id"]) == list(pd.read_csv(demo_data / "sample_submission.csv")["id"])
+
+    # As if stopped before the second member finished: resume trains it and leaves the first alone.
+    first = (out / "small" / "model.safetensors").stat().st_mtime_ns
+    summary["val_macro_f1"].pop("other")
+    MembersDir(out).write_summary(summary)
+    # predict refuses an unfinished ensemble in one line
+    assert main(["predict", "--run", str(out), "--data", str(demo_data), "--out", str(tmp_path / "s2.csv")]) == 2
+    assert "has not finished training; continue with: lowres-birds train --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "ensemble member other (2 of 2)" in capsys.readouterr().out
+    assert (out / "small" / "model.safetensors").stat().st_mtime_ns == first
+    assert set(MembersDir(out).summary()["val_macro_f1"]) == {"small", "other"}
+
+
+@pytest.mark.parametrize("damage", ["not json", json.dumps({"members": {}}), json.dumps({"data": "x", "members": {"a": {}}, "val_macro_f1": {"b": 1}})])
+def test_a_damaged_ensemble_summary_is_one_line(tmp_path, damage):
+    (tmp_path / MembersDir.SUMMARY).write_text(damage, encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        MembersDir(tmp_path).runs()
+    assert "ensemble.json" in str(error.value) and "\n" not in str(error.value)
