@@ -30,6 +30,8 @@ from lowres_birds.train import loop
 GPU_RECIPES = [
     "best",
     "beit-seed",
+    "dacon-1st",
+    "dacon-1st-beitv2",
 ]
 STAND_IN_PATCHES = 4  # the stand-in's input is 4 x 4 patches
 STAND_IN_BATCH = 4  # a few batches of the 30 demo images
@@ -187,6 +189,9 @@ def test_gpu_recipe_rehearsal_on_cpu(recipe, demo_data, tmp_path, monkeypatch, c
         else:
             assert checkpoint["ema"] is None
         assert (run / RunDir.DEGRADATION).is_file() == (cfg.hr_view_ratio > 0)  # HR-derived LR views
+        interval = max(1, round(cfg.val_every * steps[-1]))  # validations every fraction of the epoch, and at its end
+        assert [record["step"] for record in run.metrics()] == sorted({*range(interval, steps[-1] + 1, interval), steps[-1]})
+        assert run.spec().get("upscale_filter", "bicubic") == cfg.upscale_filter  # the upscale filter is part of the model
     assert observed.ema_updates == (sum(steps) if cfg.ema_decay else 0)  # one EMA update per optimizer step
     assert observed.autocast == {torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32}  # the backbone ran under bf16 autocast
     assert observed.teacher == ("HR teacher " in printed) == (cfg.kd_weight > 0 or cfg.feature_kd_weight > 0)
