@@ -66,6 +66,8 @@ def test_the_teacher_is_a_complete_run_and_its_targets_fit_the_data(finetuned_ru
     student = RunDir(run)
     assert student.config().teacher == "finetuned" and [record["epoch"] for record in student.metrics()] == [1]
     assert all(torch.isfinite(torch.tensor(record["train_loss"])) for record in student.metrics())
+    seconds = teacher.teacher_targets(ROWS, CLASSES, damaged="test")["seconds"]
+    assert student.metrics()[0]["elapsed_s"] > seconds > 0  # the run's clock (and time budget) counts its teacher's training
 
 
 def test_a_resumed_run_reuses_the_finished_teacher(finetuned_run, capsys):

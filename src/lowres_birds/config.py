@@ -106,7 +106,7 @@ class RunConfig:
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", low=0, high=1, high_open=True)
     hflip: bool = setting(False, "random horizontal flips (at the stored low resolution)")
     crop_scale_min: float = setting(1.0, "random-resized-crop area from this share to 1 (1 = no crop)", low=0, high=1, low_open=True)
-    budget_minutes: float = setting(0.0, "training time budget in minutes: after the first steps, the epochs (at most --epochs) and the learning-rate schedule are sized to fit it (0 = none)", low=0)
+    budget_minutes: float = setting(0.0, "time budget in minutes of the whole run, a fine-tuned teacher included: after the first steps, the epochs (at most --epochs) and the learning-rate schedule are sized to fit it (0 = none)", low=0)
     checkpoint_every: int = setting(0, "also save a resumable checkpoint every N optimizer steps (0 = at epoch ends only)", low=0)
     log: str = setting("none", "experiment tracker", choices=("none", "tensorboard", "mlflow", "wandb"))
     hr_view_ratio: float = setting(0.0, "share of each batch replaced by HR crops degraded like the real LR (needs upscale_train/)", low=0, high=1)

@@ -153,6 +153,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     _print_header(accelerator, cfg, data, hr, run, state)
     if cfg.log != "none":
         accelerator.init_trackers("lowres-birds", config=cfg.to_dict())
+    if not state.global_step and hr.teacher is not None and hr.teacher.kind == "finetuned":
+        state.elapsed_s = hr.teacher.seconds  # the run's clock, and so its time budget, includes its teacher's training
     clock_start = time.perf_counter() - state.elapsed_s
     validator = Validator(cfg, run, parts, checkpointer, data, steps_per_epoch // accelerator.num_processes, clock_start)
     if cfg.budget_minutes:
