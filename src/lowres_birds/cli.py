@@ -147,7 +147,7 @@ def _resume(args, overrides: dict) -> int:
     given += [flag for flag, value in (("--recipe", args.recipe), ("--out", args.out), ("--force", args.force)) if value]
     if given:
         raise UserError(f"--resume continues the run with its saved config, data and folder; drop {', '.join(given)}")
-    if MembersDir(args.resume).is_members():
+    if MembersDir(args.resume).is_group():
         from lowres_birds.train.loop import resume_members
 
         started = time.perf_counter()

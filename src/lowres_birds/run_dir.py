@@ -11,7 +11,8 @@ A run folder holds::
     teacher/             the fine-tuned HR teacher: a run folder of its own, plus targets.safetensors (its logits
                          and pooled features on every training row's HR twin, the distillation targets)
 
-``train --folds K`` writes a folds folder (``FoldsDir``): ``fold0/`` ... ``fold<K-1>/`` (run folders) and ``oof.json``.
+``train --folds K`` writes a folds folder (``FoldsDir``): ``fold0/`` ... ``fold<K-1>/`` (run folders) and ``oof.json``;
+an ensemble recipe a members folder (``MembersDir``): ``<member>/`` (run or folds folders) and ``ensemble.json``.
 
 ``RunDir`` owns these names and their formats: every reader validates what it reads (a run folder is input
 like any other) and names the file on failure; nothing is unpickled. ``atomic_write`` is the only way files
@@ -456,23 +457,28 @@ class RunDir:
         return predictions
 
 
-class FoldsDir:
-    """The folder ``train --folds K`` writes: one run folder per fold (``fold<k>/``) and the out-of-fold summary."""
+class RunGroup:
+    """A folder of run folders described by one JSON summary file (``SUMMARY``, which a run folder never holds)."""
 
-    SUMMARY = "oof.json"
+    SUMMARY: str
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
 
-    def fold(self, k: int) -> Path:
-        return self.path / f"fold{k}"
-
-    def is_folds(self) -> bool:
-        """A folds folder rather than one run (a run folder never holds oof.json)."""
+    def is_group(self) -> bool:
         return (self.path / self.SUMMARY).is_file()
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / self.SUMMARY, summary)
+
+
+class FoldsDir(RunGroup):
+    """The folder ``train --folds K`` writes: one run folder per fold (``fold<k>/``) and the out-of-fold summary."""
+
+    SUMMARY = "oof.json"
+
+    def fold(self, k: int) -> Path:
+        return self.path / f"fold{k}"
 
     def summary(self) -> dict:
         path = self.path / self.SUMMARY
@@ -491,25 +497,15 @@ class FoldsDir:
         return [self.fold(k) for k in range(folds)]
 
 
-class MembersDir:
+class MembersDir(RunGroup):
     """The folder an ensemble recipe (``members:``) trains: one run (or folds) folder per member and
     ``ensemble.json``, which records each member's config, the data folder and each finished member's validation
     macro-F1, so ``train --resume OUT`` trains only what is missing and ``predict --run OUT`` finds the members."""
 
     SUMMARY = "ensemble.json"
 
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-
     def member(self, name: str) -> Path:
         return self.path / name
-
-    def is_members(self) -> bool:
-        """An ensemble folder rather than one run (a run folder never holds ensemble.json)."""
-        return (self.path / self.SUMMARY).is_file()
-
-    def write_summary(self, summary: dict) -> None:
-        write_json(self.path / self.SUMMARY, summary)
 
     def summary(self) -> dict:
         """{"data": str, "members": {name: config dict}, "val_macro_f1": {name: float}}, checked."""
@@ -536,8 +532,8 @@ class MembersDir:
 def model_folders(source: Path | str) -> list[Path]:
     """The run folders a model path stands for: an ensemble folder its members', a folds folder its folds',
     anything else (a run, an ONNX file, a Hugging Face folder) itself."""
-    if MembersDir(source).is_members():
+    if MembersDir(source).is_group():
         return [run for member in MembersDir(source).runs() for run in model_folders(member)]
-    if FoldsDir(source).is_folds():
+    if FoldsDir(source).is_group():
         return FoldsDir(source).runs()
     return [Path(source)]
