@@ -11,9 +11,10 @@ from lowres_birds.cli import main
 from lowres_birds.data.demo import make_demo_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100-lr"
-TINY_TRAIN = ["--model", "efficientnet_lite0", "--strategy", "native", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+# Both without the cpu recipe's HR teacher (tests of the teacher switch it back on).
+TINY_TRAIN = ["--model", "efficientnet_lite0", "--strategy", "native", "--kd-weight", "0", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
 # Seconds, not minutes: a tiny untrained timm network, for tests that need any finished run, not a good one.
-FAST_TRAIN = ["--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "native", "--epochs", "1", "--device", "cpu"]
+FAST_TRAIN = ["--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "native", "--kd-weight", "0", "--epochs", "1", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)

@@ -25,8 +25,14 @@ def test_base_cycle_is_refused(tmp_path):
         load_config(str(tmp_path / "a.yaml"))
 
 
-def test_cpu_best_extends_cpu_and_round_trips(tmp_path):
-    cfg = load_config("cpu-best")
-    assert cfg.model == "efficientnet_lite0" and cfg.kd_weight > 0 and cfg.hr_view_ratio > 0
-    RunDir(tmp_path).write_config(cfg)
-    assert RunDir(tmp_path).config() == cfg
+def test_cpu_best_is_an_ensemble_of_cpu_runs_on_three_backbones_and_each_member_round_trips(tmp_path):
+    from lowres_birds.config import load_members
+
+    members = load_members("cpu-best")
+    assert {cfg.model for cfg in members.values()} == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert len({cfg.seed for cfg in members.values()}) == len(members)  # each member its own split
+    assert all(cfg.teacher == "finetuned" and cfg.kd_weight > 0 and cfg.budget_minutes > 0 for cfg in members.values())
+    assert sum(cfg.budget_minutes for cfg in members.values()) <= 45
+    for name, cfg in members.items():
+        RunDir(tmp_path / name).write_config(cfg)
+        assert RunDir(tmp_path / name).config() == cfg

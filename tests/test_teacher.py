@@ -156,3 +156,19 @@ def test_each_fold_trains_its_own_teacher_on_its_own_split(demo_data, tmp_path):
         assert (teacher.config().folds, teacher.config().fold) == (2, int(fold[-1]))
         assert teacher.split()["val_ids"] == student.split()["val_ids"]
     assert RunDir(out / "fold0").split()["val_ids"] != RunDir(out / "fold1").split()["val_ids"]
+
+
+def test_data_without_twins_trains_the_recipe_without_its_teacher_and_says_so(demo_data, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data, ignore=shutil.ignore_patterns("upscale_train"))
+    table = pd.read_csv(data / "train.csv").drop(columns=["upscale_img_path"])
+    table.to_csv(data / "train.csv", index=False)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *FAST_TRAIN, "--kd-weight", "0.7", "--teacher", "finetuned"]) == 0
+    assert "no high-res twins (" in capsys.readouterr().out
+    cfg = RunDir(run).config()
+    assert (cfg.kd_weight, cfg.teacher) == (0, "frozen") and not (run / RunDir.TEACHER).exists()  # the saved config is what ran

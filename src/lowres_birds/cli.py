@@ -153,7 +153,8 @@ def _resume(args, overrides: dict) -> int:
         started = time.perf_counter()
         return _finish_members(resume_members(args.resume, args.data), args.resume, started)
     run = RunDir(args.resume).require()
-    stopped_in_teacher = (run / RunDir.TEACHER / RunDir.CHECKPOINT).is_file()  # a fine-tuned teacher trains before the run
+    # A fine-tuned teacher trains before the student: stopped there (or right after), the student has no record yet.
+    stopped_in_teacher = (run / RunDir.TEACHER / RunDir.CHECKPOINT).is_file() and not run.metrics(missing_ok=True)
     if not (run / RunDir.CHECKPOINT).is_file() and not stopped_in_teacher:
         raise UserError(f"{run} has no {RunDir.CHECKPOINT} to resume from; start a new run without --resume")
     cfg = run.config()
@@ -334,8 +335,9 @@ def run_demo(args) -> int:
     replace_folder(args.out, args.force)
     data_dir = make_demo_dataset(args.out / "data")
     print(f"synthetic data set (8 drawn species, 64x64 + 256x256 twins): {data_dir}")
-    # The cpu recipe as is, on fewer epochs and a smaller upscale so the whole demo fits in ~1 minute.
-    cfg = load_config("cpu", {"epochs": 4, "strategy": "upscale:96", "batch_size": 32, "warmup_epochs": 0.5, "budget_minutes": 0})
+    # The cpu recipe as is (its HR teacher included), on fewer epochs and smaller sizes so the demo fits in ~2 minutes.
+    cfg = load_config("cpu", {"epochs": 4, "strategy": "upscale:96", "batch_size": 32, "warmup_epochs": 0.5, "budget_minutes": 0,
+                              "teacher_epochs": 2, "teacher_size": 96})
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
     submission = args.out / "submission.csv"

@@ -3,6 +3,7 @@ step from a gathered batch to augmented images with their named targets."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,18 @@ def uses_hr_twins(cfg: RunConfig) -> bool:
     return cfg.hr_view_ratio > 0 or uses_teacher(cfg)
 
 
+def without_missing_twins(cfg: RunConfig, data: "TrainingData") -> tuple[RunConfig, str | None]:
+    """(the config the data allows, a one-line notice or None): data without high-res twins (an ImageFolder, a
+    test-only copy) trains the recipe without its HR teacher and HR views rather than failing."""
+    if data.hr_images is not None or not uses_hr_twins(cfg):
+        return cfg, None
+    notice = f"no high-res twins ({data.table.hr_missing}): training without the HR teacher and HR views"
+    return dataclasses.replace(cfg, teacher="frozen", kd_weight=0.0, feature_kd_weight=0.0, hr_view_ratio=0.0), notice
+
+
 def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
-    """Decode (or read from cache) what the run needs; the split is the hold-out or fold ``cfg.fold``."""
+    """Decode (or read from cache) what the run needs; the split is the hold-out or fold ``cfg.fold``. The twins
+    are loaded when the strategy or the HR techniques use them and the data has them."""
     strategy = parse_strategy(cfg.strategy)
     table = load_train_table(data_dir)
     label_map = LabelMap.fit(table.labels)
@@ -54,9 +65,9 @@ def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
         train_idx, val_idx = stratified_split(targets, cfg.val_fraction, cfg.seed)
     lr_images = load_images(table.lr_paths, LR_SIZE)
     hr_images = None
-    if strategy.train_source == "hr" or uses_hr_twins(cfg):
-        if table.hr_paths is None:
-            raise UserError(f"{cfg.strategy} / the HR techniques need the high-res twins, but {table.hr_missing}")
+    if strategy.train_source == "hr" and table.hr_paths is None:
+        raise UserError(f"{cfg.strategy} trains on the high-res twins, but {table.hr_missing}")
+    if (strategy.train_source == "hr" or uses_hr_twins(cfg)) and table.hr_paths is not None:
         hr_images = load_images(table.hr_paths, HR_SIZE)
     train_images = hr_images if strategy.train_source == "hr" else lr_images
     return TrainingData(table, label_map, targets, lr_images, train_images, train_idx, val_idx, hr_images)

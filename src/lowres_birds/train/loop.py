@@ -23,9 +23,9 @@ from lowres_birds.model.factory import create_model, save_architecture
 from lowres_birds.run_dir import FoldsDir, MembersDir, RunDir, replace_folder
 from lowres_birds.train.batches import make_loader
 from lowres_birds.train.budget import BudgetPlanner
-from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_training_data, training_batch
+from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_training_data, training_batch, without_missing_twins
 from lowres_birds.train.losses import class_balanced_weights, total_loss
-from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler, start_processes
+from lowres_birds.train.optim import check_tracker, create_accelerator, create_optimizer, create_scheduler, start_processes
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
 from lowres_birds.train.teacher import check_teacher, hr_teacher
 from lowres_birds.train.validation import TrainingMeter, Validator
@@ -101,12 +101,17 @@ def _check_resume(run: RunDir, data: TrainingData) -> None:
 
 def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False, force: bool = False) -> dict:
     """Train one run (or continue it: ``resume``), returning the best validation metrics."""
+    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     if cfg.folds and cfg.fold < 0:
         raise UserError("a k-fold config trains one fold per run: set --fold K, or let `train --folds K` run them all")
+    check_tracker(cfg)  # before the data, and before a fine-tuned teacher trains
     run = RunDir(run_dir)
     data = load_training_data(data_dir, cfg)
+    cfg, notice = without_missing_twins(cfg, data)
+    if notice and PartialState().is_main_process:
+        print(notice)
     labels = list(data.label_map.classes)
     if resume:
         _check_resume(run, data)

@@ -69,17 +69,22 @@ def start_processes(cfg: RunConfig):
     return PartialState(cpu=cfg.device == "cpu")
 
 
-def create_accelerator(cfg: RunConfig, run_dir: Path):
-    """accelerate's Accelerator for the config: device, mixed precision, accumulation, tracker."""
-    from accelerate import Accelerator
-
-    check_device(cfg.device)
-    if cfg.log != "none":  # accelerate would only warn and log nothing
+def check_tracker(cfg: RunConfig) -> None:
+    """Refuse a tracker whose package is missing (accelerate would only warn and log nothing), before any work."""
+    if cfg.log != "none":
         from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
         available = {"tensorboard": is_tensorboard_available, "mlflow": is_mlflow_available, "wandb": is_wandb_available}[cfg.log]
         if not available():
             raise UserError(f"--log {cfg.log} needs the {cfg.log} package: pip install {cfg.log} (or use --log none)")
+
+
+def create_accelerator(cfg: RunConfig, run_dir: Path):
+    """accelerate's Accelerator for the config: device, mixed precision, accumulation, tracker."""
+    from accelerate import Accelerator
+
+    check_device(cfg.device)
+    check_tracker(cfg)
     return Accelerator(
         cpu=cfg.device == "cpu",
         mixed_precision=cfg.mixed_precision,
