@@ -64,6 +64,8 @@ class Validator:
         self.per_epoch = math.ceil(steps_per_epoch / self.every)  # the validations of one epoch, its end included
         self.val_idx, self.images, self.targets = data.val_idx, np.asarray(data.lr_images[data.val_idx]), data.targets[data.val_idx]
         self.stopped = False
+        self.pace_origin: tuple[float, float] | None = None  # (epoch, elapsed_s) of this process's first validation
+
 
     def due(self, state: TrainState) -> bool:
         """A validation within the epoch after this step (the epoch's last step is validated once, at its end)."""
@@ -114,7 +116,11 @@ class Validator:
         return False
 
     def _print(self, record: dict, epochs: int) -> None:
-        remaining = record["elapsed_s"] / record["epoch"] * (epochs - record["epoch"])
+        """One line per validation; the time left is paced on this process's own validations (not on a teacher's
+        training or a run before a resume), on the whole elapsed time until there are two."""
+        origin_epoch, origin_s = self.pace_origin or (0.0, 0.0)
+        remaining = (record["elapsed_s"] - origin_s) / (record["epoch"] - origin_epoch) * (epochs - record["epoch"])
+        self.pace_origin = self.pace_origin or (record["epoch"], record["elapsed_s"])
         self.parts.accelerator.print(
             f"epoch {record['epoch']:g}/{epochs}  loss {record['train_loss']:.4f}  val macro-F1 {record['val_macro_f1']:.4f}  "
             f"acc {record['val_accuracy']:.4f}  {record['train_images_per_s']:.0f} img/s  {record['elapsed_s']:.0f}s (~{remaining:.0f}s left)"
