@@ -19,7 +19,7 @@ from lowres_birds.config import load_config
 from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.run_dir import RunDir, save_safetensors
 from lowres_birds.train.data import load_training_data
-from lowres_birds.train.teacher import finetuned_teacher, teacher_config
+from lowres_birds.train.teacher import TEACHER_BUDGET_SHARE, finetuned_teacher, teacher_config
 
 FINETUNED = [*FAST_TRAIN, "--teacher", "finetuned", "--teacher-epochs", "1", "--teacher-size", "64",
              "--kd-weight", "0.7", "--feature-kd-weight", "1", "--mixup-alpha", "0.2", "--budget-minutes", "0"]
@@ -48,7 +48,8 @@ def test_the_teacher_config_keeps_split_and_optimiser_and_drops_the_students_dis
     assert (teacher.seed, teacher.folds, teacher.fold, teacher.val_fraction) == (student.seed, 5, 2, student.val_fraction)
     assert (teacher.lr, teacher.weight_decay, teacher.schedule, teacher.batch_size) == (student.lr, student.weight_decay, student.schedule, student.batch_size)
     assert (teacher.kd_weight, teacher.feature_kd_weight, teacher.mixup_alpha, teacher.hr_view_ratio) == (0, 0, 0, 0)
-    assert (teacher.budget_minutes, teacher.teacher) == (0, "frozen")
+    assert teacher.teacher == "frozen" and teacher.budget_minutes == pytest.approx(student.budget_minutes * TEACHER_BUDGET_SHARE)
+    assert teacher.budget_minutes > 0  # the teacher plans its epochs in its share of the run's budget
 
 
 def test_the_teacher_is_a_complete_run_and_its_targets_fit_the_data(finetuned_run):

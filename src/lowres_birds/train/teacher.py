@@ -32,10 +32,13 @@ from lowres_birds.run_dir import RunDir, save_torch
 from lowres_birds.train.data import TeacherTargets, TrainingData, uses_teacher
 from lowres_birds.train.degradation import array_fingerprint
 
-# What the fine-tuned teacher does not take from the student's config: it learns from the HR labels alone, for a
-# fixed number of epochs, untracked (the student's tracker run is the one that is logged).
+# What the fine-tuned teacher does not take from the student's config: it learns from the HR labels alone, for its
+# own epochs, untracked (the student's tracker run is the one that is logged).
 STUDENT_ONLY = ("hr_view_ratio", "randaugment_ops", "kd_weight", "kd_temperature", "feature_kd_weight", "teacher", "teacher_epochs",
-                "teacher_model", "teacher_size", "mixup_alpha", "cutmix_alpha", "budget_minutes", "early_stop_patience", "log")
+                "teacher_model", "teacher_size", "mixup_alpha", "cutmix_alpha", "early_stop_patience", "log")
+# The teacher's share of a run's time budget: it plans its epochs in it as any run does (more data: fewer teacher
+# epochs, not a student left with no time); the student plans in what the teacher left.
+TEACHER_BUDGET_SHARE = 0.4
 
 
 def teacher_source(cfg: RunConfig) -> str:
@@ -113,10 +116,10 @@ def _hr_val_f1(data: TrainingData, logits: torch.Tensor) -> float:
 
 def teacher_config(cfg: RunConfig) -> RunConfig:
     """The teacher run's config: the student's model (or ``teacher_model``), seed, split and optimiser, trained on
-    the HR twins resized to ``teacher_size`` for ``teacher_epochs``."""
+    the HR twins resized to ``teacher_size`` for ``teacher_epochs`` (fewer if its share of the budget says so)."""
     plain = {name: FIELDS[name].default for name in STUDENT_ONLY}
     return dataclasses.replace(cfg, **plain, model=teacher_source(cfg), strategy=f"hr-downscale:{cfg.teacher_size}",
-                               epochs=cfg.teacher_epochs).validate()
+                               epochs=cfg.teacher_epochs, budget_minutes=cfg.budget_minutes * TEACHER_BUDGET_SHARE).validate()
 
 
 def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict]) -> TeacherTargets:
