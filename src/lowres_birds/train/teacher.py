@@ -130,7 +130,7 @@ def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir:
     processes = PartialState()
     folder = RunDir(run / RunDir.TEACHER)
     rows, classes = len(data.targets), len(data.label_map.classes)
-    description = f"{teacher_source(cfg)} fine-tuned {cfg.teacher_epochs} epochs on the HR twins at {cfg.teacher_size}, {folder}"
+    description = f"{teacher_source(cfg)} fine-tuned on the HR twins at {cfg.teacher_size} (at most {cfg.teacher_epochs} epochs), {folder}"
     saved = None
     if (folder / RunDir.TEACHER_TARGETS).is_file():
         try:
