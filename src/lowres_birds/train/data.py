@@ -43,7 +43,7 @@ def uses_hr_twins(cfg: RunConfig) -> bool:
     return cfg.hr_view_ratio > 0 or uses_teacher(cfg)
 
 
-def without_missing_twins(cfg: RunConfig, data: "TrainingData") -> tuple[RunConfig, str | None]:
+def without_missing_twins(cfg: RunConfig, data: TrainingData) -> tuple[RunConfig, str | None]:
     """(the config the data allows, a one-line notice or None): data without high-res twins (an ImageFolder, a
     test-only copy) trains the recipe without its HR teacher and HR views rather than failing."""
     if data.hr_images is not None or not uses_hr_twins(cfg):

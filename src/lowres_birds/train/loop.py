@@ -101,7 +101,6 @@ def _check_resume(run: RunDir, data: TrainingData) -> None:
 
 def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False, force: bool = False) -> dict:
     """Train one run (or continue it: ``resume``), returning the best validation metrics."""
-    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     if cfg.folds and cfg.fold < 0:
@@ -110,12 +109,12 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     run = RunDir(run_dir)
     data = load_training_data(data_dir, cfg)
     cfg, notice = without_missing_twins(cfg, data)
-    if notice and PartialState().is_main_process:
-        print(notice)
     labels = list(data.label_map.classes)
     if resume:
         _check_resume(run, data)
     processes = start_processes(cfg)
+    if notice:
+        processes.print(notice)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained, upscale_filter=cfg.upscale_filter)
     model.freeze_early_layers(cfg.freeze_blocks)
