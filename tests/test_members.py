@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -95,3 +96,55 @@ def test_a_damaged_ensemble_summary_is_one_line(tmp_path, damage):
     with pytest.raises(UserError) as error:
         MembersDir(tmp_path).runs()
     assert "ensemble.json" in str(error.value) and "\n" not in str(error.value)
+
+
+SHARED_TEACHER = """
+epochs: 1
+strategy: native
+pretrained: false
+model: timm:test_efficientnet
+teacher: finetuned
+teacher_epochs: 1
+teacher_size: 64
+kd_weight: 0.7
+split_seed: 5
+members:
+  first:
+    seed: 1
+  same-split:
+    seed: 2
+  other-size:
+    seed: 3
+    teacher_size: 48
+"""
+
+
+def test_members_on_one_split_share_one_fine_tuned_teacher(demo_data, tmp_path, capsys):
+    out = tmp_path / "ensemble"
+    assert main(["train", "--recipe", str(write_recipe(tmp_path, SHARED_TEACHER)), "--data", str(demo_data), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    targets = {name: (out / name / "teacher" / "targets.safetensors").read_bytes() for name in ("first", "same-split", "other-size")}
+    assert targets["same-split"] == targets["first"] != targets["other-size"]  # copied, not trained again
+    assert f"shared with {out / 'first' / 'teacher'}" in printed and printed.count("shared with") == 1
+    splits = {name: json.loads((out / name / "split.json").read_text())["val_ids"] for name in targets}
+    assert splits["first"] == splits["same-split"] == splits["other-size"]  # split_seed, not the members' seeds
+    assert "\nseed: 2\n" in (out / "same-split" / "config.yaml").read_text()
+
+    # A member retrained on resume copies the teacher of a member that finished before.
+    summary = MembersDir(out).summary()
+    summary["val_macro_f1"].pop("same-split")
+    MembersDir(out).write_summary(summary)
+    shutil.rmtree(out / "same-split")
+    assert main(["train", "--resume", str(out)]) == 0
+    assert f"shared with {out / 'first' / 'teacher'}" in capsys.readouterr().out
+    assert (out / "same-split" / "teacher" / "targets.safetensors").read_bytes() == targets["first"]
+
+
+def test_a_split_seed_draws_the_split_and_the_seed_alone_does_when_unset(demo_data):
+    from lowres_birds.train.data import load_training_data
+
+    def val_rows(**overrides) -> list[int]:
+        return sorted(load_training_data(demo_data, load_config("cpu", {"val_fraction": 0.3, **overrides})).val_idx.tolist())
+
+    assert val_rows(seed=1, split_seed=9) == val_rows(seed=2, split_seed=9) == val_rows(seed=9)
+    assert val_rows(seed=1) != val_rows(seed=2) or val_rows(seed=1) != val_rows(seed=3)

@@ -101,6 +101,8 @@ class RunConfig:
     grad_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass instead of keeping them (less GPU memory, ~30% slower steps)")
     device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
     seed: int = setting(42, "seed of the split, shuffling, augmentation and initialisation", low=0)
+    split_seed: int = setting(-1, "seed of the validation split or folds alone (-1 = --seed): ensemble members on one split "
+                                  "share one fine-tuned HR teacher", low=-1)
     deterministic: bool = setting(False, "deterministic kernels (slower)")
     val_fraction: float = setting(0.1, "share of the training images held out for validation", low=0, high=1, low_open=True, high_open=True)
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", low=0, high=1, high_open=True)
@@ -142,6 +144,11 @@ class RunConfig:
         if self.folds == 1 or (self.folds and self.fold >= self.folds):
             raise UserError(f"folds must be 0 (hold-out) or at least 2, with fold < folds (got folds={self.folds}, fold={self.fold})")
         return self
+
+    @property
+    def split_seed_used(self) -> int:
+        """The seed that draws the validation split or folds."""
+        return self.seed if self.split_seed < 0 else self.split_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -410,6 +410,15 @@ class RunDir:
         return checkpoint
 
     # ---- the fine-tuned teacher's distillation targets (in RUN/teacher)
+    def copy_from(self, other: Path) -> None:
+        """This folder as a copy of the run folder ``other`` (a teacher shared by ensemble members), complete or absent."""
+        import shutil
+
+        temporary = self.path.with_name(f".{self.path.name}.copying")
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.copytree(other, temporary)
+        temporary.replace(self.path)
+
     def save_teacher_targets(self, features, logits, val_macro_f1: float, seconds: float) -> None:
         import torch
 

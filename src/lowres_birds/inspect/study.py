@@ -124,7 +124,7 @@ def run_study(recipes: list[str], strategies: list[str] | None, overrides: dict,
     cfg = runs[0].cfg
     budget = f"{cfg.budget_minutes:g} min per run: each run's epochs and schedule were sized to fit it after its first steps" if cfg.budget_minutes else "none"
     note = (
-        f"{note + ' ' if note else ''}All rows share the validation split (seed {cfg.seed}, {cfg.val_fraction:.0%} of "
+        f"{note + ' ' if note else ''}All rows share the validation split (seed {cfg.split_seed_used}, {cfg.val_fraction:.0%} of "
         f"{data_dir}), the seed and the time budget ({budget}). Validation macro-F1 is the best validation's; the reference column "
         "is the reference's private-test score with BEiT-base at 5 epochs (another model and test set: compare the ranking, not the values)."
     )

@@ -145,7 +145,7 @@ def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], l
     if best is not None:
         metrics = (
             "| data | images | macro-F1 | accuracy |\n|---|---|---|---|\n"
-            f"| validation split of `{data_name}` (held out of training: {cfg.val_fraction:.0%}, seed {cfg.seed}; best epoch {best['epoch']:g}) "
+            f"| validation split of `{data_name}` (held out of training: {cfg.val_fraction:.0%}, seed {cfg.split_seed_used}; best epoch {best['epoch']:g}) "
             f"| {val_count} | {best['val_macro_f1']:.4f} | {best.get('val_accuracy', math.nan):.4f} |\n\n"
             "The validation images come from the same collection as the training images; the weights are those of the "
             "epoch with the best validation macro-F1, so this figure is slightly optimistic. Score a test set with "

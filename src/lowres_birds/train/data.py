@@ -60,9 +60,9 @@ def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
     label_map = LabelMap.fit(table.labels)
     targets = label_map.encode(table.labels)
     if cfg.folds:
-        train_idx, val_idx = fold_indices(targets, cfg.folds, cfg.fold, cfg.seed)
+        train_idx, val_idx = fold_indices(targets, cfg.folds, cfg.fold, cfg.split_seed_used)
     else:
-        train_idx, val_idx = stratified_split(targets, cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = stratified_split(targets, cfg.val_fraction, cfg.split_seed_used)
     lr_images = load_images(table.lr_paths, LR_SIZE)
     hr_images = None
     if strategy.train_source == "hr" and table.hr_paths is None:
@@ -84,6 +84,7 @@ class TeacherTargets:
     description: str  # what the teacher is, for the train header
     seconds: float  # the time the teacher took to build (training included)
     reused: bool = False  # read back from an earlier run of this folder, not built now
+    shared_from: Path | None = None  # copied from another run's teacher (an earlier ensemble member): not this run's time
 
 
 @dataclass

@@ -27,7 +27,7 @@ from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_tr
 from lowres_birds.train.losses import class_balanced_weights, total_loss
 from lowres_birds.train.optim import check_tracker, create_accelerator, create_optimizer, create_scheduler, start_processes
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
-from lowres_birds.train.teacher import check_teacher, hr_teacher
+from lowres_birds.train.teacher import check_teacher, hr_teacher, shared_teacher_key
 from lowres_birds.train.validation import TrainingMeter, Validator
 
 
@@ -99,8 +99,10 @@ def _check_resume(run: RunDir, data: TrainingData) -> None:
                         "resume on the data the run was trained on, or start a new run")
 
 
-def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False, force: bool = False) -> dict:
-    """Train one run (or continue it: ``resume``), returning the best validation metrics."""
+def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False, force: bool = False,
+          shared_teacher: Path | None = None) -> dict:
+    """Train one run (or continue it: ``resume``), returning the best validation metrics; ``shared_teacher``: a
+    finished fine-tuned teacher folder of the same :func:`shared_teacher_key` (an earlier ensemble member's) to copy."""
     from accelerate.utils import set_seed
 
     if cfg.folds and cfg.fold < 0:
@@ -133,7 +135,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
         save_architecture(model, run)
         run.write_split(data_dir, [data.table.ids[i] for i in data.val_idx], data.table.fingerprint())
     processes.wait_for_everyone()
-    hr = hr_support(cfg, data, hr_teacher(cfg, data, run, data_dir, train))  # a fine-tuned teacher trains here, in RUN/teacher
+    hr = hr_support(cfg, data, hr_teacher(cfg, data, run, data_dir, train, shared_teacher))  # a fine-tuned teacher trains here, in RUN/teacher
     accelerator = create_accelerator(cfg, run.path)  # after the teacher's: one Accelerator at a time
     if hr.degradation is not None and accelerator.is_main_process:
         hr.degradation.save(run / RunDir.DEGRADATION, **hr.degradation_report)
@@ -157,7 +159,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     _print_header(accelerator, cfg, data, hr, run, state)
     if cfg.log != "none":
         accelerator.init_trackers("lowres-birds", config=cfg.to_dict())
-    if not state.global_step and hr.teacher is not None and hr.teacher.kind == "finetuned":
+    if not state.global_step and hr.teacher is not None and hr.teacher.kind == "finetuned" and hr.teacher.shared_from is None:
         state.elapsed_s = hr.teacher.seconds  # the run's clock, and so its time budget, includes its teacher's training
     clock_start = time.perf_counter() - state.elapsed_s
     validator = Validator(cfg, run, parts, checkpointer, data, steps_per_epoch // accelerator.num_processes, clock_start)
@@ -235,21 +237,29 @@ def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
 
 
 def _train_missing_members(out: MembersDir, configs: dict[str, RunConfig], data_dir: Path, resume: bool) -> dict:
+    """Members in recipe order; one whose fine-tuned teacher would repeat an earlier member's (same split, same
+    teacher config) copies that teacher instead of training it again."""
     summary = out.summary()
+    teachers: dict[str, Path] = {}
     for name, cfg in configs.items():
-        if name in summary["val_macro_f1"]:
-            continue
         folder = out.member(name)
+        key = shared_teacher_key(cfg)
+        if name in summary["val_macro_f1"]:
+            if key is not None and (folder / RunDir.TEACHER / RunDir.TEACHER_TARGETS).is_file():
+                teachers.setdefault(key, folder / RunDir.TEACHER)
+            continue
         print(f"ensemble member {name} ({len(summary['val_macro_f1']) + 1} of {len(configs)}): {cfg.model} ({cfg.strategy})")
         try:
             if cfg.folds and cfg.fold < 0:  # folds restart: a folds folder records no progress of its own
                 score = train_folds(cfg, data_dir, folder, force=True)["oof_macro_f1"]
             else:
                 stopped = resume and ((folder / RunDir.CHECKPOINT).is_file() or (folder / RunDir.TEACHER / RunDir.CHECKPOINT).is_file())
-                score = train(cfg, data_dir, folder, resume=stopped, force=True)["best_val_macro_f1"]
+                score = train(cfg, data_dir, folder, resume=stopped, force=True, shared_teacher=teachers.get(key))["best_val_macro_f1"]
         except TrainingInterrupted as exc:
             raise TrainingInterrupted(f"{str(exc).partition('; continue with')[0]} of ensemble member {name}; "
                                       f"continue with: lowres-birds train --resume {out.path}") from None
         summary["val_macro_f1"][name] = score
         out.write_summary(summary)
+        if key is not None:
+            teachers.setdefault(key, folder / RunDir.TEACHER)
     return summary

@@ -59,12 +59,14 @@ def check_teacher(cfg: RunConfig, student: BirdNet, labels: list[str]) -> None:
                         f"{teacher.feature_width} and the student {cfg.model} {student.feature_width}; set --feature-kd-weight 0 or use the same model")
 
 
-def hr_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict]) -> TeacherTargets | None:
-    """The config's HR teacher, or None when the recipe distils nothing; ``train`` is loop.train."""
+def hr_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict],
+               shared: Path | None = None) -> TeacherTargets | None:
+    """The config's HR teacher, or None when the recipe distils nothing; ``train`` is loop.train, ``shared`` a
+    finished teacher folder of the same :func:`shared_teacher_key` to copy instead of training one."""
     if not uses_teacher(cfg):
         return None
     if cfg.teacher == "finetuned":
-        return finetuned_teacher(cfg, data, run, data_dir, train)
+        return finetuned_teacher(cfg, data, run, data_dir, train, shared)
     return frozen_teacher(cfg, data)
 
 
@@ -122,9 +124,20 @@ def teacher_config(cfg: RunConfig) -> RunConfig:
                                epochs=cfg.teacher_epochs, budget_minutes=cfg.budget_minutes * TEACHER_BUDGET_SHARE).validate()
 
 
-def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict]) -> TeacherTargets:
-    """Train RUN/teacher (or resume it, or reuse it when finished), then its targets: computed and written by the
-    main process, read back by the others. Every process of a distributed run calls this (training is shared)."""
+def shared_teacher_key(cfg: RunConfig) -> str | None:
+    """Runs whose fine-tuned teachers would be the same run but for the teacher's seed and budget: the teacher's
+    config (its split seed made explicit) with those two blanked. None: no fine-tuned teacher, or folds (a teacher
+    per fold)."""
+    if not uses_teacher(cfg) or cfg.teacher != "finetuned" or cfg.folds:
+        return None
+    return dataclasses.replace(teacher_config(cfg), split_seed=cfg.split_seed_used, seed=0, budget_minutes=0).to_yaml()
+
+
+def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict],
+                      shared: Path | None = None) -> TeacherTargets:
+    """Train RUN/teacher (or resume it, or reuse it when finished, or copy the finished teacher folder ``shared``),
+    then its targets: computed and written by the main process, read back by the others. Every process of a
+    distributed run calls this (training is shared)."""
     from accelerate import PartialState
 
     processes = PartialState()
@@ -132,6 +145,14 @@ def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir:
     rows, classes = len(data.targets), len(data.label_map.classes)
     description = f"{teacher_source(cfg)} fine-tuned on the HR twins at {cfg.teacher_size} (at most {cfg.teacher_epochs} epochs), {folder}"
     saved = None
+    if shared is not None and not folder.path.exists():
+        RunDir(shared).teacher_targets(rows, classes, damaged=f"the teacher in {shared} is damaged: remove it and resume")
+        if processes.is_main_process:
+            folder.copy_from(shared)
+        processes.wait_for_everyone()
+        saved = folder.teacher_targets(rows, classes, damaged=f"copying {shared} failed: remove {folder} and resume")
+        return TeacherTargets(saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned",
+                              f"{description}, shared with {shared}", saved["seconds"], reused=True, shared_from=shared)
     if (folder / RunDir.TEACHER_TARGETS).is_file():
         try:
             saved = folder.teacher_targets(rows, classes, damaged="computing them again")
