@@ -19,7 +19,7 @@ from lowres_birds.config import load_config
 from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.run_dir import RunDir, save_safetensors
 from lowres_birds.train.data import load_training_data
-from lowres_birds.train.teacher import TEACHER_BUDGET_SHARE, finetuned_teacher, teacher_config
+from lowres_birds.train.teacher import finetuned_teacher, teacher_config
 
 FINETUNED = [*FAST_TRAIN, "--teacher", "finetuned", "--teacher-epochs", "1", "--teacher-size", "64",
              "--kd-weight", "0.7", "--feature-kd-weight", "1", "--mixup-alpha", "0.2", "--budget-minutes", "0"]
@@ -42,13 +42,14 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 def test_the_teacher_config_keeps_split_and_optimiser_and_drops_the_students_distillation():
     student = load_config("cpu", {"teacher": "finetuned", "teacher_model": "efficientnet_lite2", "teacher_size": 192, "teacher_epochs": 3,
-                                  "kd_weight": 0.7, "feature_kd_weight": 1.0, "mixup_alpha": 0.2, "hr_view_ratio": 0.5, "folds": 5, "fold": 2})
+                                  "kd_weight": 0.7, "feature_kd_weight": 1.0, "mixup_alpha": 0.2, "hr_view_ratio": 0.5, "folds": 5, "fold": 2,
+                                  "teacher_budget_share": 0.6})
     teacher = teacher_config(student)
     assert (teacher.model, teacher.strategy, teacher.epochs) == ("efficientnet_lite2", "hr-downscale:192", 3)
     assert (teacher.seed, teacher.folds, teacher.fold, teacher.val_fraction) == (student.seed, 5, 2, student.val_fraction)
     assert (teacher.lr, teacher.weight_decay, teacher.schedule, teacher.batch_size) == (student.lr, student.weight_decay, student.schedule, student.batch_size)
     assert (teacher.kd_weight, teacher.feature_kd_weight, teacher.mixup_alpha, teacher.hr_view_ratio) == (0, 0, 0, 0)
-    assert teacher.teacher == "frozen" and teacher.budget_minutes == pytest.approx(student.budget_minutes * TEACHER_BUDGET_SHARE)
+    assert teacher.teacher == "frozen" and teacher.budget_minutes == pytest.approx(student.budget_minutes * 0.6)
     assert teacher.budget_minutes > 0  # the teacher plans its epochs in its share of the run's budget
 
 

@@ -35,10 +35,7 @@ from lowres_birds.train.degradation import array_fingerprint
 # What the fine-tuned teacher does not take from the student's config: it learns from the HR labels alone, for its
 # own epochs, untracked (the student's tracker run is the one that is logged).
 STUDENT_ONLY = ("hr_view_ratio", "randaugment_ops", "kd_weight", "kd_temperature", "feature_kd_weight", "teacher", "teacher_epochs",
-                "teacher_model", "teacher_size", "mixup_alpha", "cutmix_alpha", "early_stop_patience", "log")
-# The teacher's share of a run's time budget: it plans its epochs in it as any run does (more data: fewer teacher
-# epochs, not a student left with no time); the student plans in what the teacher left.
-TEACHER_BUDGET_SHARE = 0.4
+                "teacher_model", "teacher_size", "teacher_budget_share", "mixup_alpha", "cutmix_alpha", "early_stop_patience", "log")
 
 
 def teacher_source(cfg: RunConfig) -> str:
@@ -118,10 +115,11 @@ def _hr_val_f1(data: TrainingData, logits: torch.Tensor) -> float:
 
 def teacher_config(cfg: RunConfig) -> RunConfig:
     """The teacher run's config: the student's model (or ``teacher_model``), seed, split and optimiser, trained on
-    the HR twins resized to ``teacher_size`` for ``teacher_epochs`` (fewer if its share of the budget says so)."""
+    the HR twins resized to ``teacher_size`` for ``teacher_epochs`` (fewer if its share of the budget says so: more
+    data means fewer teacher epochs, not a student left with no time; the student plans in what the teacher left)."""
     plain = {name: FIELDS[name].default for name in STUDENT_ONLY}
     return dataclasses.replace(cfg, **plain, model=teacher_source(cfg), strategy=f"hr-downscale:{cfg.teacher_size}",
-                               epochs=cfg.teacher_epochs, budget_minutes=cfg.budget_minutes * TEACHER_BUDGET_SHARE).validate()
+                               epochs=cfg.teacher_epochs, budget_minutes=cfg.budget_minutes * cfg.teacher_budget_share).validate()
 
 
 def shared_teacher_key(cfg: RunConfig) -> str | None:
