@@ -11,8 +11,8 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
                        evaluate --out-dir, demo --out, export --out, study --out, report --out, eda --out) x 6 kinds
                        (existing file, existing folder, missing parent, parent is a file, unwritable (/proc), same
                        path as an input or another output), less demo x same path (demo takes no other path)
-    numeric flags     284 cases, 259 refused / 25 accepted: every numeric flag x (nan, inf, negative, zero, out of
-                       range): the 31 numeric RunConfig fields through train (and through study, refused values
+    numeric flags     302 cases, 275 refused / 27 accepted: every numeric flag x (nan, inf, negative, zero, out of
+                       range): the 33 numeric RunConfig fields through train (and through study, refused values
                        only: an accepted one would train), predict-image --top, serve --port / --max-upload-mb /
                        --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr
     run-folder files  177 cases, 168 refused / 9 accepted: each file a command reads x (missing, empty, truncated,
