@@ -66,6 +66,16 @@ def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = Fal
     if out.suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx (predict --onnx and Classifier.load recognise the suffix)")
     model, labels = load_run_model(run_dir)
+    program = onnx_program(model, labels, layout, "int8" if int8 else "fp32")
+    if not int8:
+        return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))
+    calibration = calibration_images(run_dir)
+    return atomic_write(out, lambda temporary: quantize_int8(program.model_proto, temporary, calibration, layout))
+
+
+def onnx_program(model, labels: list[str], layout: str, precision: str = "fp32") -> "torch.onnx.ONNXProgram":
+    """The exported float graph of ``model`` (uint8 pixels in, probabilities out) with its metadata; a model
+    object rather than a run, so a modified network (benchmarks/int8_qat.py) exports the same way."""
     if hasattr(model.backbone, "set_attn_implementation"):  # Hugging Face models
         # The exporter cannot decompose SDPA attention's output reshape with a dynamic batch; eager attention
         # computes the same thing and exports.
@@ -92,17 +102,15 @@ def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = Fal
             "image_size": str(LR_SIZE),
             "layout": layout,
             "source": model.spec.source,
-            "precision": "int8" if int8 else "fp32",
+            "precision": precision,
         }
     )
-    if not int8:
-        return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))
-    calibration = calibration_images(run_dir)
-    return atomic_write(out, lambda temporary: quantize_int8(program.model_proto, temporary, calibration, layout))
+    return program
 
 
-def calibration_images(run_dir: Path, count: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """uint8 N x 64 x 64 x 3: a class-stratified sample of the run's own training images (its split.json data)."""
+def training_images(run_dir: Path, count: int | None = None) -> np.ndarray:
+    """uint8 N x 64 x 64 x 3: the run's own training images (its data minus split.json's validation ids), or a
+    random ``count`` of them (only those are read from the memory-mapped image cache)."""
     from lowres_birds.data.images import load_images
     from lowres_birds.data.tables import load_train_table
 
@@ -110,13 +118,22 @@ def calibration_images(run_dir: Path, count: int = CALIBRATION_IMAGES) -> np.nda
     table = load_train_table(run.data_dir())
     validation = set(run.split()["val_ids"])
     rows = [i for i, image_id in enumerate(table.ids) if image_id not in validation]
-    chosen = sorted(np.random.default_rng(0).permutation(rows)[:count])
-    return np.asarray(load_images(table.lr_paths, LR_SIZE)[chosen])
+    if count is not None:
+        rows = sorted(np.random.default_rng(0).permutation(rows)[:count])
+    return np.asarray(load_images(table.lr_paths, LR_SIZE)[rows])
 
 
-def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout: str) -> None:
+def calibration_images(run_dir: Path, count: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """The int8 calibration set: ``count`` of the run's training images, the same ones on every export."""
+    return training_images(run_dir, count)
+
+
+def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout: str,
+                  activation_ranges: list[tuple[float, int]] | None = None) -> None:
     """Static int8 quantization with onnxruntime's quantizer (QDQ, which it fuses into integer kernels):
-    per-channel int8 weights, uint8 activations calibrated on ``images`` (99.999th percentile ranges).
+    per-channel int8 weights, uint8 activations calibrated on ``images`` (99.999th percentile ranges), or set to
+    ``activation_ranges`` ((scale, zero point) per quantized activation in graph order: what a quantization-aware
+    tuning simulated, benchmarks/int8_qat.py).
 
     Kept in float: the in-graph resize and normalisation (exact integer arithmetic already), the first
     convolution, the classifier and the softmax (probabilities in steps of 1/256 would not sum to one). On cub100-lr with the cpu recipe, quantizing those two as well cost
@@ -126,7 +143,7 @@ def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self, images: np.ndarray):
             pixels = images if layout == "nhwc" else images.transpose(0, 3, 1, 2)
             self.batches = iter(np.ascontiguousarray(pixels[start : start + 32]) for start in range(0, len(pixels), 32))
 
@@ -141,12 +158,34 @@ def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout:
         nodes = list(onnx.load(str(prepared)).graph.node)
         first_conv = next(i for i, node in enumerate(nodes) if node.op_type == "Conv")
         kept_float = [node.name for node in nodes[: first_conv + 1]] + [node.name for node in nodes if node.op_type in ("Gemm", "MatMul", "Softmax")]
-        with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
-            quantize_static(
-                str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept_float,
-                calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": 99.999},
-            )
+
+        def quantize(reader: Batches, overrides: dict) -> None:
+            with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
+                quantize_static(
+                    str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept_float,
+                    calibrate_method=CalibrationMethod.Percentile,
+                    extra_options={"CalibPercentile": 99.999, "TensorQuantOverrides": overrides},
+                )
+
+        quantize(Batches(images), {})
+        if activation_ranges is not None:
+            # The first pass names the tensors onnxruntime quantizes; the second sets their ranges (calibrating
+            # on a few images only: every range is overridden).
+            names = quantized_activations(onnx.load(str(out)))
+            if len(names) != len(activation_ranges):
+                raise RuntimeError(f"onnxruntime quantizes {len(names)} activations, tuning simulated {len(activation_ranges)}")
+            overrides = {
+                name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero_point, np.uint8)}]
+                for name, (scale, zero_point) in zip(names, activation_ranges)
+            }
+            quantize(Batches(images[:1]), overrides)
     quantized = onnx.load(str(out))
     quantized.metadata_props.extend(model.metadata_props)
     onnx.save(quantized, str(out))
+
+
+def quantized_activations(model: onnx.ModelProto) -> list[str]:
+    """Names of the activations a QDQ model quantizes, in graph order (weights are initializers)."""
+    weights = {tensor.name for tensor in model.graph.initializer}
+    return [node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in weights]
