@@ -244,22 +244,19 @@ def _train_missing_members(out: MembersDir, configs: dict[str, RunConfig], data_
     for name, cfg in configs.items():
         folder = out.member(name)
         key = shared_teacher_key(cfg)
-        if name in summary["val_macro_f1"]:
-            if key is not None and (folder / RunDir.TEACHER / RunDir.TEACHER_TARGETS).is_file():
-                teachers.setdefault(key, folder / RunDir.TEACHER)
-            continue
-        print(f"ensemble member {name} ({len(summary['val_macro_f1']) + 1} of {len(configs)}): {cfg.model} ({cfg.strategy})")
-        try:
-            if cfg.folds and cfg.fold < 0:  # folds restart: a folds folder records no progress of its own
-                score = train_folds(cfg, data_dir, folder, force=True)["oof_macro_f1"]
-            else:
-                stopped = resume and ((folder / RunDir.CHECKPOINT).is_file() or (folder / RunDir.TEACHER / RunDir.CHECKPOINT).is_file())
-                score = train(cfg, data_dir, folder, resume=stopped, force=True, shared_teacher=teachers.get(key))["best_val_macro_f1"]
-        except TrainingInterrupted as exc:
-            raise TrainingInterrupted(f"{str(exc).partition('; continue with')[0]} of ensemble member {name}; "
-                                      f"continue with: lowres-birds train --resume {out.path}") from None
-        summary["val_macro_f1"][name] = score
-        out.write_summary(summary)
-        if key is not None:
+        if name not in summary["val_macro_f1"]:
+            print(f"ensemble member {name} ({len(summary['val_macro_f1']) + 1} of {len(configs)}): {cfg.model} ({cfg.strategy})")
+            try:
+                if cfg.folds and cfg.fold < 0:  # folds restart: a folds folder records no progress of its own
+                    score = train_folds(cfg, data_dir, folder, force=True)["oof_macro_f1"]
+                else:
+                    stopped = resume and ((folder / RunDir.CHECKPOINT).is_file() or (folder / RunDir.TEACHER / RunDir.CHECKPOINT).is_file())
+                    score = train(cfg, data_dir, folder, resume=stopped, force=True, shared_teacher=teachers.get(key))["best_val_macro_f1"]
+            except TrainingInterrupted as exc:
+                raise TrainingInterrupted(f"{str(exc).partition('; continue with')[0]} of ensemble member {name}; "
+                                          f"continue with: lowres-birds train --resume {out.path}") from None
+            summary["val_macro_f1"][name] = score
+            out.write_summary(summary)
+        if key is not None and (folder / RunDir.TEACHER / RunDir.TEACHER_TARGETS).is_file():
             teachers.setdefault(key, folder / RunDir.TEACHER)
     return summary

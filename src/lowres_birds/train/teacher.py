@@ -144,11 +144,10 @@ def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir:
     description = f"{teacher_source(cfg)} fine-tuned on the HR twins at {cfg.teacher_size} (at most {cfg.teacher_epochs} epochs), {folder}"
     saved = None
     if shared is not None and not folder.path.exists():
-        RunDir(shared).teacher_targets(rows, classes, damaged=f"the teacher in {shared} is damaged: remove it and resume")
         if processes.is_main_process:
             folder.copy_from(shared)
         processes.wait_for_everyone()
-        saved = folder.teacher_targets(rows, classes, damaged=f"copying {shared} failed: remove {folder} and resume")
+        saved = folder.teacher_targets(rows, classes, damaged=f"the teacher copied from {shared} is damaged: remove both and resume")
         return TeacherTargets(saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned",
                               f"{description}, shared with {shared}", saved["seconds"], reused=True, shared_from=shared)
     if (folder / RunDir.TEACHER_TARGETS).is_file():
