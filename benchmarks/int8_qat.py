@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, PerChannelMinMaxObserver
 from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from _machine import DEFAULT_DATA, OtherLoad, add_record_args, describe_machine, record
 from lowres_birds.config import LR_SIZE
@@ -68,9 +69,11 @@ def fold_batchnorm(model: BirdNet) -> None:
     mean 0, variance 1 - eps), so fake-quantized weights are the ones onnxruntime will see after the exporter
     folds the pair, while the module tree, and so the export path, stays the run's own."""
     for conv, bn in conv_bn_pairs(model.backbone):
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        conv.weight.mul_(scale.view(-1, 1, 1, 1))
-        bn.bias.copy_(bn.bias - bn.running_mean * scale)
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        conv.weight.copy_(weight)
+        if conv.bias is not None:  # now carried by the BatchNorm's bias
+            conv.bias.zero_()
+        bn.bias.copy_(bias)
         bn.weight.fill_(1.0)
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0 - bn.eps)
