@@ -174,3 +174,31 @@ def test_data_without_twins_trains_the_recipe_without_its_teacher_and_says_so(de
     assert "no high-res twins (" in capsys.readouterr().out
     cfg = RunDir(run).config()
     assert (cfg.kd_weight, cfg.teacher) == (0, "frozen") and not (run / RunDir.TEACHER).exists()  # the saved config is what ran
+
+
+@pytest.mark.parametrize("from_teacher", [True, False])
+def test_student_from_teacher_starts_the_student_from_the_teachers_best_weights(finetuned_run, tmp_path, from_teacher):
+    """A student that barely moves (lr 1e-9) ends where it started: at the teacher's weights with the flag, else not."""
+    run = tmp_path / "run"
+    shutil.copytree(finetuned_run[0], run)
+    config = yaml.safe_load((run / RunDir.CONFIG).read_text())
+    (run / RunDir.CONFIG).write_text(yaml.safe_dump({**config, "student_from_teacher": from_teacher, "lr": 1e-9}, sort_keys=False))
+    for stale in (run / RunDir.CHECKPOINT, run / RunDir.METRICS, run / RunDir.WEIGHTS):
+        stale.unlink()
+    teacher = RunDir(run / RunDir.TEACHER)
+    marked = {name: tensor + 0.5 if name.endswith("conv_stem.weight") else tensor for name, tensor in teacher.weights().items()}
+    teacher.save_weights(marked)  # a teacher no initialisation could give
+    assert main(["train", "--resume", str(run)]) == 0
+    student = RunDir(run).weights()
+    stem = next(name for name in student if name.endswith("conv_stem.weight"))
+    assert torch.allclose(student[stem], marked[stem], atol=1e-5) is from_teacher
+
+
+@pytest.mark.parametrize("flags", [["--teacher", "frozen"], ["--teacher-model", "timm:test_resnet", "--feature-kd-weight", "0"],
+                                   ["--kd-weight", "0", "--feature-kd-weight", "0"]])
+def test_student_from_teacher_without_a_finetuned_teacher_of_its_model_is_refused_in_one_line(demo_data, tmp_path, capsys, flags):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_data), "--out", str(run), *FINETUNED, "--student-from-teacher", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--student-from-teacher" in err and "Traceback" not in err
+    assert not run.exists()

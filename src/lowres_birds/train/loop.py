@@ -27,7 +27,7 @@ from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_tr
 from lowres_birds.train.losses import class_balanced_weights, total_loss
 from lowres_birds.train.optim import check_tracker, create_accelerator, create_optimizer, create_scheduler, start_processes
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
-from lowres_birds.train.teacher import check_teacher, hr_teacher, shared_teacher_key
+from lowres_birds.train.teacher import check_teacher, hr_teacher, shared_teacher_key, start_from_teacher
 from lowres_birds.train.validation import TrainingMeter, Validator
 
 
@@ -136,6 +136,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
         run.write_split(data_dir, [data.table.ids[i] for i in data.val_idx], data.table.fingerprint())
     processes.wait_for_everyone()
     hr = hr_support(cfg, data, hr_teacher(cfg, data, run, data_dir, train, shared_teacher))  # a fine-tuned teacher trains here, in RUN/teacher
+    if cfg.student_from_teacher:  # a resumed run's checkpoint replaces these weights below
+        start_from_teacher(model, run)
     accelerator = create_accelerator(cfg, run.path)  # after the teacher's: one Accelerator at a time
     if hr.degradation is not None and accelerator.is_main_process:
         hr.degradation.save(run / RunDir.DEGRADATION, **hr.degradation_report)

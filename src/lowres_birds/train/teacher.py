@@ -35,7 +35,7 @@ from lowres_birds.train.degradation import array_fingerprint
 # What the fine-tuned teacher does not take from the student's config: it learns from the HR labels alone, for its
 # own epochs, untracked (the student's tracker run is the one that is logged).
 STUDENT_ONLY = ("hr_view_ratio", "randaugment_ops", "kd_weight", "kd_temperature", "feature_kd_weight", "teacher", "teacher_epochs",
-                "teacher_model", "teacher_size", "teacher_budget_share", "mixup_alpha", "cutmix_alpha", "early_stop_patience", "log")
+                "teacher_model", "teacher_size", "teacher_budget_share", "student_from_teacher", "mixup_alpha", "cutmix_alpha", "early_stop_patience", "log")
 
 
 def teacher_source(cfg: RunConfig) -> str:
@@ -44,6 +44,9 @@ def teacher_source(cfg: RunConfig) -> str:
 
 def check_teacher(cfg: RunConfig, student: BirdNet, labels: list[str]) -> None:
     """Refuse, before any training, a teacher without pooled features or whose features the student cannot match."""
+    if cfg.student_from_teacher and (not uses_teacher(cfg) or cfg.teacher != "finetuned" or teacher_source(cfg) != cfg.model):
+        raise UserError("--student-from-teacher starts the student from a fine-tuned teacher of its own model: set --teacher finetuned, "
+                        "a --kd-weight or --feature-kd-weight above 0, and no other --teacher-model, or drop --student-from-teacher")
     if not uses_teacher(cfg):
         return
     source = teacher_source(cfg)
@@ -171,6 +174,17 @@ def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir:
     processes.wait_for_everyone()
     saved = folder.teacher_targets(rows, classes, damaged="the teacher's folder is damaged: remove it and resume")
     return TeacherTargets(saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned", description, saved["seconds"])
+
+
+def start_from_teacher(student: BirdNet, run: RunDir) -> None:
+    """Load the fine-tuned teacher's best weights into the student (``student_from_teacher``): it already knows the
+    species from the sharp twins and starts closer to a good low-res model than ImageNet's weights."""
+    folder = RunDir(run / RunDir.TEACHER)
+    try:
+        student.load_state_dict(folder.weights())
+    except RuntimeError as exc:
+        raise UserError(f"the teacher's weights in {folder / RunDir.WEIGHTS} do not fit the student ({str(exc).splitlines()[0][:120]}): "
+                        "a model whose weights depend on its input size needs --teacher-size equal to the student's, or drop --student-from-teacher") from None
 
 
 def _finished(folder: RunDir, epochs: int) -> bool:
