@@ -121,8 +121,8 @@ class RunConfig:
                            "HR twins first (RUN/teacher)", choices=("frozen", "finetuned"))
     teacher_epochs: int = setting(4, "training epochs of the fine-tuned teacher", low=1)
     teacher_model: str = setting("", "the teacher's model id (as --model; empty = the student's model)")
-    student_from_teacher: bool = setting(False, "start the student from the fine-tuned HR teacher's best weights instead of ImageNet's "
-                                                "(needs --teacher finetuned and the teacher's model)")
+    student_from_teacher: bool = setting(False, "start the student from the fine-tuned HR teacher's best weights instead of the "
+                                                "pretrained ones (when the run has such a teacher of the student's own model)")
     teacher_budget_share: float = setting(0.4, "share of --budget-minutes in which the fine-tuned teacher plans its epochs (the student "
                                                 "plans in what it leaves)", low=0, high=1, low_open=True, high_open=True)
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0)

@@ -49,7 +49,7 @@ def without_missing_twins(cfg: RunConfig, data: TrainingData) -> tuple[RunConfig
     if data.hr_images is not None or not uses_hr_twins(cfg):
         return cfg, None
     notice = f"no high-res twins ({data.table.hr_missing}): training without the HR teacher and HR views"
-    return dataclasses.replace(cfg, teacher="frozen", kd_weight=0.0, feature_kd_weight=0.0, hr_view_ratio=0.0, student_from_teacher=False), notice
+    return dataclasses.replace(cfg, teacher="frozen", kd_weight=0.0, feature_kd_weight=0.0, hr_view_ratio=0.0), notice
 
 
 def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:

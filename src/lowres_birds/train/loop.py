@@ -27,7 +27,7 @@ from lowres_birds.train.data import HRSupport, TrainingData, hr_support, load_tr
 from lowres_birds.train.losses import class_balanced_weights, total_loss
 from lowres_birds.train.optim import check_tracker, create_accelerator, create_optimizer, create_scheduler, start_processes
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
-from lowres_birds.train.teacher import check_teacher, hr_teacher, shared_teacher_key, start_from_teacher
+from lowres_birds.train.teacher import check_teacher, hr_teacher, shared_teacher_key, start_from_teacher, without_unusable_start
 from lowres_birds.train.validation import TrainingMeter, Validator
 
 
@@ -111,12 +111,14 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False
     run = RunDir(run_dir)
     data = load_training_data(data_dir, cfg)
     cfg, notice = without_missing_twins(cfg, data)
+    cfg, start_notice = without_unusable_start(cfg)
     labels = list(data.label_map.classes)
     if resume:
         _check_resume(run, data)
     processes = start_processes(cfg)
-    if notice:
-        processes.print(notice)
+    for line in (notice, start_notice):
+        if line:
+            processes.print(line)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     model = create_model(cfg.model, labels, parse_strategy(cfg.strategy).input_size, pretrained=cfg.pretrained, upscale_filter=cfg.upscale_filter)
     model.freeze_early_layers(cfg.freeze_blocks)

@@ -42,11 +42,20 @@ def teacher_source(cfg: RunConfig) -> str:
     return cfg.teacher_model or cfg.model
 
 
+def without_unusable_start(cfg: RunConfig) -> tuple[RunConfig, str | None]:
+    """(the config, a one-line notice or None): ``student_from_teacher`` (set by the ``cpu`` recipe) needs a fine-tuned
+    teacher of the student's own model; a run without one (--kd-weight 0, --teacher frozen, another --teacher-model)
+    starts from the pretrained weights instead, and says so, rather than failing."""
+    if not cfg.student_from_teacher or (uses_teacher(cfg) and cfg.teacher == "finetuned" and teacher_source(cfg) == cfg.model):
+        return cfg, None
+    notice = (f"student_from_teacher: this run has no fine-tuned teacher of {cfg.model} (teacher {cfg.teacher}, model "
+              f"{teacher_source(cfg)}, kd weights {cfg.kd_weight:g}/{cfg.feature_kd_weight:g}): the student starts from "
+              f"{'pretrained' if cfg.pretrained else 'random'} weights")
+    return dataclasses.replace(cfg, student_from_teacher=False), notice
+
+
 def check_teacher(cfg: RunConfig, student: BirdNet, labels: list[str]) -> None:
     """Refuse, before any training, a teacher without pooled features or whose features the student cannot match."""
-    if cfg.student_from_teacher and (not uses_teacher(cfg) or cfg.teacher != "finetuned" or teacher_source(cfg) != cfg.model):
-        raise UserError("--student-from-teacher starts the student from a fine-tuned teacher of its own model: set --teacher finetuned, "
-                        "a --kd-weight or --feature-kd-weight above 0, and no other --teacher-model, or drop --student-from-teacher")
     if not uses_teacher(cfg):
         return
     source = teacher_source(cfg)
