@@ -203,3 +203,15 @@ def test_student_from_teacher_without_a_finetuned_teacher_of_its_model_starts_as
     notice = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("student_from_teacher:"))
     assert says in notice and "starts from random weights" in notice  # FAST_TRAIN's --no-pretrained
     assert RunDir(run).config().student_from_teacher is False  # the run folder records what it did
+
+
+def test_teacher_weights_that_do_not_fit_the_student_are_refused_in_one_line(tmp_path):
+    from lowres_birds.model.factory import create_model
+    from lowres_birds.train.teacher import start_from_teacher
+
+    teacher = RunDir(tmp_path / RunDir.TEACHER)
+    teacher.path.mkdir()
+    teacher.save_weights(create_model("timm:test_efficientnet", ["a", "b", "c", "d"], 64, pretrained=False).state_dict())
+    with pytest.raises(UserError, match="do not fit the student") as error:
+        start_from_teacher(create_model("timm:test_efficientnet", ["a", "b", "c"], 64, pretrained=False), RunDir(tmp_path))
+    assert str(teacher / RunDir.WEIGHTS) in str(error.value) and "\n" not in str(error.value)
