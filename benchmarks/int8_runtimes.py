@@ -12,6 +12,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from lowres_birds.predict.export import export_onnx
 BATCH, CALLS = 64, 10
 
 
-def runners(models: dict[str, Path], threads: int) -> dict[str, object]:
+def runners(models: dict[str, Path], threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """name -> function(uint8 NHWC batch) -> probabilities, for each runtime and model."""
     import onnxruntime as ort
     import openvino as ov

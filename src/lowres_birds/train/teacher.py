@@ -42,11 +42,16 @@ def teacher_source(cfg: RunConfig) -> str:
     return cfg.teacher_model or cfg.model
 
 
+def trains_teacher(cfg: RunConfig) -> bool:
+    """The run fine-tunes a teacher of its own on the HR twins (RUN/teacher) before the student."""
+    return uses_teacher(cfg) and cfg.teacher == "finetuned"
+
+
 def without_unusable_start(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     """(the config, a one-line notice or None): ``student_from_teacher`` (set by the ``cpu`` recipe) needs a fine-tuned
     teacher of the student's own model; a run without one (--kd-weight 0, --teacher frozen, another --teacher-model)
     starts from the pretrained weights instead, and says so, rather than failing."""
-    if not cfg.student_from_teacher or (uses_teacher(cfg) and cfg.teacher == "finetuned" and teacher_source(cfg) == cfg.model):
+    if not cfg.student_from_teacher or (trains_teacher(cfg) and teacher_source(cfg) == cfg.model):
         return cfg, None
     notice = (f"student_from_teacher: this run has no fine-tuned teacher of {cfg.model} (teacher {cfg.teacher}, model "
               f"{teacher_source(cfg)}, kd weights {cfg.kd_weight:g}/{cfg.feature_kd_weight:g}): the student starts from "
@@ -138,7 +143,7 @@ def shared_teacher_key(cfg: RunConfig) -> str | None:
     """Runs whose fine-tuned teachers would be the same run but for the teacher's seed and budget: the teacher's
     config (its split seed made explicit) with those two blanked. None: no fine-tuned teacher, or folds (a teacher
     per fold)."""
-    if not uses_teacher(cfg) or cfg.teacher != "finetuned" or cfg.folds:
+    if not trains_teacher(cfg) or cfg.folds:
         return None
     return dataclasses.replace(teacher_config(cfg), split_seed=cfg.split_seed_used, seed=0, budget_minutes=0).to_yaml()
 
