@@ -11,10 +11,10 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
                        evaluate --out-dir, demo --out, export --out, study --out, report --out, eda --out) x 6 kinds
                        (existing file, existing folder, missing parent, parent is a file, unwritable (/proc), same
                        path as an input or another output), less demo x same path (demo takes no other path)
-    numeric flags     302 cases, 275 refused / 27 accepted: every numeric flag x (nan, inf, negative, zero, out of
+    numeric flags     307 cases, 279 refused / 28 accepted: every numeric flag x (nan, inf, negative, zero, out of
                        range): the 33 numeric RunConfig fields through train (and through study, refused values
                        only: an accepted one would train), predict-image --top, serve --port / --max-upload-mb /
-                       --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr
+                       --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr, export --fallback-margin
     run-folder files  177 cases, 168 refused / 9 accepted: each file a command reads x (missing, empty, truncated,
                        garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report and
                        train --resume, plus one case per command where every file it does not read is garbage
@@ -306,6 +306,7 @@ CLI_NUMBERS = {
     ("serve", "--client-timeout-s"): {**REFUSED_FOUR, "zero": ("0", False), "out-of-range": ("4000", False)},
     ("eda", "--phash-distance"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("65", False)},
     ("eda", "--twin-psnr"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("101", False)},
+    ("export", "--fallback-margin"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("1.5", False)},  # 0: int8 alone
 }
 CLI_CASES = [(command, flag, kind, value, accepted) for (command, flag), values in CLI_NUMBERS.items() for kind, (value, accepted) in values.items()]
 NUMERIC_CASES = len(CONFIG_CASES) + len(CLI_CASES)
@@ -334,6 +335,7 @@ def test_cli_number(command, flag, kind, value, accepted, world, tmp_path, capfd
         "predict-image": ["predict-image", world.photo, "--run", world.run],
         "serve": ["serve", "--run", world.run, "--port", "0"],
         "eda": ["eda", "--data", world.data, "--out", tmp_path / "eda"],
+        "export": ["export", "--run", world.run, "--int8", "--out", tmp_path / "int8.onnx"],
     }[command]
     code, out, err = run_cli([*argv, flag, value], capfd)
     if accepted:

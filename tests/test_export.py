@@ -15,6 +15,7 @@ from lowres_birds.data.tables import load_test_table
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.classifier import Classifier
+from lowres_birds.predict.export import FALLBACK_FLOOR, FALLBACK_HEADROOM, file_metadata, top2_gap, validation_images
 from conftest import TINY_TRAIN, write_tiny_beit_run
 
 
@@ -137,22 +138,91 @@ def test_hugging_face_beit_run_exports_and_matches(tmp_path):
     np.testing.assert_allclose(Classifier.load(tmp_path / "beit.onnx").predict_arrays(images), Classifier.load(run_dir).predict_arrays(images), atol=1e-4)
 
 
-def test_int8_export_is_quantized_and_predicts_like_fp32(upscaled_run, exported, demo_test_images, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def int8_exports(upscaled_run, tmp_path_factory):
+    """The run exported as int8 alone (--fallback-margin 0), with its calibrated fallback, and with every image
+    falling back (margin 1): {name: path}."""
+    folder = tmp_path_factory.mktemp("int8")
+    paths = {name: folder / f"{name}.onnx" for name in ("alone", "calibrated", "always")}
+    for name, margin in (("alone", ["--fallback-margin", "0"]), ("calibrated", []), ("always", ["--fallback-margin", "1"])):
+        assert main(["export", "--run", str(upscaled_run), "--out", str(paths[name]), "--int8", *margin]) == 0
+    return paths
+
+
+def test_int8_export_is_quantized_and_predicts_like_fp32(int8_exports, exported, demo_test_images, tmp_path):
     """export --int8: integer convolutions after onnxruntime's fusion, the same labels and layout metadata, and
     predictions close to the fp32 model (speed and accuracy on real data: benchmarks/int8.py)."""
     import onnxruntime as ort
 
-    path = tmp_path / "int8.onnx"
-    assert main(["export", "--run", str(upscaled_run), "--out", str(path), "--int8"]) == 0
-    assert "int8" in capsys.readouterr().out
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    fused = [node.op_type for node in onnx.load(str(tmp_path / "fused.onnx")).graph.node]
-    assert fused.count("QLinearConv") >= 10
-    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    assert metadata["precision"] == "int8" and metadata["layout"] == "nhwc"
-    fp32, int8 = Classifier.load(exported["nhwc"]), Classifier.load(path)
+    for name in ("alone", "calibrated"):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}-fused.onnx")
+        ort.InferenceSession(str(int8_exports[name]), options, providers=["CPUExecutionProvider"])
+        fused = [node.op_type for node in onnx.load(str(tmp_path / f"{name}-fused.onnx")).graph.node]
+        assert fused.count("QLinearConv") >= 10
+        metadata = file_metadata(int8_exports[name])
+        assert metadata["precision"] == "int8" and metadata["layout"] == "nhwc"
+        assert ("fallback_margin" in metadata) == (name == "calibrated")
+        onnx.checker.check_model(str(int8_exports[name]))  # no metadata key twice
+    fp32, int8 = Classifier.load(exported["nhwc"]), Classifier.load(int8_exports["alone"])
     assert int8.labels == fp32.labels
     difference = np.abs(fp32.predict_arrays(demo_test_images) - int8.predict_arrays(demo_test_images)).max()
     assert difference < 0.2
+
+
+def test_int8_close_calls_are_run_again_in_float(int8_exports, exported, demo_test_images):
+    """The fallback replaces exactly the rows whose int8 top-2 gap is under the margin with the fp32 network's
+    probabilities and keeps the int8 ones elsewhere; margin 1 sends every image to fp32."""
+    fp32 = Classifier.load(exported["nhwc"]).predict_arrays(demo_test_images)
+    alone = Classifier.load(int8_exports["alone"]).predict_arrays(demo_test_images)
+    margin = float(file_metadata(int8_exports["calibrated"])["fallback_margin"])
+    close = top2_gap(alone) < margin
+    assert 0 < close.sum() < len(close), "the demo images should hold both close and clear calls"
+    cascade = Classifier.load(int8_exports["calibrated"]).predict_arrays(demo_test_images, batch_size=7)
+    np.testing.assert_allclose(cascade[close], fp32[close], atol=1e-5)
+    np.testing.assert_allclose(cascade[~close], alone[~close], atol=1e-6)
+    np.testing.assert_allclose(Classifier.load(int8_exports["always"]).predict_arrays(demo_test_images), fp32, atol=1e-5)
+
+
+def test_int8_fallback_margin_is_calibrated_on_the_validation_split(upscaled_run, int8_exports, exported):
+    """The margin: FALLBACK_HEADROOM x the widest gap at which int8 and fp32 disagree on the run's validation
+    images, at least FALLBACK_FLOOR."""
+    images = validation_images(upscaled_run)
+    assert len(images) == len(json.loads((upscaled_run / "split.json").read_text())["val_ids"])
+    fp32 = Classifier.load(exported["nhwc"]).predict_arrays(images)
+    alone = Classifier.load(int8_exports["alone"]).predict_arrays(images)
+    flipped = fp32.argmax(1) != alone.argmax(1)
+    widest = top2_gap(alone)[flipped].max() if flipped.any() else 0.0
+    expected = max(FALLBACK_FLOOR, FALLBACK_HEADROOM * widest)
+    assert float(file_metadata(int8_exports["calibrated"])["fallback_margin"]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_fallback_margin_without_int8_is_refused(upscaled_run, tmp_path, capfd):
+    code = main(["export", "--run", str(upscaled_run), "--out", str(tmp_path / "m.onnx"), "--fallback-margin", "0.1"])
+    err = capfd.readouterr().err
+    assert code != 0 and "--fallback-margin applies to --int8" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_openvino_runs_exported_files_like_onnxruntime(exported, int8_exports, demo_test_images, monkeypatch):
+    """$LOWRES_BIRDS_ONNX_RUNTIME picks the runtime; unset, int8 files run on OpenVINO (faster there) and fp32 ones
+    on onnxruntime. OpenVINO computes in float32, so the fp32 file gives onnxruntime's probabilities."""
+    monkeypatch.delenv("LOWRES_BIRDS_ONNX_RUNTIME", raising=False)
+    assert Classifier.load(exported["nhwc"]).runtime == "onnxruntime"
+    assert Classifier.load(int8_exports["calibrated"]).runtime == "openvino"
+    expected = {name: Classifier.load(path).predict_arrays(demo_test_images) for name, path in exported.items()}
+    monkeypatch.setenv("LOWRES_BIRDS_ONNX_RUNTIME", "openvino")
+    for name, path in exported.items():
+        classifier = Classifier.load(path)
+        assert classifier.runtime == "openvino"
+        np.testing.assert_allclose(classifier.predict_arrays(demo_test_images, batch_size=5), expected[name], atol=1e-4)
+    monkeypatch.setenv("LOWRES_BIRDS_ONNX_RUNTIME", "onnxruntime")
+    assert Classifier.load(int8_exports["calibrated"]).runtime == "onnxruntime"
+
+
+def test_unknown_onnx_runtime_is_refused_in_one_line(exported, demo_data, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("LOWRES_BIRDS_ONNX_RUNTIME", "tensorrt")
+    code = main(["predict", "--onnx", str(exported["nhwc"]), "--data", str(demo_data), "--out", str(tmp_path / "s.csv")])
+    err = capfd.readouterr().err.strip()
+    assert code != 0 and "LOWRES_BIRDS_ONNX_RUNTIME='tensorrt' is not a runtime" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.csv").exists()

@@ -110,6 +110,7 @@ def test_labels_health_and_page(client, classifier):
     assert client.get("/api/labels").json() == {"labels": classifier.labels}
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["classes"] == len(classifier.labels) and health["version"]
+    assert health["runtime"] == classifier.runtime
     page = client.get("/")
     assert page.status_code == 200 and "photo-input" in page.text
     for asset in ("/static/app.js", "/static/style.css"):

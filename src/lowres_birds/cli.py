@@ -438,6 +438,9 @@ def add_export(sub) -> None:
     parser.add_argument("--out", type=Path, help="file (onnx; default model.onnx) or folder (hf; default runs/hf, runs/hf2, ...) to write")
     parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8")
     parser.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on the run's training images (faster on CPUs; see BENCHMARKS.md)")
+    parser.add_argument("--fallback-margin", type=number(float, 0, 1),
+                        help="with --int8: images whose top-2 int8 probabilities are closer than this are run again in float, inside the file "
+                             "(0: int8 alone; default: calibrated on the run's validation split)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
@@ -456,13 +459,17 @@ def run_export(args) -> int:
     from lowres_birds.extras import require
 
     require("onnx", "export --format onnx")
-    from lowres_birds.predict.export import export_onnx
+    from lowres_birds.predict.export import export_onnx, file_metadata
 
+    if args.fallback_margin is not None and not args.int8:
+        raise UserError("export: --fallback-margin applies to --int8 exports only; add --int8 or drop it")
     out = args.out or Path("model.onnx")
     check_output(out, args.force, others=[("--run", args.run)])
     precision = "int8" if args.int8 else "fp32"
     with working(f"exporting {args.run} to {precision} ONNX (about a minute on 2 cores)"):
-        path = export_onnx(args.run, out, args.layout, int8=args.int8)
+        path = export_onnx(args.run, out, args.layout, int8=args.int8, fallback_margin=args.fallback_margin)
+    if args.int8 and args.fallback_margin != 0:
+        precision += f", float fallback below a top-2 margin of {file_metadata(path)['fallback_margin']}"
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {precision}): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
     return 0
 

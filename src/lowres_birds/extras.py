@@ -18,6 +18,7 @@ DISTRIBUTION = "lowres-birds"
 EXTRAS: dict[str, tuple[str, ...]] = {  # extra -> the modules it provides (import names)
     "serve": ("fastapi", "uvicorn", "python_multipart"),
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
+    "openvino": ("openvino",),
     "report": ("pytorch_grad_cam",),
     "eda": ("imagehash",),
     "hf": ("transformers",),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import decode_image, fit_square, load_images, to_rgb_array
 from lowres_birds.data.tables import load_test_table
 from lowres_birds.errors import UserError
-from lowres_birds.extras import require as require_extra
+from lowres_birds.extras import missing as missing_extra, require as require_extra
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.run_dir import RunDir, check_labels, model_folders
@@ -32,16 +33,33 @@ from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
 
 TTA_MODES = ("none", "flip")
 ENSEMBLE_MODES = ("mean", "f1")
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
+RUNTIME_VARIABLE = "LOWRES_BIRDS_ONNX_RUNTIME"
+
+
+def onnx_runtime(precision: str) -> str:
+    """Which runtime runs an ONNX file: $LOWRES_BIRDS_ONNX_RUNTIME when set; else OpenVINO for int8 files where
+    the [openvino] extra is installed (there it ran the int8 file 2.1x the fp32 one, onnxruntime 1.6x, in the same
+    process, BENCHMARKS.md), onnxruntime for everything else (fp32: onnxruntime was as fast or faster)."""
+    chosen = os.environ.get(RUNTIME_VARIABLE, "")
+    if chosen:
+        if chosen not in ONNX_RUNTIMES:
+            raise UserError(f"{RUNTIME_VARIABLE}={chosen!r} is not a runtime: use one of {', '.join(ONNX_RUNTIMES)}, or unset it")
+        if chosen == "openvino":
+            require_extra("openvino", f"{RUNTIME_VARIABLE}=openvino")
+        return chosen
+    return "openvino" if precision == "int8" and not missing_extra("openvino") else "onnxruntime"
 
 
 class Classifier:
     """A trained model ready to predict: ``Classifier.load(source)(image, top_k=5)``."""
 
-    def __init__(self, labels: list[str], predict_fn, name: str, input_size: int):
+    def __init__(self, labels: list[str], predict_fn, name: str, input_size: int, runtime: str = "torch"):
         self.labels = labels
         self._predict_fn = predict_fn  # uint8 N x 3 x 64 x 64 tensor -> probabilities N x C
         self.name = name
         self.input_size = input_size
+        self.runtime = runtime  # what computes the network: torch, onnxruntime or openvino
 
     @classmethod
     def load(cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False) -> "Classifier":
@@ -84,7 +102,6 @@ class Classifier:
     def _load_onnx(cls, path: Path, shares_cpu: bool) -> "Classifier":
         require_extra("onnx", "an ONNX model")
         import onnx
-        import onnxruntime as ort
 
         if not path.is_file():
             raise UserError(f"ONNX model {path} not found; create it with: lowres-birds export --run RUN --out {path}")
@@ -99,23 +116,16 @@ class Classifier:
         except (json.JSONDecodeError, ValueError):
             labels, input_size = None, 0
         labels = check_labels(labels, f"{path}: its 'labels' metadata", "re-export it")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(os.environ.get("LOWRES_BIRDS_THREADS", "0")) or (os.cpu_count() or 1)
-        if shares_cpu:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common public base
-            detail = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise UserError(f"{path} cannot be loaded by onnxruntime ({detail}); re-export it") from None
-        input_name = session.get_inputs()[0].name
+        threads = int(os.environ.get("LOWRES_BIRDS_THREADS", "0")) or (os.cpu_count() or 1)
+        runtime = onnx_runtime(metadata.get("precision", "fp32"))
+        run = _openvino_runner(path, threads) if runtime == "openvino" else _onnxruntime_runner(path, threads, shares_cpu)
         channels_last = metadata.get("layout") == "nhwc"  # see export.py; predict_fn receives NCHW
 
         def predict_fn(images: torch.Tensor) -> torch.Tensor:
             pixels = images.permute(0, 2, 3, 1) if channels_last else images
-            return torch.from_numpy(session.run(None, {input_name: np.ascontiguousarray(pixels.numpy())})[0])
+            return torch.from_numpy(run(np.ascontiguousarray(pixels.numpy())))
 
-        return cls(labels, predict_fn, str(path), input_size)
+        return cls(labels, predict_fn, str(path), input_size, runtime)
 
     def predict_arrays(self, images: np.ndarray, tta: str = "none", batch_size: int = 64, progress: str | None = None) -> np.ndarray:
         """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> probabilities N x C, optionally flip-averaged.
@@ -151,6 +161,45 @@ class Classifier:
         """One row of probabilities -> the ``top`` most likely (label, probability) pairs, best first."""
         best = np.argsort(-probs, kind="stable")[:top]
         return [(self.labels[i], float(probs[i])) for i in best]
+
+
+def _onnxruntime_runner(path: Path, threads: int, shares_cpu: bool):
+    """uint8 pixels in the file's layout -> probabilities, by onnxruntime."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if shares_cpu:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common public base
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{path} cannot be loaded by onnxruntime ({detail}); re-export it") from None
+    input_name = session.get_inputs()[0].name
+    return lambda pixels: session.run(None, {input_name: pixels})[0]
+
+
+def _openvino_runner(path: Path, threads: int):
+    """uint8 pixels in the file's layout -> probabilities, by OpenVINO: float32 inference (its default on CPUs
+    with bfloat16 units rounds the graph's 8-bit resize differently: 0.7 % of labels changed on cub100-lr), one
+    infer request per calling thread."""
+    import openvino
+
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    try:
+        compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses without a common public base
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{path} cannot be loaded by OpenVINO ({detail}); re-export it, or set {RUNTIME_VARIABLE}=onnxruntime") from None
+    requests = threading.local()
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        return np.array(requests.request.infer({0: pixels})[0])  # a copy: the request reuses its output buffer
+
+    return run
 
 
 def to_model_input(image) -> np.ndarray:

@@ -8,7 +8,8 @@ and a softmax. A consumer in any language only has to hand it pixels.
 Input ``images``: uint8, ``N x 64 x 64 x 3`` (layout ``nhwc``, how decoders return pixels) or
 ``N x 3 x 64 x 64`` (``nchw``); N is dynamic. Output ``probabilities``: float32 ``N x classes``.
 Metadata (``metadata_props``): ``labels`` (JSON list, output column order), ``input_size`` (the side the
-network sees after the in-graph resize), ``upscale_filter``, ``layout``, ``image_size`` (64) and ``source`` (the model).
+network sees after the in-graph resize), ``upscale_filter``, ``layout``, ``image_size`` (64), ``source`` (the model),
+``precision`` and, for an int8 file with its float fallback, ``fallback_margin``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import torch
 
 from lowres_birds.config import LR_SIZE
@@ -31,6 +33,11 @@ from lowres_birds.run_dir import RunDir, atomic_write
 
 LAYOUTS = ("nhwc", "nchw")
 CALIBRATION_IMAGES = 256
+# The int8 file's float fallback (see with_float_fallback): an image whose int8 top-2 probabilities are closer than
+# the margin is run again by the float network. The margin is the widest gap at which int8 and fp32 disagreed on
+# the run's validation split, with headroom; never below the floor (a split with few or no disagreements).
+FALLBACK_HEADROOM = 1.25
+FALLBACK_FLOOR = 0.05
 OPSET = 18  # the first opset whose Resize has the antialias attribute (runs with the float resize export it)
 
 
@@ -55,11 +62,13 @@ def example_input(layout: str, batch: int = 2):
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = False) -> Path:
+def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = False, fallback_margin: float | None = None) -> Path:
     """Write ``out`` (one .onnx file, weights inside) for the run's best weights; returns ``out``.
 
     ``int8``: static int8 quantization of the network (see :func:`quantize_int8`); the resize, normalisation and
-    softmax stay in float.
+    softmax stay in float. Images the int8 network finds close calls (top-2 probabilities within
+    ``fallback_margin``; None: calibrated on the run's validation split, :func:`calibrated_margin`) are run again
+    by the float network inside the same file (:func:`with_float_fallback`); 0: int8 alone.
     """
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
@@ -70,7 +79,16 @@ def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = Fal
     if not int8:
         return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))
     calibration = calibration_images(run_dir)
-    return atomic_write(out, lambda temporary: quantize_int8(program.model_proto, temporary, calibration, layout))
+
+    def write(temporary: Path) -> None:
+        quantize_int8(program.model_proto, temporary, calibration, layout)
+        if fallback_margin == 0:
+            return
+        quantized = onnx.load(str(temporary))
+        margin = fallback_margin if fallback_margin is not None else calibrated_margin(program.model_proto, quantized, validation_images(run_dir), layout)
+        onnx.save(with_float_fallback(quantized, program.model_proto, margin), str(temporary))
+
+    return atomic_write(out, write)
 
 
 def onnx_program(model, labels: list[str], layout: str, precision: str = "fp32") -> "torch.onnx.ONNXProgram":
@@ -108,16 +126,17 @@ def onnx_program(model, labels: list[str], layout: str, precision: str = "fp32")
     return program
 
 
-def training_images(run_dir: Path, count: int | None = None) -> np.ndarray:
+def training_images(run_dir: Path, count: int | None = None, validation: bool = False) -> np.ndarray:
     """uint8 N x 64 x 64 x 3: the run's own training images (its data minus split.json's validation ids), or a
-    random ``count`` of them (only those are read from the memory-mapped image cache)."""
+    random ``count`` of them (only those are read from the memory-mapped image cache); ``validation``: the
+    validation images instead."""
     from lowres_birds.data.images import load_images
     from lowres_birds.data.tables import load_train_table
 
     run = RunDir(run_dir)
     table = load_train_table(run.data_dir())
-    validation = set(run.split()["val_ids"])
-    rows = [i for i, image_id in enumerate(table.ids) if image_id not in validation]
+    held_out = set(run.split()["val_ids"])
+    rows = [i for i, image_id in enumerate(table.ids) if (image_id in held_out) == validation]
     if count is not None:
         rows = sorted(np.random.default_rng(0).permutation(rows)[:count])
     return np.asarray(load_images(table.lr_paths, LR_SIZE)[rows])
@@ -126,6 +145,11 @@ def training_images(run_dir: Path, count: int | None = None) -> np.ndarray:
 def calibration_images(run_dir: Path, count: int = CALIBRATION_IMAGES) -> np.ndarray:
     """The int8 calibration set: ``count`` of the run's training images, the same ones on every export."""
     return training_images(run_dir, count)
+
+
+def validation_images(run_dir: Path) -> np.ndarray:
+    """uint8 N x 64 x 64 x 3: the run's validation split (images it was not trained on), for the fallback margin."""
+    return training_images(run_dir, validation=True)
 
 
 def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout: str,
@@ -181,8 +205,93 @@ def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout:
             }
             quantize(Batches(images[:1]), overrides)
     quantized = onnx.load(str(out))
-    quantized.metadata_props.extend(model.metadata_props)
+    set_metadata(quantized, {p.key: p.value for p in model.metadata_props})
     onnx.save(quantized, str(out))
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """An exported file's ``metadata_props`` (weights not loaded)."""
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    """Add or replace ``metadata_props`` entries (a key twice makes the file invalid for onnx's checker)."""
+    merged = {p.key: p.value for p in model.metadata_props} | values
+    del model.metadata_props[:]
+    model.metadata_props.extend(onnx.StringStringEntryProto(key=key, value=value) for key, value in merged.items())
+
+
+def top2_gap(probs: np.ndarray) -> np.ndarray:
+    """Per row, the highest probability minus the second: how close a call is."""
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def calibrated_margin(fp32: onnx.ModelProto, int8: onnx.ModelProto, images: np.ndarray, layout: str) -> float:
+    """The fallback margin: FALLBACK_HEADROOM times the widest int8 top-2 gap among ``images`` whose int8 and fp32
+    labels differ, at least FALLBACK_FLOOR. Near ties are where 8-bit rounding flips labels: on cub100-lr every
+    disagreement of the cpu recipe's model had a gap under 0.06 (BENCHMARKS.md)."""
+    import onnxruntime as ort
+
+    if not len(images):
+        return FALLBACK_FLOOR
+    pixels = images if layout == "nhwc" else images.transpose(0, 3, 1, 2)
+    probs = []
+    for model in (fp32, int8):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        probs.append(np.concatenate([session.run(None, {"images": np.ascontiguousarray(pixels[i : i + 64])})[0] for i in range(0, len(pixels), 64)]))
+    flipped = probs[0].argmax(1) != probs[1].argmax(1)
+    widest = float(top2_gap(probs[1])[flipped].max()) if flipped.any() else 0.0
+    return max(FALLBACK_FLOOR, FALLBACK_HEADROOM * widest)
+
+
+def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: float) -> onnx.ModelProto:
+    """One graph: the int8 network for every image, then, only when some image's top-2 probabilities are within
+    ``margin``, the float network on those images (an ``If`` on the batch, a ``Gather`` of the rows), whose
+    probabilities replace the int8 ones (``ScatterND``). Costs the float network's time on the close calls only."""
+    from onnx import compose
+
+    fallback = compose.add_prefix(fp32, "fp32/").graph
+    model = onnx.ModelProto()
+    model.CopyFrom(int8)
+    graph = model.graph
+    images, output = graph.input[0].name, graph.output[0].name
+    quick = f"int8/{output}"
+    for node in graph.node:
+        node.output[:] = [quick if name == output else name for name in node.output]
+
+    def constant(name: str, value, dtype=np.int64) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), f"fallback/{name}"))
+        return f"fallback/{name}"
+
+    two, zero, one, axis1, limit, none = constant("two", [2]), constant("zero", [0]), constant("one", [1]), constant("axis1", [1]), \
+        constant("margin", margin, np.float32), constant("none", 0.0, np.float32)
+    node = onnx.helper.make_node
+    graph.node.extend([
+        node("TopK", [quick, two], ["fallback/top2", "fallback/top2_index"], axis=1),
+        node("Slice", ["fallback/top2", zero, one, axis1], ["fallback/first"]),
+        node("Slice", ["fallback/top2", one, two, axis1], ["fallback/second"]),
+        node("Sub", ["fallback/first", "fallback/second"], ["fallback/gap"]),
+        node("Less", ["fallback/gap", limit], ["fallback/close_n1"]),
+        node("Squeeze", ["fallback/close_n1", axis1], ["fallback/close"]),
+        node("NonZero", ["fallback/close"], ["fallback/rows_1m"]),
+        node("Cast", ["fallback/close"], ["fallback/close_float"], to=onnx.TensorProto.FLOAT),
+        node("ReduceSum", ["fallback/close_float"], ["fallback/count"], keepdims=0),
+        node("Greater", ["fallback/count", none], ["fallback/any"]),
+    ])
+    classes = graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    result = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", classes])
+    rerun = onnx.helper.make_graph([
+        node("Squeeze", ["fallback/rows_1m", zero], ["fallback/rows"]),
+        node("Unsqueeze", ["fallback/rows", axis1], ["fallback/rows_m1"]),
+        node("Gather", [images, "fallback/rows"], [fallback.input[0].name], axis=0),
+        *fallback.node,
+        node("ScatterND", [quick, "fallback/rows_m1", fallback.output[0].name], ["fallback/replaced"]),
+    ], "float_fallback", [], [result("fallback/replaced")], initializer=list(fallback.initializer))
+    keep = onnx.helper.make_graph([node("Identity", [quick], ["fallback/kept"])], "int8_only", [], [result("fallback/kept")])
+    graph.node.append(node("If", ["fallback/any"], [output], then_branch=rerun, else_branch=keep))
+    set_metadata(model, {"fallback_margin": f"{margin:.4f}"})
+    return model
 
 
 def quantized_activations(model: onnx.ModelProto) -> list[str]:

@@ -207,7 +207,7 @@ def create_app(
 
     @app.get("/api/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "classes": len(classifier.labels), "input_size": LR_SIZE, "version": __version__}
+        return {"status": "ok", "model": model_name, "classes": len(classifier.labels), "input_size": LR_SIZE, "runtime": classifier.runtime, "version": __version__}
 
     @app.get("/api/labels")
     async def labels() -> dict:
