@@ -27,12 +27,14 @@ def test_base_cycle_is_refused(tmp_path):
 
 def test_cpu_best_is_an_ensemble_of_cpu_runs_on_two_backbones_and_two_sizes_and_each_member_round_trips(tmp_path):
     from lowres_birds.config import load_members
+    from lowres_birds.train.teacher import shared_teacher_key
 
     members = load_members("cpu-best")
     assert {cfg.model for cfg in members.values()} == {"efficientnet_lite0", "efficientnet_lite1"}
     assert {cfg.strategy for cfg in members.values()} == {"upscale:128", "upscale:160"}
     assert all(cfg.student_from_teacher == (cfg.model == "efficientnet_lite0") for cfg in members.values())
     assert len({cfg.seed for cfg in members.values()}) == len(members)  # each member its own split
+    assert len({shared_teacher_key(cfg) for cfg in members.values()}) == len(members)  # and its own teacher
     assert all(cfg.teacher == "finetuned" and cfg.kd_weight > 0 and cfg.budget_minutes > 0 for cfg in members.values())
     assert sum(cfg.budget_minutes for cfg in members.values()) <= 45
     for name, cfg in members.items():
