@@ -17,6 +17,7 @@ against the run's original fp32 export.
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from lowres_birds.metrics import score
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.resolution import to_nchw
 from lowres_birds.model.wrapper import BirdNet
-from lowres_birds.predict.classifier import Classifier
+from lowres_birds.predict.classifier import RUNTIME_VARIABLE, Classifier
 from lowres_birds.predict.export import calibration_images, export_onnx, onnx_program, quantize_int8, training_images
 from lowres_birds.progress import bar as progress_bar
 
@@ -213,6 +214,7 @@ def main() -> int:
     parser.add_argument("--tuned-ranges", action="store_true", help="quantize with the simulated activation ranges instead of calibrating again")
     add_record_args(parser)
     args = parser.parse_args()
+    os.environ[RUNTIME_VARIABLE] = "onnxruntime"  # the quantizers simulated are onnxruntime's (int8 files default to OpenVINO)
 
     table = load_test_table(args.data)
     images = np.asarray(load_images(table.lr_paths, LR_SIZE))
