@@ -267,16 +267,16 @@ def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: fl
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), f"fallback/{name}"))
         return f"fallback/{name}"
 
-    two, zero, one, axis1, limit, none = constant("two", [2]), constant("zero", [0]), constant("one", [1]), constant("axis1", [1]), \
-        constant("margin", margin, np.float32), constant("none", 0.0, np.float32)
+    zero, one, two = constant("zero", [0]), constant("one", [1]), constant("two", [2])  # also the axes of Slice, Squeeze
+    limit, none = constant("margin", margin, np.float32), constant("none", 0.0, np.float32)
     node = onnx.helper.make_node
     graph.node.extend([
         node("TopK", [quick, two], ["fallback/top2", "fallback/top2_index"], axis=1),
-        node("Slice", ["fallback/top2", zero, one, axis1], ["fallback/first"]),
-        node("Slice", ["fallback/top2", one, two, axis1], ["fallback/second"]),
+        node("Slice", ["fallback/top2", zero, one, one], ["fallback/first"]),
+        node("Slice", ["fallback/top2", one, two, one], ["fallback/second"]),
         node("Sub", ["fallback/first", "fallback/second"], ["fallback/gap"]),
         node("Less", ["fallback/gap", limit], ["fallback/close_n1"]),
-        node("Squeeze", ["fallback/close_n1", axis1], ["fallback/close"]),
+        node("Squeeze", ["fallback/close_n1", one], ["fallback/close"]),
         node("NonZero", ["fallback/close"], ["fallback/rows_1m"]),
         node("Cast", ["fallback/close"], ["fallback/close_float"], to=onnx.TensorProto.FLOAT),
         node("ReduceSum", ["fallback/close_float"], ["fallback/count"], keepdims=0),
@@ -286,7 +286,7 @@ def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: fl
     result = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", classes])
     rerun = onnx.helper.make_graph([
         node("Squeeze", ["fallback/rows_1m", zero], ["fallback/rows"]),
-        node("Unsqueeze", ["fallback/rows", axis1], ["fallback/rows_m1"]),
+        node("Unsqueeze", ["fallback/rows", one], ["fallback/rows_m1"]),
         node("Gather", [images, "fallback/rows"], [fallback.input[0].name], axis=0),
         *fallback.node,
         node("ScatterND", [quick, "fallback/rows_m1", fallback.output[0].name], ["fallback/replaced"]),
