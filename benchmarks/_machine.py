@@ -45,7 +45,7 @@ def describe_machine(device: str = "cpu") -> str:
 class OtherLoad:
     """How many cores other processes kept busy while the benchmark ran (from /proc/stat minus our own CPU time)."""
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self.start = self._snapshot()
         self.cores_used: float | None = None
         return self
@@ -77,7 +77,9 @@ class OtherLoad:
 
 
 def add_record_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--benchmarks", type=Path, default=BENCHMARKS, help="markdown file to append the result section to")
+    parser.add_argument(
+        "--benchmarks", type=Path, default=BENCHMARKS, help="markdown file to append the result section to"
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch the markdown file")
 
 
@@ -87,12 +89,23 @@ def record(args: argparse.Namespace, title: str, machine: str, load: OtherLoad, 
         return
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    lines = [f"## {title} ({date})", "", f"- command: `{command}`", f"- machine: {machine}", f"- load: {load.note()}", "", *body]
+    lines = [
+        f"## {title} ({date})",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {machine}",
+        f"- load: {load.note()}",
+        "",
+        *body,
+    ]
     path = Path(args.benchmarks)
     prefix = "" if not path.exists() else ("\n" if path.read_text(encoding="utf-8").endswith("\n") else "\n\n")
     with open(path, "a", encoding="utf-8") as handle:
         if not path.stat().st_size:
-            handle.write("# Benchmarks\n\nEach section is appended by the script it names; figures are only comparable within a section.\n\n")
+            handle.write(
+                "# Benchmarks\n\nEach section is appended by the script it names; figures are only comparable within a "
+                "section.\n\n"
+            )
         handle.write(prefix + "\n".join(lines) + "\n")
 
 

@@ -28,13 +28,13 @@ features are computed before training; they are not what fills the GPU).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _machine import benchmark_data
+
 from lowres_birds.runtime import keep_freed_memory
 
 GIB = 2**30
@@ -64,7 +64,10 @@ def build(source: str, input_size: int, depth: int | None = None):
         from lowres_birds.model.wrapper import BirdNet, ModelSpec
 
         config = AutoConfig.from_pretrained(source[3:], num_labels=NUM_CLASSES, num_hidden_layers=depth)
-        return BirdNet(AutoModelForImageClassification.from_config(config), ModelSpec(source, NUM_CLASSES, input_size, (0.5,) * 3, (0.5,) * 3))
+        return BirdNet(
+            AutoModelForImageClassification.from_config(config),
+            ModelSpec(source, NUM_CLASSES, input_size, (0.5,) * 3, (0.5,) * 3),
+        )
     import timm
     from timm.models import get_pretrained_cfg
 
@@ -103,7 +106,11 @@ def saved_bytes(model, cfg, checkpointing: bool) -> int:
     def block_input(module, args) -> None:
         kept[args[0].untyped_storage().data_ptr()] = args[0].untyped_storage().nbytes()
 
-    hooks = [block.register_forward_pre_hook(block_input) for block in blocks_of(model, depth_of(model))] if checkpointing else []
+    hooks = (
+        [block.register_forward_pre_hook(block_input) for block in blocks_of(model, depth_of(model))]
+        if checkpointing
+        else []
+    )
     images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
@@ -133,7 +140,12 @@ def estimate(recipe: str) -> dict:
     params = sum(p.numel() for p in full.parameters())
     trainable = sum(p.numel() for p in full.parameters() if p.requires_grad)
     depth = depth_of(full)
-    state = {"weights": 4 * params, "gradients": 4 * trainable, "AdamW moments": 8 * trainable, "EMA copy": 4 * params if cfg.ema_decay else 0}
+    state = {
+        "weights": 4 * params,
+        "gradients": 4 * trainable,
+        "AdamW moments": 8 * trainable,
+        "EMA copy": 4 * params if cfg.ema_decay else 0,
+    }
     per_image = {}
     for checkpointing in (False, True):
         one, two = (saved_bytes(build(source, size, d), cfg, checkpointing) for d in (1, 2))
@@ -142,15 +154,24 @@ def estimate(recipe: str) -> dict:
             block = two - one  # one block's activations: what the backward pass rebuilds at a time under checkpointing
     activations = {False: per_image[False] * cfg.batch_size, True: (per_image[True] + block) * cfg.batch_size}
     return {
-        "recipe": recipe, "model": cfg.model, "input": size, "batch": cfg.batch_size, "precision": cfg.mixed_precision, "depth": depth,
-        "params_m": params / 1e6, "trainable_m": trainable / 1e6, "state_gib": sum(state.values()) / GIB,
+        "recipe": recipe,
+        "model": cfg.model,
+        "input": size,
+        "batch": cfg.batch_size,
+        "precision": cfg.mixed_precision,
+        "depth": depth,
+        "params_m": params / 1e6,
+        "trainable_m": trainable / 1e6,
+        "state_gib": sum(state.values()) / GIB,
         "state": {k: v / GIB for k, v in state.items()},
         "activations_gib": {k: v / GIB for k, v in activations.items()},
         "total_gib": {k: (sum(state.values()) + v) / GIB for k, v in activations.items()},
     }
 
 
-def measure(recipe: str, data_dir: Path, device: str, warmup: int, steps: int, tiny: bool, checkpointing: bool | None) -> dict:
+def measure(
+    recipe: str, data_dir: Path, device: str, warmup: int, steps: int, tiny: bool, checkpointing: bool | None
+) -> dict:
     """Images/s and peak GPU memory of the recipe's real (randomly initialised) model over ``steps`` training steps."""
     import numpy as np
     import torch
@@ -163,14 +184,28 @@ def measure(recipe: str, data_dir: Path, device: str, warmup: int, steps: int, t
     from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler
     from lowres_birds.train.state import StopFlag, Trainee, TrainState
 
-    overrides = {"model": model_config_source(load_config(recipe).model, tiny), "pretrained": False, "device": device, "hr_view_ratio": 0.0,
-                 "kd_weight": 0.0, "feature_kd_weight": 0.0, "folds": 0, "grad_checkpointing": checkpointing}
+    overrides = {
+        "model": model_config_source(load_config(recipe).model, tiny),
+        "pretrained": False,
+        "device": device,
+        "hr_view_ratio": 0.0,
+        "kd_weight": 0.0,
+        "feature_kd_weight": 0.0,
+        "folds": 0,
+        "grad_checkpointing": checkpointing,
+    }
     if tiny:  # a dry run on a CPU: the real code path at a toy size
-        overrides |= {"strategy": "upscale:32", "batch_size": 2, "model": "timm:test_vit" if not overrides["model"].startswith("hf:") else overrides["model"]}
+        overrides |= {
+            "strategy": "upscale:32",
+            "batch_size": 2,
+            "model": "timm:test_vit" if not overrides["model"].startswith("hf:") else overrides["model"],
+        }
     cfg = load_config(recipe, overrides)
     data = load_training_data(data_dir, cfg)
     accelerator = create_accelerator(cfg, Path(tempfile.mkdtemp(prefix="bench-run-")))
-    model = create_model(cfg.model, list(data.label_map.classes), parse_strategy(cfg.strategy).input_size, pretrained=False)
+    model = create_model(
+        cfg.model, list(data.label_map.classes), parse_strategy(cfg.strategy).input_size, pretrained=False
+    )
     model.freeze_early_layers(cfg.freeze_blocks)
     if cfg.grad_checkpointing:
         model.enable_grad_checkpointing()
@@ -180,7 +215,9 @@ def measure(recipe: str, data_dir: Path, device: str, warmup: int, steps: int, t
     scheduler = create_scheduler(optimizer, cfg, warmup + steps)
     warm_loader = make_loader(data.train_images, data.targets, batches[:split], cfg.batch_size, cfg.seed, shuffle=True)
     timed_loader = make_loader(data.train_images, data.targets, batches[split:], cfg.batch_size, cfg.seed, shuffle=True)
-    model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, timed_loader, scheduler)
+    model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(
+        model, optimizer, warm_loader, timed_loader, scheduler
+    )
     ema = None
     if cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
@@ -195,19 +232,39 @@ def measure(recipe: str, data_dir: Path, device: str, warmup: int, steps: int, t
         torch.cuda.reset_peak_memory_stats()
     stats = train_one_epoch(parts, timed_loader, cfg, state, None, never)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
-    return {"recipe": recipe, "grad_checkpointing": cfg.grad_checkpointing, "images_per_s": stats["train_images_per_s"], "max_memory_allocated_gib": peak}
+    return {
+        "recipe": recipe,
+        "grad_checkpointing": cfg.grad_checkpointing,
+        "images_per_s": stats["train_images_per_s"],
+        "max_memory_allocated_gib": peak,
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--recipe", action="append", required=True, help="a GPU recipe (repeatable)")
-    parser.add_argument("--measure", action="store_true", help="train a few steps on --device and report images/s and peak GPU memory")
+    parser.add_argument(
+        "--measure", action="store_true", help="train a few steps on --device and report images/s and peak GPU memory"
+    )
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"), help="with --measure")
-    parser.add_argument("--data", type=Path, help="with --measure: competition folder (default ../shared/data/cub100-lr, else synthetic)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="with --measure: competition folder (default ../shared/data/cub100-lr, else synthetic)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="with --measure: timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="with --measure: untimed optimizer steps first")
-    parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="with --measure: override the recipe's")
-    parser.add_argument("--dry-run", action="store_true", help="with --measure: a toy size on any device, to check the script runs")
+    parser.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --measure: override the recipe's",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="with --measure: a toy size on any device, to check the script runs"
+    )
     args = parser.parse_args()
     keep_freed_memory()
     if args.measure:
@@ -215,17 +272,36 @@ def main() -> int:
             parser.error("--measure takes one --recipe per process (accelerate keeps one mixed precision per process)")
         started = time.perf_counter()
         steps = 1 if args.dry_run else args.steps
-        result = measure(args.recipe[0], benchmark_data(args.data, small=args.dry_run), args.device, args.warmup, steps, args.dry_run, args.grad_checkpointing)
-        print(f"{args.recipe[0]} (grad checkpointing {'on' if result['grad_checkpointing'] else 'off'}): {result['images_per_s']:.1f} img/s, "
-              f"max_memory_allocated {result['max_memory_allocated_gib']:.1f} GiB ({time.perf_counter() - started:.0f}s)", flush=True)
+        result = measure(
+            args.recipe[0],
+            benchmark_data(args.data, small=args.dry_run),
+            args.device,
+            args.warmup,
+            steps,
+            args.dry_run,
+            args.grad_checkpointing,
+        )
+        print(
+            f"{args.recipe[0]} (grad checkpointing {'on' if result['grad_checkpointing'] else 'off'}): "
+            f"{result['images_per_s']:.1f} img/s, "
+            f"max_memory_allocated {result['max_memory_allocated_gib']:.1f} GiB ({time.perf_counter() - started:.0f}s)",
+            flush=True,
+        )
         return 0
-    print("| recipe | model | params | input, batch, precision | model state | activations | estimated total | with grad checkpointing |")
+    print(
+        "| recipe | model | params | input, batch, precision | model state | activations | estimated total | with grad "
+        "checkpointing |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for recipe in args.recipe:
         r = estimate(recipe)
-        print(f"| {recipe} | {r['model']} ({r['depth']} blocks) | {r['params_m']:.0f}M | {r['input']}, {r['batch']}, {r['precision']} | "
-              f"{r['state_gib']:.1f} GiB | {r['activations_gib'][False]:.1f} GiB | {r['total_gib'][False]:.1f} GiB | "
-              f"{r['total_gib'][True]:.1f} GiB (activations {r['activations_gib'][True]:.1f}) |", flush=True)
+        print(
+            f"| {recipe} | {r['model']} ({r['depth']} blocks) | {r['params_m']:.0f}M | {r['input']}, {r['batch']}, "
+            f"{r['precision']} | "
+            f"{r['state_gib']:.1f} GiB | {r['activations_gib'][False]:.1f} GiB | {r['total_gib'][False]:.1f} GiB | "
+            f"{r['total_gib'][True]:.1f} GiB (activations {r['activations_gib'][True]:.1f}) |",
+            flush=True,
+        )
     return 0
 
 

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _machine import DEFAULT_DATA, OtherLoad, add_record_args, describe_machine, record
+
+from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_test_table
-from lowres_birds.predict.export import export_onnx
 from lowres_birds.predict.classifier import Classifier
-from lowres_birds.config import LR_SIZE
+from lowres_birds.predict.export import export_onnx
 from lowres_birds.runtime import keep_freed_memory
 
 
@@ -39,11 +39,17 @@ def latencies(classifier: Classifier, images: np.ndarray, batch: int, calls: int
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--run", type=Path, required=True, help="trained run folder")
     parser.add_argument("--onnx", type=Path, help="its exported model (default: exported now to a temporary file)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with test.csv (its images are the inputs)")
-    parser.add_argument("--calls", type=int, default=300, help="timed calls at batch 1 (batch 64 gets a sixth as many, at least 5)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="folder with test.csv (its images are the inputs)"
+    )
+    parser.add_argument(
+        "--calls", type=int, default=300, help="timed calls at batch 1 (batch 64 gets a sixth as many, at least 5)"
+    )
     add_record_args(parser)
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does
@@ -56,7 +62,10 @@ def main() -> int:
     torch_top1, onnx_top1 = (p.argmax(1) for p in probs.values())
     mismatches = int((torch_top1 != onnx_top1).sum())
     max_diff = float(np.abs(probs["pytorch eager"] - probs["onnxruntime"]).max())
-    print(f"{len(images)} test images: {mismatches} different top-1 predictions, max probability difference {max_diff:.2e}")
+    print(
+        f"{len(images)} test images: {mismatches} different top-1 predictions, max probability difference "
+        f"{max_diff:.2e}"
+    )
     if mismatches:
         raise SystemExit("ONNX and PyTorch predictions differ; not timing a model that is wrong")
 
@@ -75,13 +84,19 @@ def main() -> int:
     speedups = {batch: rates["onnxruntime", batch] / rates["pytorch eager", batch] for batch in (1, big)}
     summary = (
         f"inference (cpu): batch 1 {rates['pytorch eager', 1]:.0f} -> {rates['onnxruntime', 1]:.0f} img/s "
-        f"({speedups[1]:.1f}x with ONNX), batch {big} {rates['pytorch eager', big]:.0f} -> {rates['onnxruntime', big]:.0f} img/s "
+        f"({speedups[1]:.1f}x with ONNX), batch {big} {rates['pytorch eager', big]:.0f} -> "
+        f"{rates['onnxruntime', big]:.0f} img/s "
         f"({speedups[big]:.1f}x); top-1 identical on {len(images)} test images (max prob diff {max_diff:.1e})"
     )
     body = [
-        "| runtime | batch | calls | images/s | p50 ms | p95 ms |", "|---|---|---|---|---|---|", *rows, "",
+        "| runtime | batch | calls | images/s | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
         f"Model: {args.run} ({contenders['pytorch eager'].input_size}px input); inputs: {args.data.name} test set "
-        f"({len(images)} images, 64x64); latency = one Classifier.predict_arrays call.", "", f"Result: {summary}",
+        f"({len(images)} images, 64x64); latency = one Classifier.predict_arrays call.",
+        "",
+        f"Result: {summary}",
     ]
     record(args, "Inference (benchmarks/inference.py)", machine, load, body)
     print(summary)

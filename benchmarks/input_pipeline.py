@@ -24,15 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import OtherLoad, add_record_args, benchmark_data, describe_machine, record
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from _machine import OtherLoad, add_record_args, benchmark_data, describe_machine, record
-from lowres_birds.config import load_config
+from lowres_birds.config import LR_SIZE, load_config
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import LabelMap, load_train_table
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
-from lowres_birds.config import LR_SIZE
 from lowres_birds.runtime import keep_freed_memory
 from lowres_birds.train.batches import make_loader, random_crop_flip
 
@@ -43,8 +42,14 @@ def reference_processor(size: int, pil_backend: bool):
 
     cls = BeitImageProcessorPil if pil_backend else BeitImageProcessor
     return cls(
-        do_resize=True, size={"height": size, "width": size}, resample=Image.BILINEAR, do_center_crop=False,
-        do_rescale=True, do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=Image.BILINEAR,
+        do_center_crop=False,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
     )
 
 
@@ -85,14 +90,22 @@ def images_per_second(batches, limit: int, device: torch.device, prepare) -> flo
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, help="competition folder (default ../shared/data/cub100-lr, else synthetic)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, help="competition folder (default ../shared/data/cub100-lr, else synthetic)"
+    )
     parser.add_argument("--device", default="cpu", help="where batches are made ready: cpu or cuda")
     parser.add_argument("--size", type=int, default=224, help="side of the batches delivered to the model")
     parser.add_argument("--batch-size", type=int, default=16, help="the reference's batch size")
     parser.add_argument("--repeats", type=int, default=5, help="alternating repetitions; medians are reported")
-    parser.add_argument("--reference-images", type=int, default=320, help="images per repetition for the (slow) reference loader")
-    parser.add_argument("--dry-run", action="store_true", help="tiny synthetic data, 2 repetitions, no record: checks the script runs")
+    parser.add_argument(
+        "--reference-images", type=int, default=320, help="images per repetition for the (slow) reference loader"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny synthetic data, 2 repetitions, no record: checks the script runs"
+    )
     add_record_args(parser)
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does
@@ -116,7 +129,9 @@ def main() -> int:
 
         def prepare(batch: torch.Tensor) -> torch.Tensor:
             batch = batch.to(device, non_blocking=True)
-            return wrapper.preprocess(random_crop_flip(batch, generator, cfg.crop_scale_min, cfg.hflip) if augment else batch)
+            return wrapper.preprocess(
+                random_crop_flip(batch, generator, cfg.crop_scale_min, cfg.hflip) if augment else batch
+            )
 
         return lambda: images_per_second(loader, len(images), device, prepare)
 
@@ -155,7 +170,12 @@ def main() -> int:
         f"({medians['ours + cpu-recipe augmentation'] / reference_rate:.1f}x with augmentation; "
         f"{medians['ours'] / medians['reference (torchvision BeitImageProcessor)']:.1f}x vs the torchvision processor)"
     )
-    body += ["", f"Data: {data_dir.name} ({len(images)} training images, 64x64), {args.repeats} repetitions.", "", f"Result: {summary}"]
+    body += [
+        "",
+        f"Data: {data_dir.name} ({len(images)} training images, 64x64), {args.repeats} repetitions.",
+        "",
+        f"Result: {summary}",
+    ]
     record(args, "Input pipeline (benchmarks/input_pipeline.py)", machine, load, body)
     print(summary)
     return 0

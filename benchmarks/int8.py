@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from _machine import DEFAULT_DATA, OtherLoad, add_record_args, describe_machine, record
+
 from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_test_table
@@ -56,9 +56,15 @@ def load_with_default(path: Path) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="trained run folder (its training data calibrates the int8 model)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="test folder (test.csv; test_public_labels.csv when present)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--run", type=Path, required=True, help="trained run folder (its training data calibrates the int8 model)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="test folder (test.csv; test_public_labels.csv when present)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians reported)")
     add_record_args(parser)
     args = parser.parse_args()
@@ -105,19 +111,34 @@ def main() -> int:
     sizes = {name: files[name.rsplit(" ", 1)[0]].stat().st_size / 1e6 for name in contenders}
     default = {kind: load_with_default(path) for kind, path in files.items()}
     best = f"int8 + fallback {default['int8 + fallback']}"
-    f1_text = f", macro-F1 {f1[best] - f1[REFERENCE]:+.4f} ({f1[REFERENCE]:.4f} -> {f1[best]:.4f} on {len(rows)} labelled)" if f1 else ""
+    f1_text = (
+        f", macro-F1 {f1[best] - f1[REFERENCE]:+.4f} ({f1[REFERENCE]:.4f} -> {f1[best]:.4f} on {len(rows)} labelled)"
+        if f1
+        else ""
+    )
     summary = (
-        f"export --int8 as predict/serve run it ({best}): batch 64 {median[REFERENCE, 64]:.0f} -> {median[best, 64]:.0f} img/s "
-        f"({speedup[best]:.2f}x fp32 onnxruntime), top-1 agreement {agreement[best]:.2%} on {len(images)} test images{f1_text}; "
+        f"export --int8 as predict/serve run it ({best}): batch 64 {median[REFERENCE, 64]:.0f} -> "
+        f"{median[best, 64]:.0f} img/s "
+        f"({speedup[best]:.2f}x fp32 onnxruntime), top-1 agreement {agreement[best]:.2%} on {len(images)} test "
+        f"images{f1_text}; "
         f"fallback margin {margin:.4f} sends {fallback_share:.1%} of the images to float"
     )
     body = [
-        "| file and runtime | MB | images/s batch 64 (median) | vs fp32 onnxruntime | images/s batch 1 (median) | top-1 agreement | macro-F1 (public labels) |",
+        "| file and runtime | MB | images/s batch 64 (median) | vs fp32 onnxruntime | images/s batch 1 (median) | "
+        "top-1 agreement | macro-F1 (public labels) |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {n} | {sizes[n]:.1f} | {median[n, 64]:.0f} | {speedup[n]:.2f}x | {median[n, 1]:.0f} | {agreement[n]:.2%} | {f1.get(n, float('nan')):.4f} |" for n in contenders),
-        "", f"Model: {args.run}; the three files exported in this run ({export_s:.0f} s together; int8 calibration on 256 of the "
-        f"run's training images, the fallback margin on its validation split); threads: every core; {args.rounds} interleaved rounds.",
-        "", f"Result: {summary}",
+        *(
+            f"| {n} | {sizes[n]:.1f} | {median[n, 64]:.0f} | {speedup[n]:.2f}x | {median[n, 1]:.0f} | "
+            f"{agreement[n]:.2%} | {f1.get(n, float('nan')):.4f} |"
+            for n in contenders
+        ),
+        "",
+        f"Model: {args.run}; the three files exported in this run ({export_s:.0f} s together; int8 calibration on 256 "
+        "of the "
+        f"run's training images, the fallback margin on its validation split); threads: every core; {args.rounds} "
+        "interleaved rounds.",
+        "",
+        f"Result: {summary}",
     ]
     record(args, "int8 inference (benchmarks/int8.py)", machine, load, body)
     print(summary)

@@ -17,8 +17,8 @@ against the run's original fp32 export.
 from __future__ import annotations
 
 import argparse
-import os
 import copy
+import os
 import sys
 import tempfile
 import time
@@ -29,12 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from _machine import DEFAULT_DATA, OtherLoad, add_record_args, describe_machine, record
 from torch import nn
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, PerChannelMinMaxObserver
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from _machine import DEFAULT_DATA, OtherLoad, add_record_args, describe_machine, record
 from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_test_table
@@ -46,7 +46,6 @@ from lowres_birds.model.wrapper import BirdNet
 from lowres_birds.predict.classifier import RUNTIME_VARIABLE, Classifier
 from lowres_birds.predict.export import calibration_images, export_onnx, onnx_program, quantize_int8, training_images
 from lowres_birds.progress import bar as progress_bar
-
 
 BATCH = 32
 MIXUP_FRACTION = 0.5
@@ -70,7 +69,9 @@ def fold_batchnorm(model: BirdNet) -> None:
     mean 0, variance 1 - eps), so fake-quantized weights are the ones onnxruntime will see after the exporter
     folds the pair, while the module tree, and so the export path, stays the run's own."""
     for conv, bn in conv_bn_pairs(model.backbone):
-        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
         conv.weight.copy_(weight)
         if conv.bias is not None:  # now carried by the BatchNorm's bias
             conv.bias.zero_()
@@ -82,14 +83,25 @@ def fold_batchnorm(model: BirdNet) -> None:
 
 def weight_quantizer() -> FakeQuantize:
     """onnxruntime's per-channel int8 weights: symmetric, -127..127, scale max|w| / 127."""
-    return FakeQuantize(observer=PerChannelMinMaxObserver, quant_min=-127, quant_max=127, dtype=torch.qint8,
-                        qscheme=torch.per_channel_symmetric, ch_axis=0)
+    return FakeQuantize(
+        observer=PerChannelMinMaxObserver,
+        quant_min=-127,
+        quant_max=127,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+    )
 
 
 def activation_quantizer() -> FakeQuantize:
     """onnxruntime's uint8 activations: per-tensor affine 0..255 (range tracked by a moving min/max)."""
-    return FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8,
-                        qscheme=torch.per_tensor_affine)
+    return FakeQuantize(
+        observer=MovingAverageMinMaxObserver,
+        quant_min=0,
+        quant_max=255,
+        dtype=torch.quint8,
+        qscheme=torch.per_tensor_affine,
+    )
 
 
 class FakeQuantized:
@@ -206,15 +218,27 @@ def tune_for_int8(model: BirdNet, images: np.ndarray, steps: int, lr: float = 2e
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="trained run folder (its training images tune and calibrate)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="test folder (test.csv; test_public_labels.csv when present)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--run", type=Path, required=True, help="trained run folder (its training images tune and calibrate)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="test folder (test.csv; test_public_labels.csv when present)"
+    )
     parser.add_argument("--steps", type=int, default=400, help="tuning steps (batches of 32)")
     parser.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate")
-    parser.add_argument("--tuned-ranges", action="store_true", help="quantize with the simulated activation ranges instead of calibrating again")
+    parser.add_argument(
+        "--tuned-ranges",
+        action="store_true",
+        help="quantize with the simulated activation ranges instead of calibrating again",
+    )
     add_record_args(parser)
     args = parser.parse_args()
-    os.environ[RUNTIME_VARIABLE] = "onnxruntime"  # the quantizers simulated are onnxruntime's (int8 files default to OpenVINO)
+    os.environ[RUNTIME_VARIABLE] = (
+        "onnxruntime"  # the quantizers simulated are onnxruntime's (int8 files default to OpenVINO)
+    )
 
     table = load_test_table(args.data)
     images = np.asarray(load_images(table.lr_paths, LR_SIZE))
@@ -226,8 +250,13 @@ def main() -> int:
         tuning_s = time.perf_counter() - started
         reference = Classifier.load(export_onnx(args.run, folder / "fp32.onnx")).predict_arrays(images).argmax(1)
         path = folder / "int8.onnx"
-        quantize_int8(onnx_program(tuned.model, labels, "nhwc", "int8").model_proto, path, calibration_images(args.run), "nhwc",
-                      tuned.activation_ranges if args.tuned_ranges else None)
+        quantize_int8(
+            onnx_program(tuned.model, labels, "nhwc", "int8").model_proto,
+            path,
+            calibration_images(args.run),
+            "nhwc",
+            tuned.activation_ranges if args.tuned_ranges else None,
+        )
         int8 = Classifier.load(path).predict_arrays(images).argmax(1)
     agreement = float((int8 == reference).mean())
     f1_text = ""
@@ -235,12 +264,25 @@ def main() -> int:
     if labels_csv.is_file():
         truth = dict(pd.read_csv(labels_csv, dtype=str)[["id", "label"]].itertuples(index=False))
         rows = [i for i, image_id in enumerate(table.ids) if image_id in truth]
-        f1 = {name: score([truth[table.ids[i]] for i in rows], [labels[k] for k in p[rows]])["macro_f1"] for name, p in (("fp32", reference), ("int8", int8))}
-        f1_text = f"; macro-F1 {f1['fp32']:.4f} -> {f1['int8']:.4f} ({f1['int8'] - f1['fp32']:+.4f}) on {len(rows)} labelled"
+        f1 = {
+            name: score([truth[table.ids[i]] for i in rows], [labels[k] for k in p[rows]])["macro_f1"]
+            for name, p in (("fp32", reference), ("int8", int8))
+        }
+        f1_text = (
+            f"; macro-F1 {f1['fp32']:.4f} -> {f1['int8']:.4f} ({f1['int8'] - f1['fp32']:+.4f}) on {len(rows)} labelled"
+        )
     ranges = "tuned ranges" if args.tuned_ranges else "onnxruntime calibration"
-    summary = (f"int8 after {args.steps} tuning steps (lr {args.lr:g}, {ranges}, {tuning_s:.0f} s): top-1 agreement with "
-               f"the run's fp32 ONNX {agreement:.2%} on {len(images)} test images{f1_text}")
-    record(args, "int8 quantization-aware tuning (benchmarks/int8_qat.py)", describe_machine("cpu"), load, [f"Result: {summary}"])
+    summary = (
+        f"int8 after {args.steps} tuning steps (lr {args.lr:g}, {ranges}, {tuning_s:.0f} s): top-1 agreement with "
+        f"the run's fp32 ONNX {agreement:.2%} on {len(images)} test images{f1_text}"
+    )
+    record(
+        args,
+        "int8 quantization-aware tuning (benchmarks/int8_qat.py)",
+        describe_machine("cpu"),
+        load,
+        [f"Result: {summary}"],
+    )
     print(summary)
     return 0
 

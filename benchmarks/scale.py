@@ -110,17 +110,17 @@ class AnonymousMemoryPeak:
 
 def measure(folder: Path, run: Path, work: Path) -> dict:
     """One size, in this (fresh) process: seconds per step, peak RSS and peak anonymous memory."""
+    import contextlib
+    import io
+
+    import pandas as pd
+
     from lowres_birds.config import LR_SIZE
     from lowres_birds.data.images import load_images
     from lowres_birds.data.tables import load_test_table
     from lowres_birds.inspect.evaluate import evaluate_submission
     from lowres_birds.predict.classifier import predict_test_set
     from lowres_birds.run_dir import write_csv
-
-    import contextlib
-    import io
-
-    import pandas as pd
 
     os.environ["LOWRES_BIRDS_CACHE"] = str(work / "image-cache")
     anonymous = AnonymousMemoryPeak()
@@ -139,14 +139,27 @@ def measure(folder: Path, run: Path, work: Path) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         evaluate_submission(work / "submission.csv", folder / "labels.csv", folder, work, force=True)
     seconds["evaluate"] = time.perf_counter() - started
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_anon_mb": anonymous.stop()}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_anon_mb": anonymous.stop(),
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--sizes", default="1000,10000,100000", help="comma-separated test-set sizes")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lowres-birds-scale", help="where the synthetic folders are kept between runs")
-    parser.add_argument("--measure", nargs=3, metavar=("FOLDER", "RUN", "WORK"), help=argparse.SUPPRESS)  # the per-size child process
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "lowres-birds-scale",
+        help="where the synthetic folders are kept between runs",
+    )
+    parser.add_argument(
+        "--measure", nargs=3, metavar=("FOLDER", "RUN", "WORK"), help=argparse.SUPPRESS
+    )  # the per-size child process
     add_record_args(parser)
     args = parser.parse_args()
     if args.measure:
@@ -166,25 +179,43 @@ def main() -> int:
                 output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 results[size] = json.loads(output.strip().splitlines()[-1])
             per_image = {step: results[size]["seconds"][step] / size * 1e6 for step in STEPS}
-            print(f"{size:>7} images: " + "  ".join(f"{s} {per_image[s]:.1f} us/img" for s in STEPS)
-                  + f"  peak RSS {results[size]['peak_rss_mb']:.0f} MB (anonymous {results[size]['peak_anon_mb']:.0f} MB)", flush=True)
+            print(
+                f"{size:>7} images: "
+                + "  ".join(f"{s} {per_image[s]:.1f} us/img" for s in STEPS)
+                + f"  peak RSS {results[size]['peak_rss_mb']:.0f} MB (anonymous {results[size]['peak_anon_mb']:.0f} "
+                "MB)",
+                flush=True,
+            )
     small, large = sizes[0], sizes[-1]
-    slope = {step: (results[large]["seconds"][step] / large) / (results[small]["seconds"][step] / small) for step in STEPS}
+    slope = {
+        step: (results[large]["seconds"][step] / large) / (results[small]["seconds"][step] / small) for step in STEPS
+    }
     rows = [
-        f"| {size:,} | " + " | ".join(f"{results[size]['seconds'][s]:.2f} s ({results[size]['seconds'][s] / size * 1e6:.0f} µs/img)" for s in STEPS)
+        f"| {size:,} | "
+        + " | ".join(
+            f"{results[size]['seconds'][s]:.2f} s ({results[size]['seconds'][s] / size * 1e6:.0f} µs/img)"
+            for s in STEPS
+        )
         + f" | {results[size]['peak_rss_mb']:.0f} | {results[size]['peak_anon_mb']:.0f} |"
         for size in sizes
     ]
     summary = (
         f"scale {small:,} -> {large:,} images, time per image ratio (1.0 = linear): "
         + ", ".join(f"{s} {slope[s]:.2f}" for s in STEPS)
-        + f"; table loading of {large:,} rows {results[large]['seconds']['table']:.2f} s; peak RSS {results[large]['peak_rss_mb']:.0f} MB"
-        + f" (anonymous {results[small]['peak_anon_mb']:.0f} MB at {small:,}, {results[large]['peak_anon_mb']:.0f} MB at {large:,})"
+        + f"; table loading of {large:,} rows {results[large]['seconds']['table']:.2f} s; peak RSS "
+        f"{results[large]['peak_rss_mb']:.0f} MB"
+        + f" (anonymous {results[small]['peak_anon_mb']:.0f} MB at {small:,}, {results[large]['peak_anon_mb']:.0f} MB "
+        f"at {large:,})"
     )
     body = [
-        "| test images | " + " | ".join(STEPS) + " | peak RSS MB | peak anonymous MB |", "|---|" + "---|" * (len(STEPS) + 2), *rows, "",
+        "| test images | " + " | ".join(STEPS) + " | peak RSS MB | peak anonymous MB |",
+        "|---|" + "---|" * (len(STEPS) + 2),
+        *rows,
+        "",
         "Each size in a fresh process with an empty image cache; the model is a small untrained timm network at 64x64 "
-        "so that the pipeline, not the network, is measured.", "", f"Result: {summary}",
+        "so that the pipeline, not the network, is measured.",
+        "",
+        f"Result: {summary}",
     ]
     record(args, "Scaling (benchmarks/scale.py)", machine, load, body)
     print(summary)

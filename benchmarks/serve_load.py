@@ -53,16 +53,22 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--run", type=Path, help="trained run folder: the script starts the server")
     target.add_argument("--onnx", type=Path, help="exported ONNX model: the script starts the server")
     target.add_argument("--url", help="a server already running on loopback, e.g. http://127.0.0.1:8000")
     parser.add_argument("--requests", type=int, default=1000, help="total requests (at most 100,000)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (at most 256)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="load duration with wrk (--requests applies to the httpx client)")
+    parser.add_argument(
+        "--seconds", type=float, default=20.0, help="load duration with wrk (--requests applies to the httpx client)"
+    )
     parser.add_argument("--image", type=Path, help="photo to send (default: a synthetic 256x256 JPEG bird)")
-    parser.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file to append the result to")
+    parser.add_argument(
+        "--benchmarks", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file to append the result to"
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
     if not 1 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 256:
@@ -140,7 +146,8 @@ def load_with_wrk(url: str, photo: bytes, seconds: float, concurrency: int) -> t
     boundary = "lowresbirdsboundary"
     body = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bird.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
-        + photo + f"\r\n--{boundary}--\r\n".encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
     )
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "body.bin").write_bytes(body)
@@ -174,7 +181,9 @@ def describe_machine() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     import torch
 
@@ -191,7 +200,12 @@ def record(path: Path, row: str) -> None:
         start = text.index(SECTION)
         next_section = text.find("\n## ", start + len(SECTION))
         end = len(text) if next_section == -1 else next_section + 1
-        text = text[:start] + text[start:end].rstrip("\n") + f"\n{row}\n" + ("\n" + text[end:] if next_section != -1 else "")
+        text = (
+            text[:start]
+            + text[start:end].rstrip("\n")
+            + f"\n{row}\n"
+            + ("\n" + text[end:] if next_section != -1 else "")
+        )
     path.write_text(text, encoding="utf-8")
 
 
@@ -204,7 +218,10 @@ def main() -> int:
     use_wrk = shutil.which("wrk") is not None
     with tempfile.TemporaryFile("w+") as log:
         if args.url:
-            url, model = args.url.rstrip("/"), httpx.get(f"{args.url.rstrip('/')}/api/health", timeout=5).json()["model"]
+            url, model = (
+                args.url.rstrip("/"),
+                httpx.get(f"{args.url.rstrip('/')}/api/health", timeout=5).json()["model"],
+            )
         else:
             model_args = ["--run", str(args.run)] if args.run else ["--onnx", str(args.onnx)]
             server, url = start_server(model_args, log)
@@ -225,21 +242,35 @@ def main() -> int:
     throughput = count / wall
     calls = stats["model_calls"] - before["model_calls"]
     mean_batch = (stats["images"] - before["images"]) / calls if calls else 0.0
-    print(f"{count} requests in {wall:.1f} s, {args.concurrency} concurrent ({'wrk' if use_wrk else 'httpx'}), {model}, {image_name}")
+    print(
+        f"{count} requests in {wall:.1f} s, {args.concurrency} concurrent ({'wrk' if use_wrk else 'httpx'}), {model}, "
+        f"{image_name}"
+    )
     print(f"p50 {p50:.1f} ms  p95 {p95:.1f} ms  {throughput:.1f} requests/s  errors {errors}")
-    print("mean ms per request: " + ", ".join(f"{stage} {ms:.2f}" for stage, ms in stats["mean_ms"].items()) + " (model = queue wait + model call)")
+    print(
+        "mean ms per request: "
+        + ", ".join(f"{stage} {ms:.2f}" for stage, ms in stats["mean_ms"].items())
+        + " (model = queue wait + model call)"
+    )
     print(f"micro-batches: mean {mean_batch:.1f} images per model call; sizes {stats['batch_sizes']}")
     ratio_text = ""
     if server is not None and mean_batch:
         batch = max(1, round(mean_batch))
         offline = offline_images_per_second(args.run or args.onnx, batch, photo)
         ratio_text = f"; offline {offline:.0f} img/s at batch {batch} -> served/offline {throughput / offline:.2f}"
-        print(f"the model alone at batch {batch}: {offline:.1f} images/s; served requests/s / offline images/s = {throughput / offline:.2f}")
+        print(
+            f"the model alone at batch {batch}: {offline:.1f} images/s; served requests/s / offline images/s = "
+            f"{throughput / offline:.2f}"
+        )
     print(f"machine: {machine}")
     if not args.no_record:
         date = datetime.date.today().isoformat()
         note = f"{throughput:.1f} (mean batch {mean_batch:.1f}{ratio_text})"
-        record(args.benchmarks, f"| {date} | {model} | {image_name} | {count} | {args.concurrency} | {p50:.1f} | {p95:.1f} | {note} | {errors} | {machine} |")
+        record(
+            args.benchmarks,
+            f"| {date} | {model} | {image_name} | {count} | {args.concurrency} | {p50:.1f} | {p95:.1f} | {note} | "
+            f"{errors} | {machine} |",
+        )
         print(f"appended to {args.benchmarks}")
     return 0 if errors == 0 else 1
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _machine import OtherLoad, add_record_args, benchmark_data, describe_machine, record
+
 from lowres_birds.runtime import keep_freed_memory
 
 
@@ -38,13 +39,17 @@ class Variant:
 
 VARIANTS = {
     "lite0": Variant("efficientnet_lite0, cpu.yaml as is (freeze 2, 64->128, fp32, batch 32)", "lite0"),
-    "lite0-channels-last": Variant("  cpu.yaml + channels_last weights (batches are channels_last either way)", "lite0", {"channels_last": True}),
+    "lite0-channels-last": Variant(
+        "  cpu.yaml + channels_last weights (batches are channels_last either way)", "lite0", {"channels_last": True}
+    ),
     "lite0-no-freeze": Variant("  cpu.yaml with freeze_blocks 0", "lite0", {"freeze_blocks": 0}),
     "lite0-bf16": Variant("  cpu.yaml + bf16 autocast", "lite0", {"mixed_precision": "bf16"}),
     "lite0-compile": Variant("  cpu.yaml + torch.compile (compile time excluded)", "lite0", compile=True),
     "lite0-batch64": Variant("  cpu.yaml with batch 64", "lite0", {"batch_size": 64}),
     "lite0-224": Variant("efficientnet_lite0 at 64->224 (cpu.yaml otherwise)", "lite0", {"strategy": "upscale:224"}),
-    "lite0-224-bf16": Variant("efficientnet_lite0 at 64->224 + bf16", "lite0", {"strategy": "upscale:224", "mixed_precision": "bf16"}),
+    "lite0-224-bf16": Variant(
+        "efficientnet_lite0 at 64->224 + bf16", "lite0", {"strategy": "upscale:224", "mixed_precision": "bf16"}
+    ),
     "beit": Variant("BEiT-base@224, beit-seed recipe (fp32, batch 16)", "beit"),
     "beit-channels-last": Variant("  BEiT + channels_last", "beit", {"channels_last": True}),
     "beit-bf16": Variant("  BEiT + bf16 autocast", "beit", {"mixed_precision": "bf16"}),
@@ -63,15 +68,22 @@ def beit_config_dir(tiny: bool) -> Path:
 
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37) if tiny else {}
     config = BeitConfig(
-        image_size=224, patch_size=16, use_absolute_position_embeddings=False, use_shared_relative_position_bias=True,
-        layer_scale_init_value=0.1, use_mean_pooling=True, **shape,
+        image_size=224,
+        patch_size=16,
+        use_absolute_position_embeddings=False,
+        use_shared_relative_position_bias=True,
+        layer_scale_init_value=0.1,
+        use_mean_pooling=True,
+        **shape,
     )
     folder = Path(tempfile.mkdtemp(prefix="beit-config-"))
     config.save_pretrained(folder)
     return folder
 
 
-def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int, tiny: bool, around_timed=None) -> float:
+def run_variant(
+    name: str, data_dir: Path, device: str, warmup: int, steps: int, tiny: bool, around_timed=None
+) -> float:
     """Images/s of one variant over ``steps`` batches after ``warmup`` batches (in this process).
 
     ``around_timed``: optional context manager entered around the timed batches (the profiler).
@@ -101,7 +113,9 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
         return reference_loop(cfg, data, batches, device, warmup)
 
     accelerator = create_accelerator(cfg, Path(tempfile.mkdtemp(prefix="bench-run-")))
-    model = create_model(cfg.model, list(data.label_map.classes), parse_strategy(cfg.strategy).input_size, cfg.pretrained)
+    model = create_model(
+        cfg.model, list(data.label_map.classes), parse_strategy(cfg.strategy).input_size, cfg.pretrained
+    )
     model.freeze_early_layers(cfg.freeze_blocks)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -109,10 +123,18 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
         model.compile()
     optimizer = create_optimizer(model, cfg)
     scheduler = create_scheduler(optimizer, cfg, warmup + steps)
-    warm_loader = make_loader(data.train_images, data.targets, batches[: warmup * cfg.batch_size], cfg.batch_size, cfg.seed, shuffle=True)
-    timed_loader = make_loader(data.train_images, data.targets, batches[warmup * cfg.batch_size :], cfg.batch_size, cfg.seed, shuffle=True)
-    model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, timed_loader, scheduler)
-    parts = Trainee(model, optimizer, scheduler, accelerator, torch.Generator().manual_seed(cfg.seed), None, HRSupport())
+    warm_loader = make_loader(
+        data.train_images, data.targets, batches[: warmup * cfg.batch_size], cfg.batch_size, cfg.seed, shuffle=True
+    )
+    timed_loader = make_loader(
+        data.train_images, data.targets, batches[warmup * cfg.batch_size :], cfg.batch_size, cfg.seed, shuffle=True
+    )
+    model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(
+        model, optimizer, warm_loader, timed_loader, scheduler
+    )
+    parts = Trainee(
+        model, optimizer, scheduler, accelerator, torch.Generator().manual_seed(cfg.seed), None, HRSupport()
+    )
     state, never = TrainState(), StopFlag()  # checkpoint_every is 0 and no signal handler is installed: no checkpoint
     train_one_epoch(parts, warm_loader, cfg, state, None, never, None)
     if accelerator.device.type == "cuda":
@@ -125,10 +147,9 @@ def run_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int,
 def reference_loop(cfg, data, batches, device: str, warmup: int) -> float:
     """The reference's training loop: PIL loader, BeitForImageClassification(labels=...), fp32 AdamW, no accelerate."""
     import torch
+    from input_pipeline import ReferenceDataset
     from torch.utils.data import DataLoader, Subset
     from transformers import AutoConfig, BeitForImageClassification
-
-    from input_pipeline import ReferenceDataset
 
     config = AutoConfig.from_pretrained(cfg.model[3:], num_labels=len(data.label_map.classes))
     model = BeitForImageClassification(config).to(device).train()
@@ -149,10 +170,16 @@ def reference_loop(cfg, data, batches, device: str, warmup: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
-INPUT_STAGES = {"gather": "BatchGather.__call__", "augment": "augment_batch", "resize + normalise": "BirdNet.preprocess"}
+INPUT_STAGES = {
+    "gather": "BatchGather.__call__",
+    "augment": "augment_batch",
+    "resize + normalise": "BirdNet.preprocess",
+}
 
 
-def profile_variant(name: str, data_dir: Path, device: str, warmup: int, steps: int) -> tuple[float, dict[str, float], dict[str, float], str]:
+def profile_variant(
+    name: str, data_dir: Path, device: str, warmup: int, steps: int
+) -> tuple[float, dict[str, float], dict[str, float], str]:
     """One variant under torch.profiler, input stages labelled.
 
     Returns (seconds per step, seconds per step per input stage, kernel time and page faults per step, op table).
@@ -198,20 +225,41 @@ def profile_variant(name: str, data_dir: Path, device: str, warmup: int, steps: 
     totals = {event.key: event.cpu_time_total / 1e6 for event in profiler.key_averages()}
     stages = {stage: totals.get(text, 0.0) / steps for stage, text in INPUT_STAGES.items()}
     system = {"kernel time (all threads)": measured["kernel"] / steps, "page faults": measured["faults"] / steps}
-    return measured["wall"] / steps, stages, system, profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return (
+        measured["wall"] / steps,
+        stages,
+        system,
+        profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, help="competition folder (default ../shared/data/cub100-lr, else synthetic)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, help="competition folder (default ../shared/data/cub100-lr, else synthetic)"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--only", help=f"comma-separated variants (default: {','.join(CPU_SET)}); all: {','.join(VARIANTS)}")
+    parser.add_argument(
+        "--only", help=f"comma-separated variants (default: {','.join(CPU_SET)}); all: {','.join(VARIANTS)}"
+    )
     parser.add_argument("--steps", type=int, help="timed batches per variant (default: per model and device)")
     parser.add_argument("--warmup", type=int, help="untimed batches first (default: per model and device)")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over the variants, interleaved; medians are reported")
-    parser.add_argument("--dry-run", action="store_true", help="tiny data and BEiT, 1+1 batches, no record: checks the script runs")
-    parser.add_argument("--profile", metavar="VARIANT", help="profile one variant's timed batches instead (torch.profiler): input-handling share of a step")
-    parser.add_argument("--glibc-default-malloc", action="store_true", help="skip runtime.keep_freed_memory (to measure what it saves)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds over the variants, interleaved; medians are reported"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny data and BEiT, 1+1 batches, no record: checks the script runs"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="VARIANT",
+        help="profile one variant's timed batches instead (torch.profiler): input-handling share of a step",
+    )
+    parser.add_argument(
+        "--glibc-default-malloc", action="store_true", help="skip runtime.keep_freed_memory (to measure what it saves)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run one variant in this process, print JSON
     add_record_args(parser)
     args = parser.parse_args()
@@ -236,10 +284,18 @@ def main() -> int:
         return profile(args, data_dir, machine)
     runs: dict[str, list[float]] = {name: [] for name in names}
     with OtherLoad() as load:
-        for _, name in itertools.product(range(args.repeats), names):  # interleaved: drifts in machine speed hit all alike
+        for _, name in itertools.product(
+            range(args.repeats), names
+        ):  # interleaved: drifts in machine speed hit all alike
             command = [sys.executable, __file__, "--child", name, "--data", str(data_dir), "--device", args.device]
-            command += [f"--{flag}={value}" for flag, value in (("steps", args.steps), ("warmup", args.warmup)) if value]
-            command += [flag for flag, on in (("--dry-run", args.dry_run), ("--glibc-default-malloc", args.glibc_default_malloc)) if on]
+            command += [
+                f"--{flag}={value}" for flag, value in (("steps", args.steps), ("warmup", args.warmup)) if value
+            ]
+            command += [
+                flag
+                for flag, on in (("--dry-run", args.dry_run), ("--glibc-default-malloc", args.glibc_default_malloc))
+                if on
+            ]
             started = time.perf_counter()
             # Compile in-process during warm-up: inductor's background compile workers would otherwise still
             # be busy during the timed batches.
@@ -249,16 +305,34 @@ def main() -> int:
                 sys.stderr.write(child.stderr[-3000:])
                 raise SystemExit(f"variant {name} failed (exit {child.returncode})")
             runs[name].append(json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"])
-            print(f"{name:24s} {runs[name][-1]:9.2f} img/s   ({time.perf_counter() - started:.0f}s)  {VARIANTS[name].description.strip()}", flush=True)
+            print(
+                f"{name:24s} {runs[name][-1]:9.2f} img/s   ({time.perf_counter() - started:.0f}s)  "
+                f"{VARIANTS[name].description.strip()}",
+                flush=True,
+            )
     results = {name: statistics.median(rates) for name, rates in runs.items()}
-    fastest_lite0 = max((n for n in results if VARIANTS[n].model == "lite0" and "224" not in n), key=results.get, default=None)
+    fastest_lite0 = max(
+        (n for n in results if VARIANTS[n].model == "lite0" and "224" not in n), key=results.get, default=None
+    )
     body = ["| variant | what | training images/s (median) | all runs |", "|---|---|---|---|"]
-    body += [f"| {name} | {VARIANTS[name].description.strip()} | {rate:.2f} | {', '.join(f'{r:.1f}' for r in runs[name])} |" for name, rate in results.items()]
+    body += [
+        f"| {name} | {VARIANTS[name].description.strip()} | {rate:.2f} | {', '.join(f'{r:.1f}' for r in runs[name])} |"
+        for name, rate in results.items()
+    ]
     summary = "training throughput: " + ", ".join(f"{name} {rate:.1f} img/s" for name, rate in results.items())
     if fastest_lite0:
         summary += f"; fastest lite0 option at 128: {fastest_lite0}"
-    allocator = "glibc default malloc" if args.glibc_default_malloc else "freed memory kept (runtime.keep_freed_memory, as the CLI)"
-    body += ["", f"Data: {data_dir.name}; {allocator}; each run in its own process; {args.repeats} interleaved round(s).", "", f"Result: {summary}"]
+    allocator = (
+        "glibc default malloc"
+        if args.glibc_default_malloc
+        else "freed memory kept (runtime.keep_freed_memory, as the CLI)"
+    )
+    body += [
+        "",
+        f"Data: {data_dir.name}; {allocator}; each run in its own process; {args.repeats} interleaved round(s).",
+        "",
+        f"Result: {summary}",
+    ]
     record(args, "Training throughput (benchmarks/train_throughput.py)", machine, load, body)
     print(summary)
     return 0
@@ -269,20 +343,33 @@ def profile(args: argparse.Namespace, data_dir: Path, machine: str) -> int:
         raise SystemExit(f"--profile takes one of {', '.join(n for n in VARIANTS if n != 'beit-reference')}")
     warmup, steps = STEPS[(VARIANTS[args.profile].model, args.device)]
     with OtherLoad() as load:
-        step_s, stages, system, table = profile_variant(args.profile, data_dir, args.device, args.warmup or warmup, args.steps or steps)
+        step_s, stages, system, table = profile_variant(
+            args.profile, data_dir, args.device, args.warmup or warmup, args.steps or steps
+        )
     print(table)
     share = sum(stages.values()) / step_s
-    allocator = "glibc default" if args.glibc_default_malloc else "freed memory kept (runtime.keep_freed_memory, as the CLI)"
+    allocator = (
+        "glibc default" if args.glibc_default_malloc else "freed memory kept (runtime.keep_freed_memory, as the CLI)"
+    )
     body = ["| stage | ms per step | share of the step |", "|---|---|---|"]
     body += [f"| {stage} | {seconds * 1000:.1f} | {seconds / step_s:.1%} |" for stage, seconds in stages.items()]
     body.append(f"| whole step (profiled) | {step_s * 1000:.1f} | 100% |")
-    body.append(f"| kernel time (all threads), mostly page faults | {system['kernel time (all threads)'] * 1000:.1f} | |")
+    body.append(
+        f"| kernel time (all threads), mostly page faults | {system['kernel time (all threads)'] * 1000:.1f} | |"
+    )
     summary = (
-        f"profile {args.profile} ({allocator}): input handling (gather + augment + resize/normalise) is {share:.1%} of a "
-        f"{step_s * 1000:.0f} ms training step (" + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stages.items())
+        f"profile {args.profile} ({allocator}): input handling (gather + augment + resize/normalise) is {share:.1%} of "
+        "a "
+        f"{step_s * 1000:.0f} ms training step ("
+        + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stages.items())
         + f"); {system['page faults']:.0f} page faults per step"
     )
-    body += ["", f"Data: {data_dir.name}; {args.steps or steps} profiled steps after {args.warmup or warmup}.", "", f"Result: {summary}"]
+    body += [
+        "",
+        f"Data: {data_dir.name}; {args.steps or steps} profiled steps after {args.warmup or warmup}.",
+        "",
+        f"Result: {summary}",
+    ]
     record(args, "Training step profile (benchmarks/train_throughput.py --profile)", machine, load, body)
     print("\n".join(body[:-2]))
     print(summary)

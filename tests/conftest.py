@@ -12,9 +12,34 @@ from lowres_birds.data.demo import make_demo_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100-lr"
 # Both without the cpu recipe's HR teacher (tests of the teacher switch it back on).
-TINY_TRAIN = ["--model", "efficientnet_lite0", "--strategy", "native", "--kd-weight", "0", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+TINY_TRAIN = [
+    "--model",
+    "efficientnet_lite0",
+    "--strategy",
+    "native",
+    "--kd-weight",
+    "0",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+]
 # Seconds, not minutes: a tiny untrained timm network, for tests that need any finished run, not a good one.
-FAST_TRAIN = ["--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "native", "--kd-weight", "0", "--epochs", "1", "--device", "cpu"]
+FAST_TRAIN = [
+    "--model",
+    "timm:test_efficientnet",
+    "--no-pretrained",
+    "--strategy",
+    "native",
+    "--kd-weight",
+    "0",
+    "--epochs",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +69,30 @@ def winners_run(demo_data, tmp_path_factory) -> Path:
     Lanczos upscale to 96."""
     run_dir = tmp_path_factory.mktemp("runs") / "winners"
     os.environ["LOWRES_BIRDS_CACHE"] = str(tmp_path_factory.getbasetemp() / "image-cache")
-    assert main(["train", "--data", str(demo_data), "--out", str(run_dir), *FAST_TRAIN, "--strategy", "upscale:96", "--trivial-augment",
-                 "--random-erasing", "0.5", "--class-balanced-beta", "0.99", "--upscale-filter", "lanczos", "--label-smoothing", "0.05"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(demo_data),
+                "--out",
+                str(run_dir),
+                *FAST_TRAIN,
+                "--strategy",
+                "upscale:96",
+                "--trivial-augment",
+                "--random-erasing",
+                "0.5",
+                "--class-balanced-beta",
+                "0.99",
+                "--upscale-filter",
+                "lanczos",
+                "--label-smoothing",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     return run_dir
 
 
@@ -66,7 +113,9 @@ def write_tiny_beit_run(folder: Path, labels: list[str], size: int = 96, **beit)
     from lowres_birds.run_dir import RunDir
 
     config_dir = folder.parent / f"{folder.name}-config"
-    BeitConfig(image_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **beit).save_pretrained(config_dir)
+    BeitConfig(
+        image_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **beit
+    ).save_pretrained(config_dir)
     model = create_model(f"hf:{config_dir}", labels, size, pretrained=False)
     run = RunDir(folder)
     save_architecture(model, run)
@@ -81,7 +130,17 @@ def save_tiny_beit(folder: Path, size: int = 64, **beit) -> Path:
     offline as --model hf:FOLDER the way a Hub checkpoint would be."""
     from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
 
-    config = BeitConfig(image_size=size, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **beit)
+    config = BeitConfig(
+        image_size=size,
+        patch_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        **beit,
+    )
     BeitForImageClassification(config).save_pretrained(folder)
-    BeitImageProcessor(size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+    BeitImageProcessor(
+        size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    ).save_pretrained(folder)
     return folder

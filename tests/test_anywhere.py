@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FAST_TRAIN
 from PIL import Image
 
 from lowres_birds.cli import main
 from lowres_birds.errors import UserError
 from lowres_birds.predict.classifier import Classifier
-from conftest import FAST_TRAIN
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,19 @@ def test_classifier_is_called_like_a_hugging_face_pipeline(classifier, demo_data
     assert answer[0]["score"] >= answer[1]["score"] and answer[0]["label"] in classifier.labels
 
     pixels = np.asarray(Image.open(photo).convert("RGB"))
-    same = [classifier(str(photo), top_k=2), classifier(Image.open(photo), top_k=2), classifier(pixels, top_k=2),
-            classifier(pixels.transpose(2, 0, 1), top_k=2), classifier.predict(photo, top_k=2)]
+    same = [
+        classifier(str(photo), top_k=2),
+        classifier(Image.open(photo), top_k=2),
+        classifier(pixels, top_k=2),
+        classifier(pixels.transpose(2, 0, 1), top_k=2),
+        classifier.predict(photo, top_k=2),
+    ]
     assert all(other == answer for other in same)
     batch = classifier([photo, str(photo), pixels], top_k=1)
     assert [best["label"] for (best,) in batch] == [answer[0]["label"]] * 3
-    assert [best["score"] for (best,) in batch] == pytest.approx([answer[0]["score"]] * 3, abs=1e-5)  # batched: float noise
+    assert [best["score"] for (best,) in batch] == pytest.approx(
+        [answer[0]["score"]] * 3, abs=1e-5
+    )  # batched: float noise
     assert len(classifier(photo, top_k=50)) == len(classifier.labels)  # like HF: never more than the classes
 
 
@@ -95,7 +102,20 @@ def test_predict_images_writes_one_row_per_image_of_a_folder(trained_run, classi
     assert [table["label"][0], table["label_2"][0]] == [e["label"] for e in first]
     assert f"wrote 200 predictions to {out}" in capsys.readouterr().out
 
-    assert main(["predict", "--run", str(trained_run), "--images", str(folder / "part1" / "*.jpg"), "--out", str(tmp_path / "glob.csv")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(trained_run),
+                "--images",
+                str(folder / "part1" / "*.jpg"),
+                "--out",
+                str(tmp_path / "glob.csv"),
+            ]
+        )
+        == 0
+    )
     assert len(pd.read_csv(tmp_path / "glob.csv")) == len(list((folder / "part1").glob("*.jpg")))
 
 
@@ -132,22 +152,47 @@ def _scores(printed: str) -> str:
 
 
 def test_evaluate_on_an_image_folder_equals_evaluate_through_csvs(trained_run, image_folder, tmp_path, capsys):
-    assert main(["evaluate", "--run", str(trained_run), "--data", str(image_folder), "--out-dir", str(tmp_path / "direct")]) == 0
+    assert (
+        main(
+            ["evaluate", "--run", str(trained_run), "--data", str(image_folder), "--out-dir", str(tmp_path / "direct")]
+        )
+        == 0
+    )
     direct = _scores(capsys.readouterr().out)
     assert (tmp_path / "direct" / "confusion_matrix.png").is_file()
 
     predictions = tmp_path / "predictions.csv"
-    assert main(["predict", "--run", str(trained_run), "--images", str(image_folder), "--out", str(predictions), "--top", "1"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(trained_run),
+                "--images",
+                str(image_folder),
+                "--out",
+                str(predictions),
+                "--top",
+                "1",
+            ]
+        )
+        == 0
+    )
     submission = pd.read_csv(predictions).rename(columns={"path": "id"})[["id", "label"]]
     submission.to_csv(tmp_path / "submission.csv", index=False)
     truth = pd.DataFrame({"id": submission["id"], "label": [Path(p).parent.name for p in submission["id"]]})
     truth.to_csv(tmp_path / "labels.csv", index=False)
     capsys.readouterr()
-    assert main(["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(tmp_path / "labels.csv")]) == 0
+    assert (
+        main(["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(tmp_path / "labels.csv")])
+        == 0
+    )
     assert _scores(capsys.readouterr().out) == direct
 
 
-def test_evaluate_run_without_out_dir_numbers_its_folder_and_refuses_mixed_modes(trained_run, image_folder, demo_data, tmp_path, monkeypatch, capsys):
+def test_evaluate_run_without_out_dir_numbers_its_folder_and_refuses_mixed_modes(
+    trained_run, image_folder, demo_data, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "evaluate").mkdir(parents=True)
     assert main(["evaluate", "--run", str(trained_run), "--data", str(image_folder)]) == 0
@@ -155,7 +200,22 @@ def test_evaluate_run_without_out_dir_numbers_its_folder_and_refuses_mixed_modes
     capsys.readouterr()
     assert main(["evaluate", "--run", str(trained_run), "--data", str(demo_data)]) == 2
     assert "not a labelled ImageFolder" in capsys.readouterr().err
-    assert main(["evaluate", "--run", str(trained_run), "--submission", "s.csv", "--labels", "l.csv", "--data", str(image_folder)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(trained_run),
+                "--submission",
+                "s.csv",
+                "--labels",
+                "l.csv",
+                "--data",
+                str(image_folder),
+            ]
+        )
+        == 2
+    )
     assert "not both" in capsys.readouterr().err
     assert main(["evaluate", "--submission", "s.csv"]) == 2
 
@@ -181,4 +241,6 @@ def test_train_without_out_takes_the_next_numbered_folder(demo_data, tmp_path, m
     monkeypatch.delenv("WORLD_SIZE")
     assert main(["train", "--data", str(demo_data), *FAST_TRAIN]) == 0
     assert "run folder: runs/train2" in capsys.readouterr().out
-    assert (tmp_path / "runs" / "train2" / "model.safetensors").is_file() and not any((tmp_path / "runs" / "train").iterdir())
+    assert (tmp_path / "runs" / "train2" / "model.safetensors").is_file() and not any(
+        (tmp_path / "runs" / "train").iterdir()
+    )

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 from lowres_birds.cli import main
+from lowres_birds.data.demo import make_demo_dataset
 from lowres_birds.data.images import decode_image
 from lowres_birds.data.tables import load_test_table, load_train_table
 from lowres_birds.run_dir import MARKER, RunDir
-from lowres_birds.data.demo import make_demo_dataset
 
 FAST_MODEL = ["--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "native", "--device", "cpu"]
 TINY = [*FAST_MODEL, "--epochs", "1", "--batch-size", "16"]
@@ -206,8 +206,14 @@ BROKEN_TABLES = {
     "empty-label": (set_cell(1, "label", ""), ["train.csv row 3", "empty label"]),
     "empty-id": (set_cell(3, "id", "  "), ["train.csv row 5", "empty id"]),
     "class-with-one-image": (set_cell(0, "label", "Lonely Bird"), ["class 'Lonely Bird' has only 1 image"]),
-    "path-escaping-data-folder": (set_cell(0, "img_path", "../../etc/passwd"), ["train.csv row 2", "'../../etc/passwd' points outside the data folder; refused"]),
-    "absolute-path": (set_cell(0, "img_path", "/etc/passwd"), ["train.csv row 2", "'/etc/passwd' points outside the data folder; refused"]),
+    "path-escaping-data-folder": (
+        set_cell(0, "img_path", "../../etc/passwd"),
+        ["train.csv row 2", "'../../etc/passwd' points outside the data folder; refused"],
+    ),
+    "absolute-path": (
+        set_cell(0, "img_path", "/etc/passwd"),
+        ["train.csv row 2", "'/etc/passwd' points outside the data folder; refused"],
+    ),
 }
 
 
@@ -297,7 +303,10 @@ BAD_OPTIONS = {
     "unknown-recipe": (["--recipe", "turbo"], ["unknown recipe 'turbo'"]),
     "unknown-model-source": (["--model", "resnet50"], ["unknown model 'resnet50'"]),
     "unknown-timm-model": (["--model", "timm:not_a_model"], ["unknown timm model 'not_a_model'"]),
-    "hf-path-not-a-directory": (["--model", "hf:/no/such/dir"], ["/no/such/dir is neither a local directory nor a Hugging Face Hub id"]),
+    "hf-path-not-a-directory": (
+        ["--model", "hf:/no/such/dir"],
+        ["/no/such/dir is neither a local directory nor a Hugging Face Hub id"],
+    ),
 }
 
 
@@ -345,7 +354,9 @@ def test_unknown_hub_model_fails_fast_offline(data, tmp_path, capfd, monkeypatch
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, "--model", "hf:does-not-exist/xyz"], capfd)
+    code, err = run_cli(
+        ["train", "--data", data, "--out", tmp_path / "run", *TINY, "--model", "hf:does-not-exist/xyz"], capfd
+    )
     assert_refused(code, err, "'hf:does-not-exist/xyz' is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
 
 
@@ -354,7 +365,9 @@ def test_unknown_hub_model_without_offline_mode_does_not_retry(data, tmp_path, c
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, "--model", "hf:does-not-exist/xyz"], capfd)
+    code, err = run_cli(
+        ["train", "--data", data, "--out", tmp_path / "run", *TINY, "--model", "hf:does-not-exist/xyz"], capfd
+    )
     assert_refused(code, err, "'hf:does-not-exist/xyz'")
     assert "no such model on the Hugging Face Hub" in err or "the Hugging Face Hub is unreachable" in err
 
@@ -375,7 +388,17 @@ def awkward_layout(source: Path, out: Path) -> Path:
     write_odd_size(data / "train" / "TRAIN_00001.jpg")
     write_dialect(train, data / "train.csv")
     test = pd.read_csv(data / "test.csv", dtype=str).assign(notes="x")
-    writers = [write_cmyk, write_png16, write_rgba, write_palette, write_gray, write_exif_rotated, write_odd_size, write_gif, write_png_named_jpg]
+    writers = [
+        write_cmyk,
+        write_png16,
+        write_rgba,
+        write_palette,
+        write_gray,
+        write_exif_rotated,
+        write_odd_size,
+        write_gif,
+        write_png_named_jpg,
+    ]
     for writer, relative in zip(writers, test["img_path"]):
         writer(data / relative)
     write_dialect(test, data / "test.csv")
@@ -421,14 +444,18 @@ def test_awkward_test_images_and_csv_dialect_predict_in_sample_order(awkward, tm
     data, run, _ = awkward
     submission, probabilities = tmp_path / "submission.csv", tmp_path / "probs.csv"
     with pytest.warns(UserWarning, match="2 of 9 images were not 64x64"):  # the 80x50 one and the rotated 64x48 one
-        code, err = run_cli(["predict", "--run", run, "--data", data, "--out", submission, "--probs", probabilities], capfd)
+        code, err = run_cli(
+            ["predict", "--run", run, "--data", data, "--out", submission, "--probs", probabilities], capfd
+        )
     assert code == 0, err
     written = pd.read_csv(submission, dtype=str, keep_default_na=False)
     assert list(written.columns) == ["id", "label"]
     assert pd.read_csv(probabilities).columns.tolist() == ["id", *sorted(AWKWARD_LABELS.values())]
     assert written["id"].tolist() == pd.read_csv(data / "sample_submission.csv", dtype=str)["id"].tolist()
     assert set(written["label"]) <= set(AWKWARD_LABELS.values())
-    code, err = run_cli(["evaluate", "--submission", submission, "--labels", data / "test_labels.csv", "--data", data], capfd)
+    code, err = run_cli(
+        ["evaluate", "--submission", submission, "--labels", data / "test_labels.csv", "--data", data], capfd
+    )
     assert code == 0, err
 
 
@@ -505,7 +532,10 @@ def test_force_with_a_model_typo_keeps_the_old_run(data, tmp_path, capfd):
     (run / "config.yaml").write_text("the old run\n")
     code, err = run_cli(["train", "--data", data, "--out", run, "--force", *TINY, "--model", "timm:not_a_model"], capfd)
     assert_refused(code, err, "unknown timm model 'not_a_model'")
-    assert sorted(p.name for p in run.iterdir()) == [MARKER, "config.yaml"] and (run / "config.yaml").read_text() == "the old run\n"
+    assert (
+        sorted(p.name for p in run.iterdir()) == [MARKER, "config.yaml"]
+        and (run / "config.yaml").read_text() == "the old run\n"
+    )
 
 
 @pytest.mark.parametrize("target", ["data-folder", "folder-of-runs"])
@@ -567,12 +597,27 @@ def test_a_damaged_run_among_several_is_named(awkward, tmp_path, capfd):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_predict_on_cuda_without_gpu(awkward, tmp_path, capfd):
     data, run, _ = awkward
-    code, err = run_cli(["predict", "--run", run, "--data", data, "--out", tmp_path / "s.csv", "--device", "cuda"], capfd)
+    code, err = run_cli(
+        ["predict", "--run", run, "--data", data, "--out", tmp_path / "s.csv", "--device", "cuda"], capfd
+    )
     assert_refused(code, err, "--device cuda", "no CUDA GPU is visible")
 
 
 def test_diverging_loss_without_a_checkpoint_says_so(data, tmp_path, capfd):
-    args = ["train", "--data", data, "--out", tmp_path / "run", *FAST_MODEL, "--epochs", "1", "--batch-size", "2", "--lr", "1e30"]
+    args = [
+        "train",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        *FAST_MODEL,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e30",
+    ]
     code, err = run_cli(args, capfd)
     assert code == 2 and err.rstrip().endswith("(no checkpoint was written yet)"), err
     assert "loss became" in err and not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -580,7 +625,9 @@ def test_diverging_loss_without_a_checkpoint_says_so(data, tmp_path, capfd):
 
 def test_an_empty_upscale_cell_is_named_by_its_row(data, tmp_path, capfd):
     edit_csv(data / "train.csv", set_cell(3, "upscale_img_path", " "))
-    code, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", *TINY, "--strategy", "hr-downscale:64"], capfd)
+    code, err = run_cli(
+        ["train", "--data", data, "--out", tmp_path / "run", *TINY, "--strategy", "hr-downscale:64"], capfd
+    )
     assert_refused(code, err, "hr-downscale:64", "train.csv row 5: empty upscale_img_path (1 of 8 rows)")
 
 
@@ -596,7 +643,9 @@ def test_evaluate_refuses_blank_labels_and_header_only_files(broken, change, fra
     submission = tmp_path / "submission.csv"
     pd.read_csv(data / "test_labels.csv", dtype=str).to_csv(submission, index=False)  # a perfect submission
     edit_csv(submission if broken == "submission" else data / "test_labels.csv", change)
-    code, err = run_cli(["evaluate", "--submission", submission, "--labels", data / "test_labels.csv", "--data", data], capfd)
+    code, err = run_cli(
+        ["evaluate", "--submission", submission, "--labels", data / "test_labels.csv", "--data", data], capfd
+    )
     assert_refused(code, err, *fragments)
     assert not (tmp_path / "per_class.csv").exists()
 

@@ -18,7 +18,9 @@ from _machine import OtherLoad, record  # noqa: E402
 
 def test_record_appends_a_section_and_keeps_the_others(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
-    others = "# Benchmarks\n\n## Serving (benchmarks/serve_load.py)\n\n| date | p50 |\n|---|---|\n| 2026-01-01 | 5.0 |\n"
+    others = (
+        "# Benchmarks\n\n## Serving (benchmarks/serve_load.py)\n\n| date | p50 |\n|---|---|\n| 2026-01-01 | 5.0 |\n"
+    )
     path.write_text(others, encoding="utf-8")
     args = argparse.Namespace(benchmarks=path, no_record=False)
     with OtherLoad() as load:
@@ -26,7 +28,7 @@ def test_record_appends_a_section_and_keeps_the_others(tmp_path):
     record(args, "Inference (benchmarks/inference.py)", "2 cores (test CPU)", load, ["| a | b |", "Result: fast"])
     text = path.read_text(encoding="utf-8")
     assert text.startswith(others)
-    section = text[len(others):]
+    section = text[len(others) :]
     assert section.startswith("\n## Inference (benchmarks/inference.py) (")
     assert "- machine: 2 cores (test CPU)" in section and "- load: " in section and section.endswith("Result: fast\n")
 
@@ -35,19 +37,32 @@ def test_record_appends_a_section_and_keeps_the_others(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("LOWRES_BIRDS_SLOW_TESTS"), reason="~4 min on 2 cores: set LOWRES_BIRDS_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("LOWRES_BIRDS_SLOW_TESTS"), reason="~4 min on 2 cores: set LOWRES_BIRDS_SLOW_TESTS=1"
+)
 def test_gpu_script_dry_run_on_cpu(tmp_path):
     """Every step of gpu.sh (input pipeline, BEiT and lite0 training, each GPU recipe's steps and memory) with tiny sizes, on the CPU."""
     done = subprocess.run(
-        ["bash", str(BENCHMARKS_DIR / "gpu.sh"), "--dry-run"], capture_output=True, text=True, timeout=900,
+        ["bash", str(BENCHMARKS_DIR / "gpu.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, "LOWRES_BIRDS_CACHE": str(tmp_path / "cache")},
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "benchmark" not in line]
     recipes = [row.split("|")[1].strip() for row in rows[3:]]
-    assert [row.split("|")[1].strip() for row in rows[:3]] == ["input pipeline", "BEiT-base@224 training", "lite0 64->224 training"]
+    assert [row.split("|")[1].strip() for row in rows[:3]] == [
+        "input pipeline",
+        "BEiT-base@224 training",
+        "lite0 64->224 training",
+    ]
     assert "beit-bf16" in rows[1] and "beit-reference" in rows[1] and "lite0-224" in rows[2]
-    gpu_recipes = sorted(path.stem for path in (BENCHMARKS_DIR.parent / "src" / "lowres_birds" / "recipes").glob("*.yaml") if "\n# GPU memory" in path.read_text())
+    gpu_recipes = sorted(
+        path.stem
+        for path in (BENCHMARKS_DIR.parent / "src" / "lowres_birds" / "recipes").glob("*.yaml")
+        if "\n# GPU memory" in path.read_text()
+    )
     assert gpu_recipes and recipes == [f"{recipe} memory{ckpt}" for recipe in gpu_recipes for ckpt in ("", ", ckpt")]
     assert all("img/s, max_memory_allocated" in row for row in rows[3:])
     assert "FAILED" not in done.stdout

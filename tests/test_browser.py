@@ -10,17 +10,23 @@ import httpx
 import pytest
 import uvicorn
 
-
-from lowres_birds.data.tables import LabelMap
-from lowres_birds.data.demo import SPECIES
-from lowres_birds.predict.classifier import Classifier
-from lowres_birds.model.factory import LITE0, create_model, save_architecture
 from lowres_birds.config import LR_SIZE
+from lowres_birds.data.demo import SPECIES
+from lowres_birds.data.tables import LabelMap
+from lowres_birds.model.factory import LITE0, create_model, save_architecture
+from lowres_birds.predict.classifier import Classifier
 from lowres_birds.predict.serving import bind, create_app
 from lowres_birds.run_dir import RunDir
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,9 @@ def server_url(eight_species_run):
     listener.close()
 
 
-def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(server_url, demo_data, eight_species_run, tmp_path):
+def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(
+    server_url, demo_data, eight_species_run, tmp_path
+):
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     from playwright.sync_api import expect, sync_playwright
@@ -76,14 +84,20 @@ def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(server_url
 
             bars = page.locator("#predictions li")
             expect(bars).to_have_count(5)
-            assert [bars.nth(i).get_attribute("data-label") for i in range(bars.count())] == [e["label"] for e in expected]
+            assert [bars.nth(i).get_attribute("data-label") for i in range(bars.count())] == [
+                e["label"] for e in expected
+            ]
             expect(bars.first.locator(".value")).to_have_text(f"{expected[0]['score'] * 100:.1f}%")
             assert all(bars.nth(i).locator(".label").inner_text().strip() for i in range(bars.count()))
             page.wait_for_function("() => document.querySelector('#model-view').naturalWidth === 64")
-            assert page.locator("#model-view").evaluate("img => [img.naturalHeight, getComputedStyle(img).imageRendering]") == [64, "pixelated"]
+            assert page.locator("#model-view").evaluate(
+                "img => [img.naturalHeight, getComputedStyle(img).imageRendering]"
+            ) == [64, "pixelated"]
             page.wait_for_function("() => document.querySelector('#uploaded').naturalWidth > 0")
 
-            page.set_input_files("#photo-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"}])
+            page.set_input_files(
+                "#photo-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"}]
+            )
             expect(page.locator("#error")).to_contain_text("not an image")
 
             page.set_input_files("#photo-input", str(photo))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from conftest import FAST_TRAIN
+
 from lowres_birds.cli import main
 from lowres_birds.train.budget import SAFETY, VALIDATION_COST, plan_epochs
 
@@ -39,8 +40,29 @@ def test_a_budget_too_short_for_the_epochs_shortens_the_schedule_to_its_floor(de
     for module in (budget, loop, validation):
         monkeypatch.setattr(module, "time", clock)
     run = tmp_path / "run"
-    assert main(["train", "--data", str(demo_data), "--out", str(run), *FAST_TRAIN, "--epochs", "40", "--batch-size", "4",
-                 "--schedule", "cosine", "--lr", "0.01", "--budget-minutes", "0.02"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(demo_data),
+                "--out",
+                str(run),
+                *FAST_TRAIN,
+                "--epochs",
+                "40",
+                "--batch-size",
+                "4",
+                "--schedule",
+                "cosine",
+                "--lr",
+                "0.01",
+                "--budget-minutes",
+                "0.02",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "time budget 0.02 min" in out and f"of 40 epochs training {len(records)}" in out

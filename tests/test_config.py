@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lowres_birds.config import load_config
-from lowres_birds.run_dir import RunDir
 from lowres_birds.errors import UserError
+from lowres_birds.run_dir import RunDir
 
 
 def test_base_recipe_is_inherited_and_overridden(tmp_path):

@@ -13,16 +13,24 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from sklearn.preprocessing import LabelEncoder
 
 from lowres_birds.cli import main
+from lowres_birds.config import HR_SIZE, LR_SIZE, parse_strategy
 from lowres_birds.data.tables import LabelMap
-from lowres_birds.run_dir import RunDir
 from lowres_birds.metrics import per_class_table, score
 from lowres_birds.model.factory import create_model
-from lowres_birds.config import HR_SIZE, LR_SIZE, parse_strategy
 from lowres_birds.model.resolution import gather_nchw, normalise, to_nchw
+from lowres_birds.run_dir import RunDir
 
 # --------------------------------------------------------------------------- labels
 
-LABELS = ["Slate Shrike", "azure finch", "Azure Finch", "까치", "001.Black_footed_Albatross", "Heron, Great", "Slate Shrike"]
+LABELS = [
+    "Slate Shrike",
+    "azure finch",
+    "Azure Finch",
+    "까치",
+    "001.Black_footed_Albatross",
+    "Heron, Great",
+    "Slate Shrike",
+]
 
 
 def test_label_map_matches_sklearn_label_encoder():
@@ -170,7 +178,13 @@ def test_evaluate_refuses_mismatched_ids_saying_how_many(demo_data, tmp_path, ca
     truth = pd.read_csv(demo_data / "test_labels.csv", dtype=str)
     broken = pd.concat([truth.iloc[2:], pd.DataFrame({"id": ["NOT_A_TEST_ID"], "label": [truth["label"][0]]})])
     broken.to_csv(tmp_path / "submission.csv", index=False)
-    args = ["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(demo_data / "test_labels.csv")]
+    args = [
+        "evaluate",
+        "--submission",
+        str(tmp_path / "submission.csv"),
+        "--labels",
+        str(demo_data / "test_labels.csv"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "submission.csv: ids do not match test_labels.csv: 2 missing, 1 extra" in err
@@ -182,7 +196,15 @@ def test_evaluate_accepts_partial_labels_but_not_ids_outside_the_test_set(demo_d
     truth = pd.read_csv(demo_data / "test_labels.csv", dtype=str)
     truth.iloc[::2].to_csv(tmp_path / "half.csv", index=False)
     truth.to_csv(tmp_path / "submission.csv", index=False)
-    args = ["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(tmp_path / "half.csv"), "--data", str(demo_data)]
+    args = [
+        "evaluate",
+        "--submission",
+        str(tmp_path / "submission.csv"),
+        "--labels",
+        str(tmp_path / "half.csv"),
+        "--data",
+        str(demo_data),
+    ]
     assert main(args) == 0
     assert f"scored {len(truth.iloc[::2])} labelled images" in capsys.readouterr().out
     pd.concat([truth, pd.DataFrame({"id": ["EXTRA"], "label": ["x"]})]).to_csv(tmp_path / "submission.csv", index=False)
@@ -199,15 +221,49 @@ def test_evaluate_finds_the_test_set_beside_partial_labels_or_asks_for_it(demo_d
     (folder / "test.csv").symlink_to(demo_data / "test.csv")
     (folder / "test").symlink_to(demo_data / "test")
     truth.iloc[::2].to_csv(folder / "public_labels.csv", index=False)
-    assert main(["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(folder / "public_labels.csv")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--submission",
+                str(tmp_path / "submission.csv"),
+                "--labels",
+                str(folder / "public_labels.csv"),
+            ]
+        )
+        == 0
+    )
     assert f"scored {len(truth.iloc[::2])} labelled images" in capsys.readouterr().out
     truth.iloc[::2].to_csv(tmp_path / "public_labels.csv", index=False)
-    assert main(["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(tmp_path / "public_labels.csv"), "--force"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--submission",
+                str(tmp_path / "submission.csv"),
+                "--labels",
+                str(tmp_path / "public_labels.csv"),
+                "--force",
+            ]
+        )
+        == 2
+    )
     assert "or pass --data TEST_FOLDER when the labels cover part of it" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_duplicate_ids(demo_data, tmp_path, capsys):
     truth = pd.read_csv(demo_data / "test_labels.csv", dtype=str)
     pd.concat([truth, truth.iloc[:1]]).to_csv(tmp_path / "submission.csv", index=False)
-    assert main(["evaluate", "--submission", str(tmp_path / "submission.csv"), "--labels", str(demo_data / "test_labels.csv")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--submission",
+                str(tmp_path / "submission.csv"),
+                "--labels",
+                str(demo_data / "test_labels.csv"),
+            ]
+        )
+        == 2
+    )
     assert f"duplicate id '{truth['id'][0]}'" in capsys.readouterr().err

@@ -51,7 +51,17 @@ from lowres_birds.cli import main
 from lowres_birds.config import FIELD_TYPES, FIELDS
 from lowres_birds.data.demo import make_demo_dataset
 
-FAST = ["--model", "timm:test_efficientnet", "--no-pretrained", "--device", "cpu", "--epochs", "1", "--batch-size", "16"]
+FAST = [
+    "--model",
+    "timm:test_efficientnet",
+    "--no-pretrained",
+    "--device",
+    "cpu",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+]
 UNWRITABLE = Path("/proc")  # root may write anywhere else; nothing can be created here
 
 
@@ -65,7 +75,9 @@ def world(tmp_path_factory) -> SimpleNamespace:
     assert main(["train", "--data", str(data), "--out", str(run), *FAST, "--strategy", "native"]) == 0
     assert main(["predict", "--run", str(run), "--data", str(data), "--out", str(submission)]) == 0
     photo = sorted((data / "test").glob("*.jpg"))[0]
-    return SimpleNamespace(root=root, data=data, run=run, submission=submission, labels=data / "test_labels.csv", photo=photo)
+    return SimpleNamespace(
+        root=root, data=data, run=run, submission=submission, labels=data / "test_labels.csv", photo=photo
+    )
 
 
 # --------------------------------------------------------------------------- the checks every case shares
@@ -106,7 +118,10 @@ def assert_no_temporaries(*folders: Path) -> None:
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every path under ``folder`` with a digest of its bytes: a refused command must leave it as it was."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def copy_run(world, tmp_path: Path) -> Path:
@@ -135,9 +150,16 @@ def fast_demo(monkeypatch):
 
     train = lowres_birds.train.loop.train
     fast = {"model": "timm:test_efficientnet", "pretrained": False, "strategy": "native", "epochs": 1, "batch_size": 16}
-    monkeypatch.setattr(lowres_birds.train.loop, "train", lambda cfg, *args, **kwargs: train(dataclasses.replace(cfg, **fast), *args, **kwargs))
-    monkeypatch.setattr(lowres_birds.data.demo, "make_demo_dataset",
-                        functools.partial(make_demo_dataset, train_per_class=4, test_per_class=2, classes=2))
+    monkeypatch.setattr(
+        lowres_birds.train.loop,
+        "train",
+        lambda cfg, *args, **kwargs: train(dataclasses.replace(cfg, **fast), *args, **kwargs),
+    )
+    monkeypatch.setattr(
+        lowres_birds.data.demo,
+        "make_demo_dataset",
+        functools.partial(make_demo_dataset, train_per_class=4, test_per_class=2, classes=2),
+    )
 
 
 # --------------------------------------------------------------------------- output paths
@@ -182,7 +204,18 @@ def _evaluate(w, out, tmp):
 
 def _evaluate_same(w, tmp):
     submission = Path(shutil.copy(w.submission, tmp / "per_class.csv"))
-    return ["evaluate", "--submission", submission, "--labels", w.labels, "--data", w.data, "--out-dir", tmp, "--force"], "--submission"
+    return [
+        "evaluate",
+        "--submission",
+        submission,
+        "--labels",
+        w.labels,
+        "--data",
+        w.data,
+        "--out-dir",
+        tmp,
+        "--force",
+    ], "--submission"
 
 
 def _study(w, out, tmp, data=None):
@@ -193,28 +226,91 @@ def _eda(w, out, tmp):
     return ["eda", "--data", w.data, "--out", out]
 
 
-FILE_OUTPUT = {"existing-file": "already exists; pass --force", "existing-folder": "is a folder, not a file", "missing-parent": OK,
-               "parent-is-file": "is a file, not a folder", "unwritable": "is not writable", "same-path": "is also given as"}
+FILE_OUTPUT = {
+    "existing-file": "already exists; pass --force",
+    "existing-folder": "is a folder, not a file",
+    "missing-parent": OK,
+    "parent-is-file": "is a file, not a folder",
+    "unwritable": "is not writable",
+    "same-path": "is also given as",
+}
 FOLDER_OUTPUT = {**FILE_OUTPUT, "existing-file": "is a file, not a folder", "existing-folder": OK}
-REPLACED_FOLDER = {**FOLDER_OUTPUT, "existing-folder": "not a lowres-birds output folder", "same-path": "not a lowres-birds output folder"}
+REPLACED_FOLDER = {
+    **FOLDER_OUTPUT,
+    "existing-folder": "not a lowres-birds output folder",
+    "same-path": "not a lowres-birds output folder",
+}
 
 OUTPUTS = {
-    "train --out": Output(_train, True, "model.safetensors", "lowres_birds.train.loop:train",
-                          lambda w, tmp: (["train", "--data", copy_data(w, tmp), "--out", tmp / "data", "--force", *FAST], "--data"), REPLACED_FOLDER),
-    "predict --out": Output(_predict, False, "", "lowres_birds.predict.classifier:predict_test_set",
-                            lambda w, tmp: ([*_predict(w, tmp / "s.csv", tmp), "--probs", tmp / "s.csv"], "--probs"), FILE_OUTPUT, ".csv"),
-    "predict --probs": Output(_probs, False, "", "lowres_birds.predict.classifier:predict_test_set", _probs_same, FILE_OUTPUT, ".csv"),
-    "evaluate --out-dir": Output(_evaluate, True, "per_class.csv", "lowres_birds.inspect.evaluate:align_submission", _evaluate_same, FOLDER_OUTPUT),
-    "demo --out": Output(lambda w, out, tmp: ["demo", "--out", out], True, "submission.csv", "lowres_birds.data.demo:make_demo_dataset", None,
-                         {k: v for k, v in REPLACED_FOLDER.items() if k != "same-path"}),
-    "export --out": Output(lambda w, out, tmp: ["export", "--run", w.run, "--out", out], False, "", "lowres_birds.predict.export:export_onnx",
-                           lambda w, tmp: (["export", "--run", w.run, "--out", w.run], "--run"), FILE_OUTPUT, ".onnx"),
-    "study --out": Output(_study, True, "results.csv", "lowres_birds.inspect.study:run_study",
-                          lambda w, tmp: (_study(w, tmp / "data", tmp, copy_data(w, tmp)), "--data"), FOLDER_OUTPUT),
-    "report --out": Output(lambda w, out, tmp: ["report", "--run", w.run, "--out", out], True, "report.html", "lowres_birds.inspect.report:write_report",
-                           lambda w, tmp: (["report", "--run", copy_run(w, tmp), "--out", tmp / "run"], "--run"), FOLDER_OUTPUT),
-    "eda --out": Output(_eda, True, "eda.html", "lowres_birds.inspect.eda:write_eda",
-                        lambda w, tmp: (["eda", "--data", copy_data(w, tmp), "--out", tmp / "data"], "--data"), FOLDER_OUTPUT),
+    "train --out": Output(
+        _train,
+        True,
+        "model.safetensors",
+        "lowres_birds.train.loop:train",
+        lambda w, tmp: (["train", "--data", copy_data(w, tmp), "--out", tmp / "data", "--force", *FAST], "--data"),
+        REPLACED_FOLDER,
+    ),
+    "predict --out": Output(
+        _predict,
+        False,
+        "",
+        "lowres_birds.predict.classifier:predict_test_set",
+        lambda w, tmp: ([*_predict(w, tmp / "s.csv", tmp), "--probs", tmp / "s.csv"], "--probs"),
+        FILE_OUTPUT,
+        ".csv",
+    ),
+    "predict --probs": Output(
+        _probs, False, "", "lowres_birds.predict.classifier:predict_test_set", _probs_same, FILE_OUTPUT, ".csv"
+    ),
+    "evaluate --out-dir": Output(
+        _evaluate,
+        True,
+        "per_class.csv",
+        "lowres_birds.inspect.evaluate:align_submission",
+        _evaluate_same,
+        FOLDER_OUTPUT,
+    ),
+    "demo --out": Output(
+        lambda w, out, tmp: ["demo", "--out", out],
+        True,
+        "submission.csv",
+        "lowres_birds.data.demo:make_demo_dataset",
+        None,
+        {k: v for k, v in REPLACED_FOLDER.items() if k != "same-path"},
+    ),
+    "export --out": Output(
+        lambda w, out, tmp: ["export", "--run", w.run, "--out", out],
+        False,
+        "",
+        "lowres_birds.predict.export:export_onnx",
+        lambda w, tmp: (["export", "--run", w.run, "--out", w.run], "--run"),
+        FILE_OUTPUT,
+        ".onnx",
+    ),
+    "study --out": Output(
+        _study,
+        True,
+        "results.csv",
+        "lowres_birds.inspect.study:run_study",
+        lambda w, tmp: (_study(w, tmp / "data", tmp, copy_data(w, tmp)), "--data"),
+        FOLDER_OUTPUT,
+    ),
+    "report --out": Output(
+        lambda w, out, tmp: ["report", "--run", w.run, "--out", out],
+        True,
+        "report.html",
+        "lowres_birds.inspect.report:write_report",
+        lambda w, tmp: (["report", "--run", copy_run(w, tmp), "--out", tmp / "run"], "--run"),
+        FOLDER_OUTPUT,
+    ),
+    "eda --out": Output(
+        _eda,
+        True,
+        "eda.html",
+        "lowres_birds.inspect.eda:write_eda",
+        lambda w, tmp: (["eda", "--data", copy_data(w, tmp), "--out", tmp / "data"], "--data"),
+        FOLDER_OUTPUT,
+    ),
 }
 OUTPUT_CASES = [(name, kind) for name, output in OUTPUTS.items() for kind in KINDS if kind in output.expected]
 
@@ -293,26 +389,53 @@ def config_accepts(name: str, text: str) -> bool:
 
 
 NUMERIC_FIELDS = [name for name, kind in FIELD_TYPES.items() if kind in (int, float)]
-CONFIG_CASES = [(command, name, kind, value) for command in ("train", "study") for name in NUMERIC_FIELDS for kind, value in config_values(name).items()
-                if command == "train" or not config_accepts(name, value)]
+CONFIG_CASES = [
+    (command, name, kind, value)
+    for command in ("train", "study")
+    for name in NUMERIC_FIELDS
+    for kind, value in config_values(name).items()
+    if command == "train" or not config_accepts(name, value)
+]
 
 # Numeric flags that are not RunConfig fields: (command, flag) -> {kind: (value, accepted)}.
 REFUSED_FOUR = {"nan": ("nan", False), "inf": ("inf", False), "negative": ("-1", False)}
 CLI_NUMBERS = {
-    ("predict-image", "--top"): {**REFUSED_FOUR, "zero": ("0", False), "out-of-range": ("1000000", True)},  # no upper bound: every class
+    ("predict-image", "--top"): {
+        **REFUSED_FOUR,
+        "zero": ("0", False),
+        "out-of-range": ("1000000", True),
+    },  # no upper bound: every class
     ("serve", "--port"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("70000", False)},
-    ("serve", "--max-upload-mb"): {**REFUSED_FOUR, "zero": ("0", False), "out-of-range": ("1000", False)},  # above --max-inflight-mb
-    ("serve", "--max-inflight-mb"): {**REFUSED_FOUR, "zero": ("0", False), "out-of-range": ("5", False)},  # below --max-upload-mb
+    ("serve", "--max-upload-mb"): {
+        **REFUSED_FOUR,
+        "zero": ("0", False),
+        "out-of-range": ("1000", False),
+    },  # above --max-inflight-mb
+    ("serve", "--max-inflight-mb"): {
+        **REFUSED_FOUR,
+        "zero": ("0", False),
+        "out-of-range": ("5", False),
+    },  # below --max-upload-mb
     ("serve", "--client-timeout-s"): {**REFUSED_FOUR, "zero": ("0", False), "out-of-range": ("4000", False)},
     ("eda", "--phash-distance"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("65", False)},
     ("eda", "--twin-psnr"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("101", False)},
-    ("export", "--fallback-margin"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("1.5", False)},  # 0: int8 alone
+    ("export", "--fallback-margin"): {
+        **REFUSED_FOUR,
+        "zero": ("0", True),
+        "out-of-range": ("1.5", False),
+    },  # 0: int8 alone
 }
-CLI_CASES = [(command, flag, kind, value, accepted) for (command, flag), values in CLI_NUMBERS.items() for kind, (value, accepted) in values.items()]
+CLI_CASES = [
+    (command, flag, kind, value, accepted)
+    for (command, flag), values in CLI_NUMBERS.items()
+    for kind, (value, accepted) in values.items()
+]
 NUMERIC_CASES = len(CONFIG_CASES) + len(CLI_CASES)
 
 
-@pytest.mark.parametrize(("command", "name", "kind", "value"), CONFIG_CASES, ids=[f"{c}-{n}-{k}" for c, n, k, _ in CONFIG_CASES])
+@pytest.mark.parametrize(
+    ("command", "name", "kind", "value"), CONFIG_CASES, ids=[f"{c}-{n}-{k}" for c, n, k, _ in CONFIG_CASES]
+)
 def test_config_number(command, name, kind, value, world, tmp_path, capfd):
     flag = "--" + name.replace("_", "-")
     if command == "train":
@@ -329,7 +452,9 @@ def test_config_number(command, name, kind, value, world, tmp_path, capfd):
     assert_no_temporaries(tmp_path)
 
 
-@pytest.mark.parametrize(("command", "flag", "kind", "value", "accepted"), CLI_CASES, ids=[f"{c}{f}-{k}" for c, f, k, _, _ in CLI_CASES])
+@pytest.mark.parametrize(
+    ("command", "flag", "kind", "value", "accepted"), CLI_CASES, ids=[f"{c}{f}-{k}" for c, f, k, _, _ in CLI_CASES]
+)
 def test_cli_number(command, flag, kind, value, accepted, world, tmp_path, capfd, no_server):
     argv = {
         "predict-image": ["predict-image", world.photo, "--run", world.run],
@@ -357,7 +482,12 @@ def garbage(path: Path) -> None:
     path.write_bytes(bytes(range(256)) * 8)  # not UTF-8, not JSON or YAML, not a zip or safetensors header
 
 
-GENERIC = {"missing": lambda p: p.unlink(), "empty": lambda p: p.write_bytes(b""), "truncated": truncate, "garbage": garbage}
+GENERIC = {
+    "missing": lambda p: p.unlink(),
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": truncate,
+    "garbage": garbage,
+}
 
 
 def edit_json(change):
@@ -419,37 +549,76 @@ def other_shapes(checkpoint: dict) -> dict:
 
 
 TAMPERED = {
-    "config.yaml": {"epochs -3": edit_yaml("epochs", -3), "batch_size text": edit_yaml("batch_size", "many"),
-                    "unknown key": edit_yaml("bogus", 1), "a list": lambda p: p.write_text("- native\n- 64\n")},
-    "labels.json": {"one class": edit_json(lambda labels: labels[:1]), "a class twice": edit_json(lambda labels: [labels[0]] * len(labels)),
-                    "a plain string": edit_json(lambda labels: ",".join(labels)), "one class more": edit_json(lambda labels: [*labels, "Extra Bird"])},
-    "model_spec.json": {"input_size 5000": edit_json(lambda spec: {**spec, "input_size": 5000}), "resize bogus": edit_json(lambda spec: {**spec, "resize": "bogus"}),
-                        "std zero": edit_json(lambda spec: {**spec, "std": [0, 0, 0]}), "unknown model": edit_json(lambda spec: {**spec, "source": "timm:not_a_model"}),
-                        "a list": edit_json(lambda spec: [1, 2])},
+    "config.yaml": {
+        "epochs -3": edit_yaml("epochs", -3),
+        "batch_size text": edit_yaml("batch_size", "many"),
+        "unknown key": edit_yaml("bogus", 1),
+        "a list": lambda p: p.write_text("- native\n- 64\n"),
+    },
+    "labels.json": {
+        "one class": edit_json(lambda labels: labels[:1]),
+        "a class twice": edit_json(lambda labels: [labels[0]] * len(labels)),
+        "a plain string": edit_json(lambda labels: ",".join(labels)),
+        "one class more": edit_json(lambda labels: [*labels, "Extra Bird"]),
+    },
+    "model_spec.json": {
+        "input_size 5000": edit_json(lambda spec: {**spec, "input_size": 5000}),
+        "resize bogus": edit_json(lambda spec: {**spec, "resize": "bogus"}),
+        "std zero": edit_json(lambda spec: {**spec, "std": [0, 0, 0]}),
+        "unknown model": edit_json(lambda spec: {**spec, "source": "timm:not_a_model"}),
+        "a list": edit_json(lambda spec: [1, 2]),
+    },
     "model.safetensors": {"other tensors": other_tensors},
-    "split.json": {"val_ids a string": edit_json(lambda split: {**split, "val_ids": "TRAIN_00000"}),
-                   "data folder gone": edit_json(lambda split: {**split, "data": "/nonexistent/lowres-birds-data"}),
-                   "other fingerprint": edit_json(lambda split: {**split, "fingerprint": "0" * 24}),
-                   "unknown val_ids": edit_json(lambda split: {**split, "val_ids": ["NOT_AN_ID"]})},
-    "checkpoint.pt": {"keys missing": edit_checkpoint(lambda checkpoint: {"model": checkpoint["model"]}), "code inside": code_inside,
-                      "other shapes": edit_checkpoint(other_shapes)},
-    "metrics.jsonl": {"epoch as text": edit_lines(lambda records: [{**r, "epoch": "one"} for r in records]),
-                      "no val_macro_f1": edit_lines(lambda records: [{k: v for k, v in r.items() if k != "val_macro_f1"} for r in records]),
-                      "epoch twice": edit_lines(lambda records: records + records)},
+    "split.json": {
+        "val_ids a string": edit_json(lambda split: {**split, "val_ids": "TRAIN_00000"}),
+        "data folder gone": edit_json(lambda split: {**split, "data": "/nonexistent/lowres-birds-data"}),
+        "other fingerprint": edit_json(lambda split: {**split, "fingerprint": "0" * 24}),
+        "unknown val_ids": edit_json(lambda split: {**split, "val_ids": ["NOT_AN_ID"]}),
+    },
+    "checkpoint.pt": {
+        "keys missing": edit_checkpoint(lambda checkpoint: {"model": checkpoint["model"]}),
+        "code inside": code_inside,
+        "other shapes": edit_checkpoint(other_shapes),
+    },
+    "metrics.jsonl": {
+        "epoch as text": edit_lines(lambda records: [{**r, "epoch": "one"} for r in records]),
+        "no val_macro_f1": edit_lines(
+            lambda records: [{k: v for k, v in r.items() if k != "val_macro_f1"} for r in records]
+        ),
+        "epoch twice": edit_lines(lambda records: records + records),
+    },
 }
 MODEL_FILES = ("labels.json", "model_spec.json", "model.safetensors")
 READS = {  # what each command reads from a run folder; every other file may be damaged without effect
-    "predict": MODEL_FILES, "predict-image": MODEL_FILES, "export": MODEL_FILES, "serve": MODEL_FILES,
+    "predict": MODEL_FILES,
+    "predict-image": MODEL_FILES,
+    "export": MODEL_FILES,
+    "serve": MODEL_FILES,
     "report": ("config.yaml", *MODEL_FILES, "split.json", "metrics.jsonl"),
     "train --resume": ("config.yaml", "labels.json", "split.json", "checkpoint.pt", "metrics.jsonl"),
 }
-RUN_FILES = ("config.yaml", "labels.json", "model_spec.json", "split.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "val_predictions.npz")
+RUN_FILES = (
+    "config.yaml",
+    "labels.json",
+    "model_spec.json",
+    "split.json",
+    "model.safetensors",
+    "checkpoint.pt",
+    "metrics.jsonl",
+    "val_predictions.npz",
+)
 # Damage a command cannot and need not see: report shows whatever split it is given (the ids must exist), and a run
 # stopped in its first epoch has a checkpoint but no finished epoch in metrics.jsonl.
-NOT_AN_ERROR = {("report", "split.json", "other fingerprint"), ("train --resume", "metrics.jsonl", "missing"), ("train --resume", "metrics.jsonl", "empty")}
+NOT_AN_ERROR = {
+    ("report", "split.json", "other fingerprint"),
+    ("train --resume", "metrics.jsonl", "missing"),
+    ("train --resume", "metrics.jsonl", "empty"),
+}
 DAMAGES = {name: {**GENERIC, **TAMPERED.get(name, {})} for name in RUN_FILES}
 UNREAD = "every unread file garbage"
-RUN_FILE_CASES = [(command, name, damage) for command, names in READS.items() for name in names for damage in DAMAGES[name]]
+RUN_FILE_CASES = [
+    (command, name, damage) for command, names in READS.items() for name in names for damage in DAMAGES[name]
+]
 RUN_FILE_CASES += [(command, UNREAD, "garbage") for command in READS]
 
 
@@ -464,7 +633,9 @@ def run_command(command: str, world, run: Path, tmp: Path) -> list:
     }[command]
 
 
-@pytest.mark.parametrize(("command", "name", "damage"), RUN_FILE_CASES, ids=[f"{c}-{n}-{d}".replace(" ", "_") for c, n, d in RUN_FILE_CASES])
+@pytest.mark.parametrize(
+    ("command", "name", "damage"), RUN_FILE_CASES, ids=[f"{c}-{n}-{d}".replace(" ", "_") for c, n, d in RUN_FILE_CASES]
+)
 def test_run_folder_file(command, name, damage, world, tmp_path, capfd, no_server):
     run = copy_run(world, tmp_path)
     if name == UNREAD:
@@ -555,7 +726,10 @@ def owner(dotted: str):
 def test_full_disk(case, world, tmp_path, capfd, monkeypatch):
     where, attribute, replacement, named = FULL_DISK[case]
     if case.startswith("train"):
-        run, argv = tmp_path / "run", ["train", "--data", world.data, "--out", tmp_path / "run", *FAST, "--strategy", "native"]
+        run, argv = (
+            tmp_path / "run",
+            ["train", "--data", world.data, "--out", tmp_path / "run", *FAST, "--strategy", "native"],
+        )
     else:
         run, argv = world.run, ["export", "--run", world.run, "--out", tmp_path / "m.onnx"]
     with monkeypatch.context() as patch:
@@ -579,9 +753,24 @@ def test_full_disk_at_a_later_checkpoint_then_resume_records_each_epoch_once(wor
     import lowres_birds.run_dir
 
     run = tmp_path / "run"
-    argv = ["train", "--data", world.data, "--out", run, *FAST[:-4], "--epochs", "2", "--batch-size", "8", "--strategy", "native"]
+    argv = [
+        "train",
+        "--data",
+        world.data,
+        "--out",
+        run,
+        *FAST[:-4],
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--strategy",
+        "native",
+    ]
     with monkeypatch.context() as patch:
-        patch.setattr(lowres_birds.run_dir, "open", full_disk_for("checkpoint.pt", after=1), raising=False)  # epoch 2's checkpoint
+        patch.setattr(
+            lowres_birds.run_dir, "open", full_disk_for("checkpoint.pt", after=1), raising=False
+        )  # epoch 2's checkpoint
         code, _, err = run_cli(argv, capfd)
     assert_refused_after_progress(code, err, "checkpoint.pt", "No space left on device")
     assert_no_temporaries(run)
@@ -606,5 +795,7 @@ def test_the_stated_corpus_size_is_true():
     for category, numbers in stated.items():
         found = re.search(rf"{category} +(\d+) cases, (\d+) refused / (\d+) accepted", __doc__)
         assert found and tuple(map(int, found.groups())) == numbers, (category, numbers)
-    assert re.search(r"full disk +(\d+) cases", __doc__).group(1) == str(len(FULL_DISK) + 1)  # + the later-checkpoint test
+    assert re.search(r"full disk +(\d+) cases", __doc__).group(1) == str(
+        len(FULL_DISK) + 1
+    )  # + the later-checkpoint test
     assert f"the {len(NUMERIC_FIELDS)} numeric RunConfig fields" in __doc__

@@ -14,9 +14,34 @@ from lowres_birds.cli import main
 # Augmentation (TrivialAugment and erasing included), a class-balanced smoothed loss and a warmup + cosine schedule
 # on, so every random draw matters.
 RUN = [
-    "--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "upscale:72", "--epochs", "2", "--batch-size", "8",
-    "--lr", "3e-3", "--hflip", "--crop-scale-min", "0.7", "--trivial-augment", "--random-erasing", "0.3", "--label-smoothing", "0.1",
-    "--class-balanced-beta", "0.9", "--schedule", "cosine", "--warmup-epochs", "0.5", "--device", "cpu", "--deterministic",
+    "--model",
+    "timm:test_efficientnet",
+    "--no-pretrained",
+    "--strategy",
+    "upscale:72",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--hflip",
+    "--crop-scale-min",
+    "0.7",
+    "--trivial-augment",
+    "--random-erasing",
+    "0.3",
+    "--label-smoothing",
+    "0.1",
+    "--class-balanced-beta",
+    "0.9",
+    "--schedule",
+    "cosine",
+    "--warmup-epochs",
+    "0.5",
+    "--device",
+    "cpu",
+    "--deterministic",
 ]
 TIMING_KEYS = {"train_images_per_s", "elapsed_s"}
 
@@ -27,7 +52,10 @@ def train(data: Path, out: Path, seed: int) -> Path:
 
 
 def metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def assert_same_tensors(first: dict, second: dict) -> None:
@@ -55,4 +83,3 @@ def test_same_seed_gives_identical_weights_and_checkpoints(runs):
     assert_same_tensors(checkpoints[0]["model"], checkpoints[1]["model"])
     for one, two in zip(checkpoints[0]["optimizer"]["state"].values(), checkpoints[1]["optimizer"]["state"].values()):
         assert_same_tensors(one, two)
-

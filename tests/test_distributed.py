@@ -12,18 +12,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_train_table
-from lowres_birds.predict.classifier import Classifier
 from lowres_birds.metrics import score
+from lowres_birds.predict.classifier import Classifier
 from lowres_birds.run_dir import MARKER, RunDir
-from lowres_birds.config import LR_SIZE
 
 EPOCHS = 2
 TRAIN = [
-    "--model", "timm:test_efficientnet", "--no-pretrained", "--strategy", "upscale:72", "--epochs", str(EPOCHS),
-    "--batch-size", "4", "--lr", "1e-3", "--schedule", "cosine", "--warmup-epochs", "0", "--val-fraction", "0.3",
-    "--device", "cpu",
+    "--model",
+    "timm:test_efficientnet",
+    "--no-pretrained",
+    "--strategy",
+    "upscale:72",
+    "--epochs",
+    str(EPOCHS),
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--schedule",
+    "cosine",
+    "--warmup-epochs",
+    "0",
+    "--val-fraction",
+    "0.3",
+    "--device",
+    "cpu",
 ]
 
 
@@ -35,8 +51,21 @@ def two_process_run(demo_data, tmp_path_factory) -> tuple[Path, subprocess.Compl
     (run / "stale.txt").write_text("replaced by --force")  # both ranks see it; only rank 0 may delete it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWRES_BIRDS_CACHE": str(tmp_path_factory.mktemp("cache"))}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "lowres_birds", "train", "--data", str(demo_data), "--out", str(run), "--force", *TRAIN,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lowres_birds",
+        "train",
+        "--data",
+        str(demo_data),
+        "--out",
+        str(run),
+        "--force",
+        *TRAIN,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,7 +79,9 @@ def metrics(run: Path) -> list[dict]:
 def test_rank_0_alone_writes_the_run(two_process_run):
     run, result = two_process_run
     assert not (run / "stale.txt").exists()
-    assert [record["epoch"] for record in metrics(run)] == list(range(1, EPOCHS + 1))  # one line per epoch, not per rank
+    assert [record["epoch"] for record in metrics(run)] == list(
+        range(1, EPOCHS + 1)
+    )  # one line per epoch, not per rank
     assert (run / "checkpoint.pt").is_file() and (run / "model.safetensors").is_file()
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert result.stdout.count("best validation macro-F1") == 1
@@ -80,14 +111,44 @@ def test_cosine_schedule_is_half_way_after_half_the_epochs(two_process_run):
 def test_a_fine_tuned_teacher_trains_inside_a_two_process_run_and_rank_0_alone_writes_its_targets(demo_data, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWRES_BIRDS_CACHE": str(tmp_path / "cache")}
-    flags = [*TRAIN[: TRAIN.index("--epochs")], "--epochs", "1", *TRAIN[TRAIN.index("--epochs") + 2 :],
-             "--teacher", "finetuned", "--teacher-epochs", "1", "--teacher-size", "64", "--kd-weight", "0.7", "--feature-kd-weight", "1"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "lowres_birds", "train", "--data", str(demo_data), "--out", str(run), *flags]
+    flags = [
+        *TRAIN[: TRAIN.index("--epochs")],
+        "--epochs",
+        "1",
+        *TRAIN[TRAIN.index("--epochs") + 2 :],
+        "--teacher",
+        "finetuned",
+        "--teacher-epochs",
+        "1",
+        "--teacher-size",
+        "64",
+        "--kd-weight",
+        "0.7",
+        "--feature-kd-weight",
+        "1",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lowres_birds",
+        "train",
+        "--data",
+        str(demo_data),
+        "--out",
+        str(run),
+        *flags,
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     teacher = run / "teacher"
-    assert [record["epoch"] for record in metrics(teacher)] == [1] and [record["epoch"] for record in metrics(run)] == [1]
+    assert [record["epoch"] for record in metrics(teacher)] == [1] and [record["epoch"] for record in metrics(run)] == [
+        1
+    ]
     assert not [p.name for folder in (run, teacher) for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert result.stdout.count("HR teacher finetuned") == 1
     assert RunDir(teacher).teacher_targets(30, 3, damaged="test")["logits"].shape == (30, 3)

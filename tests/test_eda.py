@@ -86,7 +86,9 @@ def test_image_folder_layout_without_test_or_twins_still_works(tmp_path):
     for label in ("a", "b"):
         (tmp_path / "data" / label).mkdir(parents=True)
         for index in range(3):
-            Image.new("RGB", (64, 64), (40 * index, 100, 200 if label == "a" else 0)).save(tmp_path / "data" / label / f"{index}.png")
+            Image.new("RGB", (64, 64), (40 * index, 100, 200 if label == "a" else 0)).save(
+                tmp_path / "data" / label / f"{index}.png"
+            )
     assert main(["eda", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
     assert list(pd.read_csv(tmp_path / "out" / "image_stats.csv")["folder"]) == ["train"]
 

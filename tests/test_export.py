@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+from conftest import TINY_TRAIN, write_tiny_beit_run
 
 from lowres_birds.cli import main
 from lowres_birds.data.images import load_images
@@ -16,15 +17,23 @@ from lowres_birds.data.tables import load_test_table
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.classifier import Classifier
-from lowres_birds.predict.export import FALLBACK_AGREEMENT, FALLBACK_FLOOR, FALLBACK_HEADROOM, file_metadata, top2_gap, validation_images
-from conftest import TINY_TRAIN, write_tiny_beit_run
+from lowres_birds.predict.export import (
+    FALLBACK_AGREEMENT,
+    FALLBACK_FLOOR,
+    FALLBACK_HEADROOM,
+    file_metadata,
+    top2_gap,
+    validation_images,
+)
 
 
 @pytest.fixture(scope="module")
 def upscaled_run(demo_data, tmp_path_factory):
     """A tiny run at upscale:96, so the exported graph must contain the bicubic resize."""
     run_dir = tmp_path_factory.mktemp("export") / "run96"
-    assert main(["train", "--data", str(demo_data), "--out", str(run_dir), *TINY_TRAIN, "--strategy", "upscale:96"]) == 0
+    assert (
+        main(["train", "--data", str(demo_data), "--out", str(run_dir), *TINY_TRAIN, "--strategy", "upscale:96"]) == 0
+    )
     return run_dir
 
 
@@ -74,8 +83,26 @@ def test_onnx_reproduces_the_runs_upscale_filter(winners_run, demo_test_images, 
 
 def test_predict_with_onnx_writes_the_same_submission(upscaled_run, exported, demo_data, tmp_path):
     from_run, from_onnx = tmp_path / "run.csv", tmp_path / "onnx.csv"
-    assert main(["predict", "--run", str(upscaled_run), "--data", str(demo_data), "--out", str(from_run), "--tta", "flip"]) == 0
-    assert main(["predict", "--onnx", str(exported["nhwc"]), "--data", str(demo_data), "--out", str(from_onnx), "--tta", "flip"]) == 0
+    assert (
+        main(["predict", "--run", str(upscaled_run), "--data", str(demo_data), "--out", str(from_run), "--tta", "flip"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--onnx",
+                str(exported["nhwc"]),
+                "--data",
+                str(demo_data),
+                "--out",
+                str(from_onnx),
+                "--tta",
+                "flip",
+            ]
+        )
+        == 0
+    )
     pd.testing.assert_frame_equal(pd.read_csv(from_run), pd.read_csv(from_onnx))
 
 
@@ -104,7 +131,9 @@ def test_uint8_resize_is_the_same_on_every_path_and_pil_to_two_levels(demo_test_
     assert ours.dtype == torch.uint8 and ours.shape == (6, 3, size, size)
     assert torch.equal(ours, resize_uint8(batch.contiguous(), size))
     assert torch.equal(ours, resize_uint8_by_matmul(batch, size))
-    pil = np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC)) for image in demo_test_images[:6]])
+    pil = np.stack(
+        [np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC)) for image in demo_test_images[:6]]
+    )
     difference = np.abs(ours.permute(0, 2, 3, 1).numpy().astype(int) - pil)
     # int16 weights (PIL: 22-bit fixed point) move rare pixels by a level or two.
     assert difference.max() <= 2 and (difference > 0).mean() < 0.02
@@ -126,7 +155,9 @@ def test_runs_saved_before_the_uint8_resize_keep_their_float_resize(upscaled_run
     model = load_run_model(old_run)[0]
     assert model.spec.resize == "float"
     batch = torch.from_numpy(demo_test_images[:2]).permute(0, 3, 1, 2)
-    expected = torch.nn.functional.interpolate(batch.float() / 255, size=(96, 96), mode="bicubic", antialias=True).clamp(0, 1)
+    expected = torch.nn.functional.interpolate(
+        batch.float() / 255, size=(96, 96), mode="bicubic", antialias=True
+    ).clamp(0, 1)
     torch.testing.assert_close(model.preprocess(batch), (expected - model.mean) / model.std)
 
 
@@ -136,7 +167,11 @@ def test_hugging_face_beit_run_exports_and_matches(tmp_path):
     assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "beit.onnx")]) == 0
 
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
-    np.testing.assert_allclose(Classifier.load(tmp_path / "beit.onnx").predict_arrays(images), Classifier.load(run_dir).predict_arrays(images), atol=1e-4)
+    np.testing.assert_allclose(
+        Classifier.load(tmp_path / "beit.onnx").predict_arrays(images),
+        Classifier.load(run_dir).predict_arrays(images),
+        atol=1e-4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +180,11 @@ def int8_exports(upscaled_run, tmp_path_factory):
     falling back (margin 1): {name: path}."""
     folder = tmp_path_factory.mktemp("int8")
     paths = {name: folder / f"{name}.onnx" for name in ("alone", "calibrated", "always")}
-    for name, margin in (("alone", ["--fallback-margin", "0"]), ("calibrated", []), ("always", ["--fallback-margin", "1"])):
+    for name, margin in (
+        ("alone", ["--fallback-margin", "0"]),
+        ("calibrated", []),
+        ("always", ["--fallback-margin", "1"]),
+    ):
         assert main(["export", "--run", str(upscaled_run), "--out", str(paths[name]), "--int8", *margin]) == 0
     return paths
 
@@ -182,7 +221,9 @@ def test_int8_close_calls_are_run_again_in_float(int8_exports, exported, demo_te
     cascade = Classifier.load(int8_exports["calibrated"]).predict_arrays(demo_test_images, batch_size=7)
     np.testing.assert_allclose(cascade[close], fp32[close], atol=1e-5)
     np.testing.assert_allclose(cascade[~close], alone[~close], atol=1e-6)
-    np.testing.assert_allclose(Classifier.load(int8_exports["always"]).predict_arrays(demo_test_images), fp32, atol=1e-5)
+    np.testing.assert_allclose(
+        Classifier.load(int8_exports["always"]).predict_arrays(demo_test_images), fp32, atol=1e-5
+    )
 
 
 def test_int8_fallback_margin_is_calibrated_on_the_validation_split(upscaled_run, int8_exports, exported):
@@ -223,7 +264,9 @@ def test_openvino_runs_exported_files_like_onnxruntime(exported, int8_exports, d
 
 def test_unknown_onnx_runtime_is_refused_in_one_line(exported, demo_data, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LOWRES_BIRDS_ONNX_RUNTIME", "tensorrt")
-    code = main(["predict", "--onnx", str(exported["nhwc"]), "--data", str(demo_data), "--out", str(tmp_path / "s.csv")])
+    code = main(
+        ["predict", "--onnx", str(exported["nhwc"]), "--data", str(demo_data), "--out", str(tmp_path / "s.csv")]
+    )
     err = capfd.readouterr().err.strip()
     assert code != 0 and "LOWRES_BIRDS_ONNX_RUNTIME='tensorrt' is not a runtime" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s.csv").exists()

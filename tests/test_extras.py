@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import FAST_TRAIN
 
 from lowres_birds.cli import main
-from conftest import FAST_TRAIN
 
 
 @pytest.mark.parametrize(
@@ -23,12 +23,16 @@ from conftest import FAST_TRAIN
         (["train", "--data", "DATA", "--out", "OUT/run", "--model", "hf:some/model"], "hf"),
     ],
 )
-def test_a_missing_extra_is_one_line_naming_the_pip_command(trained_run, demo_data, tmp_path, monkeypatch, capsys, argv, extra):
+def test_a_missing_extra_is_one_line_naming_the_pip_command(
+    trained_run, demo_data, tmp_path, monkeypatch, capsys, argv, extra
+):
     import lowres_birds.extras as extras
 
     real = extras.find_spec
     monkeypatch.setattr(extras, "find_spec", lambda name: None if name in extras.EXTRAS[extra] else real(name))
-    argv = [a.replace("RUN", str(trained_run)).replace("DATA", str(demo_data)).replace("OUT", str(tmp_path)) for a in argv]
+    argv = [
+        a.replace("RUN", str(trained_run)).replace("DATA", str(demo_data)).replace("OUT", str(tmp_path)) for a in argv
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"[{extra}] extra" in err and "pip install" in err and f"[{extra}]'" in err
@@ -43,8 +47,21 @@ def test_the_report_after_training_is_skipped_with_one_warning_without_its_extra
         report_after_training(trained_run, None)
 
 
-BLOCKED = ("transformers", "onnx", "onnxruntime", "onnxscript", "fastapi", "uvicorn", "python_multipart", "multipart",
-           "pytorch_grad_cam", "cv2", "imagehash", "skimage", "tensorboard")
+BLOCKED = (
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "fastapi",
+    "uvicorn",
+    "python_multipart",
+    "multipart",
+    "pytorch_grad_cam",
+    "cv2",
+    "imagehash",
+    "skimage",
+    "tensorboard",
+)
 
 
 def test_the_default_install_trains_predicts_and_evaluates_without_any_extra(demo_data, tmp_path):
@@ -88,5 +105,9 @@ def test_psnr_and_ssim_without_scikit_image_give_its_values():
     real = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     fake = np.clip(real.astype(int) + rng.integers(-40, 40, real.shape), 0, 255).astype(np.uint8)
     psnr, ssim = psnr_ssim(torch.from_numpy(fake).permute(0, 3, 1, 2), torch.from_numpy(real).permute(0, 3, 1, 2))
-    assert psnr == pytest.approx(np.mean([peak_signal_noise_ratio(r, f, data_range=255) for f, r in zip(fake, real)]), rel=1e-9)
-    assert ssim == pytest.approx(np.mean([structural_similarity(r, f, channel_axis=-1, data_range=255) for f, r in zip(fake, real)]), rel=1e-9)
+    assert psnr == pytest.approx(
+        np.mean([peak_signal_noise_ratio(r, f, data_range=255) for f, r in zip(fake, real)]), rel=1e-9
+    )
+    assert ssim == pytest.approx(
+        np.mean([structural_similarity(r, f, channel_axis=-1, data_range=255) for f, r in zip(fake, real)]), rel=1e-9
+    )

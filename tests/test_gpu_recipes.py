@@ -16,12 +16,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import save_tiny_beit
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models import build_model_with_cfg, register_model
 from timm.models.beit import Beit
 from timm.models.eva import Eva
 
-from conftest import save_tiny_beit
 from lowres_birds.cli import main
 from lowres_birds.config import load_config, parse_strategy
 from lowres_birds.run_dir import FoldsDir, RunDir
@@ -39,7 +39,9 @@ STAND_IN_BATCH = 4  # a few batches of the 30 demo images
 # --------------------------------------------------------------------------- tiny timm stand-ins, registered in timm
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
-default_cfgs: dict[str, dict] = {}  # read by timm's register_model: the stand-ins' pretrained configs (no weights anywhere)
+default_cfgs: dict[
+    str, dict
+] = {}  # read by timm's register_model: the stand-ins' pretrained configs (no weights anywhere)
 
 
 def _register(name: str, model_class: type, mean: tuple, std: tuple, **family_options) -> None:
@@ -55,13 +57,32 @@ def _register(name: str, model_class: type, mean: tuple, std: tuple, **family_op
 
 
 # EVA-02 (eva02_large_patch14_448): rotary position embeddings, SwiGLU MLP with its norm, separate q/k/v.
-_register("stand_in_eva02", Eva, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=14, mlp_ratio=4 * 2 / 3, qkv_fused=False, swiglu_mlp=True,
-          scale_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16))
+_register(
+    "stand_in_eva02",
+    Eva,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    patch_size=14,
+    mlp_ratio=4 * 2 / 3,
+    qkv_fused=False,
+    swiglu_mlp=True,
+    scale_mlp=True,
+    use_rot_pos_emb=True,
+    ref_feat_shape=(16, 16),
+)
 # EVA v1 (eva_giant_patch14_*): absolute position embeddings, fused qkv, GELU MLP.
 _register("stand_in_eva", Eva, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=14, mlp_ratio=6144 / 1408)
 # BEiT v2 (beitv2_large_patch16_224): relative position bias, layer scale, no absolute position embeddings.
-_register("stand_in_beitv2", Beit, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, patch_size=16, use_abs_pos_emb=False, use_rel_pos_bias=True,
-          init_values=1e-5)
+_register(
+    "stand_in_beitv2",
+    Beit,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    patch_size=16,
+    use_abs_pos_emb=False,
+    use_rel_pos_bias=True,
+    init_values=1e-5,
+)
 
 # (the recipe's model id starts with, stand-in, patch size); hf: BEiT is a tiny folder saved like microsoft/beit-base-patch16-224-pt22k.
 FAMILIES = [
@@ -77,8 +98,14 @@ def stand_in(model: str, size: int, folder: Path) -> str:
     if source is None:
         pytest.fail(f"no stand-in for {model}: add its family to FAMILIES")
     if source == "hf:BEIT_FOLDER":
-        beit = save_tiny_beit(folder / "tiny-beit", size, use_absolute_position_embeddings=False, use_shared_relative_position_bias=True,
-                              layer_scale_init_value=0.1, use_mean_pooling=True)
+        beit = save_tiny_beit(
+            folder / "tiny-beit",
+            size,
+            use_absolute_position_embeddings=False,
+            use_shared_relative_position_bias=True,
+            layer_scale_init_value=0.1,
+            use_mean_pooling=True,
+        )
         source = f"hf:{beit}"
     return source
 
@@ -154,17 +181,33 @@ def fresh_accelerate_state():
 @pytest.mark.parametrize("recipe", GPU_RECIPES)
 def test_gpu_recipe_rehearsal_on_cpu(recipe, demo_data, tmp_path, monkeypatch, capsys):
     header = read_recipe_text(recipe)
-    assert "\n# GPU memory" in header, f"{recipe}.yaml: state the GPU memory it needs in its header (benchmarks/gpu_memory.py estimates it)"
+    assert "\n# GPU memory" in header, (
+        f"{recipe}.yaml: state the GPU memory it needs in its header (benchmarks/gpu_memory.py estimates it)"
+    )
     cfg = load_config(recipe)
     strategy = parse_strategy(cfg.strategy)
     size = STAND_IN_PATCHES * patch_size(cfg.model)
-    shrunk = {"model": stand_in(cfg.model, size, tmp_path), "strategy": f"{strategy.kind}:{size}" if strategy.kind != "native" else "native",
-              **({} if cfg.model.startswith("hf:") else {"pretrained": False}),  # the hf: stand-in is a saved checkpoint, timm's have no weights
-              "teacher_size": size, "epochs": 1, "batch_size": STAND_IN_BATCH, "device": "cpu", **({"folds": 2} if cfg.folds else {})}
+    shrunk = {
+        "model": stand_in(cfg.model, size, tmp_path),
+        "strategy": f"{strategy.kind}:{size}" if strategy.kind != "native" else "native",
+        **(
+            {} if cfg.model.startswith("hf:") else {"pretrained": False}
+        ),  # the hf: stand-in is a saved checkpoint, timm's have no weights
+        "teacher_size": size,
+        "epochs": 1,
+        "batch_size": STAND_IN_BATCH,
+        "device": "cpu",
+        **({"folds": 2} if cfg.folds else {}),
+    }
     observed = Observed(monkeypatch)
     out = tmp_path / "out"
-    flags = [str(part) for key, value in shrunk.items() for part in
-             ([f"--{'' if value else 'no-'}{key}"] if isinstance(value, bool) else [f"--{key.replace('_', '-')}", value])]
+    flags = [
+        str(part)
+        for key, value in shrunk.items()
+        for part in (
+            [f"--{'' if value else 'no-'}{key}"] if isinstance(value, bool) else [f"--{key.replace('_', '-')}", value]
+        )
+    ]
     assert main(["train", "--recipe", recipe, "--data", str(demo_data), "--out", str(out), *flags]) == 0
     printed = capsys.readouterr().out
 
@@ -174,10 +217,18 @@ def test_gpu_recipe_rehearsal_on_cpu(recipe, demo_data, tmp_path, monkeypatch, c
     for fold, (run_path, model, optimizer) in enumerate(zip(runs, observed.models, observed.optimizers)):
         run = RunDir(run_path)
         # Every setting but the shrunk ones is the recipe's.
-        assert run.config().to_dict() == {**cfg.to_dict(), **load_config(recipe, shrunk).to_dict(), "fold": fold if cfg.folds else -1}
+        assert run.config().to_dict() == {
+            **cfg.to_dict(),
+            **load_config(recipe, shrunk).to_dict(),
+            "fold": fold if cfg.folds else -1,
+        }
         # Layer decay: learning rates that really differ by depth (the schedule scales each group's own rate).
         rates = {round(group["initial_lr"] / cfg.lr, 6) for group in optimizer.param_groups}
-        assert (len(rates) > 2 and min(rates) < cfg.layer_decay and max(rates) == 1.0) if cfg.layer_decay else rates == {1.0}
+        assert (
+            (len(rates) > 2 and min(rates) < cfg.layer_decay and max(rates) == 1.0)
+            if cfg.layer_decay
+            else rates == {1.0}
+        )
         assert grad_checkpointing_on(model) == cfg.grad_checkpointing
         checkpoint = run.checkpoint()
         trained = 30 - len(run.split()["val_ids"])
@@ -190,17 +241,40 @@ def test_gpu_recipe_rehearsal_on_cpu(recipe, demo_data, tmp_path, monkeypatch, c
             assert checkpoint["ema"] is None
         assert (run / RunDir.DEGRADATION).is_file() == (cfg.hr_view_ratio > 0)  # HR-derived LR views
         interval = max(1, round(cfg.val_every * steps[-1]))  # validations every fraction of the epoch, and at its end
-        assert [record["step"] for record in run.metrics()] == sorted({*range(interval, steps[-1] + 1, interval), steps[-1]})
-        assert run.spec().get("upscale_filter", "bicubic") == cfg.upscale_filter  # the upscale filter is part of the model
+        assert [record["step"] for record in run.metrics()] == sorted(
+            {*range(interval, steps[-1] + 1, interval), steps[-1]}
+        )
+        assert (
+            run.spec().get("upscale_filter", "bicubic") == cfg.upscale_filter
+        )  # the upscale filter is part of the model
     assert observed.ema_updates == (sum(steps) if cfg.ema_decay else 0)  # one EMA update per optimizer step
-    assert observed.autocast == {torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32}  # the backbone ran under bf16 autocast
+    assert observed.autocast == {
+        torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    }  # the backbone ran under bf16 autocast
     assert observed.teacher == ("HR teacher " in printed) == (cfg.kd_weight > 0 or cfg.feature_kd_weight > 0)
     assert observed.features == (cfg.feature_kd_weight > 0)
     assert observed.mixed == (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
     assert observed.class_weights == (cfg.class_balanced_beta > 0)
 
     submission = tmp_path / "submission.csv"
-    assert main(["predict", "--run", str(out), "--ensemble", "f1", "--tta", "flip", "--data", str(demo_data), "--out", str(submission)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(out),
+                "--ensemble",
+                "f1",
+                "--tta",
+                "flip",
+                "--data",
+                str(demo_data),
+                "--out",
+                str(submission),
+            ]
+        )
+        == 0
+    )
     assert "weighted by validation macro-F1" in capsys.readouterr().out
     written, expected = pd.read_csv(submission), pd.read_csv(demo_data / "sample_submission.csv")
     assert list(written.columns) == ["id", "label"] and list(written["id"]) == list(expected["id"])

@@ -7,10 +7,10 @@ import json
 import os
 
 import pytest
+from conftest import TINY_TRAIN, write_tiny_beit_run
 
 from lowres_birds.cli import main
 from lowres_birds.predict.classifier import Classifier
-from conftest import TINY_TRAIN, write_tiny_beit_run
 
 CUB_TEST_IMAGES = None if os.environ.get("LOWRES_BIRDS_SLOW_TESTS") else 300  # all 1,773 with LOWRES_BIRDS_SLOW_TESTS=1
 
@@ -41,10 +41,20 @@ def test_train_writes_the_hf_folder_with_a_model_card(trained_run):
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "tf_efficientnet_lite0"
     assert config["label_names"] == json.loads((trained_run / "labels.json").read_text())
-    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["pretrained_cfg"]["interpolation"] == "bicubic"
+    assert (
+        config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["pretrained_cfg"]["interpolation"] == "bicubic"
+    )
     assert (folder / "model.safetensors").stat().st_size > 1_000_000
     card = (folder / "README.md").read_text()
-    for needed in ("pipeline_tag: image-classification", "## Intended use", "## Limits", "64x64", "macro-F1", "validation split of", "strategy `native`"):
+    for needed in (
+        "pipeline_tag: image-classification",
+        "## Intended use",
+        "## Limits",
+        "64x64",
+        "macro-F1",
+        "validation split of",
+        "strategy `native`",
+    ):
         assert needed in card, needed
 
 
@@ -54,7 +64,11 @@ def test_pipeline_agrees_with_predict_image_on_every_demo_image(trained_run, dem
     assert main(["train", "--data", str(demo_data), "--out", str(run), *TINY_TRAIN, "--strategy", "upscale:96"]) == 0
     folder = tmp_path / "exported"
     assert main(["export", "--run", str(run), "--format", "hf", "--out", str(folder)]) == 0
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     paths = sorted((demo_data / "test").glob("*.jpg"))
 
     ours = predict_image_top1(folder, paths, capsys)
@@ -73,7 +87,23 @@ def test_pipeline_agrees_on_cub100_lr_test_images(shared_data, tmp_path, capsys)
         for relative in train.loc[train["label"] == name, "img_path"].head(8):
             (folder / name / os.path.basename(relative)).symlink_to((shared_data / relative).resolve())
     run, exported = tmp_path / "run", tmp_path / "run-hf"
-    assert main(["train", "--data", str(folder), "--out", str(run), *TINY_TRAIN, "--strategy", "upscale:96", "--val-fraction", "0.25"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(folder),
+                "--out",
+                str(run),
+                *TINY_TRAIN,
+                "--strategy",
+                "upscale:96",
+                "--val-fraction",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     assert main(["export", "--run", str(run), "--format", "hf", "--out", str(exported)]) == 0
     paths = sorted((shared_data / "test").glob("*.jpg"))[:CUB_TEST_IMAGES]
 
@@ -113,7 +143,9 @@ def test_hugging_face_backbones_export_to_a_transformers_folder(tmp_path):
     assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}
 
     images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
-    np.testing.assert_allclose(Classifier.load(folder).predict_arrays(images), Classifier.load(run_dir).predict_arrays(images), atol=1e-5)
+    np.testing.assert_allclose(
+        Classifier.load(folder).predict_arrays(images), Classifier.load(run_dir).predict_arrays(images), atol=1e-5
+    )
     from PIL import Image
     from transformers import pipeline
 
@@ -126,7 +158,9 @@ def test_export_hf_refuses_what_it_cannot_write(trained_run, tmp_path, capsys):
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert main(["export", "--run", str(trained_run), "--format", "hf", "--out", str(tmp_path / "taken")]) == 2
     assert "not a lowres-birds output folder" in capsys.readouterr().err
-    assert main(["export", "--run", str(trained_run), "--format", "hf", "--out", str(tmp_path / "taken"), "--force"]) == 2
+    assert (
+        main(["export", "--run", str(trained_run), "--format", "hf", "--out", str(tmp_path / "taken"), "--force"]) == 2
+    )
     assert "not a lowres-birds output folder" in capsys.readouterr().err
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert main(["export", "--run", str(tmp_path / "missing"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2

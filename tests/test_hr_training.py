@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from lowres_birds.cli import main
-from lowres_birds.train.degradation import PLAIN_RESIZE, Degradation, degrade, fit_degradation
 from lowres_birds.data.demo import draw_bird
 from lowres_birds.data.splits import fold_indices
-from lowres_birds.train.batches import Targets, mix_batch
-from lowres_birds.train.losses import kd_loss
 from lowres_birds.errors import UserError
 from lowres_birds.predict.classifier import Classifier, average_probabilities
+from lowres_birds.train.batches import Targets, mix_batch
+from lowres_birds.train.degradation import PLAIN_RESIZE, Degradation, degrade, fit_degradation
+from lowres_birds.train.losses import kd_loss
 
 
 def test_degradation_fit_recovers_a_planted_blur_and_filter():
@@ -61,7 +61,9 @@ def test_mix_batch_mixes_every_target_with_the_same_partner_and_weight():
         labels, soft = targets.labels, targets.teacher_probs
         assert mixed.shape == images.shape and mixed.dtype == torch.uint8
         torch.testing.assert_close(labels.sum(-1), torch.ones(6))
-        lam = labels[0, 0].item() if labels[0, 0] > 0 else 1 - labels[0, 2].item()  # sample 0 is class 0, partner class 2
+        lam = (
+            labels[0, 0].item() if labels[0, 0] > 0 else 1 - labels[0, 2].item()
+        )  # sample 0 is class 0, partner class 2
         torch.testing.assert_close(soft, teacher * lam + teacher.flip(0) * (1 - lam))
 
 
@@ -93,16 +95,43 @@ def test_probability_averaging_over_runs():
 
 def test_hr_techniques_and_folds_end_to_end(demo_data, tmp_path, capsys):
     hr_flags = [
-        "--model", "efficientnet_lite0", "--strategy", "native", "--epochs", "1", "--batch-size", "8",
-        "--hr-view-ratio", "0.5", "--randaugment-ops", "1", "--kd-weight", "0.5", "--feature-kd-weight", "1",
-        "--teacher-size", "64", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--ema-decay", "0.9", "--device", "cpu",
+        "--model",
+        "efficientnet_lite0",
+        "--strategy",
+        "native",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--hr-view-ratio",
+        "0.5",
+        "--randaugment-ops",
+        "1",
+        "--kd-weight",
+        "0.5",
+        "--feature-kd-weight",
+        "1",
+        "--teacher-size",
+        "64",
+        "--mixup-alpha",
+        "0.2",
+        "--cutmix-alpha",
+        "1.0",
+        "--ema-decay",
+        "0.9",
+        "--device",
+        "cpu",
     ]
     assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "folds"), *hr_flags, "--folds", "2"]) == 0
     out = capsys.readouterr().out
     assert "HR teacher" in out and "degradation fitted" in out and "out-of-fold macro-F1" in out
     summary = json.loads((tmp_path / "folds" / "oof.json").read_text())
     assert summary["folds"] == 2 and 0 <= summary["oof_macro_f1"] <= 1
-    assert json.loads((tmp_path / "folds" / "fold0" / "degradation.json").read_text())["filter"] in ("bicubic", "bilinear", "area")
+    assert json.loads((tmp_path / "folds" / "fold0" / "degradation.json").read_text())["filter"] in (
+        "bicubic",
+        "bilinear",
+        "area",
+    )
     submission = tmp_path / "ensemble.csv"
     runs = ["--run", str(tmp_path / "folds" / "fold0"), "--run", str(tmp_path / "folds" / "fold1")]
     assert main(["predict", *runs, "--data", str(demo_data), "--out", str(submission), "--tta", "flip"]) == 0

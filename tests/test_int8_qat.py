@@ -48,8 +48,14 @@ def test_fake_quantization_is_the_int8_model_onnxruntime_builds(trained_run, tmp
 
     int8_model = onnx.load(str(path))
     weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in int8_model.graph.initializer}
-    scales = {node.input[0]: float(weights[node.input[1]]) for node in int8_model.graph.node if node.op_type == "QuantizeLinear"}
-    assert [scales[name] for name in quantized_activations(int8_model)] == pytest.approx([scale for scale, _ in ranges], rel=1e-6)
+    scales = {
+        node.input[0]: float(weights[node.input[1]])
+        for node in int8_model.graph.node
+        if node.op_type == "QuantizeLinear"
+    }
+    assert [scales[name] for name in quantized_activations(int8_model)] == pytest.approx(
+        [scale for scale, _ in ranges], rel=1e-6
+    )
     monkeypatch.setenv(RUNTIME_VARIABLE, "onnxruntime")  # int8 files default to OpenVINO, whose kernels round otherwise
     onnxruntime_int8 = Classifier.load(path).predict_arrays(images)
     assert np.abs(onnxruntime_int8 - simulated).max() < 0.5 * np.abs(onnxruntime_int8 - fp32).max()
@@ -67,4 +73,8 @@ def test_tuning_is_deterministic_and_leaves_the_run_model_alone(trained_run):
     folded = copy.deepcopy(model)
     fold_batchnorm(folded)
     tuned = first.model.state_dict()
-    assert not any(torch.equal(tuned[name], tensor) for name, tensor in folded.state_dict().items() if name.endswith("conv_pw.weight"))
+    assert not any(
+        torch.equal(tuned[name], tensor)
+        for name, tensor in folded.state_dict().items()
+        if name.endswith("conv_pw.weight")
+    )

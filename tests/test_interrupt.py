@@ -15,8 +15,26 @@ import torch
 from lowres_birds.cli import main
 
 ARGS = [
-    "--model", "efficientnet_lite0", "--strategy", "native", "--epochs", "2", "--batch-size", "4", "--seed", "5",
-    "--hflip", "--crop-scale-min", "0.8", "--trivial-augment", "--random-erasing", "0.3", "--checkpoint-every", "2", "--device", "cpu",
+    "--model",
+    "efficientnet_lite0",
+    "--strategy",
+    "native",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "4",
+    "--seed",
+    "5",
+    "--hflip",
+    "--crop-scale-min",
+    "0.8",
+    "--trivial-augment",
+    "--random-erasing",
+    "0.3",
+    "--checkpoint-every",
+    "2",
+    "--device",
+    "cpu",
 ]
 
 
@@ -24,7 +42,10 @@ def _start_training(data: Path, run: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "lowres_birds", "train", "--data", str(data), "--out", str(run), *ARGS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -55,7 +76,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(demo_data, t
     resumed, expected = _last_metrics(killed), _last_metrics(straight)
     assert resumed["epoch"] == expected["epoch"] == 2
     assert (resumed["train_loss"], resumed["val_macro_f1"], resumed["val_accuracy"]) == (
-        expected["train_loss"], expected["val_macro_f1"], expected["val_accuracy"]
+        expected["train_loss"],
+        expected["val_macro_f1"],
+        expected["val_accuracy"],
     )
 
 

@@ -34,23 +34,31 @@ def write_recipe(tmp_path, text: str = TWO_MEMBERS):
 
 
 def test_members_take_base_then_shared_keys_then_their_own_then_the_flags(tmp_path):
-    path = write_recipe(tmp_path, "epochs: 3\nlr: 0.002\nmembers:\n  a: {base: cpu}\n  b: {base: cpu, model: efficientnet_lite2, lr: 0.003}\n")
+    path = write_recipe(
+        tmp_path,
+        "epochs: 3\nlr: 0.002\nmembers:\n  a: {base: cpu}\n  b: {base: cpu, model: efficientnet_lite2, lr: 0.003}\n",
+    )
     members = load_members(str(path), {"seed": 5, "epochs": None})
     assert list(members) == ["a", "b"]
     assert members["a"].freeze_blocks == load_config("cpu").freeze_blocks  # from the member's base
     assert members["a"].epochs == members["b"].epochs == 3 and members["a"].lr == 0.002  # shared keys over the base
-    assert members["b"].model == "efficientnet_lite2" and members["b"].lr == 0.003  # the member's own keys over the shared ones
+    assert (
+        members["b"].model == "efficientnet_lite2" and members["b"].lr == 0.003
+    )  # the member's own keys over the shared ones
     assert members["a"].seed == members["b"].seed == 5  # flags over everything
     assert load_members("cpu") == {}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("members: [a, b]\n", "members must map member names to their recipe keys"),
-    ("members: {}\n", "members must map member names to their recipe keys"),
-    ("members:\n  ../up: {epochs: 1}\n", "must be a folder name"),
-    ("members:\n  a: {epochs: 0}\n", "member a"),
-    ("members:\n  a: {colour: red}\n", "unknown key(s) colour"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("members: [a, b]\n", "members must map member names to their recipe keys"),
+        ("members: {}\n", "members must map member names to their recipe keys"),
+        ("members:\n  ../up: {epochs: 1}\n", "must be a folder name"),
+        ("members:\n  a: {epochs: 0}\n", "member a"),
+        ("members:\n  a: {colour: red}\n", "unknown key(s) colour"),
+    ],
+)
 def test_bad_member_declarations_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(UserError) as error:
         load_members(str(write_recipe(tmp_path, text)))
@@ -62,10 +70,15 @@ def test_an_ensemble_recipe_is_not_a_single_config(tmp_path):
         load_config(str(write_recipe(tmp_path)))
 
 
-def test_an_ensemble_trains_every_member_then_predicts_as_one_and_resumes_only_what_is_missing(demo_data, tmp_path, capsys):
+def test_an_ensemble_trains_every_member_then_predicts_as_one_and_resumes_only_what_is_missing(
+    demo_data, tmp_path, capsys
+):
     out = tmp_path / "ensemble"
     flags = ["--device", "cpu"]
-    assert main(["train", "--recipe", str(write_recipe(tmp_path)), "--data", str(demo_data), "--out", str(out), *flags]) == 0
+    assert (
+        main(["train", "--recipe", str(write_recipe(tmp_path)), "--data", str(demo_data), "--out", str(out), *flags])
+        == 0
+    )
     assert "ensemble of 2 trained" in capsys.readouterr().out
     summary = MembersDir(out).summary()
     assert list(summary["members"]) == ["small", "other"] and set(summary["val_macro_f1"]) == {"small", "other"}
@@ -73,7 +86,10 @@ def test_an_ensemble_trains_every_member_then_predicts_as_one_and_resumes_only_w
     assert (out / "small" / "model.safetensors").is_file() and (out / "other" / "model.safetensors").is_file()
 
     submission = tmp_path / "submission.csv"
-    assert main(["predict", "--run", str(out), "--ensemble", "f1", "--data", str(demo_data), "--out", str(submission)]) == 0
+    assert (
+        main(["predict", "--run", str(out), "--ensemble", "f1", "--data", str(demo_data), "--out", str(submission)])
+        == 0
+    )
     assert "ensemble of 2 (weighted by validation macro-F1)" in capsys.readouterr().out
     assert list(pd.read_csv(submission)["id"]) == list(pd.read_csv(demo_data / "sample_submission.csv")["id"])
 
@@ -90,7 +106,14 @@ def test_an_ensemble_trains_every_member_then_predicts_as_one_and_resumes_only_w
     assert set(MembersDir(out).summary()["val_macro_f1"]) == {"small", "other"}
 
 
-@pytest.mark.parametrize("damage", ["not json", json.dumps({"members": {}}), json.dumps({"data": "x", "members": {"a": {}}, "val_macro_f1": {"b": 1}})])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "not json",
+        json.dumps({"members": {}}),
+        json.dumps({"data": "x", "members": {"a": {}}, "val_macro_f1": {"b": 1}}),
+    ],
+)
 def test_a_damaged_ensemble_summary_is_one_line(tmp_path, damage):
     (tmp_path / MembersDir.SUMMARY).write_text(damage, encoding="utf-8")
     with pytest.raises(UserError) as error:
@@ -121,9 +144,27 @@ members:
 
 def test_members_on_one_split_share_one_fine_tuned_teacher(demo_data, tmp_path, capsys):
     out = tmp_path / "ensemble"
-    assert main(["train", "--recipe", str(write_recipe(tmp_path, SHARED_TEACHER)), "--data", str(demo_data), "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(write_recipe(tmp_path, SHARED_TEACHER)),
+                "--data",
+                str(demo_data),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    targets = {name: (out / name / "teacher" / "targets.safetensors").read_bytes() for name in ("first", "same-split", "other-size")}
+    targets = {
+        name: (out / name / "teacher" / "targets.safetensors").read_bytes()
+        for name in ("first", "same-split", "other-size")
+    }
     assert targets["same-split"] == targets["first"] != targets["other-size"]  # copied, not trained again
     assert f"shared with {out / 'first' / 'teacher'}" in printed and printed.count("shared with") == 1
     splits = {name: json.loads((out / name / "split.json").read_text())["val_ids"] for name in targets}
@@ -144,7 +185,9 @@ def test_a_split_seed_draws_the_split_and_the_seed_alone_does_when_unset(demo_da
     from lowres_birds.train.data import load_training_data
 
     def val_rows(**overrides) -> list[int]:
-        return sorted(load_training_data(demo_data, load_config("cpu", {"val_fraction": 0.3, **overrides})).val_idx.tolist())
+        return sorted(
+            load_training_data(demo_data, load_config("cpu", {"val_fraction": 0.3, **overrides})).val_idx.tolist()
+        )
 
     assert val_rows(seed=1, split_seed=9) == val_rows(seed=2, split_seed=9) == val_rows(seed=9)
     assert val_rows(seed=1) != val_rows(seed=2) or val_rows(seed=1) != val_rows(seed=3)

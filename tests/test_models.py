@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import save_tiny_beit
+
 from lowres_birds.cli import main
 from lowres_birds.data.demo import draw_bird
 from lowres_birds.errors import UserError
@@ -51,7 +51,9 @@ def test_model_wrapper_resizes_to_the_strategy_size():
 @pytest.fixture(scope="module")
 def tiny_beit(tmp_path_factory):
     """A 2-layer BEiT built from a config and saved locally, as a hub checkpoint would be."""
-    return save_tiny_beit(tmp_path_factory.mktemp("hub") / "tiny-beit", 64, use_relative_position_bias=True, num_labels=10)
+    return save_tiny_beit(
+        tmp_path_factory.mktemp("hub") / "tiny-beit", 64, use_relative_position_bias=True, num_labels=10
+    )
 
 
 def test_hf_model_from_local_dir_gets_a_fresh_head_and_processor_stats(tiny_beit):
@@ -64,7 +66,18 @@ def test_hf_model_from_local_dir_gets_a_fresh_head_and_processor_stats(tiny_beit
 
 def test_hf_run_trains_and_predicts_offline(tiny_beit, demo_data, tmp_path):
     run = tmp_path / "beit-run"
-    args = ["--model", f"hf:{tiny_beit}", "--strategy", "upscale:64", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
+    args = [
+        "--model",
+        f"hf:{tiny_beit}",
+        "--strategy",
+        "upscale:64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+    ]
     assert main(["train", "--data", str(demo_data), "--recipe", "beit-seed", "--out", str(run), *args]) == 0
     assert (run / "hf_config" / "config.json").is_file()
     assert main(["predict", "--run", str(run), "--data", str(demo_data), "--out", str(tmp_path / "s.csv")]) == 0
@@ -87,7 +100,9 @@ def test_one_optimiser_factory_for_every_backbone(tmp_path):
     from lowres_birds.train.optim import create_optimizer, create_scheduler
 
     cfg = dataclasses.replace(load_config("cpu"), layer_decay=0.5, weight_decay=0.05)
-    BeitConfig(image_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24).save_pretrained(tmp_path)
+    BeitConfig(
+        image_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24
+    ).save_pretrained(tmp_path)
     for source, blocks in ((f"hf:{tmp_path}", 3), ("timm:test_vit", None)):
         model = create_model(source, ["a", "b"], 32, pretrained=False)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -95,7 +110,9 @@ def test_one_optimiser_factory_for_every_backbone(tmp_path):
         create_scheduler(optimizer, cfg, steps_per_epoch=10)
         groups = optimizer.param_groups
         scale_of = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
-        assert all(g["initial_lr"] == pytest.approx(cfg.lr * g["lr_scale"]) for g in groups)  # the schedule scales these: applied, not only labelled
+        assert all(
+            g["initial_lr"] == pytest.approx(cfg.lr * g["lr_scale"]) for g in groups
+        )  # the schedule scales these: applied, not only labelled
         assert all(g["weight_decay"] == 0 for g in groups for p in g["params"] if p.ndim == 1)
         head = [s for n, s in scale_of.items() if "classifier" in n or n.startswith("backbone.head")]
         assert head and set(head) == {1.0}
@@ -118,7 +135,11 @@ def _loss_gradients_and_saved_bytes(model, images: torch.Tensor) -> tuple[torch.
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         loss = model(images).logsumexp(-1).mean()
     loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, sum(saved)
+    return (
+        loss.detach(),
+        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+        sum(saved),
+    )
 
 
 @pytest.mark.parametrize("backbone", ["timm", "hf"])
@@ -146,10 +167,23 @@ def test_grad_checkpointing_on_a_model_without_it_is_one_line(demo_data, tmp_pat
 
     from lowres_birds.model.wrapper import BirdNet, ModelSpec
 
-    model = BirdNet(nn.Sequential(nn.Flatten(), nn.LazyLinear(3)), ModelSpec("timm:plain", 3, 64, (0.5,) * 3, (0.5,) * 3))
+    model = BirdNet(
+        nn.Sequential(nn.Flatten(), nn.LazyLinear(3)), ModelSpec("timm:plain", 3, 64, (0.5,) * 3, (0.5,) * 3)
+    )
     with pytest.raises(UserError, match="timm:plain supports no gradient checkpointing; set --no-grad-checkpointing"):
         model.enable_grad_checkpointing()
-    args = ["--model", "timm:inception_v3", "--no-pretrained", "--strategy", "upscale:75", "--freeze-blocks", "0", "--device", "cpu", "--grad-checkpointing"]
+    args = [
+        "--model",
+        "timm:inception_v3",
+        "--no-pretrained",
+        "--strategy",
+        "upscale:75",
+        "--freeze-blocks",
+        "0",
+        "--device",
+        "cpu",
+        "--grad-checkpointing",
+    ]
     assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "run"), *args]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "timm:inception_v3 supports no gradient checkpointing" in error

@@ -6,13 +6,21 @@ import json
 
 import pandas as pd
 import yaml
-
 from conftest import TINY_TRAIN
+
 from lowres_birds.cli import main
 
 
 def test_train_writes_a_complete_run(trained_run):
-    for name in ("config.yaml", "labels.json", "model_spec.json", "split.json", "metrics.jsonl", "model.safetensors", "checkpoint.pt"):
+    for name in (
+        "config.yaml",
+        "labels.json",
+        "model_spec.json",
+        "split.json",
+        "metrics.jsonl",
+        "model.safetensors",
+        "checkpoint.pt",
+    ):
         assert (trained_run / name).is_file(), name
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert config["strategy"] == "native" and config["epochs"] == 1
@@ -22,7 +30,24 @@ def test_train_writes_a_complete_run(trained_run):
 
 def test_predict_and_evaluate(trained_run, demo_data, tmp_path, capsys):
     submission, probs = tmp_path / "submission.csv", tmp_path / "probs.csv"
-    assert main(["predict", "--run", str(trained_run), "--data", str(demo_data), "--out", str(submission), "--probs", str(probs), "--tta", "flip"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(trained_run),
+                "--data",
+                str(demo_data),
+                "--out",
+                str(submission),
+                "--probs",
+                str(probs),
+                "--tta",
+                "flip",
+            ]
+        )
+        == 0
+    )
     frame = pd.read_csv(submission)
     expected_order = pd.read_csv(demo_data / "sample_submission.csv")["id"].tolist()
     assert frame.columns.tolist() == ["id", "label"] and frame["id"].tolist() == expected_order
@@ -31,7 +56,20 @@ def test_predict_and_evaluate(trained_run, demo_data, tmp_path, capsys):
     probabilities = pd.read_csv(probs)
     assert probabilities.columns.tolist() == ["id", *classes]
     assert abs(probabilities[classes].sum(axis=1) - 1).max() < 1e-4
-    assert main(["evaluate", "--submission", str(submission), "--labels", str(demo_data / "test_labels.csv"), "--out-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--submission",
+                str(submission),
+                "--labels",
+                str(demo_data / "test_labels.csv"),
+                "--out-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert "macro-F1" in capsys.readouterr().out
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 
@@ -75,4 +113,6 @@ def test_demo_trains_the_cpu_recipe_with_its_teacher_and_scores_like_a_working_m
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
     assert "HR teacher finetuned" in printed  # the default recipe's teacher is part of the demo
-    assert float(re.search(r"^macro-F1 ([0-9.]+)", printed, re.M).group(1)) >= 0.8  # 0.927 on 2026-11-30; a weak teacher gave 0.57
+    assert (
+        float(re.search(r"^macro-F1 ([0-9.]+)", printed, re.M).group(1)) >= 0.8
+    )  # 0.927 on 2026-11-30; a weak teacher gave 0.57

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from lowres_birds.cli import main
-from lowres_birds.model.factory import create_model
 from lowres_birds.inspect.report import cam_target, grad_cam_overlays, report_after_training
+from lowres_birds.model.factory import create_model
 
 FIGURES = ("curves.png", "confusion_matrix.png", "per_class_f1.png")
 
@@ -81,7 +81,9 @@ def test_grad_cam_on_a_timm_vit_maps_tokens_back_to_a_grid():
 def test_grad_cam_on_a_hugging_face_vit(tmp_path):
     from transformers import ViTConfig
 
-    ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8).save_pretrained(tmp_path)
+    ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    ).save_pretrained(tmp_path)
     model = create_model(f"hf:{tmp_path}", ["a", "b"], 32, pretrained=False).eval()
     layer, _ = cam_target(model.backbone)
     assert layer is [m for n, m in model.backbone.named_modules() if n.endswith("layernorm_before")][-1]

@@ -13,8 +13,19 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lowres_birds"
 # Lower layers never import higher ones: cli -> inspect -> train / predict -> model / data -> run_dir -> config -> errors.
 LAYERS = {
-    "errors": 0, "runtime": 0, "progress": 0, "extras": 1, "config": 1, "metrics": 1, "run_dir": 2,
-    "data": 3, "model": 3, "train": 4, "predict": 4, "inspect": 5, "cli": 6,
+    "errors": 0,
+    "runtime": 0,
+    "progress": 0,
+    "extras": 1,
+    "config": 1,
+    "metrics": 1,
+    "run_dir": 2,
+    "data": 3,
+    "model": 3,
+    "train": 4,
+    "predict": 4,
+    "inspect": 5,
+    "cli": 6,
 }
 
 
@@ -60,15 +71,26 @@ def imports_of(module: str) -> list[tuple[str, list[str]]]:
 
 
 def test_no_module_imports_another_modules_private_names():
-    offences = [(m, t, n) for m, found in MODULES.items() for t, names in found for n in names if n.startswith("_") and not n.endswith("__") and t != m]
+    offences = [
+        (m, t, n)
+        for m, found in MODULES.items()
+        for t, names in found
+        for n in names
+        if n.startswith("_") and not n.endswith("__") and t != m
+    ]
     assert offences == []
 
 
 def test_nothing_imports_the_cli_and_only_cli_and_study_import_training():
     importers_of_cli = [m for m, found in MODULES.items() if any(t == "lowres_birds.cli" for t, _ in found)]
     assert importers_of_cli == ["lowres_birds.__main__"]
-    importers_of_train = {m for m, found in MODULES.items() if any(t.startswith("lowres_birds.train") for t, _ in found)}
-    assert {m for m in importers_of_train if not m.startswith("lowres_birds.train")} == {"lowres_birds.cli", "lowres_birds.inspect.study"}
+    importers_of_train = {
+        m for m, found in MODULES.items() if any(t.startswith("lowres_birds.train") for t, _ in found)
+    }
+    assert {m for m in importers_of_train if not m.startswith("lowres_birds.train")} == {
+        "lowres_birds.cli",
+        "lowres_birds.inspect.study",
+    }
 
 
 def test_no_import_cycles():
@@ -78,7 +100,7 @@ def test_no_import_cycles():
     def visit(node: str, path: list[str]) -> None:
         if node in done:
             return
-        assert node not in visiting, "import cycle: " + " -> ".join(path[path.index(node):] + [node])
+        assert node not in visiting, "import cycle: " + " -> ".join(path[path.index(node) :] + [node])
         visiting.add(node)
         for target in graph[node]:
             visit(target, path + [node])

@@ -18,7 +18,23 @@ TINY = ["--model", "efficientnet_lite0", "--epochs", "1", "--batch-size", "16", 
 @pytest.fixture(scope="module")
 def study_out(demo_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("study")
-    assert main(["study", "--data", str(demo_data), "--strategies", "native,upscale:80", "--budget-minutes", "3", "--out", str(out), *TINY]) == 0
+    assert (
+        main(
+            [
+                "study",
+                "--data",
+                str(demo_data),
+                "--strategies",
+                "native,upscale:80",
+                "--budget-minutes",
+                "3",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -46,13 +62,31 @@ def test_page_and_chart_are_written(study_out):
 
 
 def test_rerun_reuses_finished_runs(study_out, demo_data, capsys):
-    assert main(["study", "--data", str(demo_data), "--strategies", "native,upscale:80", "--budget-minutes", "3", "--out", str(study_out), *TINY]) == 0
+    assert (
+        main(
+            [
+                "study",
+                "--data",
+                str(demo_data),
+                "--strategies",
+                "native,upscale:80",
+                "--budget-minutes",
+                "3",
+                "--out",
+                str(study_out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.count("reused") == 2
 
 
 def test_recipes_are_compared_on_one_split(tmp_path):
     for name, lr in (("slow", 1e-4), ("fast", 1e-3)):
-        (tmp_path / f"{name}.yaml").write_text(f"model: efficientnet_lite0\nstrategy: native\nlr: {lr}\nseed: {7 if name == 'slow' else 99}\n")
+        (tmp_path / f"{name}.yaml").write_text(
+            f"model: efficientnet_lite0\nstrategy: native\nlr: {lr}\nseed: {7 if name == 'slow' else 99}\n"
+        )
     runs = plan_runs([str(tmp_path / "slow.yaml"), str(tmp_path / "fast.yaml")], None, {}, tmp_path / "out")
     assert [run.name for run in runs] == ["slow_native", "fast_native"]
     assert [run.cfg.lr for run in runs] == [1e-4, 1e-3]

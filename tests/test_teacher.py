@@ -21,8 +21,23 @@ from lowres_birds.run_dir import RunDir, save_safetensors
 from lowres_birds.train.data import load_training_data
 from lowres_birds.train.teacher import finetuned_teacher, teacher_config
 
-FINETUNED = [*FAST_TRAIN, "--teacher", "finetuned", "--teacher-epochs", "1", "--teacher-size", "64",
-             "--kd-weight", "0.7", "--feature-kd-weight", "1", "--mixup-alpha", "0.2", "--budget-minutes", "0"]
+FINETUNED = [
+    *FAST_TRAIN,
+    "--teacher",
+    "finetuned",
+    "--teacher-epochs",
+    "1",
+    "--teacher-size",
+    "64",
+    "--kd-weight",
+    "0.7",
+    "--feature-kd-weight",
+    "1",
+    "--mixup-alpha",
+    "0.2",
+    "--budget-minutes",
+    "0",
+]
 ROWS, CLASSES = 30, 3  # the demo_data fixture: 3 species x 10 training images
 
 
@@ -41,13 +56,36 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 
 def test_the_teacher_config_keeps_split_and_optimiser_and_drops_the_students_distillation():
-    student = load_config("cpu", {"teacher": "finetuned", "teacher_model": "efficientnet_lite2", "teacher_size": 192, "teacher_epochs": 3,
-                                  "kd_weight": 0.7, "feature_kd_weight": 1.0, "mixup_alpha": 0.2, "hr_view_ratio": 0.5, "folds": 5, "fold": 2,
-                                  "teacher_budget_share": 0.6})
+    student = load_config(
+        "cpu",
+        {
+            "teacher": "finetuned",
+            "teacher_model": "efficientnet_lite2",
+            "teacher_size": 192,
+            "teacher_epochs": 3,
+            "kd_weight": 0.7,
+            "feature_kd_weight": 1.0,
+            "mixup_alpha": 0.2,
+            "hr_view_ratio": 0.5,
+            "folds": 5,
+            "fold": 2,
+            "teacher_budget_share": 0.6,
+        },
+    )
     teacher = teacher_config(student)
     assert (teacher.model, teacher.strategy, teacher.epochs) == ("efficientnet_lite2", "hr-downscale:192", 3)
-    assert (teacher.seed, teacher.folds, teacher.fold, teacher.val_fraction) == (student.seed, 5, 2, student.val_fraction)
-    assert (teacher.lr, teacher.weight_decay, teacher.schedule, teacher.batch_size) == (student.lr, student.weight_decay, student.schedule, student.batch_size)
+    assert (teacher.seed, teacher.folds, teacher.fold, teacher.val_fraction) == (
+        student.seed,
+        5,
+        2,
+        student.val_fraction,
+    )
+    assert (teacher.lr, teacher.weight_decay, teacher.schedule, teacher.batch_size) == (
+        student.lr,
+        student.weight_decay,
+        student.schedule,
+        student.batch_size,
+    )
     assert (teacher.kd_weight, teacher.feature_kd_weight, teacher.mixup_alpha, teacher.hr_view_ratio) == (0, 0, 0, 0)
     assert teacher.teacher == "frozen" and teacher.budget_minutes == pytest.approx(student.budget_minutes * 0.6)
     assert teacher.budget_minutes > 0  # the teacher plans its epochs in its share of the run's budget
@@ -59,17 +97,29 @@ def test_the_teacher_is_a_complete_run_and_its_targets_fit_the_data(finetuned_ru
     cfg = teacher.config()
     assert (cfg.strategy, cfg.epochs, cfg.kd_weight, cfg.model) == ("hr-downscale:64", 1, 0, "timm:test_efficientnet")
     assert [record["epoch"] for record in teacher.metrics()] == [1]
-    assert teacher.split()["val_ids"] == RunDir(run).split()["val_ids"]  # the student's validation images are the teacher's too
-    assert main(["predict-image", "--run", str(teacher.path), str(next((Path(teacher.split()["data"]) / "test").iterdir()))]) == 0
+    assert (
+        teacher.split()["val_ids"] == RunDir(run).split()["val_ids"]
+    )  # the student's validation images are the teacher's too
+    assert (
+        main(
+            ["predict-image", "--run", str(teacher.path), str(next((Path(teacher.split()["data"]) / "test").iterdir()))]
+        )
+        == 0
+    )
     targets = teacher.teacher_targets(ROWS, CLASSES, damaged="test")
-    assert targets["logits"].shape == (ROWS, CLASSES) and targets["features"].shape == (ROWS, 256)  # test_efficientnet's width
+    assert targets["logits"].shape == (ROWS, CLASSES) and targets["features"].shape == (
+        ROWS,
+        256,
+    )  # test_efficientnet's width
     line = next(line for line in printed.splitlines() if line.startswith("HR teacher"))
     assert "finetuned" in line and "val macro-F1 on HR twins" in line and "took" in line
     student = RunDir(run)
     assert student.config().teacher == "finetuned" and [record["epoch"] for record in student.metrics()] == [1]
     assert all(torch.isfinite(torch.tensor(record["train_loss"])) for record in student.metrics())
     seconds = teacher.teacher_targets(ROWS, CLASSES, damaged="test")["seconds"]
-    assert student.metrics()[0]["elapsed_s"] > seconds > 0  # the run's clock (and time budget) counts its teacher's training
+    assert (
+        student.metrics()[0]["elapsed_s"] > seconds > 0
+    )  # the run's clock (and time budget) counts its teacher's training
 
 
 def test_a_resumed_run_reuses_the_finished_teacher(finetuned_run, capsys):
@@ -88,8 +138,15 @@ def test_damaged_targets_are_computed_again_without_retraining_the_teacher(finet
     if damage == "garbage":
         targets.write_bytes(b"not a safetensors file")
     else:
-        save_safetensors(targets, {"features": torch.zeros(ROWS - 1, 256), "logits": torch.zeros(ROWS - 1, CLASSES),
-                                   "val_macro_f1": torch.tensor(0.5), "seconds": torch.tensor(1.0)})
+        save_safetensors(
+            targets,
+            {
+                "features": torch.zeros(ROWS - 1, 256),
+                "logits": torch.zeros(ROWS - 1, CLASSES),
+                "val_macro_f1": torch.tensor(0.5),
+                "seconds": torch.tensor(1.0),
+            },
+        )
     weights = (teacher / RunDir.WEIGHTS).stat().st_mtime_ns
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
@@ -98,20 +155,32 @@ def test_damaged_targets_are_computed_again_without_retraining_the_teacher(finet
     assert RunDir(teacher).teacher_targets(ROWS, CLASSES, damaged="test")["logits"].shape == (ROWS, CLASSES)
 
 
-@pytest.mark.parametrize("tamper, expected", [
-    ({"logits": torch.zeros(ROWS, CLASSES + 1)}, "logits"),
-    ({"features": torch.zeros(ROWS)}, "features"),
-    ({"features": torch.full((ROWS, 8), float("nan"))}, "not finite"),
-    ({"val_macro_f1": torch.tensor(2.0)}, "macro-F1"),
-    ({"seconds": None}, "lacks"),
-])
+@pytest.mark.parametrize(
+    "tamper, expected",
+    [
+        ({"logits": torch.zeros(ROWS, CLASSES + 1)}, "logits"),
+        ({"features": torch.zeros(ROWS)}, "features"),
+        ({"features": torch.full((ROWS, 8), float("nan"))}, "not finite"),
+        ({"val_macro_f1": torch.tensor(2.0)}, "macro-F1"),
+        ({"seconds": None}, "lacks"),
+    ],
+)
 def test_the_targets_reader_refuses_what_does_not_fit_in_one_line(tmp_path, tamper, expected):
-    tensors = {"features": torch.zeros(ROWS, 8), "logits": torch.zeros(ROWS, CLASSES), "val_macro_f1": torch.tensor(0.5), "seconds": torch.tensor(1.0)}
+    tensors = {
+        "features": torch.zeros(ROWS, 8),
+        "logits": torch.zeros(ROWS, CLASSES),
+        "val_macro_f1": torch.tensor(0.5),
+        "seconds": torch.tensor(1.0),
+    }
     tensors = {key: value for key, value in {**tensors, **tamper}.items() if value is not None}
     save_safetensors(tmp_path / RunDir.TEACHER_TARGETS, tensors)
     with pytest.raises(UserError, match=expected) as error:
         RunDir(tmp_path).teacher_targets(ROWS, CLASSES, damaged="do this")
-    assert str(tmp_path / RunDir.TEACHER_TARGETS) in str(error.value) and str(error.value).endswith("do this") and "\n" not in str(error.value)
+    assert (
+        str(tmp_path / RunDir.TEACHER_TARGETS) in str(error.value)
+        and str(error.value).endswith("do this")
+        and "\n" not in str(error.value)
+    )
 
 
 def test_an_unfinished_teacher_is_resumed_from_its_checkpoint(finetuned_run, tmp_path, capsys):
@@ -139,15 +208,22 @@ def test_a_teacher_with_another_feature_width_is_refused_for_feature_kd_before_t
 
 
 def test_a_teacher_stopped_by_a_signal_says_to_resume_the_whole_run(demo_data, tmp_path):
-    cfg = load_config("cpu", {"teacher": "finetuned", "kd_weight": 0.7, "model": "timm:test_efficientnet", "pretrained": False})
+    cfg = load_config(
+        "cpu", {"teacher": "finetuned", "kd_weight": 0.7, "model": "timm:test_efficientnet", "pretrained": False}
+    )
 
     def stopped(*_args, **_kwargs):
-        raise TrainingInterrupted(f"SIGINT: checkpoint saved at epoch 1, step 2; continue with: lowres-birds train --resume {tmp_path / 'teacher'}")
+        raise TrainingInterrupted(
+            "SIGINT: checkpoint saved at epoch 1, step 2; continue with: lowres-birds train --resume "
+            f"{tmp_path / 'teacher'}"
+        )
 
     with pytest.raises(TrainingInterrupted) as stop:
         finetuned_teacher(cfg, load_training_data(demo_data, cfg), RunDir(tmp_path), demo_data, stopped)
-    assert str(stop.value) == (f"SIGINT: checkpoint saved at epoch 1, step 2 of the HR teacher in {tmp_path / 'teacher'}; "
-                               f"continue with: lowres-birds train --resume {tmp_path}")
+    assert str(stop.value) == (
+        f"SIGINT: checkpoint saved at epoch 1, step 2 of the HR teacher in {tmp_path / 'teacher'}; "
+        f"continue with: lowres-birds train --resume {tmp_path}"
+    )
 
 
 def test_each_fold_trains_its_own_teacher_on_its_own_split(demo_data, tmp_path):
@@ -170,10 +246,28 @@ def test_data_without_twins_trains_the_recipe_without_its_teacher_and_says_so(de
     table = pd.read_csv(data / "train.csv").drop(columns=["upscale_img_path"])
     table.to_csv(data / "train.csv", index=False)
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), *FAST_TRAIN, "--kd-weight", "0.7", "--teacher", "finetuned"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                *FAST_TRAIN,
+                "--kd-weight",
+                "0.7",
+                "--teacher",
+                "finetuned",
+            ]
+        )
+        == 0
+    )
     assert "no high-res twins (" in capsys.readouterr().out
     cfg = RunDir(run).config()
-    assert (cfg.kd_weight, cfg.teacher) == (0, "frozen") and not (run / RunDir.TEACHER).exists()  # the saved config is what ran
+    assert (cfg.kd_weight, cfg.teacher) == (0, "frozen") and not (
+        run / RunDir.TEACHER
+    ).exists()  # the saved config is what ran
 
 
 @pytest.mark.parametrize("from_teacher", [True, False])
@@ -182,11 +276,16 @@ def test_student_from_teacher_starts_the_student_from_the_teachers_best_weights(
     run = tmp_path / "run"
     shutil.copytree(finetuned_run[0], run)
     config = yaml.safe_load((run / RunDir.CONFIG).read_text())
-    (run / RunDir.CONFIG).write_text(yaml.safe_dump({**config, "student_from_teacher": from_teacher, "lr": 1e-9}, sort_keys=False))
+    (run / RunDir.CONFIG).write_text(
+        yaml.safe_dump({**config, "student_from_teacher": from_teacher, "lr": 1e-9}, sort_keys=False)
+    )
     for stale in (run / RunDir.CHECKPOINT, run / RunDir.METRICS, run / RunDir.WEIGHTS):
         stale.unlink()
     teacher = RunDir(run / RunDir.TEACHER)
-    marked = {name: tensor + 0.5 if name.endswith("conv_stem.weight") else tensor for name, tensor in teacher.weights().items()}
+    marked = {
+        name: tensor + 0.5 if name.endswith("conv_stem.weight") else tensor
+        for name, tensor in teacher.weights().items()
+    }
     teacher.save_weights(marked)  # a teacher no initialisation could give
     assert main(["train", "--resume", str(run)]) == 0
     student = RunDir(run).weights()
@@ -194,12 +293,24 @@ def test_student_from_teacher_starts_the_student_from_the_teachers_best_weights(
     assert torch.allclose(student[stem], marked[stem], atol=1e-5) is from_teacher
 
 
-@pytest.mark.parametrize("flags, says", [(["--teacher", "frozen"], "teacher frozen"),
-                                         (["--teacher-model", "timm:test_resnet", "--feature-kd-weight", "0", "--freeze-blocks", "0"], "model timm:test_resnet"),
-                                         (["--kd-weight", "0", "--feature-kd-weight", "0"], "kd weights 0/0")])
-def test_student_from_teacher_without_a_finetuned_teacher_of_its_model_starts_as_usual_and_says_why(demo_data, tmp_path, capsys, flags, says):
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--teacher", "frozen"], "teacher frozen"),
+        (
+            ["--teacher-model", "timm:test_resnet", "--feature-kd-weight", "0", "--freeze-blocks", "0"],
+            "model timm:test_resnet",
+        ),
+        (["--kd-weight", "0", "--feature-kd-weight", "0"], "kd weights 0/0"),
+    ],
+)
+def test_student_from_teacher_without_a_finetuned_teacher_of_its_model_starts_as_usual_and_says_why(
+    demo_data, tmp_path, capsys, flags, says
+):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(demo_data), "--out", str(run), *FINETUNED, "--student-from-teacher", *flags]) == 0
+    assert (
+        main(["train", "--data", str(demo_data), "--out", str(run), *FINETUNED, "--student-from-teacher", *flags]) == 0
+    )
     notice = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("student_from_teacher:"))
     assert says in notice and "starts from random weights" in notice  # FAST_TRAIN's --no-pretrained
     assert RunDir(run).config().student_from_teacher is False  # the run folder records what it did
@@ -211,7 +322,11 @@ def test_teacher_weights_that_do_not_fit_the_student_are_refused_in_one_line(tmp
 
     teacher = RunDir(tmp_path / RunDir.TEACHER)
     teacher.path.mkdir()
-    teacher.save_weights(create_model("timm:test_efficientnet", ["a", "b", "c", "d"], 64, pretrained=False).state_dict())
+    teacher.save_weights(
+        create_model("timm:test_efficientnet", ["a", "b", "c", "d"], 64, pretrained=False).state_dict()
+    )
     with pytest.raises(UserError, match="do not fit the student") as error:
-        start_from_teacher(create_model("timm:test_efficientnet", ["a", "b", "c"], 64, pretrained=False), RunDir(tmp_path))
+        start_from_teacher(
+            create_model("timm:test_efficientnet", ["a", "b", "c"], 64, pretrained=False), RunDir(tmp_path)
+        )
     assert str(teacher / RunDir.WEIGHTS) in str(error.value) and "\n" not in str(error.value)

@@ -9,7 +9,18 @@ import pytest
 
 from lowres_birds.cli import main
 
-TINY = ["--model", "efficientnet_lite0", "--strategy", "native", "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
+TINY = [
+    "--model",
+    "efficientnet_lite0",
+    "--strategy",
+    "native",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+]
 
 
 def test_tensorboard_events_hold_the_epoch_metrics(demo_data, tmp_path):
@@ -33,4 +44,7 @@ def test_missing_tracker_package_is_a_one_line_error(tracker, demo_data, tmp_pat
     if importlib.util.find_spec(tracker) is not None:
         pytest.skip(f"{tracker} is installed here")
     assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "run"), "--log", tracker, *TINY]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --log {tracker} needs the {tracker} package: pip install {tracker} (or use --log none)"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --log {tracker} needs the {tracker} package: pip install {tracker} (or use --log none)"
+    )

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_TRAIN
 from PIL import Image
 
 from lowres_birds.cli import main
@@ -17,7 +18,6 @@ from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import FILTERS, ROBIDOUX_SHARP_B, resize_uint8, resize_uint8_by_matmul
 from lowres_birds.model.wrapper import ModelSpec
 from lowres_birds.predict.hf_folder import load_hf_folder
-from conftest import FAST_TRAIN
 
 
 def random_images(count: int = 6, seed: int = 0) -> np.ndarray:
@@ -50,7 +50,9 @@ def test_robidoux_sharp_kernel_and_a_constant_image():
     assert kernel(-1.0) == kernel(1.0) and kernel(2.0) == pytest.approx(0.0) and kernel(2.5) == 0.0
     flat = torch.full((2, 3, 64, 64), 137, dtype=torch.uint8)
     for size in (128, 224, 32):
-        assert torch.equal(resize_uint8(flat, size, "robidoux-sharp"), torch.full((2, 3, size, size), 137, dtype=torch.uint8))
+        assert torch.equal(
+            resize_uint8(flat, size, "robidoux-sharp"), torch.full((2, 3, size, size), 137, dtype=torch.uint8)
+        )
     images = random_images()
     sharp, bicubic = ours(images, 128, "robidoux-sharp"), ours(images, 128, "bicubic")
     assert not np.array_equal(sharp, bicubic)
@@ -63,9 +65,19 @@ def test_every_filter_runs_through_the_one_matmul_path(upscale_filter):
 
 
 def test_a_spec_file_names_its_filter_and_old_ones_mean_bicubic():
-    spec = {"source": "timm:x", "num_classes": 2, "input_size": 96, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "pil"}
+    spec = {
+        "source": "timm:x",
+        "num_classes": 2,
+        "input_size": 96,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "resize": "pil",
+    }
     assert ModelSpec.from_dict(spec, ["a", "b"], "model_spec.json").upscale_filter == "bicubic"
-    assert ModelSpec.from_dict({**spec, "upscale_filter": "lanczos"}, ["a", "b"], "model_spec.json").upscale_filter == "lanczos"
+    assert (
+        ModelSpec.from_dict({**spec, "upscale_filter": "lanczos"}, ["a", "b"], "model_spec.json").upscale_filter
+        == "lanczos"
+    )
     with pytest.raises(UserError, match="upscale_filter 'sinc' is not one of"):
         ModelSpec.from_dict({**spec, "upscale_filter": "sinc"}, ["a", "b"], "model_spec.json")
 
@@ -73,7 +85,23 @@ def test_a_spec_file_names_its_filter_and_old_ones_mean_bicubic():
 @pytest.fixture(scope="module")
 def robidoux_run(demo_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("robidoux") / "run"
-    assert main(["train", "--data", str(demo_data), "--out", str(run), *FAST_TRAIN, "--strategy", "upscale:80", "--upscale-filter", "robidoux-sharp"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(demo_data),
+                "--out",
+                str(run),
+                *FAST_TRAIN,
+                "--strategy",
+                "upscale:80",
+                "--upscale-filter",
+                "robidoux-sharp",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -100,7 +128,9 @@ def test_hf_folder_of_a_lanczos_run_resizes_as_the_model(winners_run):
     import timm
 
     config = json.loads((winners_run / "hf" / "config.json").read_text())
-    assert config["pretrained_cfg"]["interpolation"] == "lanczos" and config["lowres_birds"]["upscale_filter"] == "lanczos"
+    assert (
+        config["pretrained_cfg"]["interpolation"] == "lanczos" and config["lowres_birds"]["upscale_filter"] == "lanczos"
+    )
     transform = timm.data.create_transform(**timm.data.resolve_data_config(config["pretrained_cfg"]), is_training=False)
     model, _ = load_hf_folder(winners_run / "hf")
     assert model.spec.upscale_filter == "lanczos"

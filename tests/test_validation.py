@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST_TRAIN
+
 from lowres_birds.cli import main
 from lowres_birds.config import load_config
 from lowres_birds.errors import UserError
@@ -19,8 +19,30 @@ from lowres_birds.run_dir import RunDir
 from lowres_birds.train.optim import create_scheduler, lr_factor, set_schedule_length
 
 # 27 training images in batches of 4: 7 steps per epoch, validated after step 4 (round(0.5 * 7)) and at the end.
-RUN = [*FAST_TRAIN[:-4], "--epochs", "2", "--batch-size", "4", "--seed", "3", "--hflip", "--crop-scale-min", "0.8", "--device", "cpu",
-       "--lr", "0.01", "--val-every", "0.5", "--schedule", "cosine-restarts", "--restart-epochs", "0.5", "--warmup-epochs", "0.25"]
+RUN = [
+    *FAST_TRAIN[:-4],
+    "--epochs",
+    "2",
+    "--batch-size",
+    "4",
+    "--seed",
+    "3",
+    "--hflip",
+    "--crop-scale-min",
+    "0.8",
+    "--device",
+    "cpu",
+    "--lr",
+    "0.01",
+    "--val-every",
+    "0.5",
+    "--schedule",
+    "cosine-restarts",
+    "--restart-epochs",
+    "0.5",
+    "--warmup-epochs",
+    "0.25",
+]
 TIMING_KEYS = {"train_images_per_s", "elapsed_s"}
 
 
@@ -79,7 +101,9 @@ def test_half_epoch_validation_writes_one_record_per_validation(straight_run):
     assert [r["step"] for r in found] == [4, 7, 11, 14]  # the epoch ends are validated once, not twice
     assert [r["epoch"] for r in found] == [4 / 7, 1, 1 + 4 / 7, 2]
     assert all(r["train_loss"] > 0 and r["train_images_per_s"] > 0 for r in found)
-    assert [r["epoch"] for r in RunDir(straight_run).metrics()] == [r["epoch"] for r in found]  # the validated reader takes them
+    assert [r["epoch"] for r in RunDir(straight_run).metrics()] == [
+        r["epoch"] for r in found
+    ]  # the validated reader takes them
     checkpoint = torch.load(straight_run / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]
     assert checkpoint["validations"] == 4 and checkpoint["epoch"] == 2
     assert checkpoint["best_f1"] == max(r["val_macro_f1"] for r in found)
@@ -88,11 +112,29 @@ def test_half_epoch_validation_writes_one_record_per_validation(straight_run):
 def test_every_step_is_validated_once_when_the_share_is_one_step(demo_data, tmp_path):
     run = tmp_path / "run"
     # 27 images in batches of 9: 3 steps; a third of an epoch is one step, and the epoch's end is its third.
-    assert main(["train", "--data", str(demo_data), "--out", str(run), *FAST_TRAIN, "--batch-size", "9", "--val-every", "0.3333"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(demo_data),
+                "--out",
+                str(run),
+                *FAST_TRAIN,
+                "--batch-size",
+                "9",
+                "--val-every",
+                "0.3333",
+            ]
+        )
+        == 0
+    )
     assert [(r["epoch"], r["step"]) for r in records(run)] == [(1 / 3, 1), (2 / 3, 2), (1, 3)]
 
 
-def test_resume_after_a_validation_within_an_epoch_neither_redoes_it_nor_changes_a_record(straight_run, demo_data, tmp_path, monkeypatch, capsys):
+def test_resume_after_a_validation_within_an_epoch_neither_redoes_it_nor_changes_a_record(
+    straight_run, demo_data, tmp_path, monkeypatch, capsys
+):
     from lowres_birds.train.state import Checkpointer
 
     stopped = tmp_path / "stopped"
@@ -109,7 +151,9 @@ def test_resume_after_a_validation_within_an_epoch_neither_redoes_it_nor_changes
     assert [r["step"] for r in records(stopped)] == [4, 7, 11]
     capsys.readouterr()
     assert main(["train", "--resume", str(stopped)]) == 0
-    assert capsys.readouterr().out.count("val macro-F1") == 1  # only the epoch's end: step 11 was validated before the stop
+    assert (
+        capsys.readouterr().out.count("val macro-F1") == 1
+    )  # only the epoch's end: step 11 was validated before the stop
     assert without_timings(stopped) == without_timings(straight_run)
 
 
@@ -124,7 +168,12 @@ def test_patience_counts_validations_and_can_stop_within_an_epoch(demo_data, tmp
 
     monkeypatch.setattr(validation, "evaluate", scripted)
     run = tmp_path / "run"
-    assert main(["train", "--data", str(demo_data), "--out", str(run), *RUN, "--epochs", "3", "--early-stop-patience", "3"]) == 0
+    assert (
+        main(
+            ["train", "--data", str(demo_data), "--out", str(run), *RUN, "--epochs", "3", "--early-stop-patience", "3"]
+        )
+        == 0
+    )
     # Best at the 2nd validation (epoch 1); the 3rd, 4th and 5th are not better: stop at the 5th, within epoch 3.
     assert [r["step"] for r in records(run)] == [4, 7, 11, 14, 18]
     assert records(run)[-1]["epoch"] == 2 + 4 / 7

@@ -68,7 +68,7 @@ def test_class_balanced_weights_favour_rare_classes():
     weights = class_balanced_weights(counts, 0.99)
     assert weights.mean().item() == pytest.approx(1.0)
     assert weights[0] < weights[1] < weights[2] <= weights[3]
-    effective = (1 - 0.99**counts[:3]) / (1 - 0.99)
+    effective = (1 - 0.99 ** counts[:3]) / (1 - 0.99)
     assert (weights[1] / weights[0]).item() == pytest.approx(effective[0] / effective[1])
     assert torch.allclose(class_balanced_weights(counts, 0.0), torch.ones(4))
 
@@ -90,5 +90,11 @@ def test_class_balanced_loss_weighs_soft_smoothed_targets_and_beta_zero_is_the_o
 def test_a_run_with_all_winner_options_finishes_and_records_them(winners_run):
     config = yaml.safe_load((winners_run / "config.yaml").read_text())
     assert {k: config[k] for k in ("trivial_augment", "random_erasing", "class_balanced_beta", "upscale_filter")} == {
-        "trivial_augment": True, "random_erasing": 0.5, "class_balanced_beta": 0.99, "upscale_filter": "lanczos"}
-    assert (winners_run / "model.safetensors").is_file() and (winners_run / "metrics.jsonl").read_text().count("\n") == 1
+        "trivial_augment": True,
+        "random_erasing": 0.5,
+        "class_balanced_beta": 0.99,
+        "upscale_filter": "lanczos",
+    }
+    assert (winners_run / "model.safetensors").is_file() and (winners_run / "metrics.jsonl").read_text().count(
+        "\n"
+    ) == 1

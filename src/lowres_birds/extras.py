@@ -53,4 +53,6 @@ def require(extra: str, feature: str) -> None:
     """Raise one line naming the pip command when ``feature`` lacks its extra."""
     absent = missing(extra)
     if absent:
-        raise UserError(f"{feature} needs the [{extra}] extra ({', '.join(absent)} not installed): {install_command(extra)}")
+        raise UserError(
+            f"{feature} needs the [{extra}] extra ({', '.join(absent)} not installed): {install_command(extra)}"
+        )

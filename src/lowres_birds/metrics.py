@@ -15,7 +15,5 @@ def score(y_true, y_pred) -> dict[str, float]:
 
 
 def per_class_table(y_true, y_pred, classes: list[str]) -> pd.DataFrame:
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=classes, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
     return pd.DataFrame({"label": classes, "precision": precision, "recall": recall, "f1": f1, "support": support})

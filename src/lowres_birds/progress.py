@@ -15,8 +15,17 @@ def bar(iterable: Iterable | None = None, *, desc: str, total: int | None = None
     """A tqdm bar over ``iterable`` (or one to ``update`` by hand), shown on terminals only."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=None, leave=False,
-                mininterval=REFRESH_S, dynamic_ncols=True)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        file=sys.stderr,
+        disable=None,
+        leave=False,
+        mininterval=REFRESH_S,
+        dynamic_ncols=True,
+    )
 
 
 @contextmanager

@@ -61,7 +61,9 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}; free some space or choose another output path") from None
+        raise UserError(
+            f"cannot write {path}: {exc.strerror or exc}; free some space or choose another output path"
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
     return path
@@ -114,7 +116,9 @@ def write_csv(path: Path, frame) -> Path:
     return atomic_write(path, lambda temporary: frame.to_csv(temporary, index=False))
 
 
-def check_output(path: Path, force: bool, *, folder: bool = False, others: Iterable[tuple[str, Path | None]] = ()) -> None:
+def check_output(
+    path: Path, force: bool, *, folder: bool = False, others: Iterable[tuple[str, Path | None]] = ()
+) -> None:
     """The one up-front check of an output path, before any work: refuse a path that is also an input or another
     output (``others``: (flag, path) pairs), a file where a folder is needed and the reverse, a parent that is a
     file, a parent that cannot be written (tried with a temporary file), and an existing output without --force."""
@@ -151,7 +155,9 @@ def _check_writable(path: Path) -> None:
     try:
         handle, name = tempfile.mkstemp(dir=existing, prefix=".lowres-birds-probe.", suffix=".tmp")
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {existing} is not writable ({exc.strerror or exc}); choose another output path") from None
+        raise UserError(
+            f"cannot write {path}: {existing} is not writable ({exc.strerror or exc}); choose another output path"
+        ) from None
     os.close(handle)
     Path(name).unlink(missing_ok=True)
 
@@ -174,14 +180,19 @@ def is_ours(folder: Path) -> bool:
     return (folder / MARKER).is_file() or ((folder / "config.yaml").is_file() and (folder / "labels.json").is_file())
 
 
-def replace_folder(folder: Path, force: bool, create: bool = True, others: Iterable[tuple[str, Path | None]] = ()) -> None:
+def replace_folder(
+    folder: Path, force: bool, create: bool = True, others: Iterable[tuple[str, Path | None]] = ()
+) -> None:
     """Make ``folder`` an empty folder of ours. An existing non-empty one is removed only with --force and only
     when this tool made it: never a data folder, a folder of runs or anything else a user keeps. With
     ``create=False`` only check (up front, and in the other processes of a multi-process run); ``others`` as in
     ``check_output``."""
     folder = Path(folder)
     if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):
-        raise UserError(f"{folder} is not empty and not a lowres-birds output folder; it is never replaced, even with --force: choose another --out")
+        raise UserError(
+            f"{folder} is not empty and not a lowres-birds output folder; it is never replaced, even with --force: "
+            "choose another --out"
+        )
     check_output(folder, force, folder=True, others=others)
     if not create:
         return
@@ -247,7 +258,9 @@ def load_safetensors(path: Path, missing: str, damaged: str) -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}); {damaged}") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}); {damaged}"
+        ) from None
 
 
 class RunDir:
@@ -280,9 +293,12 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
-    def require(self) -> "RunDir":
+    def require(self) -> RunDir:
         if not self.path.is_dir():
-            raise UserError(f"{self.path} is not a finished run folder (not found); pass a folder written by lowres-birds train (--run)")
+            raise UserError(
+                f"{self.path} is not a finished run folder (not found); pass a folder written by lowres-birds train "
+                "(--run)"
+            )
         return self
 
     # ---- config, labels, split
@@ -300,8 +316,11 @@ class RunDir:
         data = parse_yaml_mapping(text, str(path))
         missing = [name for name in FIELDS if name not in data]  # a recipe may leave keys out, a run's config holds all
         if missing:
-            raise UserError(f"{path} lacks {len(missing)} of its {len(FIELDS)} keys (first: {missing[0]}); the run folder is damaged "
-                            "or older than this version: retrain it")
+            raise UserError(
+                f"{path} lacks {len(missing)} of its {len(FIELDS)} keys (first: {missing[0]}); the run folder is "
+                "damaged "
+                "or older than this version: retrain it"
+            )
         return config_from_mapping(data, str(path))
 
     def write_labels(self, labels: list[str]) -> None:
@@ -309,15 +328,25 @@ class RunDir:
 
     def labels(self) -> list[str]:
         path = self.require() / self.LABELS
-        return check_labels(_run_json(path, f"{self.path} is not a finished run folder"), str(path), "the run folder is damaged")
+        return check_labels(
+            _run_json(path, f"{self.path} is not a finished run folder"), str(path), "the run folder is damaged"
+        )
 
     def write_split(self, data_dir: Path, val_ids: list[str], fingerprint: str) -> None:
-        write_json(self / self.SPLIT, {"data": str(Path(data_dir).resolve()), "fingerprint": fingerprint, "val_ids": val_ids})
+        write_json(
+            self / self.SPLIT, {"data": str(Path(data_dir).resolve()), "fingerprint": fingerprint, "val_ids": val_ids}
+        )
 
     def split(self) -> dict:
         path = self.require() / self.SPLIT
-        split = _run_json(path, f"{self.path} does not record its data; pass a run folder written by lowres-birds train")
-        if not isinstance(split, dict) or not isinstance(split.get("data"), str) or not isinstance(split.get("val_ids"), list):
+        split = _run_json(
+            path, f"{self.path} does not record its data; pass a run folder written by lowres-birds train"
+        )
+        if (
+            not isinstance(split, dict)
+            or not isinstance(split.get("data"), str)
+            or not isinstance(split.get("val_ids"), list)
+        ):
             raise UserError(f"{path} must hold 'data' (a folder) and 'val_ids' (a list); the run folder is damaged")
         return split
 
@@ -327,7 +356,10 @@ class RunDir:
             return Path(override)
         data = Path(self.split()["data"])
         if not data.is_dir():
-            raise UserError(f"{self / self.SPLIT} names the data folder {data}, which is not found; pass the run's data folder with --data")
+            raise UserError(
+                f"{self / self.SPLIT} names the data folder {data}, which is not found; pass the run's data folder "
+                "with --data"
+            )
         return data
 
     # ---- model
@@ -367,12 +399,27 @@ class RunDir:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{path} is not JSON lines ({exc}); the run folder is damaged") from None
         for number, record in enumerate(records, start=1):
-            if not isinstance(record, dict) or not all(_is_number(record.get(key)) for key in self.METRIC_KEYS) or record["epoch"] <= 0:
-                raise UserError(f"{path} line {number}: not a validation record ({', '.join(self.METRIC_KEYS)}); the run folder is damaged")
-            if "step" in record and not (isinstance(record["step"], int) and not isinstance(record["step"], bool) and record["step"] > 0):
-                raise UserError(f"{path} line {number}: step must be a positive whole number (got {record['step']!r}); the run folder is damaged")
+            if (
+                not isinstance(record, dict)
+                or not all(_is_number(record.get(key)) for key in self.METRIC_KEYS)
+                or record["epoch"] <= 0
+            ):
+                raise UserError(
+                    f"{path} line {number}: not a validation record ({', '.join(self.METRIC_KEYS)}); the run folder is "
+                    "damaged"
+                )
+            if "step" in record and not (
+                isinstance(record["step"], int) and not isinstance(record["step"], bool) and record["step"] > 0
+            ):
+                raise UserError(
+                    f"{path} line {number}: step must be a positive whole number (got {record['step']!r}); the run "
+                    "folder is damaged"
+                )
             if number > 1 and record["epoch"] <= records[number - 2]["epoch"]:
-                raise UserError(f"{path} line {number}: epoch {record['epoch']} does not follow epoch {records[number - 2]['epoch']}; the run folder is damaged")
+                raise UserError(
+                    f"{path} line {number}: epoch {record['epoch']} does not follow epoch "
+                    f"{records[number - 2]['epoch']}; the run folder is damaged"
+                )
         return records
 
     def best_val_macro_f1(self) -> float:
@@ -403,7 +450,9 @@ class RunDir:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-            raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}); it is damaged: start a new run") from None
+            raise UserError(
+                f"{path} is not a readable checkpoint ({type(exc).__name__}); it is damaged: start a new run"
+            ) from None
         needed = ("model", "optimizer", "scheduler", "state", "rng")
         if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
             raise UserError(f"{path} lacks {', '.join(needed)}; it is not a lowres-birds checkpoint: start a new run")
@@ -422,9 +471,15 @@ class RunDir:
     def save_teacher_targets(self, features, logits, val_macro_f1: float, seconds: float) -> None:
         import torch
 
-        save_safetensors(self / self.TEACHER_TARGETS, {
-            "features": features, "logits": logits, "val_macro_f1": torch.tensor(val_macro_f1), "seconds": torch.tensor(seconds),
-        })
+        save_safetensors(
+            self / self.TEACHER_TARGETS,
+            {
+                "features": features,
+                "logits": logits,
+                "val_macro_f1": torch.tensor(val_macro_f1),
+                "seconds": torch.tensor(seconds),
+            },
+        )
 
     def teacher_targets(self, rows: int, classes: int, damaged: str) -> dict:
         """features (rows x D), logits (rows x classes), val_macro_f1 and seconds, all finite; ``damaged``: what happens
@@ -437,11 +492,27 @@ class RunDir:
         features, logits = tensors["features"], tensors["logits"]
         shapes = f"{tuple(features.shape)} features and {tuple(logits.shape)} logits"
         scalars = tensors["val_macro_f1"].numel() == 1 and tensors["seconds"].numel() == 1
-        if features.ndim != 2 or len(features) != rows or features.shape[1] < 1 or tuple(logits.shape) != (rows, classes) or not scalars:
-            raise UserError(f"{path} holds {shapes}, not {rows} x D features, {rows} x {classes} logits and two scalars; {damaged}")
-        if not all(bool(tensor.float().isfinite().all()) for tensor in tensors.values()) or not 0 <= float(tensors["val_macro_f1"]) <= 1:
+        if (
+            features.ndim != 2
+            or len(features) != rows
+            or features.shape[1] < 1
+            or tuple(logits.shape) != (rows, classes)
+            or not scalars
+        ):
+            raise UserError(
+                f"{path} holds {shapes}, not {rows} x D features, {rows} x {classes} logits and two scalars; {damaged}"
+            )
+        if (
+            not all(bool(tensor.float().isfinite().all()) for tensor in tensors.values())
+            or not 0 <= float(tensors["val_macro_f1"]) <= 1
+        ):
             raise UserError(f"{path} holds values that are not finite (or a macro-F1 outside 0-1); {damaged}")
-        return {"features": features.float(), "logits": logits.float(), "val_macro_f1": float(tensors["val_macro_f1"]), "seconds": float(tensors["seconds"])}
+        return {
+            "features": features.float(),
+            "logits": logits.float(),
+            "val_macro_f1": float(tensors["val_macro_f1"]),
+            "seconds": float(tensors["seconds"]),
+        }
 
     def save_val_predictions(self, indices, targets, probs) -> None:
         import numpy as np
@@ -461,7 +532,11 @@ class RunDir:
                 predictions = {key: data[key] for key in ("indices", "targets", "probs")}
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"{path} is missing or damaged ({type(exc).__name__}); retrain that run") from None
-        if predictions["probs"].ndim != 2 or len(predictions["probs"]) != len(predictions["targets"]) or not math.isfinite(float(predictions["probs"].sum())):
+        if (
+            predictions["probs"].ndim != 2
+            or len(predictions["probs"]) != len(predictions["targets"])
+            or not math.isfinite(float(predictions["probs"].sum()))
+        ):
             raise UserError(f"{path} holds inconsistent arrays; retrain that run")
         return predictions
 
@@ -491,10 +566,17 @@ class FoldsDir(RunGroup):
 
     def summary(self) -> dict:
         path = self.path / self.SUMMARY
-        summary = load_json(path, f"{path} not found; {self.path} is not a folder written by lowres-birds train --folds", "retrain the folds")
+        summary = load_json(
+            path,
+            f"{path} not found; {self.path} is not a folder written by lowres-birds train --folds",
+            "retrain the folds",
+        )
         folds = summary.get("folds") if isinstance(summary, dict) else None
         if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
-            raise UserError(f"{path} must give 'folds', a whole number of at least 2; the folds folder is damaged: retrain the folds")
+            raise UserError(
+                f"{path} must give 'folds', a whole number of at least 2; the folds folder is damaged: retrain the "
+                "folds"
+            )
         return summary
 
     def runs(self) -> list[Path]:
@@ -502,7 +584,10 @@ class FoldsDir(RunGroup):
         folds = self.summary()["folds"]
         missing = [self.fold(k) for k in range(folds) if not self.fold(k).is_dir()]
         if missing:
-            raise UserError(f"{self.path / self.SUMMARY} counts {folds} folds but {missing[0]} is missing; retrain the folds or pass the fold runs with --run")
+            raise UserError(
+                f"{self.path / self.SUMMARY} counts {folds} folds but {missing[0]} is missing; retrain the folds or "
+                "pass the fold runs with --run"
+            )
         return [self.fold(k) for k in range(folds)]
 
 
@@ -520,21 +605,36 @@ class MembersDir(RunGroup):
         """{"data": str, "members": {name: config dict}, "val_macro_f1": {name: float}}, checked."""
         path = self.path / self.SUMMARY
         damaged = "the ensemble folder is damaged: retrain it"
-        summary = load_json(path, f"{path} not found; {self.path} is not a folder written by an ensemble recipe", damaged)
+        summary = load_json(
+            path, f"{path} not found; {self.path} is not a folder written by an ensemble recipe", damaged
+        )
         members = summary.get("members") if isinstance(summary, dict) else None
         scores = summary.get("val_macro_f1") if isinstance(summary, dict) else None
-        if (not isinstance(members, dict) or not members or not all(isinstance(c, dict) for c in members.values())
-                or not isinstance(summary.get("data"), str) or not isinstance(scores, dict)
-                or not set(scores) <= set(members) or not all(_is_number(v) for v in scores.values())):
-            raise UserError(f"{path} must give 'data', 'members' (name -> config) and 'val_macro_f1' (name -> number); {damaged}")
+        if (
+            not isinstance(members, dict)
+            or not members
+            or not all(isinstance(c, dict) for c in members.values())
+            or not isinstance(summary.get("data"), str)
+            or not isinstance(scores, dict)
+            or not set(scores) <= set(members)
+            or not all(_is_number(v) for v in scores.values())
+        ):
+            raise UserError(
+                f"{path} must give 'data', 'members' (name -> config) and 'val_macro_f1' (name -> number); {damaged}"
+            )
         return summary
 
     def runs(self) -> list[Path]:
         """The member folders, in recipe order; every member must have finished training."""
         summary = self.summary()
-        missing = [name for name in summary["members"] if name not in summary["val_macro_f1"] or not self.member(name).is_dir()]
+        missing = [
+            name for name in summary["members"] if name not in summary["val_macro_f1"] or not self.member(name).is_dir()
+        ]
         if missing:
-            raise UserError(f"member {missing[0]} of the ensemble {self.path} has not finished training; continue with: lowres-birds train --resume {self.path}")
+            raise UserError(
+                f"member {missing[0]} of the ensemble {self.path} has not finished training; continue with: "
+                f"lowres-birds train --resume {self.path}"
+            )
         return [self.member(name) for name in summary["members"]]
 
 

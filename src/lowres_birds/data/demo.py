@@ -52,8 +52,11 @@ def draw_bird(species: int, rng: np.random.Generator) -> Image.Image:
     bw, bh = 70 * scale, 42 * scale
     tail_len = 60 * scale * tail
     draw.polygon(
-        [(cx - facing * bw * 0.4, cy - 6 * scale), (cx - facing * (bw * 0.4 + tail_len), cy - 14 * scale),
-         (cx - facing * (bw * 0.4 + tail_len), cy + 8 * scale)],
+        [
+            (cx - facing * bw * 0.4, cy - 6 * scale),
+            (cx - facing * (bw * 0.4 + tail_len), cy - 14 * scale),
+            (cx - facing * (bw * 0.4 + tail_len), cy + 8 * scale),
+        ],
         fill=_jitter(wing, rng, 15),
     )
     draw.ellipse([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], fill=_jitter(body, rng, 15))
@@ -70,9 +73,14 @@ def draw_bird(species: int, rng: np.random.Generator) -> Image.Image:
     if head == "round":
         draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=_jitter(body, rng, 15))
     else:
-        draw.polygon([(hx - hr, hy + hr * 0.6), (hx, hy - hr * 1.4), (hx + hr, hy + hr * 0.6)], fill=_jitter(body, rng, 15))
+        draw.polygon(
+            [(hx - hr, hy + hr * 0.6), (hx, hy - hr * 1.4), (hx + hr, hy + hr * 0.6)], fill=_jitter(body, rng, 15)
+        )
     beak = 14 * scale
-    draw.polygon([(hx + facing * hr * 0.8, hy - 4), (hx + facing * (hr + beak), hy + 2), (hx + facing * hr * 0.8, hy + 6)], fill=(240, 170, 40))
+    draw.polygon(
+        [(hx + facing * hr * 0.8, hy - 4), (hx + facing * (hr + beak), hy + 2), (hx + facing * hr * 0.8, hy + 6)],
+        fill=(240, 170, 40),
+    )
     draw.ellipse([hx + facing * 5 - 3, hy - 6, hx + facing * 5 + 3, hy], fill=(10, 10, 10))
     angle = rng.uniform(-12, 12)
     image = image.rotate(angle, resample=Image.BICUBIC, fillcolor=sky)
@@ -85,7 +93,9 @@ def degrade(image: Image.Image, rng: np.random.Generator, path: Path) -> None:
     small.save(path, quality=int(rng.integers(70, 95)))
 
 
-def make_demo_dataset(out_dir: Path, train_per_class: int = 48, test_per_class: int = 16, seed: int = 0, classes: int | None = None) -> Path:
+def make_demo_dataset(
+    out_dir: Path, train_per_class: int = 48, test_per_class: int = 16, seed: int = 0, classes: int | None = None
+) -> Path:
     """Write train.csv, test.csv, sample_submission.csv, test_labels.csv and the three image folders."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -111,4 +121,3 @@ def make_demo_dataset(out_dir: Path, train_per_class: int = 48, test_per_class: 
     write_csv(out_dir / "sample_submission.csv", test.assign(label=0)[["id", "label"]])
     write_csv(out_dir / "test_labels.csv", test[["id", "label"]])
     return out_dir
-

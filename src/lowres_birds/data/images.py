@@ -23,7 +23,9 @@ from lowres_birds.run_dir import atomic_write
 DECODE_CHUNK = 1024  # images decoded and written per step (12 MB at 64x64)
 MAX_IMAGE_PIXELS = 40_000_000  # larger "images" are refused as decompression bombs
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # decode_image refuses them with a clear error
+warnings.filterwarnings(
+    "ignore", category=Image.DecompressionBombWarning
+)  # decode_image refuses them with a clear error
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -51,7 +53,9 @@ def decode_image(path: Path | BinaryIO, size: int | None = None) -> np.ndarray:
             image.load()
             array = to_rgb_array(image)
     except Image.DecompressionBombError:
-        raise UserError(f"{name}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; refused as a decompression bomb") from None
+        raise UserError(
+            f"{name}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; refused as a decompression bomb"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{name}: not a readable image ({detail}); replace or remove it") from None
@@ -103,7 +107,9 @@ def load_images(paths: list[Path], size: int, workers: int = 2) -> np.ndarray:
     def write(temporary: Path) -> None:
         """Stream the decoded images into the .npy file chunk by chunk: memory stays bounded at any size."""
         with open(temporary, "wb") as handle, ThreadPoolExecutor(max_workers=workers) as pool:
-            np.lib.format.write_array_header_2_0(handle, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), size, size, 3)})
+            np.lib.format.write_array_header_2_0(
+                handle, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), size, size, 3)}
+            )
             bar = progress_bar(None, desc=f"decoding {len(paths)} images", total=len(paths))
             for start in range(0, len(paths), DECODE_CHUNK):
                 handle.write(np.stack(list(pool.map(decode, paths[start : start + DECODE_CHUNK]))).tobytes())
@@ -112,7 +118,8 @@ def load_images(paths: list[Path], size: int, workers: int = 2) -> np.ndarray:
 
     atomic_write(cache, write)
     if odd_sizes:
-        warnings.warn(f"{odd_sizes} of {len(paths)} images were not {size}x{size}; resized to {size}x{size} (bicubic)", stacklevel=2)
+        warnings.warn(
+            f"{odd_sizes} of {len(paths)} images were not {size}x{size}; resized to {size}x{size} (bicubic)",
+            stacklevel=2,
+        )
     return np.load(cache, mmap_mode="r")
-
-

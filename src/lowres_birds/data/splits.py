@@ -29,7 +29,8 @@ def fold_indices(targets: np.ndarray, folds: int, fold: int, seed: int) -> tuple
     smallest = int(np.bincount(targets).min())
     if smallest < folds:
         raise UserError(f"--folds {folds} needs at least {folds} images in every class (the smallest has {smallest})")
-    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(targets)), targets))
+    splits = list(
+        StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(targets)), targets)
+    )
     train_idx, val_idx = splits[fold]
     return np.sort(train_idx), np.sort(val_idx)
-

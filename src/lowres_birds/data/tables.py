@@ -17,7 +17,12 @@ import pandas as pd
 from lowres_birds.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-COMPETITION_FILES = ("train.csv", "test.csv", "sample_submission.csv", "upscale_train")  # any of them: not an ImageFolder
+COMPETITION_FILES = (
+    "train.csv",
+    "test.csv",
+    "sample_submission.csv",
+    "upscale_train",
+)  # any of them: not an ImageFolder
 
 
 @dataclass
@@ -76,7 +81,9 @@ def _check_ids(frame: pd.DataFrame, path: Path) -> None:
     duplicated = frame["id"][frame["id"].duplicated()]
     if len(duplicated):
         row = int(duplicated.index[0]) + 2
-        raise UserError(f"{path} row {row}: duplicate id {duplicated.iloc[0]!r} ({len(duplicated)} duplicates); ids must be unique")
+        raise UserError(
+            f"{path} row {row}: duplicate id {duplicated.iloc[0]!r} ({len(duplicated)} duplicates); ids must be unique"
+        )
 
 
 def _image_paths(root: Path, values: list[str], csv_path: Path, column: str) -> list[Path]:
@@ -102,7 +109,8 @@ def _image_paths(root: Path, values: list[str], csv_path: Path, column: str) -> 
             missing.append(path)
     if missing:
         raise UserError(
-            f"{csv_path}: {len(missing)} file(s) in column {column} missing or not regular files (first: {', '.join(missing[:3])}); "
+            f"{csv_path}: {len(missing)} file(s) in column {column} missing or not regular files (first: "
+            f"{', '.join(missing[:3])}); "
             "check the data folder is complete"
         )
     return _as_paths(resolved)
@@ -198,7 +206,9 @@ def load_image_folder(data_dir: Path) -> ImageTable:
                 labels.append(folder.name)
     if not paths:
         raise UserError(f"{data_dir}: no train.csv and no images in class sub-folders (DIR/<class>/*.jpg)")
-    return ImageTable(data_dir, ids, paths, None, labels, f"{data_dir} is an ImageFolder, which has no upscale_img_path column")
+    return ImageTable(
+        data_dir, ids, paths, None, labels, f"{data_dir} is an ImageFolder, which has no upscale_img_path column"
+    )
 
 
 def find_images(where: str | Path) -> list[Path]:
@@ -211,14 +221,25 @@ def find_images(where: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        found = [
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
         where_text = f"folder {path}"
     elif glob.has_magic(text):
-        found = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file()]
+        found = [
+            Path(p)
+            for p in glob.glob(text, recursive=True)
+            if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file()
+        ]
         where_text = f"pattern {text!r}"
     else:
-        raise UserError(f"{text} not found: pass an image, a folder of images or a quoted glob pattern such as 'photos/*.jpg'")
+        raise UserError(
+            f"{text} not found: pass an image, a folder of images or a quoted glob pattern such as 'photos/*.jpg'"
+        )
     if not found:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {where_text}")
     return sorted(found)
@@ -261,7 +282,7 @@ class LabelMap:
     classes: tuple[str, ...]
 
     @classmethod
-    def fit(cls, labels: list[str]) -> "LabelMap":
+    def fit(cls, labels: list[str]) -> LabelMap:
         return cls(tuple(sorted(set(labels))))
 
     def encode(self, labels: list[str]) -> np.ndarray:
@@ -270,6 +291,3 @@ class LabelMap:
 
     def decode(self, indices) -> list[str]:
         return [self.classes[int(i)] for i in indices]
-
-
-

@@ -90,14 +90,20 @@ def image_stats(folders: list[Folder], pixels: dict[str, np.ndarray]):
     rows = []
     for folder in folders:
         with ThreadPoolExecutor(max_workers=4) as pool:
-            read = progress_bar(pool.map(_header, folder.paths), desc=f"reading {folder.name} headers", total=len(folder.paths))
+            read = progress_bar(
+                pool.map(_header, folder.paths), desc=f"reading {folder.name} headers", total=len(folder.paths)
+            )
             headers = pd.DataFrame(list(read), columns=["size", "mode", "format"])
         mean, std = channel_stats(pixels[folder.name])
         rows.append(
             {
-                "folder": folder.name, "images": len(folder.paths), "sizes": _top(headers["size"]),
-                "modes": _top(headers["mode"]), "formats": _top(headers["format"]),
-                "mean (R, G, B)": ", ".join(f"{v:.4f}" for v in mean), "std (R, G, B)": ", ".join(f"{v:.4f}" for v in std),
+                "folder": folder.name,
+                "images": len(folder.paths),
+                "sizes": _top(headers["size"]),
+                "modes": _top(headers["mode"]),
+                "formats": _top(headers["format"]),
+                "mean (R, G, B)": ", ".join(f"{v:.4f}" for v in mean),
+                "std (R, G, B)": ", ".join(f"{v:.4f}" for v in std),
             }
         )
     return pd.DataFrame(rows)
@@ -128,10 +134,14 @@ def perceptual_hashes(images: np.ndarray, name: str = "images") -> np.ndarray:
     from PIL import Image
 
     shown = progress_bar(images, desc=f"perceptual hashes of {name}", total=len(images))
-    return np.array([int(str(imagehash.phash(Image.fromarray(np.asarray(image)))), 16) for image in shown], dtype=np.uint64)
+    return np.array(
+        [int(str(imagehash.phash(Image.fromarray(np.asarray(image)))), 16) for image in shown], dtype=np.uint64
+    )
 
 
-def train_test_matches(train_ids, train_labels, train_hashes, train_phash, test_ids, test_hashes, test_phash, max_distance: int):
+def train_test_matches(
+    train_ids, train_labels, train_hashes, train_phash, test_ids, test_hashes, test_phash, max_distance: int
+):
     """Test images that equal (same pixel hash) or nearly equal (pHash distance <= max_distance) a training image."""
     import pandas as pd
 
@@ -145,8 +155,13 @@ def train_test_matches(train_ids, train_labels, train_hashes, train_phash, test_
         if match is not None or nearest_distance[t] <= max_distance:
             j = nearest[t] if match is None else match
             rows.append(
-                {"test id": test_id, "train id": train_ids[j], "train label": train_labels[j],
-                 "kind": "exact" if match is not None else "near", "phash distance": int(distances[t, j])}
+                {
+                    "test id": test_id,
+                    "train id": train_ids[j],
+                    "train label": train_labels[j],
+                    "kind": "exact" if match is not None else "near",
+                    "phash distance": int(distances[t, j]),
+                }
             )
     return pd.DataFrame(rows, columns=["test id", "train id", "train label", "kind", "phash distance"])
 
@@ -156,7 +171,9 @@ def twin_psnr(lr_images: np.ndarray, hr_images: np.ndarray) -> np.ndarray:
 
     size = lr_images.shape[1]
     values = np.empty(len(lr_images))
-    for index, (lr, hr) in enumerate(progress_bar(zip(lr_images, hr_images), desc="comparing LR/HR twins", total=len(lr_images))):
+    for index, (lr, hr) in enumerate(
+        progress_bar(zip(lr_images, hr_images), desc="comparing LR/HR twins", total=len(lr_images))
+    ):
         shrunk = fit_square(np.asarray(hr), size).astype(np.float32) / 255
         mse = np.mean((shrunk - np.asarray(lr, dtype=np.float32) / 255) ** 2)
         values[index] = 10 * np.log10(1.0 / max(float(mse), 1e-10))
@@ -170,7 +187,9 @@ def sample_grid_png(table, lr: np.ndarray, hr: np.ndarray | None, path: Path) ->
     """Two images for each of a few classes spread over the class list: LR 64 beside its HR twin, same size."""
 
     classes = sorted(set(table.labels))
-    chosen = [classes[i] for i in np.linspace(0, len(classes) - 1, min(SAMPLE_CLASSES, len(classes))).round().astype(int)]
+    chosen = [
+        classes[i] for i in np.linspace(0, len(classes) - 1, min(SAMPLE_CLASSES, len(classes))).round().astype(int)
+    ]
     images, titles = [], []
     for label in dict.fromkeys(chosen):
         for index in [i for i, name in enumerate(table.labels) if name == label][:2]:
@@ -182,23 +201,34 @@ def sample_grid_png(table, lr: np.ndarray, hr: np.ndarray | None, path: Path) ->
     return image_grid_png(images, titles, path, columns=4)
 
 
-def pairs_png(left: list[np.ndarray], right: list[np.ndarray], left_titles: list[str], right_titles: list[str], path: Path) -> Path:
+def pairs_png(
+    left: list[np.ndarray], right: list[np.ndarray], left_titles: list[str], right_titles: list[str], path: Path
+) -> Path:
 
     images = [image for pair in zip(left, right) for image in pair]
     titles = [title for pair in zip(left_titles, right_titles) for title in pair]
     return image_grid_png(images, titles, path, columns=4)
 
 
-def leakage_check(table, test, lr: np.ndarray, test_pixels: np.ndarray, train_hashes: list[str], max_distance: int, out: Path):
+def leakage_check(
+    table, test, lr: np.ndarray, test_pixels: np.ndarray, train_hashes: list[str], max_distance: int, out: Path
+):
     """(matches table, page items): test images equal or near-equal to a training image, with example pairs."""
     leaks = train_test_matches(
-        table.ids, table.labels, train_hashes, perceptual_hashes(lr, "train"), test.ids, content_hashes(test_pixels),
-        perceptual_hashes(test_pixels, "test"), max_distance,
+        table.ids,
+        table.labels,
+        train_hashes,
+        perceptual_hashes(lr, "train"),
+        test.ids,
+        content_hashes(test_pixels),
+        perceptual_hashes(test_pixels, "test"),
+        max_distance,
     )
     write_csv(out / "leakage_train_test.csv", leaks)
     items: list = [
         f"Train/test leakage: {int((leaks['kind'] == 'exact').sum())} test image(s) equal a training image, "
-        f"{int((leaks['kind'] == 'near').sum())} more are near-duplicates (pHash Hamming distance <= {max_distance} of 64 bits).",
+        f"{int((leaks['kind'] == 'near').sum())} more are near-duplicates (pHash Hamming distance <= {max_distance} of "
+        "64 bits).",
         leaks.head(EXAMPLES),
     ]
     if len(leaks):
@@ -206,9 +236,13 @@ def leakage_check(table, test, lr: np.ndarray, test_pixels: np.ndarray, train_ha
         shown = leaks.head(EXAMPLES)
         items.append(
             pairs_png(
-                [test_pixels[test_index[i]] for i in shown["test id"]], [lr[train_index[i]] for i in shown["train id"]],
+                [test_pixels[test_index[i]] for i in shown["test id"]],
+                [lr[train_index[i]] for i in shown["train id"]],
                 [f"test {i}" for i in shown["test id"]],
-                [f"train {i} ({k}, d={d})" for i, k, d in zip(shown["train id"], shown["kind"], shown["phash distance"])],
+                [
+                    f"train {i} ({k}, d={d})"
+                    for i, k, d in zip(shown["train id"], shown["kind"], shown["phash distance"])
+                ],
                 out / "leakage_examples.png",
             )
         )
@@ -220,16 +254,23 @@ def twin_check(table, lr: np.ndarray, hr: np.ndarray, threshold_db: float, out: 
     import pandas as pd
 
     psnr = twin_psnr(lr, hr)
-    twins = pd.DataFrame({"id": table.ids, "label": table.labels, "psnr_db": psnr}).sort_values("psnr_db", kind="stable")
+    twins = pd.DataFrame({"id": table.ids, "label": table.labels, "psnr_db": psnr}).sort_values(
+        "psnr_db", kind="stable"
+    )
     write_csv(out / "twin_psnr.csv", twins)
     worst = twins.head(EXAMPLES)
     items = [
-        f"LR/HR twin mismatch: {int((psnr < threshold_db).sum())} pair(s) with PSNR < {threshold_db:g} dB between the LR image "
-        f"and its HR twin shrunk to {lr.shape[1]} (median {np.median(psnr):.1f} dB, lowest {psnr.min():.1f} dB). The lowest pairs:",
+        f"LR/HR twin mismatch: {int((psnr < threshold_db).sum())} pair(s) with PSNR < {threshold_db:g} dB between the "
+        "LR image "
+        f"and its HR twin shrunk to {lr.shape[1]} (median {np.median(psnr):.1f} dB, lowest {psnr.min():.1f} dB). The "
+        "lowest pairs:",
         worst,
         pairs_png(
-            [lr[i] for i in worst.index], [hr[i] for i in worst.index], [f"{table.ids[i]} LR" for i in worst.index],
-            [f"HR twin, {p:.1f} dB" for p in worst["psnr_db"]], out / "twin_lowest_psnr.png",
+            [lr[i] for i in worst.index],
+            [hr[i] for i in worst.index],
+            [f"{table.ids[i]} LR" for i in worst.index],
+            [f"HR twin, {p:.1f} dB" for p in worst["psnr_db"]],
+            out / "twin_lowest_psnr.png",
         ),
     ]
     return twins[twins["psnr_db"] < threshold_db], items
@@ -249,7 +290,13 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
     counts = class_counts(table.labels)
     write_csv(out / "class_counts.csv", counts)
     imbalance = counts["count"].iloc[0] / counts["count"].iloc[-1]
-    counts_png = barh_png(counts["label"].tolist(), counts["count"].tolist(), out / "class_counts.png", f"training images per class ({len(counts)} classes)", "images")
+    counts_png = barh_png(
+        counts["label"].tolist(),
+        counts["count"].tolist(),
+        out / "class_counts.png",
+        f"training images per class ({len(counts)} classes)",
+        "images",
+    )
 
     folders = [Folder("train", table.lr_paths, LR_SIZE)]
     if table.hr_paths is not None:
@@ -266,7 +313,8 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
     duplicates = duplicates_within(table.ids, table.labels, train_hashes)
     write_csv(out / "duplicates_train.csv", duplicates)
     quality: list = [
-        f"Exact duplicates inside train (equal decoded pixels): {duplicates['group'].nunique() if len(duplicates) else 0} group(s), "
+        "Exact duplicates inside train (equal decoded pixels): "
+        f"{duplicates['group'].nunique() if len(duplicates) else 0} group(s), "
         f"{len(duplicates)} images, {int((~duplicates['labels agree']).sum())} with conflicting labels.",
         duplicates.head(2 * EXAMPLES),
     ]
@@ -279,10 +327,12 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
         quality += items
 
     normalisation = "\n".join(
-        f"{row['folder']:>13}: mean=({row['mean (R, G, B)']})  std=({row['std (R, G, B)']})" for _, row in stats.iterrows()
+        f"{row['folder']:>13}: mean=({row['mean (R, G, B)']})  std=({row['std (R, G, B)']})"
+        for _, row in stats.iterrows()
     )
     summary = (
-        f"{len(table)} training images, {len(counts)} classes, {counts['count'].iloc[-1]}-{counts['count'].iloc[0]} per class "
+        f"{len(table)} training images, {len(counts)} classes, {counts['count'].iloc[-1]}-{counts['count'].iloc[0]} "
+        "per class "
         f"(imbalance ratio {imbalance:.2f})" + (f"; {len(test)} test images" if test is not None else "")
     )
     write_page(
@@ -299,8 +349,19 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
     print(summary)
     print(stats[["folder", "images", "sizes", "modes", "formats"]].to_string(index=False))
     print("normalisation values (pixels in [0, 1]):\n" + normalisation)
-    print(f"exact duplicates in train: {len(duplicates)} images" + (f"; train/test exact: {int((leaks['kind'] == 'exact').sum())}, near (pHash <= {phash_distance}): {int((leaks['kind'] == 'near').sum())}" if leaks is not None else ""))
+    print(
+        f"exact duplicates in train: {len(duplicates)} images"
+        + (
+            f"; train/test exact: {int((leaks['kind'] == 'exact').sum())}, near (pHash <= {phash_distance}): "
+            f"{int((leaks['kind'] == 'near').sum())}"
+            if leaks is not None
+            else ""
+        )
+    )
     if mismatched is not None:
-        print(f"LR/HR twins below {twin_psnr_db:g} dB PSNR: {len(mismatched)}" + (f" (first: {', '.join(mismatched['id'].head(3))})" if len(mismatched) else ""))
+        print(
+            f"LR/HR twins below {twin_psnr_db:g} dB PSNR: {len(mismatched)}"
+            + (f" (first: {', '.join(mismatched['id'].head(3))})" if len(mismatched) else "")
+        )
     print(f"eda finished in {time.perf_counter() - started:.1f}s; page: {out / 'eda.html'}")
     return out / "eda.html"

@@ -31,7 +31,9 @@ def align_submission(
             raise UserError(f"{path}: duplicate id {duplicated.iloc[0]!r}; ids must be unique")
     blank = truth.index[truth["label"] == ""]
     if len(blank):
-        raise UserError(f"{labels_path} row {blank[0] + 2}: empty label (blank or spaces only); give every labelled id its class")
+        raise UserError(
+            f"{labels_path} row {blank[0] + 2}: empty label (blank or spaces only); give every labelled id its class"
+        )
     predicted = dict(zip(submission["id"], submission["label"]))
     known = set(test_ids) if test_ids is not None else set(truth["id"])
     missing = [i for i in truth["id"] if i not in predicted]
@@ -41,7 +43,11 @@ def align_submission(
         raise UserError(
             f"{submission_path}: ids do not match {Path(labels_path).name}: {len(missing)} missing, {len(extra)} extra "
             f"(first: {example}); predict on the test set the labels come from"
-            + ("" if test_ids is not None or missing else ", or pass --data TEST_FOLDER when the labels cover part of it")
+            + (
+                ""
+                if test_ids is not None or missing
+                else ", or pass --data TEST_FOLDER when the labels cover part of it"
+            )
         )
     empty = [i for i in truth["id"] if predicted[i] == ""]
     if empty:
@@ -59,23 +65,38 @@ def evaluate_submission(submission: Path, labels: Path, test_dir: Path | None, o
     return report_scores(ids, truth, predicted, out_dir)
 
 
-def evaluate_models(sources: list[Path], weights: list[float] | None, image_folder: Path, out_dir: Path, force: bool, tta: str = "none",
-                    device: str = "cpu") -> dict:
+def evaluate_models(
+    sources: list[Path],
+    weights: list[float] | None,
+    image_folder: Path,
+    out_dir: Path,
+    force: bool,
+    tta: str = "none",
+    device: str = "cpu",
+) -> dict:
     """Predict every image of a labelled ImageFolder (DIR/<class>/*.jpg) with the models (averaged, or weighted by
     ``weights``) and score them."""
     if not is_image_folder(image_folder):
         raise UserError(
-            f"{image_folder} is not a labelled ImageFolder (DIR/<class>/*.jpg without train.csv or test.csv); for a test set in "
-            "the competition layout run lowres-birds predict --data DIR, then lowres-birds evaluate --submission CSV --labels CSV"
+            f"{image_folder} is not a labelled ImageFolder (DIR/<class>/*.jpg without train.csv or test.csv); for a "
+            "test set in "
+            "the competition layout run lowres-birds predict --data DIR, then lowres-birds evaluate --submission CSV "
+            "--labels CSV"
         )
     for path in (out_dir / "per_class.csv", out_dir / "confusion_matrix.png"):
-        check_output(path, force, others=[("--data", image_folder), *(("--run", source) for source in sources)])  # before minutes of predicting
+        check_output(
+            path, force, others=[("--data", image_folder), *(("--run", source) for source in sources)]
+        )  # before minutes of predicting
     table = load_image_folder(image_folder)
     labels, probs = predict_files(sources, table.lr_paths, tta=tta, device=device, weights=weights)
     unknown = sorted(set(table.labels) - set(labels))
     if unknown:
         count = sum(label in unknown for label in table.labels)
-        warnings.warn(f"{count} image(s) of {len(unknown)} class(es) the model was not trained on (first: {unknown[0]!r}) count as errors", stacklevel=2)
+        warnings.warn(
+            f"{count} image(s) of {len(unknown)} class(es) the model was not trained on (first: {unknown[0]!r}) count "
+            "as errors",
+            stacklevel=2,
+        )
     return report_scores(table.ids, table.labels, [labels[i] for i in probs.argmax(1)], out_dir)
 
 

@@ -43,7 +43,9 @@ def _item_html(item: str | Path | pd.DataFrame) -> str:
         return item.to_html(index=False, float_format=_number, border=0, na_rep="")
     if isinstance(item, Path):
         data = item.read_bytes()
-        tag = f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(item.name)}"'
+        tag = (
+            f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(item.name)}"'
+        )
         if int.from_bytes(data[16:20], "big") > FULL_SIZE_WIDTH:  # PNG header width: keep small labels readable
             return f'<div class="scroll">{tag} class="full"></div>'
         return tag + ">"
@@ -73,7 +75,7 @@ def _number(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
 
 
-def markdown_table(frame: "pd.DataFrame") -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table (pandas' to_markdown would need the extra tabulate package)."""
 
     def cell(value) -> str:

@@ -54,7 +54,9 @@ def confusion_matrix_png(y_true: list[str], y_pred: list[str], classes: list[str
     return path
 
 
-def barh_png(labels: list[str], values: list[float], path: Path, title: str, xlabel: str, xlim: tuple[float, float] | None = None) -> Path:
+def barh_png(
+    labels: list[str], values: list[float], path: Path, title: str, xlabel: str, xlim: tuple[float, float] | None = None
+) -> Path:
     """Horizontal bars, first label on top; height grows with the label count so 100 names stay legible."""
     plt = pyplot()
     n = len(labels)
@@ -73,7 +75,9 @@ def barh_png(labels: list[str], values: list[float], path: Path, title: str, xla
     return path
 
 
-def image_grid_png(images: list[np.ndarray], titles: list[str], path: Path, columns: int, cell_inches: float = 1.9) -> Path:
+def image_grid_png(
+    images: list[np.ndarray], titles: list[str], path: Path, columns: int, cell_inches: float = 1.9
+) -> Path:
     """HxWx3 uint8 images of any size drawn in equal cells, pixels unsmoothed (so 64x64 looks 64x64)."""
     import textwrap
 
@@ -93,7 +97,12 @@ def image_grid_png(images: list[np.ndarray], titles: list[str], path: Path, colu
 def curves_png(metrics, path: Path) -> Path:
     """Loss, validation macro-F1, accuracy and learning rate at each validation, over the epochs trained."""
     plt = pyplot()
-    panels = [("train_loss", "training loss"), ("val_macro_f1", "validation macro-F1"), ("val_accuracy", "validation accuracy"), ("lr", "learning rate (at validation)")]
+    panels = [
+        ("train_loss", "training loss"),
+        ("val_macro_f1", "validation macro-F1"),
+        ("val_accuracy", "validation accuracy"),
+        ("lr", "learning rate (at validation)"),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     for ax, (column, title) in zip(axes, panels):
         ax.plot(metrics["epoch"], metrics[column], marker="o")
@@ -114,7 +123,12 @@ def chart_png(table, path: Path) -> Path:
     labels = [f"{r}\n{s}" if table["recipe"].nunique() > 1 else s for r, s in zip(table["recipe"], table["strategy"])]
     panels = [
         (labels, table["val macro-F1"].tolist(), "this study: validation macro-F1", "#4a7ab8"),
-        (list(REFERENCE_MACRO_F1), list(REFERENCE_MACRO_F1.values()), "reference (BEiT): private-test macro-F1", "#999999"),
+        (
+            list(REFERENCE_MACRO_F1),
+            list(REFERENCE_MACRO_F1.values()),
+            "reference (BEiT): private-test macro-F1",
+            "#999999",
+        ),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for ax, (names, values, title, colour) in zip(axes, panels):

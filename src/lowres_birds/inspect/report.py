@@ -17,7 +17,9 @@ from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import fit_square, load_images
 from lowres_birds.data.tables import LabelMap, load_train_table
 from lowres_birds.errors import UserError
-from lowres_birds.extras import install_command, missing as missing_extra, require as require_extra
+from lowres_birds.extras import install_command
+from lowres_birds.extras import missing as missing_extra
+from lowres_birds.extras import require as require_extra
 from lowres_birds.inspect.html import Section, write_page
 from lowres_birds.inspect.plots import barh_png, confusion_matrix_png, curves_png, image_grid_png
 from lowres_birds.metrics import per_class_table, score
@@ -45,13 +47,18 @@ def validation_images(run: RunDir, data_dir: Path, labels: list[str]) -> tuple[l
     position = {image_id: i for i, image_id in enumerate(table.ids)}
     missing = [i for i in val_ids if i not in position]
     if missing:
-        raise UserError(f"{data_dir} lacks {len(missing)} validation id(s) listed in {run / RunDir.SPLIT} (first: {missing[0]}); "
-                        "pass the data folder the run was trained on (--data)")
+        raise UserError(
+            f"{data_dir} lacks {len(missing)} validation id(s) listed in {run / RunDir.SPLIT} (first: {missing[0]}); "
+            "pass the data folder the run was trained on (--data)"
+        )
     rows = np.array([position[i] for i in val_ids])
     truth = [table.labels[i] for i in rows]
     unknown = sorted(set(truth) - set(labels))
     if unknown:
-        raise UserError(f"{data_dir} labels validation images {unknown[0]!r}, a class {run_dir} was not trained on; pass the run's data folder")
+        raise UserError(
+            f"{data_dir} labels validation images {unknown[0]!r}, a class {run_dir} was not trained on; pass the run's "
+            "data folder"
+        )
     return val_ids, np.asarray(load_images(table.lr_paths, LR_SIZE)[rows]), LabelMap(tuple(labels)).encode(truth)
 
 
@@ -101,10 +108,15 @@ def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np
     with GradCAM(model=PixelsToLogits().eval(), target_layers=[layer], reshape_transform=reshape) as cam:
         heat = cam(input_tensor=pixels, targets=[ClassifierOutputTarget(int(c)) for c in classes])
     size = model.spec.input_size
-    return [show_cam_on_image(fit_square(image, size).astype(np.float32) / 255, h, use_rgb=True) for image, h in zip(images, heat)]
+    return [
+        show_cam_on_image(fit_square(image, size).astype(np.float32) / 255, h, use_rgb=True)
+        for image, h in zip(images, heat)
+    ]
 
 
-def confident_errors_png(model, images, truth, probs, labels, path: Path, count: int = CONFIDENT_ERRORS) -> tuple[Path | None, int]:
+def confident_errors_png(
+    model, images, truth, probs, labels, path: Path, count: int = CONFIDENT_ERRORS
+) -> tuple[Path | None, int]:
     """Grid of the most confidently wrong images (image | Grad-CAM of the predicted class); (path, errors)."""
     predicted = probs.argmax(1)
     wrong = np.flatnonzero(predicted != truth)
@@ -115,7 +127,10 @@ def confident_errors_png(model, images, truth, probs, labels, path: Path, count:
     cells, titles = [], []
     for index, overlay in zip(chosen, overlays):
         cells += [images[index], overlay]
-        titles += [f"true: {labels[truth[index]]}", f"pred: {labels[predicted[index]]} ({probs[index, predicted[index]]:.0%})"]
+        titles += [
+            f"true: {labels[truth[index]]}",
+            f"pred: {labels[predicted[index]]} ({probs[index, predicted[index]]:.0%})",
+        ]
     return image_grid_png(cells, titles, path, columns=min(6, len(cells))), len(wrong)
 
 
@@ -139,18 +154,35 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     per_class = per_class_table(true_names, predicted_names, labels).sort_values(["f1", "support"], kind="stable")
     write_csv(out_dir / "per_class.csv", per_class)
     curves = curves_png(metrics, out_dir / "curves.png")
-    matrix = confusion_matrix_png(true_names, predicted_names, labels, out_dir / "confusion_matrix.png", "validation confusion matrix (rows normalised)")
-    f1_chart = barh_png(per_class["label"].tolist(), per_class["f1"].tolist(), out_dir / "per_class_f1.png", "validation F1 per class, worst first", "F1", (0, 1))
+    matrix = confusion_matrix_png(
+        true_names,
+        predicted_names,
+        labels,
+        out_dir / "confusion_matrix.png",
+        "validation confusion matrix (rows normalised)",
+    )
+    f1_chart = barh_png(
+        per_class["label"].tolist(),
+        per_class["f1"].tolist(),
+        out_dir / "per_class_f1.png",
+        "validation F1 per class, worst first",
+        "F1",
+        (0, 1),
+    )
     with working("Grad-CAM of the most confident errors"):
-        errors_png, n_wrong = confident_errors_png(model, images, truth, probs, labels, out_dir / "confident_errors.png")
+        errors_png, n_wrong = confident_errors_png(
+            model, images, truth, probs, labels, out_dir / "confident_errors.png"
+        )
     config = pd.DataFrame([(k, str(v)) for k, v in cfg.to_dict().items()], columns=["key", "value"])
     timings = metrics.assign(since_previous_s=metrics["elapsed_s"].diff().fillna(metrics["elapsed_s"]))
     best = metrics.loc[metrics["val_macro_f1"].idxmax()]
     worst = ", ".join(f"{r.label} {r.f1:.2f}" for r in per_class.head(5).itertuples())
     summary = (
-        f"run {run_dir}: {metrics['epoch'].iloc[-1]:g} epoch(s) in {metrics['elapsed_s'].iloc[-1]:.0f}s ({len(metrics)} validations), "
+        f"run {run_dir}: {metrics['epoch'].iloc[-1]:g} epoch(s) in {metrics['elapsed_s'].iloc[-1]:.0f}s "
+        f"({len(metrics)} validations), "
         f"best at epoch {best['epoch']:g}\n"
-        f"validation ({len(ids)} images, best weights): macro-F1 {scores['macro_f1']:.4f}  accuracy {scores['accuracy']:.4f}  "
+        f"validation ({len(ids)} images, best weights): macro-F1 {scores['macro_f1']:.4f}  accuracy "
+        f"{scores['accuracy']:.4f}  "
         f"errors {n_wrong}\nworst classes: {worst}"
     )
     errors_items = [errors_png] if errors_png else ["no validation errors"]
@@ -161,7 +193,10 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
         Section("Per-class F1 (validation split)", [f1_chart, per_class]),
         Section(
             f"Most confidently wrong validation images ({min(n_wrong, CONFIDENT_ERRORS)} of {n_wrong} errors)",
-            ["Each pair: the 64x64 input, then Grad-CAM of the predicted class at the model's input size.", *errors_items],
+            [
+                "Each pair: the 64x64 input, then Grad-CAM of the predicted class at the model's input size.",
+                *errors_items,
+            ],
         ),
         Section("Resolved config", [config]),
         Section("Timings per validation", [timings]),
@@ -173,10 +208,17 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
 def report_after_training(run_dir: Path, data_dir: Path | None) -> None:
     """Called by ``train`` on success: a failed report never fails the training, it warns in one line."""
     if missing_extra("report"):
-        warnings.warn(f"training report skipped: it needs the [report] extra ({install_command('report')}), then run lowres-birds report --run {run_dir}", stacklevel=2)
+        warnings.warn(
+            f"training report skipped: it needs the [report] extra ({install_command('report')}), then run "
+            f"lowres-birds report --run {run_dir}",
+            stacklevel=2,
+        )
         return
     try:
         page, _ = write_report(run_dir, RunDir(run_dir).data_dir(data_dir))
         print(f"report: {page}")
     except Exception as exc:  # noqa: BLE001 - reporting is a bonus after a successful run
-        warnings.warn(f"training report skipped ({type(exc).__name__}: {exc}); run lowres-birds report --run {run_dir}", stacklevel=2)
+        warnings.warn(
+            f"training report skipped ({type(exc).__name__}: {exc}); run lowres-birds report --run {run_dir}",
+            stacklevel=2,
+        )

@@ -35,7 +35,12 @@ class StudyRun:
 def plan_runs(recipes: list[str], strategies: list[str] | None, overrides: dict, out_dir: Path) -> list[StudyRun]:
     """Every recipe x strategy, all sharing the first recipe's seed, validation fraction and budget."""
     first = load_config(recipes[0], overrides)
-    shared = {**overrides, "seed": first.seed, "val_fraction": first.val_fraction, "budget_minutes": first.budget_minutes}
+    shared = {
+        **overrides,
+        "seed": first.seed,
+        "val_fraction": first.val_fraction,
+        "budget_minutes": first.budget_minutes,
+    }
     runs = []
     for recipe in recipes:
         for strategy in strategies or [None]:
@@ -62,7 +67,10 @@ def run_or_reuse(run: StudyRun, data_dir: Path, force: bool) -> dict:
         result = train(run.cfg, data_dir, run.run_dir, resume=True)
     else:
         if run.run_dir.exists() and any(run.run_dir.iterdir()) and not (force or same_config):
-            raise UserError(f"study: {run.run_dir} holds a run with another config; pass --force to replace it or choose another --out")
+            raise UserError(
+                f"study: {run.run_dir} holds a run with another config; pass --force to replace it or choose another "
+                "--out"
+            )
         print(f"[{run.name}] training {run.cfg.model} with strategy {run.cfg.strategy}")
         result = train(run.cfg, data_dir, run.run_dir, force=True)
     write_json(folder / RESULT_FILE, result)
@@ -98,7 +106,9 @@ def write_results(runs: list[StudyRun], out_dir: Path, split_note: str):
     write_csv(out_dir / "results.csv", table)
     write_text(out_dir / "results.md", f"{split_note}\n\n{markdown_table(table)}")
     chart = chart_png(table, out_dir / "results.png")
-    reference = pd.DataFrame({"strategy": list(REFERENCE_MACRO_F1), "private macro-F1": list(REFERENCE_MACRO_F1.values())})
+    reference = pd.DataFrame(
+        {"strategy": list(REFERENCE_MACRO_F1), "private macro-F1": list(REFERENCE_MACRO_F1.values())}
+    )
     write_page(
         out_dir / "study.html",
         "Resolution study",
@@ -111,7 +121,9 @@ def write_results(runs: list[StudyRun], out_dir: Path, split_note: str):
     return table
 
 
-def run_study(recipes: list[str], strategies: list[str] | None, overrides: dict, data_dir: Path, out: Path, force: bool, note: str) -> None:
+def run_study(
+    recipes: list[str], strategies: list[str] | None, overrides: dict, data_dir: Path, out: Path, force: bool, note: str
+) -> None:
     """Plan, train (or reuse/resume) every run, then write the results table, chart and page."""
     started = time.perf_counter()
     if strategies and overrides.get("strategy") is not None:
@@ -122,12 +134,22 @@ def run_study(recipes: list[str], strategies: list[str] | None, overrides: dict,
         print(f"--- run {index}/{len(runs)}: {run.name}")
         run_or_reuse(run, data_dir, force)
     cfg = runs[0].cfg
-    budget = f"{cfg.budget_minutes:g} min per run: each run's epochs and schedule were sized to fit it after its first steps" if cfg.budget_minutes else "none"
+    budget = (
+        f"{cfg.budget_minutes:g} min per run: each run's epochs and schedule were sized to fit it after its first steps"
+        if cfg.budget_minutes
+        else "none"
+    )
     note = (
-        f"{note + ' ' if note else ''}All rows share the validation split (seed {cfg.split_seed_used}, {cfg.val_fraction:.0%} of "
-        f"{data_dir}), the seed and the time budget ({budget}). Validation macro-F1 is the best validation's; the reference column "
-        "is the reference's private-test score with BEiT-base at 5 epochs (another model and test set: compare the ranking, not the values)."
+        f"{note + ' ' if note else ''}All rows share the validation split (seed {cfg.split_seed_used}, "
+        f"{cfg.val_fraction:.0%} of "
+        f"{data_dir}), the seed and the time budget ({budget}). Validation macro-F1 is the best validation's; the "
+        "reference column "
+        "is the reference's private-test score with BEiT-base at 5 epochs (another model and test set: compare the "
+        "ranking, not the values)."
     )
     table = write_results(runs, out, note)
     print(markdown_table(table))
-    print(f"study of {len(runs)} runs finished in {time.perf_counter() - started:.0f}s; table: {out / 'results.md'}, page: {out / 'study.html'}")
+    print(
+        f"study of {len(runs)} runs finished in {time.perf_counter() - started:.0f}s; table: {out / 'results.md'}, "
+        f"page: {out / 'study.html'}"
+    )

@@ -58,7 +58,9 @@ def lite_imagenet_state_dict(source: str, model: nn.Module) -> dict[str, torch.T
     ported = {}
     for (source_key, tensor), (target_key, expected) in zip(weights.items(), target.items()):
         if tensor.shape != expected.shape:
-            raise RuntimeError(f"{source} port: {source_key} {tuple(tensor.shape)} != {target_key} {tuple(expected.shape)}")
+            raise RuntimeError(
+                f"{source} port: {source_key} {tuple(tensor.shape)} != {target_key} {tuple(expected.shape)}"
+            )
         ported[target_key] = tensor
     return ported
 
@@ -79,7 +81,9 @@ def require_hub_model(repo_id: str, source: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise UserError(f"model {source!r}: {repo_id} is neither a local directory nor a Hugging Face Hub id (owner/name)") from None
+        raise UserError(
+            f"model {source!r}: {repo_id} is neither a local directory nor a Hugging Face Hub id (owner/name)"
+        ) from None
     if Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir():
         return
     offline_hint = "with no network, pass --no-pretrained (timm) or a local directory saved with save_pretrained (--model hf:/path)"
@@ -89,10 +93,14 @@ def require_hub_model(repo_id: str, source: str) -> None:
         HfApi().model_info(repo_id, timeout=10)
     except RepositoryNotFoundError:
         raise UserError(
-            f"model {source!r}: no such model on the Hugging Face Hub (or it is private: log in with `hf auth login`); check the id"
+            f"model {source!r}: no such model on the Hugging Face Hub (or it is private: log in with `hf auth login`); "
+            "check the id"
         ) from None
     except Exception as exc:  # network errors come in many types (DNS, proxy, TLS, timeout)
-        raise UserError(f"model {source!r} could not be fetched: the Hugging Face Hub is unreachable ({type(exc).__name__}); {offline_hint}") from None
+        raise UserError(
+            f"model {source!r} could not be fetched: the Hugging Face Hub is unreachable ({type(exc).__name__}); "
+            f"{offline_hint}"
+        ) from None
 
 
 def _load_timm(name: str, num_classes: int, pretrained: bool, input_size: int) -> tuple[nn.Module, tuple, tuple]:
@@ -153,8 +161,14 @@ def _load_hf(name: str, labels: list[str], pretrained: bool, config_dir: Path | 
     return model, mean, std
 
 
-def create_model(source: str, labels: list[str], input_size: int, pretrained: bool = True, config_dir: Path | None = None,
-                 upscale_filter: str = "bicubic") -> BirdNet:
+def create_model(
+    source: str,
+    labels: list[str],
+    input_size: int,
+    pretrained: bool = True,
+    config_dir: Path | None = None,
+    upscale_filter: str = "bicubic",
+) -> BirdNet:
     """The model factory. ``source`` is ``efficientnet_lite0``, ``timm:<name>`` or ``hf:<hub id or dir>``; ``upscale_filter``
     is the kernel of the wrapper's resize to ``input_size``."""
     num_classes = len(labels)
@@ -165,8 +179,17 @@ def create_model(source: str, labels: list[str], input_size: int, pretrained: bo
     elif source.startswith("hf:"):
         backbone, mean, std = _load_hf(source[3:], labels, pretrained, config_dir)
     else:
-        raise UserError(f"unknown model {source!r}: use efficientnet_lite0/1/2, timm:<name> or hf:<hub id or local dir>")
-    spec = ModelSpec(source, num_classes, input_size, tuple(float(m) for m in mean), tuple(float(s) for s in std), upscale_filter=upscale_filter)
+        raise UserError(
+            f"unknown model {source!r}: use efficientnet_lite0/1/2, timm:<name> or hf:<hub id or local dir>"
+        )
+    spec = ModelSpec(
+        source,
+        num_classes,
+        input_size,
+        tuple(float(m) for m in mean),
+        tuple(float(s) for s in std),
+        upscale_filter=upscale_filter,
+    )
     return BirdNet(backbone, spec)
 
 
@@ -213,5 +236,8 @@ def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[BirdNet, list[st
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise UserError(f"{run / RunDir.WEIGHTS} does not fit the model in {RunDir.SPEC} ({str(exc).splitlines()[0][:120]}); the run folder is damaged") from None
+        raise UserError(
+            f"{run / RunDir.WEIGHTS} does not fit the model in {RunDir.SPEC} ({str(exc).splitlines()[0][:120]}); the "
+            "run folder is damaged"
+        ) from None
     return model.eval().to(device), labels

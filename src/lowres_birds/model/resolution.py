@@ -158,7 +158,9 @@ def mitchell_netravali(x: float, b: float, c: float) -> float:
 PILLOW_PRECISION_BITS = 22  # Pillow's fixed-point fraction bits for 8-bit images (32 - 8 - 2)
 # ImageMagick's RobidouxSharp (Nicolas Robidoux's sharpened cubic): the Mitchell-Netravali B and C it defines.
 ROBIDOUX_SHARP_B, ROBIDOUX_SHARP_C = 0.2620145123990142, 0.3689927438004929
-FILTERS: dict[str, tuple[Callable[[float], float], float]] = {  # name -> (kernel, support in input pixels when enlarging)
+FILTERS: dict[
+    str, tuple[Callable[[float], float], float]
+] = {  # name -> (kernel, support in input pixels when enlarging)
     "bicubic": (_bicubic, 2.0),
     "lanczos": (_lanczos, 3.0),
     "robidoux-sharp": (partial(mitchell_netravali, b=ROBIDOUX_SHARP_B, c=ROBIDOUX_SHARP_C), 2.0),
@@ -187,7 +189,9 @@ def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 
 @lru_cache(maxsize=16)
-def _affine(mean: tuple[float, ...], std: tuple[float, ...], repeats: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine(
+    mean: tuple[float, ...], std: tuple[float, ...], repeats: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) with pixel * scale + shift == (pixel / 255 - mean) / std per channel, repeated ``repeats``
     times (a channels_last row). Cached: building them per batch costs ~0.15 ms of small ops on a CPU."""
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device)

@@ -42,24 +42,43 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, labels: list[str], source: str) -> "ModelSpec":
+    def from_dict(cls, data: dict, labels: list[str], source: str) -> ModelSpec:
         """A spec read from a run folder, checked field by field (it sizes tensors: never trust it blindly)."""
-        data = {"resize": "float", "upscale_filter": "bicubic", **data}  # runs saved before the 8-bit resize used the float one
+        data = {
+            "resize": "float",
+            "upscale_filter": "bicubic",
+            **data,
+        }  # runs saved before the 8-bit resize used the float one
         try:
             spec = cls(
-                source=str(data["source"]), num_classes=int(data["num_classes"]), input_size=int(data["input_size"]),
-                mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]), resize=str(data["resize"]),
+                source=str(data["source"]),
+                num_classes=int(data["num_classes"]),
+                input_size=int(data["input_size"]),
+                mean=tuple(float(v) for v in data["mean"]),
+                std=tuple(float(v) for v in data["std"]),
+                resize=str(data["resize"]),
                 upscale_filter=str(data["upscale_filter"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{source}: missing or malformed field ({type(exc).__name__}: {exc}); the run folder is damaged") from None
+            raise UserError(
+                f"{source}: missing or malformed field ({type(exc).__name__}: {exc}); the run folder is damaged"
+            ) from None
         problems = [
-            (spec.num_classes != len(labels), f"num_classes {spec.num_classes} but labels.json lists {len(labels)} classes"),
+            (
+                spec.num_classes != len(labels),
+                f"num_classes {spec.num_classes} but labels.json lists {len(labels)} classes",
+            ),
             (not 16 <= spec.input_size <= 1024, f"input_size {spec.input_size} is outside 16-1024"),
             (len(spec.mean) != 3 or len(spec.std) != 3, "mean and std need 3 values"),
-            (not all(math.isfinite(v) for v in spec.mean + spec.std) or min(spec.std) <= 0, "mean/std must be finite, std positive"),
+            (
+                not all(math.isfinite(v) for v in spec.mean + spec.std) or min(spec.std) <= 0,
+                "mean/std must be finite, std positive",
+            ),
             (spec.resize not in RESIZES, f"resize {spec.resize!r} is not one of {', '.join(RESIZES)}"),
-            (spec.upscale_filter not in UPSCALE_FILTERS, f"upscale_filter {spec.upscale_filter!r} is not one of {', '.join(UPSCALE_FILTERS)}"),
+            (
+                spec.upscale_filter not in UPSCALE_FILTERS,
+                f"upscale_filter {spec.upscale_filter!r} is not one of {', '.join(UPSCALE_FILTERS)}",
+            ),
             (spec.resize == "float" and spec.upscale_filter != "bicubic", "the float resize is bicubic only"),
         ]
         for bad, message in problems:
@@ -97,7 +116,7 @@ class BirdNet(nn.Module):
         stages = getattr(self, "frozen_stages", 0)
         return [self.backbone.conv_stem, self.backbone.bn1, *self.backbone.blocks[:stages]] if stages else []
 
-    def train(self, mode: bool = True) -> "BirdNet":
+    def train(self, mode: bool = True) -> BirdNet:
         super().train(mode)
         for module in self._frozen_modules():
             module.eval()  # frozen BatchNorm keeps its ImageNet statistics
@@ -115,10 +134,14 @@ class BirdNet(nn.Module):
                 pass
         elif getattr(backbone, "supports_gradient_checkpointing", False):  # transformers
             # activation_checkpointing_enable replaces gradient_checkpointing_enable in transformers 5
-            enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+            enable = (
+                getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+            )
             enable({"use_reentrant": False})
             return
-        raise UserError(f"grad_checkpointing: {self.spec.source} supports no gradient checkpointing; set --no-grad-checkpointing")
+        raise UserError(
+            f"grad_checkpointing: {self.spec.source} supports no gradient checkpointing; set --no-grad-checkpointing"
+        )
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter-name patterns by depth, for timm's layer-wise learning-rate decay: the timm backbone's own
@@ -127,7 +150,10 @@ class BirdNet(nn.Module):
         if own is None:
             return {
                 "stem": r"^backbone\.[^.]+\.embeddings",
-                "blocks": [(r"^backbone\.[^.]+\.(?:encoder\.layer|layers)\.(\d+)\.", None), (r"^backbone\.[^.]+\.(?:layernorm|pooler)", (99999,))],
+                "blocks": [
+                    (r"^backbone\.[^.]+\.(?:encoder\.layer|layers)\.(\d+)\.", None),
+                    (r"^backbone\.[^.]+\.(?:layernorm|pooler)", (99999,)),
+                ],
             }
 
         def prefixed(pattern: str) -> str:
@@ -152,7 +178,9 @@ class BirdNet(nn.Module):
             )
         if self.spec.resize == "float":
             return (resize_batch(images.float() / 255.0, self.spec.input_size) - self.mean) / self.std
-        return normalise(resize_uint8(images, self.spec.input_size, self.spec.upscale_filter), self.spec.mean, self.spec.std)
+        return normalise(
+            resize_uint8(images, self.spec.input_size, self.spec.upscale_filter), self.spec.mean, self.spec.std
+        )
 
     @property
     def feature_width(self) -> int | None:
@@ -179,7 +207,9 @@ class BirdNet(nn.Module):
         return output.logits if hasattr(output, "logits") else output
 
 
-def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 64, desc: str | None = None) -> np.ndarray:
+def in_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 64, desc: str | None = None
+) -> np.ndarray:
     """The one batched inference loop: uint8 N x H x W x 3 rows (array or memory-mapped cache) -> ``fn`` of
     each NCHW batch under inference mode, as float32 rows of one array. ``desc``: show a progress bar."""
     outputs = []

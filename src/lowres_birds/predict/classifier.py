@@ -25,11 +25,12 @@ from lowres_birds.config import LR_SIZE
 from lowres_birds.data.images import decode_image, fit_square, load_images, to_rgb_array
 from lowres_birds.data.tables import load_test_table
 from lowres_birds.errors import UserError
-from lowres_birds.extras import missing as missing_extra, require as require_extra
+from lowres_birds.extras import missing as missing_extra
+from lowres_birds.extras import require as require_extra
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
-from lowres_birds.run_dir import RunDir, check_labels, model_folders
 from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
+from lowres_birds.run_dir import RunDir, check_labels, model_folders
 
 TTA_MODES = ("none", "flip")
 ENSEMBLE_MODES = ("mean", "f1")
@@ -44,7 +45,9 @@ def onnx_runtime(precision: str) -> str:
     chosen = os.environ.get(RUNTIME_VARIABLE, "")
     if chosen:
         if chosen not in ONNX_RUNTIMES:
-            raise UserError(f"{RUNTIME_VARIABLE}={chosen!r} is not a runtime: use one of {', '.join(ONNX_RUNTIMES)}, or unset it")
+            raise UserError(
+                f"{RUNTIME_VARIABLE}={chosen!r} is not a runtime: use one of {', '.join(ONNX_RUNTIMES)}, or unset it"
+            )
         if chosen == "openvino":
             require_extra("openvino", f"{RUNTIME_VARIABLE}=openvino")
         return chosen
@@ -62,7 +65,7 @@ class Classifier:
         self.runtime = runtime  # what computes the network: torch, onnxruntime or openvino
 
     @classmethod
-    def load(cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False) -> "Classifier":
+    def load(cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False) -> Classifier:
         """A run folder (``train``), an ONNX file or a Hugging Face folder (``export --format hf``), checked with one
         prediction before it is handed out.
 
@@ -77,6 +80,7 @@ class Classifier:
             classifier = cls._from_model(*load_run_model(source, device), str(source), device)
         classifier.check()
         return classifier
+
     def check(self) -> None:
         """Predict one blank image: a model that loads but cannot answer for its labels is refused now, not at
         its first request (an ONNX file with a ``labels`` key is not necessarily one of ours)."""
@@ -84,22 +88,27 @@ class Classifier:
             probs = self.predict_arrays(np.zeros((1, LR_SIZE, LR_SIZE, 3), np.uint8))
         except Exception as exc:  # noqa: BLE001 - a foreign model fails in runtime-specific ways
             detail = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise UserError(f"{self.name} cannot predict ({type(exc).__name__}: {detail}); it is not a lowres-birds model: re-export or retrain it") from None
+            raise UserError(
+                f"{self.name} cannot predict ({type(exc).__name__}: {detail}); it is not a lowres-birds model: "
+                "re-export or retrain it"
+            ) from None
         if probs.shape != (1, len(self.labels)) or not np.isfinite(probs).all() or abs(float(probs.sum()) - 1) > 1e-3:
             raise UserError(
-                f"{self.name} answers one 64x64 image with an array of shape {tuple(probs.shape)} summing to {float(probs.sum()):.4g}, "
-                f"not probabilities over its {len(self.labels)} labels; it is not a lowres-birds model: re-export or retrain it"
+                f"{self.name} answers one 64x64 image with an array of shape {tuple(probs.shape)} summing to "
+                f"{float(probs.sum()):.4g}, "
+                f"not probabilities over its {len(self.labels)} labels; it is not a lowres-birds model: re-export or "
+                "retrain it"
             )
 
     @classmethod
-    def _from_model(cls, model, labels: list[str], name: str, device: str) -> "Classifier":
+    def _from_model(cls, model, labels: list[str], name: str, device: str) -> Classifier:
         def predict_fn(images: torch.Tensor) -> torch.Tensor:
             return model(images.to(device)).float().softmax(-1)
 
         return cls(labels, predict_fn, name, model.spec.input_size)
 
     @classmethod
-    def _load_onnx(cls, path: Path, shares_cpu: bool) -> "Classifier":
+    def _load_onnx(cls, path: Path, shares_cpu: bool) -> Classifier:
         require_extra("onnx", "an ONNX model")
         import onnx
 
@@ -118,7 +127,9 @@ class Classifier:
         labels = check_labels(labels, f"{path}: its 'labels' metadata", "re-export it")
         threads = int(os.environ.get("LOWRES_BIRDS_THREADS", "0")) or (os.cpu_count() or 1)
         runtime = onnx_runtime(metadata.get("precision", "fp32"))
-        run = _openvino_runner(path, threads) if runtime == "openvino" else _onnxruntime_runner(path, threads, shares_cpu)
+        run = (
+            _openvino_runner(path, threads) if runtime == "openvino" else _onnxruntime_runner(path, threads, shares_cpu)
+        )
         channels_last = metadata.get("layout") == "nhwc"  # see export.py; predict_fn receives NCHW
 
         def predict_fn(images: torch.Tensor) -> torch.Tensor:
@@ -127,7 +138,9 @@ class Classifier:
 
         return cls(labels, predict_fn, str(path), input_size, runtime)
 
-    def predict_arrays(self, images: np.ndarray, tta: str = "none", batch_size: int = 64, progress: str | None = None) -> np.ndarray:
+    def predict_arrays(
+        self, images: np.ndarray, tta: str = "none", batch_size: int = 64, progress: str | None = None
+    ) -> np.ndarray:
         """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> probabilities N x C, optionally flip-averaged.
         ``progress``: the description of a progress bar (shown on terminals)."""
         if tta not in TTA_MODES:
@@ -151,8 +164,15 @@ class Classifier:
             raise UserError(f"top_k must be a whole number of at least 1, got {top_k!r}")
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
-        arrays = np.stack([to_model_input(image) for image in batch]) if batch else np.zeros((0, LR_SIZE, LR_SIZE, 3), np.uint8)
-        answers = [[{"label": label, "score": score} for label, score in self.top_k(row, top_k)] for row in self.predict_arrays(arrays, tta=tta)]
+        arrays = (
+            np.stack([to_model_input(image) for image in batch])
+            if batch
+            else np.zeros((0, LR_SIZE, LR_SIZE, 3), np.uint8)
+        )
+        answers = [
+            [{"label": label, "score": score} for label, score in self.top_k(row, top_k)]
+            for row in self.predict_arrays(arrays, tta=tta)
+        ]
         return answers[0] if single else answers
 
     predict = __call__
@@ -191,7 +211,9 @@ def _openvino_runner(path: Path, threads: int):
         compiled = openvino.Core().compile_model(str(path), "CPU", config)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses without a common public base
         detail = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"{path} cannot be loaded by OpenVINO ({detail}); re-export it, or set {RUNTIME_VARIABLE}=onnxruntime") from None
+        raise UserError(
+            f"{path} cannot be loaded by OpenVINO ({detail}); re-export it, or set {RUNTIME_VARIABLE}=onnxruntime"
+        ) from None
     requests = threading.local()
 
     def run(pixels: np.ndarray) -> np.ndarray:
@@ -213,10 +235,13 @@ def to_model_input(image) -> np.ndarray:
         array = np.asarray(image.cpu() if hasattr(image, "cpu") else image)  # numpy arrays and torch tensors
         if array.dtype != np.uint8:
             if array.dtype.kind not in "iu" or array.size == 0 or array.min() < 0 or array.max() > 255:
-                low, high = (f"{array.min():g}", f"{array.max():g}") if array.size and array.dtype.kind in "iuf" else ("?", "?")
+                low, high = (
+                    (f"{array.min():g}", f"{array.max():g}") if array.size and array.dtype.kind in "iuf" else ("?", "?")
+                )
                 raise UserError(
                     f"expected uint8 pixels (0-255), got a {array.dtype} array with values {low} to {high}; "
-                    "for floats in [0, 1] pass (array * 255).round().astype(np.uint8), or pass the file path or PIL image"
+                    "for floats in [0, 1] pass (array * 255).round().astype(np.uint8), or pass the file path or PIL "
+                    "image"
                 )
             array = array.astype(np.uint8)
         if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
@@ -224,7 +249,9 @@ def to_model_input(image) -> np.ndarray:
         if array.ndim == 2:
             array = np.repeat(array[..., None], 3, axis=-1)
         if array.ndim != 3 or array.shape[-1] != 3:
-            raise UserError(f"expected one H x W x 3 image array, got shape {array.shape}; pass a list for several images")
+            raise UserError(
+                f"expected one H x W x 3 image array, got shape {array.shape}; pass a list for several images"
+            )
     return fit_square(array, LR_SIZE)
 
 
@@ -240,7 +267,10 @@ def resolve_ensemble(sources: list[Path], mode: str = "mean") -> tuple[list[Path
         return members, None
     scores = [validation_f1(member) for member in members]
     if sum(scores) <= 0:
-        raise UserError(f"--ensemble f1: every model's best validation macro-F1 is 0 ({', '.join(map(str, members))}); use --ensemble mean")
+        raise UserError(
+            f"--ensemble f1: every model's best validation macro-F1 is 0 ({', '.join(map(str, members))}); use "
+            "--ensemble mean"
+        )
     return members, [score / sum(scores) for score in scores]
 
 
@@ -248,8 +278,11 @@ def validation_f1(source: Path) -> float:
     """A run folder's best validation macro-F1 (its metrics.jsonl); other models carry none and are refused."""
     if Path(source).suffix == ".onnx" or is_hf_folder(source):
         kind = "an ONNX file" if Path(source).suffix == ".onnx" else "an exported Hugging Face folder"
-        raise UserError(f"--ensemble f1 weighs each model by the validation macro-F1 in its run folder; {source} is {kind}, which records none: "
-                        "pass its run folder or use --ensemble mean")
+        raise UserError(
+            f"--ensemble f1 weighs each model by the validation macro-F1 in its run folder; {source} is {kind}, which "
+            "records none: "
+            "pass its run folder or use --ensemble mean"
+        )
     return RunDir(source).require().best_val_macro_f1()
 
 
@@ -257,32 +290,39 @@ def describe_ensemble(members: list[Path], weights: list[float] | None) -> str:
     """One line: every member and its weight."""
     shares = weights or [1 / len(members)] * len(members)
     how = "weighted by validation macro-F1" if weights else "plain mean"
-    return f"ensemble of {len(members)} ({how}): " + ", ".join(f"{member} {share:.3f}" for member, share in zip(members, shares))
+    return f"ensemble of {len(members)} ({how}): " + ", ".join(
+        f"{member} {share:.3f}" for member, share in zip(members, shares)
+    )
 
 
-def predict_test_set(runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu",
-                     weights: list[float] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+def predict_test_set(
+    runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu", weights: list[float] | None = None
+) -> tuple[list[str], list[str], np.ndarray]:
     """(ids in submission order, class names, mean probabilities over the runs)."""
     table = load_test_table(data_dir)
     return table.ids, *predict_files(runs, table.lr_paths, tta, device, weights)
 
 
-def predict_files(sources: list[Path], paths: list[Path], tta: str = "none", device: str = "cpu",
-                  weights: list[float] | None = None) -> tuple[list[str], np.ndarray]:
+def predict_files(
+    sources: list[Path], paths: list[Path], tta: str = "none", device: str = "cpu", weights: list[float] | None = None
+) -> tuple[list[str], np.ndarray]:
     """(class names, mean probabilities over the models, or weighted by ``weights``) for image files of any
     size, each reduced to 64x64."""
     classifiers = [Classifier.load(source, device) for source in sources]  # a bad model fails before any decoding
     return average_probabilities(classifiers, load_images(paths, LR_SIZE), tta, weights)
 
 
-def average_probabilities(classifiers: list[Classifier], images: np.ndarray, tta: str,
-                          weights: list[float] | None = None) -> tuple[list[str], np.ndarray]:
+def average_probabilities(
+    classifiers: list[Classifier], images: np.ndarray, tta: str, weights: list[float] | None = None
+) -> tuple[list[str], np.ndarray]:
     """Mean of the classifiers' probabilities, or their average weighted by ``weights`` (one per classifier,
     summing to 1); every classifier must share the same classes."""
     labels = classifiers[0].labels
     for classifier in classifiers[1:]:
         if classifier.labels != labels:
-            raise UserError(f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average")
+            raise UserError(
+                f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average"
+            )
     count = f" x {len(classifiers)} models" if len(classifiers) > 1 else ""
     probs = [c.predict_arrays(images, tta=tta, progress=f"predicting {len(images)} images{count}") for c in classifiers]
     return labels, np.mean(probs, axis=0) if weights is None else np.average(probs, axis=0, weights=weights)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import torch
+from onnx import numpy_helper
 
 from lowres_birds.config import LR_SIZE
 from lowres_birds.errors import UserError
@@ -45,6 +45,7 @@ OPSET = 18  # the first opset whose Resize has the antialias attribute (runs wit
 
 def probability_model(model, layout: str):
     """BirdNet with the input layout chosen at export and a softmax on top (what the ONNX file computes)."""
+
     class ProbabilityModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -64,7 +65,9 @@ def example_input(layout: str, batch: int = 2):
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = False, fallback_margin: float | None = None) -> Path:
+def export_onnx(
+    run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = False, fallback_margin: float | None = None
+) -> Path:
     """Write ``out`` (one .onnx file, weights inside) for the run's best weights; returns ``out``.
 
     ``int8``: static int8 quantization of the network (see :func:`quantize_int8`); the resize, normalisation and
@@ -87,13 +90,17 @@ def export_onnx(run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = Fal
         if fallback_margin == 0:
             return
         quantized = onnx.load(str(temporary))
-        margin = fallback_margin if fallback_margin is not None else calibrated_margin(program.model_proto, quantized, validation_images(run_dir), layout)
+        margin = (
+            fallback_margin
+            if fallback_margin is not None
+            else calibrated_margin(program.model_proto, quantized, validation_images(run_dir), layout)
+        )
         onnx.save(with_float_fallback(quantized, program.model_proto, margin), str(temporary))
 
     return atomic_write(out, write)
 
 
-def onnx_program(model, labels: list[str], layout: str, precision: str = "fp32") -> "torch.onnx.ONNXProgram":
+def onnx_program(model, labels: list[str], layout: str, precision: str = "fp32") -> torch.onnx.ONNXProgram:
     """The exported float graph of ``model`` (uint8 pixels in, probabilities out) with its metadata; a model
     object rather than a run, so a modified network (benchmarks/int8_qat.py) exports the same way."""
     if hasattr(model.backbone, "set_attn_implementation"):  # Hugging Face models
@@ -154,8 +161,13 @@ def validation_images(run_dir: Path) -> np.ndarray:
     return training_images(run_dir, validation=True)
 
 
-def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout: str,
-                  activation_ranges: list[tuple[float, int]] | None = None) -> None:
+def quantize_int8(
+    model: onnx.ModelProto,
+    out: Path,
+    images: np.ndarray,
+    layout: str,
+    activation_ranges: list[tuple[float, int]] | None = None,
+) -> None:
     """Static int8 quantization with onnxruntime's quantizer (QDQ, which it fuses into integer kernels):
     per-channel int8 weights, uint8 activations calibrated on ``images`` (99.999th percentile ranges), or set to
     ``activation_ranges`` ((scale, zero point) per quantized activation in graph order: what a quantization-aware
@@ -165,7 +177,13 @@ def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout:
     convolution, the classifier and the softmax (probabilities in steps of 1/256 would not sum to one). On cub100-lr with the cpu recipe, quantizing those two as well cost
     0.009 macro-F1; without them the int8 model scores within 0.005 of fp32 (BENCHMARKS.md).
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
@@ -183,13 +201,21 @@ def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         nodes = list(onnx.load(str(prepared)).graph.node)
         first_conv = next(i for i, node in enumerate(nodes) if node.op_type == "Conv")
-        kept_float = [node.name for node in nodes[: first_conv + 1]] + [node.name for node in nodes if node.op_type in ("Gemm", "MatMul", "Softmax")]
+        kept_float = [node.name for node in nodes[: first_conv + 1]] + [
+            node.name for node in nodes if node.op_type in ("Gemm", "MatMul", "Softmax")
+        ]
 
         def quantize(reader: Batches, overrides: dict) -> None:
             with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
                 quantize_static(
-                    str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept_float,
+                    str(prepared),
+                    str(out),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=kept_float,
                     calibrate_method=CalibrationMethod.Percentile,
                     extra_options={"CalibPercentile": 99.999, "TensorQuantOverrides": overrides},
                 )
@@ -200,7 +226,9 @@ def quantize_int8(model: onnx.ModelProto, out: Path, images: np.ndarray, layout:
             # on a few images only: every range is overridden).
             names = quantized_activations(onnx.load(str(out)))
             if len(names) != len(activation_ranges):
-                raise RuntimeError(f"onnxruntime quantizes {len(names)} activations, tuning simulated {len(activation_ranges)}")
+                raise RuntimeError(
+                    f"onnxruntime quantizes {len(names)} activations, tuning simulated {len(activation_ranges)}"
+                )
             overrides = {
                 name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero_point, np.uint8)}]
                 for name, (scale, zero_point) in zip(names, activation_ranges)
@@ -241,7 +269,14 @@ def calibrated_margin(fp32: onnx.ModelProto, int8: onnx.ModelProto, images: np.n
     probs = []
     for model in (fp32, int8):
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        probs.append(np.concatenate([session.run(None, {"images": np.ascontiguousarray(pixels[i : i + 64])})[0] for i in range(0, len(pixels), 64)]))
+        probs.append(
+            np.concatenate(
+                [
+                    session.run(None, {"images": np.ascontiguousarray(pixels[i : i + 64])})[0]
+                    for i in range(0, len(pixels), 64)
+                ]
+            )
+        )
     gaps = np.sort(top2_gap(probs[1])[probs[0].argmax(1) != probs[1].argmax(1)])
     tolerated = int((1 - FALLBACK_AGREEMENT) * len(images))
     caught = gaps[: max(len(gaps) - tolerated, 0)]
@@ -267,31 +302,45 @@ def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: fl
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), f"fallback/{name}"))
         return f"fallback/{name}"
 
-    zero, one, two = constant("zero", [0]), constant("one", [1]), constant("two", [2])  # also the axes of Slice, Squeeze
+    zero, one, two = (
+        constant("zero", [0]),
+        constant("one", [1]),
+        constant("two", [2]),
+    )  # also the axes of Slice, Squeeze
     limit, none = constant("margin", margin, np.float32), constant("none", 0.0, np.float32)
     node = onnx.helper.make_node
-    graph.node.extend([
-        node("TopK", [quick, two], ["fallback/top2", "fallback/top2_index"], axis=1),
-        node("Slice", ["fallback/top2", zero, one, one], ["fallback/first"]),
-        node("Slice", ["fallback/top2", one, two, one], ["fallback/second"]),
-        node("Sub", ["fallback/first", "fallback/second"], ["fallback/gap"]),
-        node("Less", ["fallback/gap", limit], ["fallback/close_n1"]),
-        node("Squeeze", ["fallback/close_n1", one], ["fallback/close"]),
-        node("NonZero", ["fallback/close"], ["fallback/rows_1m"]),
-        node("Cast", ["fallback/close"], ["fallback/close_float"], to=onnx.TensorProto.FLOAT),
-        node("ReduceSum", ["fallback/close_float"], ["fallback/count"], keepdims=0),
-        node("Greater", ["fallback/count", none], ["fallback/any"]),
-    ])
+    graph.node.extend(
+        [
+            node("TopK", [quick, two], ["fallback/top2", "fallback/top2_index"], axis=1),
+            node("Slice", ["fallback/top2", zero, one, one], ["fallback/first"]),
+            node("Slice", ["fallback/top2", one, two, one], ["fallback/second"]),
+            node("Sub", ["fallback/first", "fallback/second"], ["fallback/gap"]),
+            node("Less", ["fallback/gap", limit], ["fallback/close_n1"]),
+            node("Squeeze", ["fallback/close_n1", one], ["fallback/close"]),
+            node("NonZero", ["fallback/close"], ["fallback/rows_1m"]),
+            node("Cast", ["fallback/close"], ["fallback/close_float"], to=onnx.TensorProto.FLOAT),
+            node("ReduceSum", ["fallback/close_float"], ["fallback/count"], keepdims=0),
+            node("Greater", ["fallback/count", none], ["fallback/any"]),
+        ]
+    )
     classes = graph.output[0].type.tensor_type.shape.dim[1].dim_value
     result = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", classes])
-    rerun = onnx.helper.make_graph([
-        node("Squeeze", ["fallback/rows_1m", zero], ["fallback/rows"]),
-        node("Unsqueeze", ["fallback/rows", one], ["fallback/rows_m1"]),
-        node("Gather", [images, "fallback/rows"], [fallback.input[0].name], axis=0),
-        *fallback.node,
-        node("ScatterND", [quick, "fallback/rows_m1", fallback.output[0].name], ["fallback/replaced"]),
-    ], "float_fallback", [], [result("fallback/replaced")], initializer=list(fallback.initializer))
-    keep = onnx.helper.make_graph([node("Identity", [quick], ["fallback/kept"])], "int8_only", [], [result("fallback/kept")])
+    rerun = onnx.helper.make_graph(
+        [
+            node("Squeeze", ["fallback/rows_1m", zero], ["fallback/rows"]),
+            node("Unsqueeze", ["fallback/rows", one], ["fallback/rows_m1"]),
+            node("Gather", [images, "fallback/rows"], [fallback.input[0].name], axis=0),
+            *fallback.node,
+            node("ScatterND", [quick, "fallback/rows_m1", fallback.output[0].name], ["fallback/replaced"]),
+        ],
+        "float_fallback",
+        [],
+        [result("fallback/replaced")],
+        initializer=list(fallback.initializer),
+    )
+    keep = onnx.helper.make_graph(
+        [node("Identity", [quick], ["fallback/kept"])], "int8_only", [], [result("fallback/kept")]
+    )
     graph.node.append(node("If", ["fallback/any"], [output], then_branch=rerun, else_branch=keep))
     set_metadata(model, {"fallback_margin": f"{margin:.4f}"})
     return model
@@ -300,4 +349,6 @@ def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: fl
 def quantized_activations(model: onnx.ModelProto) -> list[str]:
     """Names of the activations a QDQ model quantizes, in graph order (weights are initializers)."""
     weights = {tensor.name for tensor in model.graph.initializer}
-    return [node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in weights]
+    return [
+        node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in weights
+    ]

@@ -26,14 +26,22 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from lowres_birds import __version__
 from lowres_birds.config import LR_SIZE, RunConfig, parse_strategy
 from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.factory import OFFLINE_LITE, check_device, load_run_model, timm_architecture
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
-from lowres_birds.run_dir import RunDir, check_labels, load_json, load_safetensors, replace_folder, save_safetensors, write_json, write_text
+from lowres_birds.run_dir import (
+    RunDir,
+    check_labels,
+    load_json,
+    load_safetensors,
+    replace_folder,
+    save_safetensors,
+    write_json,
+    write_text,
+)
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -61,13 +69,23 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
     cfg = run.config()
     spec = model.spec
     if spec.upscale_filter not in TIMM_INTERPOLATION:
-        raise UserError(f"{run.path} was trained with upscale_filter {spec.upscale_filter}, which timm's and transformers' preprocessing "
-                        "cannot reproduce (they resize with PIL's or torchvision's filters); export it with --format onnx, or use the run folder")
+        raise UserError(
+            f"{run.path} was trained with upscale_filter {spec.upscale_filter}, which timm's and transformers' "
+            "preprocessing "
+            "cannot reproduce (they resize with PIL's or torchvision's filters); export it with --format onnx, or use "
+            "the run folder"
+        )
     is_hf = spec.source.startswith("hf:")
     if is_hf:
         require_extra("hf", "export --format hf of a Hugging Face model")
-    ours = {"source": spec.source, "strategy": cfg.strategy, "resize": spec.resize, "upscale_filter": spec.upscale_filter,
-            "image_size": LR_SIZE, "version": __version__}
+    ours = {
+        "source": spec.source,
+        "strategy": cfg.strategy,
+        "resize": spec.resize,
+        "upscale_filter": spec.upscale_filter,
+        "image_size": LR_SIZE,
+        "version": __version__,
+    }
     replace_folder(out, force)
     if is_hf:
         _write_transformers_files(model, out, ours)
@@ -80,7 +98,11 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
 def _write_timm_files(model: BirdNet, labels: list[str], out: Path, ours: dict) -> None:
     backbone, spec = model.backbone, model.spec
     own_cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
-    architecture = timm_architecture(spec.source) if spec.source in OFFLINE_LITE else own_cfg.get("architecture") or timm_architecture(spec.source)
+    architecture = (
+        timm_architecture(spec.source)
+        if spec.source in OFFLINE_LITE
+        else own_cfg.get("architecture") or timm_architecture(spec.source)
+    )
     size = spec.input_size
     pretrained_cfg = {
         "input_size": [3, size, size],
@@ -116,8 +138,14 @@ def _write_transformers_files(model: BirdNet, out: Path, ours: dict) -> None:
     setattr(config, OURS, ours)
     write_text(out / CONFIG, config.to_json_string())
     processor = ViTImageProcessor(
-        do_resize=True, size={"height": spec.input_size, "width": spec.input_size}, resample=PIL_RESAMPLE[spec.upscale_filter],
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std),
+        do_resize=True,
+        size={"height": spec.input_size, "width": spec.input_size},
+        resample=PIL_RESAMPLE[spec.upscale_filter],
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
     )
     write_text(out / PROCESSOR, processor.to_json_string())
     save_safetensors(out / WEIGHTS, backbone.state_dict(), metadata={"format": "pt"})
@@ -140,12 +168,14 @@ def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], l
     seen = {
         "native": "the 64x64 photo as it is",
         "upscale": f"the 64x64 photo enlarged to {strategy.input_size}x{strategy.input_size} ({spec.upscale_filter})",
-        "hr-downscale": f"the photo resized to {strategy.input_size}x{strategy.input_size}; trained on the 256x256 twins shrunk to that size",
+        "hr-downscale": f"the photo resized to {strategy.input_size}x{strategy.input_size}; trained on the 256x256 "
+        "twins shrunk to that size",
     }[strategy.kind]
     if best is not None:
         metrics = (
             "| data | images | macro-F1 | accuracy |\n|---|---|---|---|\n"
-            f"| validation split of `{data_name}` (held out of training: {cfg.val_fraction:.0%}, seed {cfg.split_seed_used}; best epoch {best['epoch']:g}) "
+            f"| validation split of `{data_name}` (held out of training: {cfg.val_fraction:.0%}, seed "
+            f"{cfg.split_seed_used}; best epoch {best['epoch']:g}) "
             f"| {val_count} | {best['val_macro_f1']:.4f} | {best.get('val_accuracy', math.nan):.4f} |\n\n"
             "The validation images come from the same collection as the training images; the weights are those of the "
             "epoch with the best validation macro-F1, so this figure is slightly optimistic. Score a test set with "
@@ -157,7 +187,9 @@ def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], l
     name, where = run.path.resolve().name, str(out)
     loaders = {
         "timm": (
-            "timm:\n\n```python\nimport timm\nmodel = timm.create_model(\"local-dir:" + where + "\", pretrained=True).eval()\n"
+            'timm:\n\n```python\nimport timm\nmodel = timm.create_model("local-dir:'
+            + where
+            + '", pretrained=True).eval()\n'
             "config = timm.data.resolve_data_config({}, model=model)  # input size, resize filter, mean and std\n"
             "transform = timm.data.create_transform(**config)\n```\n"
         ),
@@ -203,7 +235,7 @@ or `lowres-birds predict-image photo.jpg --run {where}`, `lowres-birds predict -
 
 ## Training
 
-- Data: `{data_name}` ({split['data']}), {len(labels)} classes; {val_count} images held out for validation, the rest trained on.
+- Data: `{data_name}` ({split["data"]}), {len(labels)} classes; {val_count} images held out for validation, the rest trained on.
 - Model: `{cfg.model}`, {"pretrained" if cfg.pretrained else "from scratch"}; strategy `{cfg.strategy}` ({seen}).
 - Schedule: {epochs_run:g} of {cfg.epochs} planned epochs, batch {cfg.batch_size}, AdamW lr {cfg.lr:g} ({cfg.schedule}), weight decay {cfg.weight_decay:g}.
 - The whole resolved recipe:
@@ -261,8 +293,15 @@ def load_hf_folder(folder: Path, device: str = "cpu") -> tuple[BirdNet, list[str
         backbone, labels, size, mean, std, source = _timm_backbone(folder, config)
     else:
         backbone, labels, size, mean, std, source = _transformers_backbone(folder, config)
-    spec_data = {"source": ours.get("source", source), "num_classes": len(labels), "input_size": size, "mean": mean, "std": std,
-                 "resize": ours.get("resize", "pil"), "upscale_filter": ours.get("upscale_filter", "bicubic")}
+    spec_data = {
+        "source": ours.get("source", source),
+        "num_classes": len(labels),
+        "input_size": size,
+        "mean": mean,
+        "std": std,
+        "resize": ours.get("resize", "pil"),
+        "upscale_filter": ours.get("upscale_filter", "bicubic"),
+    }
     spec = ModelSpec.from_dict(spec_data, labels, str(folder / CONFIG))
     return BirdNet(backbone, spec).eval().to(device), labels
 
@@ -272,23 +311,39 @@ def _timm_backbone(folder: Path, config: dict):
 
     path = folder / CONFIG
     pretrained_cfg = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
-    labels = check_labels(config.get("label_names") or pretrained_cfg.get("label_names"), f"{path}: 'label_names'", "export the folder again")
+    labels = check_labels(
+        config.get("label_names") or pretrained_cfg.get("label_names"),
+        f"{path}: 'label_names'",
+        "export the folder again",
+    )
     try:
         size = int(pretrained_cfg.get("input_size", [3, 224, 224])[-1])
-        mean, std = [float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))], [float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))]
+        mean, std = (
+            [float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))],
+            [float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))],
+        )
     except (TypeError, ValueError, IndexError):
-        raise UserError(f"{path}: 'pretrained_cfg' has a malformed input_size, mean or std; export the folder again") from None
+        raise UserError(
+            f"{path}: 'pretrained_cfg' has a malformed input_size, mean or std; export the folder again"
+        ) from None
     model_args = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
     architecture = str(config["architecture"])
     try:
         backbone = timm.create_model(architecture, pretrained=False, num_classes=len(labels), **model_args)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}: timm cannot build {architecture!r} ({str(exc).splitlines()[0][:120]}); a newer timm may know it") from None
-    weights = {name.removeprefix("timm_model."): tensor for name, tensor in _weights(folder).items()}  # transformers' save_pretrained prefixes them
+        raise UserError(
+            f"{path}: timm cannot build {architecture!r} ({str(exc).splitlines()[0][:120]}); a newer timm may know it"
+        ) from None
+    weights = {
+        name.removeprefix("timm_model."): tensor for name, tensor in _weights(folder).items()
+    }  # transformers' save_pretrained prefixes them
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as exc:
-        raise UserError(f"{folder / WEIGHTS} does not fit {architecture} in {CONFIG} ({str(exc).splitlines()[0][:120]}); export the folder again") from None
+        raise UserError(
+            f"{folder / WEIGHTS} does not fit {architecture} in {CONFIG} ({str(exc).splitlines()[0][:120]}); export "
+            "the folder again"
+        ) from None
     return backbone, labels, size, mean, std, f"timm:{architecture}"
 
 
@@ -306,11 +361,19 @@ def _transformers_backbone(folder: Path, config: dict):
     size = processor.get("size", {})
     try:
         side = int(size.get("height") or size.get("shortest_edge")) if isinstance(size, dict) else int(size)
-        mean, std = [float(v) for v in processor.get("image_mean", (0.5,) * 3)], [float(v) for v in processor.get("image_std", (0.5,) * 3)]
+        mean, std = (
+            [float(v) for v in processor.get("image_mean", (0.5,) * 3)],
+            [float(v) for v in processor.get("image_std", (0.5,) * 3)],
+        )
     except (TypeError, ValueError):
-        raise UserError(f"{folder / PROCESSOR}: needs 'size' (height) and numeric image_mean/image_std; export the folder again") from None
+        raise UserError(
+            f"{folder / PROCESSOR}: needs 'size' (height) and numeric image_mean/image_std; export the folder again"
+        ) from None
     try:
         backbone = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{folder} could not be loaded by transformers ({str(exc).strip().splitlines()[0][:160]}); export the folder again") from None
+        raise UserError(
+            f"{folder} could not be loaded by transformers ({str(exc).strip().splitlines()[0][:160]}); export the "
+            "folder again"
+        ) from None
     return backbone, labels, side, mean, std, f"hf:{folder}"

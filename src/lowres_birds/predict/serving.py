@@ -76,8 +76,11 @@ class InferenceQueue:
         """Model calls so far: how many, images per call, and images per second of model time."""
         calls, images = sum(self.batch_sizes.values()), sum(size * n for size, n in self.batch_sizes.items())
         return {
-            "model_calls": calls, "images": images, "mean_batch": images / calls if calls else 0.0,
-            "batch_sizes": dict(sorted(self.batch_sizes.items())), "model_images_per_s": images / self.inference_s if self.inference_s else 0.0,
+            "model_calls": calls,
+            "images": images,
+            "mean_batch": images / calls if calls else 0.0,
+            "batch_sizes": dict(sorted(self.batch_sizes.items())),
+            "model_images_per_s": images / self.inference_s if self.inference_s else 0.0,
         }
 
     def close(self) -> None:
@@ -127,7 +130,7 @@ class UploadBudget:
         self.used = 0
 
     @asynccontextmanager
-    async def reservation(self) -> AsyncIterator["Reservation"]:
+    async def reservation(self) -> AsyncIterator[Reservation]:
         held = Reservation(self)
         try:
             yield held
@@ -147,7 +150,12 @@ class Reservation:
         if total <= self.bytes:
             return
         if self.budget.used + total - self.bytes > self.budget.limit:
-            raise HTTPException(503, f"the server is receiving too many uploads at once (limit {self.budget.limit:,} bytes); retry in a moment", headers=CLOSE)
+            raise HTTPException(
+                503,
+                f"the server is receiving too many uploads at once (limit {self.budget.limit:,} bytes); retry in a "
+                "moment",
+                headers=CLOSE,
+            )
         self.budget.used += total - self.bytes
         self.bytes = total
 
@@ -176,7 +184,9 @@ def create_app(
     async def lifespan(app: FastAPI):
         app.state.inference = InferenceQueue(classifier, max_batch_files)
         app.state.timings = {}
-        app.state.decoders = ThreadPoolExecutor(decode_workers or min(4, os.cpu_count() or 1), thread_name_prefix="decode")
+        app.state.decoders = ThreadPoolExecutor(
+            decode_workers or min(4, os.cpu_count() or 1), thread_name_prefix="decode"
+        )
         try:
             yield
         finally:
@@ -207,7 +217,14 @@ def create_app(
 
     @app.get("/api/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "classes": len(classifier.labels), "input_size": LR_SIZE, "runtime": classifier.runtime, "version": __version__}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "classes": len(classifier.labels),
+            "input_size": LR_SIZE,
+            "runtime": classifier.runtime,
+            "version": __version__,
+        }
 
     @app.get("/api/labels")
     async def labels() -> dict:
@@ -219,24 +236,39 @@ def create_app(
         timings: dict[str, float] = app.state.timings
         count = timings.get("requests", 0)
         return {
-            "requests": count, "mean_ms": {stage: round(total / count, 3) for stage, total in timings.items() if stage != "requests"} if count else {},
+            "requests": count,
+            "mean_ms": {stage: round(total / count, 3) for stage, total in timings.items() if stage != "requests"}
+            if count
+            else {},
             **app.state.inference.stats(),
         }
 
-    async def classify(request: Request, response: Response, started: float, uploads: list[UploadFile], top: int) -> tuple[list[list[dict]], list[np.ndarray], float]:
+    async def classify(
+        request: Request, response: Response, started: float, uploads: list[UploadFile], top: int
+    ) -> tuple[list[list[dict]], list[np.ndarray], float]:
         """Decode (thread pool) -> micro-batched model call -> top-k; the stages' times go to the Server-Timing header."""
         loop = asyncio.get_running_loop()
         received = time.perf_counter()
         contents = [await upload.read() for upload in uploads]
         images = await asyncio.gather(
-            *(loop.run_in_executor(request.app.state.decoders, decode_upload, data, upload.filename or "upload") for data, upload in zip(contents, uploads))
+            *(
+                loop.run_in_executor(request.app.state.decoders, decode_upload, data, upload.filename or "upload")
+                for data, upload in zip(contents, uploads)
+            )
         )
         decoded = time.perf_counter()
         probs = await asyncio.wrap_future(request.app.state.inference.submit(np.stack(images)))
         predicted = time.perf_counter()
         tops = [[{"label": label, "probability": p} for label, p in classifier.top_k(row, top)] for row in probs]
-        stages = {"upload": received - started, "decode": decoded - received, "model": predicted - decoded, "answer": time.perf_counter() - predicted}
-        response.headers["Server-Timing"] = ", ".join(f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in stages.items())
+        stages = {
+            "upload": received - started,
+            "decode": decoded - received,
+            "model": predicted - decoded,
+            "answer": time.perf_counter() - predicted,
+        }
+        response.headers["Server-Timing"] = ", ".join(
+            f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in stages.items()
+        )
         timings = request.app.state.timings
         timings["requests"] = timings.get("requests", 0) + 1
         for stage, seconds in stages.items():
@@ -244,7 +276,12 @@ def create_app(
         return tops, images, (time.perf_counter() - started) * 1000
 
     @app.post("/api/predict")
-    async def predict(request: Request, response: Response, top: int = Query(5, ge=1, le=MAX_TOP), preview: bool = Query(False, description="include the 64x64 model input as a PNG data URL")) -> dict:
+    async def predict(
+        request: Request,
+        response: Response,
+        top: int = Query(5, ge=1, le=MAX_TOP),
+        preview: bool = Query(False, description="include the 64x64 model input as a PNG data URL"),
+    ) -> dict:
         """One photo in the multipart field ``file`` -> the top species."""
         started = time.perf_counter()
         async with app.state.uploads.reservation() as held:
@@ -268,7 +305,9 @@ def create_app(
     return app
 
 
-async def read_uploads(request: Request, limits: Limits, held: Reservation, max_files: int, field: str = "file") -> list[UploadFile]:
+async def read_uploads(
+    request: Request, limits: Limits, held: Reservation, max_files: int, field: str = "file"
+) -> list[UploadFile]:
     """The files of one multipart field, held in memory; 413 past the upload limit, 503 past the budget of all
     uploads, 408 when the client stalls, 422 past ``max_files`` or when absent."""
     max_bytes = limits.max_upload_bytes
@@ -277,9 +316,13 @@ async def read_uploads(request: Request, limits: Limits, held: Reservation, max_
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
         if int(declared) > max_bytes:
-            raise HTTPException(413, f"upload of {int(declared):,} bytes is larger than the limit of {max_bytes:,} bytes", headers=CLOSE)
+            raise HTTPException(
+                413, f"upload of {int(declared):,} bytes is larger than the limit of {max_bytes:,} bytes", headers=CLOSE
+            )
         held.grow(int(declared))
-    parser = MultiPartParser(request.headers, _capped(request.stream(), limits, held), max_files=max_files, max_fields=8)
+    parser = MultiPartParser(
+        request.headers, _capped(request.stream(), limits, held), max_files=max_files, max_fields=8
+    )
     parser.spool_max_size = max_bytes + 1  # never roll an upload over to a temporary file on disk
     try:
         form = await parser.parse()
@@ -306,7 +349,9 @@ async def _capped(stream: AsyncIterator[bytes], limits: Limits, held: Reservatio
             raise HTTPException(400, "the client went away during the upload", headers=CLOSE) from None
         received += len(chunk)
         if received > limits.max_upload_bytes:
-            raise HTTPException(413, f"upload is larger than the limit of {limits.max_upload_bytes:,} bytes", headers=CLOSE)
+            raise HTTPException(
+                413, f"upload is larger than the limit of {limits.max_upload_bytes:,} bytes", headers=CLOSE
+            )
         held.grow(received)
         yield chunk
 
@@ -372,6 +417,8 @@ def bind(host: str, port: int) -> socket.socket:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
     except OSError as exc:
-        raise UserError(f"serve: cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host") from None
+        raise UserError(
+            f"serve: cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host"
+        ) from None
     listener.listen(2048)
     return listener

@@ -53,11 +53,20 @@ class BatchGather:
         return gather_nchw(self.images, order), torch.from_numpy(self.labels[order]), torch.from_numpy(order)
 
 
-def make_loader(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
-    return DataLoader(ShuffledIndices(indices, seed, shuffle), batch_size=batch_size, shuffle=False, collate_fn=BatchGather(images, labels))
+def make_loader(
+    images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int, seed: int, shuffle: bool
+) -> DataLoader:
+    return DataLoader(
+        ShuffledIndices(indices, seed, shuffle),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=BatchGather(images, labels),
+    )
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, crop_scale_min: float, hflip: bool) -> torch.Tensor:
+def random_crop_flip(
+    images: torch.Tensor, generator: torch.Generator, crop_scale_min: float, hflip: bool
+) -> torch.Tensor:
     """Per-image random flip and square random-resized crop (area share in [crop_scale_min, 1]), uint8 in and out.
 
     The one crop-and-flip of the project: LR batches and HR views both go through it.
@@ -86,7 +95,13 @@ def per_image(transform, images: torch.Tensor, generator: torch.Generator) -> to
         return torch.stack([transform(image) for image in images])
 
 
-def hr_views(hr_images: torch.Tensor, degradation: Degradation, crop_scale_min: float, randaugment_ops: int, generator: torch.Generator) -> torch.Tensor:
+def hr_views(
+    hr_images: torch.Tensor,
+    degradation: Degradation,
+    crop_scale_min: float,
+    randaugment_ops: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """uint8 HR NCHW -> realistic uint8 LR views: crop + flip (+ RandAugment) at HR, then the fitted degradation."""
     views = random_crop_flip(hr_images, generator, crop_scale_min, hflip=True)
     if randaugment_ops:
@@ -94,10 +109,14 @@ def hr_views(hr_images: torch.Tensor, degradation: Degradation, crop_scale_min: 
     return degrade(views, degradation)
 
 
-def trivial_augment_and_erase(images: torch.Tensor, generator: torch.Generator, trivial_augment: bool, erasing_p: float) -> torch.Tensor:
+def trivial_augment_and_erase(
+    images: torch.Tensor, generator: torch.Generator, trivial_augment: bool, erasing_p: float
+) -> torch.Tensor:
     """The 1st-place recipe's image augmentation, per uint8 image: TrivialAugmentWide, then RandomErasing with
     probability ``erasing_p`` filling the box with uniform random pixels. Returns ``images`` itself when both are off."""
-    steps = ([v2.TrivialAugmentWide()] if trivial_augment else []) + ([PixelErasing(p=erasing_p)] if erasing_p > 0 else [])
+    steps = ([v2.TrivialAugmentWide()] if trivial_augment else []) + (
+        [PixelErasing(p=erasing_p)] if erasing_p > 0 else []
+    )
     return per_image(v2.Compose(steps), images, generator) if steps else images
 
 
@@ -128,7 +147,9 @@ class Targets:
     teacher_features: torch.Tensor | None = None  # N x D pooled HR features
 
 
-def mix_batch(images: torch.Tensor, targets: Targets, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, Targets]:
+def mix_batch(
+    images: torch.Tensor, targets: Targets, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, Targets]:
     """MixUp or CutMix (one chosen per batch, as timm does), partner = the batch reversed, lambda from ``generator``."""
     from timm.data.mixup import cutmix_bbox_and_lam
 
@@ -145,6 +166,7 @@ def mix_batch(images: torch.Tensor, targets: Targets, mixup_alpha: float, cutmix
         mixed = (images.float() * lam + partner.float() * (1 - lam)).round().to(images.dtype)
     mixed_targets = {
         spec.name: value * lam + value.flip(0) * (1 - lam)
-        for spec in fields(targets) if (value := getattr(targets, spec.name)) is not None
+        for spec in fields(targets)
+        if (value := getattr(targets, spec.name)) is not None
     }
     return mixed, replace(targets, **mixed_targets)

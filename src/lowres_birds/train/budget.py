@@ -19,8 +19,16 @@ def epoch_seconds(step_s: float, steps_per_epoch: int, validation_share: float, 
     return step_s * steps_per_epoch * (1 + validations_per_epoch * validation_share * VALIDATION_COST)
 
 
-def plan_epochs(budget_s: float, spent_s: float, step_s: float, steps_per_epoch: int, steps_done: int,
-                validation_share: float, validations_per_epoch: int, max_epochs: int) -> int:
+def plan_epochs(
+    budget_s: float,
+    spent_s: float,
+    step_s: float,
+    steps_per_epoch: int,
+    steps_done: int,
+    validation_share: float,
+    validations_per_epoch: int,
+    max_epochs: int,
+) -> int:
     """Epochs that fit: the budget (minus what was spent besides the steps already taken) over one epoch's
     estimated time, training plus validation; at least 1, at most ``max_epochs``."""
     epoch_s = epoch_seconds(step_s, steps_per_epoch, validation_share, validations_per_epoch)
@@ -32,11 +40,24 @@ class BudgetPlanner:
     """Times the first optimizer steps of a run with a budget, then fixes ``state.planned_epochs`` once and
     shortens the learning-rate schedule to match; every process takes rank 0's plan."""
 
-    def __init__(self, cfg: RunConfig, accelerator, scheduler, steps_per_epoch: int, schedule_steps_per_epoch: int,
-                 validation_share: float, validations_per_epoch: int, clock_start: float):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        accelerator,
+        scheduler,
+        steps_per_epoch: int,
+        schedule_steps_per_epoch: int,
+        validation_share: float,
+        validations_per_epoch: int,
+        clock_start: float,
+    ):
         self.cfg, self.accelerator, self.scheduler = cfg, accelerator, scheduler
         self.steps_per_epoch, self.schedule_steps_per_epoch = steps_per_epoch, schedule_steps_per_epoch
-        self.validation_share, self.validations_per_epoch, self.clock_start = validation_share, validations_per_epoch, clock_start
+        self.validation_share, self.validations_per_epoch, self.clock_start = (
+            validation_share,
+            validations_per_epoch,
+            clock_start,
+        )
         self.measured_steps = max(1, min(MEASURED_STEPS, steps_per_epoch - 1))
         self.first_step_done: float | None = None
         self.first_step = 0
@@ -54,14 +75,27 @@ class BudgetPlanner:
         from accelerate.utils import gather_object
 
         step_s = (now - self.first_step_done) / timed if timed else now - self.clock_start
-        epochs = plan_epochs(self.cfg.budget_minutes * 60, now - self.clock_start, step_s, self.steps_per_epoch,
-                             state.global_step, self.validation_share, self.validations_per_epoch, self.cfg.epochs)
+        epochs = plan_epochs(
+            self.cfg.budget_minutes * 60,
+            now - self.clock_start,
+            step_s,
+            self.steps_per_epoch,
+            state.global_step,
+            self.validation_share,
+            self.validations_per_epoch,
+            self.cfg.epochs,
+        )
         state.planned_epochs = epochs = gather_object([epochs])[0]
         self.apply(state)
-        fits = "all of them fit" if epochs == self.cfg.epochs else f"training {epochs} (the learning-rate schedule now ends there)"
+        fits = (
+            "all of them fit"
+            if epochs == self.cfg.epochs
+            else f"training {epochs} (the learning-rate schedule now ends there)"
+        )
         self.accelerator.print(
             f"time budget {self.cfg.budget_minutes:g} min: {step_s:.2f} s per step over the first {timed} step(s), "
-            f"~{epoch_seconds(step_s, self.steps_per_epoch, self.validation_share, self.validations_per_epoch):.0f} s per epoch -> "
+            f"~{epoch_seconds(step_s, self.steps_per_epoch, self.validation_share, self.validations_per_epoch):.0f} s "
+            "per epoch -> "
             f"of {self.cfg.epochs} epochs {fits}"
         )
 

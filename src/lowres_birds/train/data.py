@@ -84,7 +84,9 @@ class TeacherTargets:
     description: str  # what the teacher is, for the train header
     seconds: float  # the time the teacher took to build (training included)
     reused: bool = False  # read back from an earlier run of this folder, not built now
-    shared_from: Path | None = None  # copied from another run's teacher (an earlier ensemble member): not this run's time
+    shared_from: Path | None = (
+        None  # copied from another run's teacher (an earlier ensemble member): not this run's time
+    )
 
 
 @dataclass
@@ -105,8 +107,15 @@ def hr_support(cfg: RunConfig, data: TrainingData, teacher: TeacherTargets | Non
     return support
 
 
-def training_batch(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, num_classes: int, cfg: RunConfig,
-                   generator: torch.Generator, hr: HRSupport) -> tuple[torch.Tensor, Targets]:
+def training_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    num_classes: int,
+    cfg: RunConfig,
+    generator: torch.Generator,
+    hr: HRSupport,
+) -> tuple[torch.Tensor, Targets]:
     """Augment (crops/flips, TrivialAugment and erasing of the stored images, HR-derived views), attach the
     teacher's targets, then mix."""
     images = random_crop_flip(images, generator, cfg.crop_scale_min, cfg.hflip)
@@ -116,7 +125,9 @@ def training_batch(images: torch.Tensor, labels: torch.Tensor, indices: torch.Te
         if chosen.any():
             hr_batch = gather_nchw(hr.hr_images, indices[chosen].numpy())
             images = images.clone()
-            images[chosen.to(images.device)] = hr_views(hr_batch, hr.degradation, cfg.crop_scale_min, cfg.randaugment_ops, generator).to(images.device)
+            images[chosen.to(images.device)] = hr_views(
+                hr_batch, hr.degradation, cfg.crop_scale_min, cfg.randaugment_ops, generator
+            ).to(images.device)
     targets = Targets(F.one_hot(labels, num_classes).float())
     if hr.teacher is not None:
         rows = indices.to(hr.teacher.logits.device)

@@ -44,7 +44,7 @@ class Degradation:
         write_json(path, {**asdict(self), **report})
 
     @classmethod
-    def load(cls, path: Path) -> "Degradation":
+    def load(cls, path: Path) -> Degradation:
         """A saved chain, checked: an unknown filter or out-of-range value is refused, naming the file."""
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -73,7 +73,11 @@ def degrade(images: torch.Tensor, model: Degradation, size: int = LR_SIZE) -> to
         pixels = F.interpolate(pixels, size=(size, size), mode=model.filter, antialias=True, align_corners=False)
     small = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     if model.jpeg_quality:
-        small = torch.from_numpy(jpeg_round_trip(small.permute(0, 2, 3, 1).cpu().numpy(), model.jpeg_quality)).permute(0, 3, 1, 2).to(images.device)
+        small = (
+            torch.from_numpy(jpeg_round_trip(small.permute(0, 2, 3, 1).cpu().numpy(), model.jpeg_quality))
+            .permute(0, 3, 1, 2)
+            .to(images.device)
+        )
     return small
 
 
@@ -111,7 +115,9 @@ def psnr_ssim(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
     return float(psnr.mean()), float(ssim_map.mean(dim=(1, 2, 3)).mean())
 
 
-def fit_degradation(hr_images: np.ndarray, lr_images: np.ndarray, pairs: int = 256, seed: int = 0) -> tuple[Degradation, dict]:
+def fit_degradation(
+    hr_images: np.ndarray, lr_images: np.ndarray, pairs: int = 256, seed: int = 0
+) -> tuple[Degradation, dict]:
     """Grid-search the chain on ``pairs`` training pairs; report PSNR/SSIM on as many held-out pairs.
 
     Returns the best chain and a report comparing it with a plain bicubic resize on the held-out pairs.
@@ -132,9 +138,13 @@ def fit_degradation(hr_images: np.ndarray, lr_images: np.ndarray, pairs: int = 2
     fitted_psnr, fitted_ssim = psnr_ssim(degrade(hr_held, best), lr_held)
     plain_psnr, plain_ssim = psnr_ssim(degrade(hr_held, PLAIN_RESIZE), lr_held)
     report = {
-        "fit_pairs": int(len(fit_idx)), "held_out_pairs": int(len(held_idx)), "fit_mse": best_error,
-        "held_out_psnr": fitted_psnr, "held_out_ssim": fitted_ssim,
-        "plain_resize_psnr": plain_psnr, "plain_resize_ssim": plain_ssim,
+        "fit_pairs": int(len(fit_idx)),
+        "held_out_pairs": int(len(held_idx)),
+        "fit_mse": best_error,
+        "held_out_psnr": fitted_psnr,
+        "held_out_ssim": fitted_ssim,
+        "plain_resize_psnr": plain_psnr,
+        "plain_resize_ssim": plain_ssim,
     }
     return best, report
 
@@ -154,7 +164,9 @@ def fitted_degradation(hr_images: np.ndarray, lr_images: np.ndarray) -> tuple[De
     if cache.exists():
         try:
             data = json.loads(cache.read_text(encoding="utf-8"))
-            return Degradation.load(cache), {k: float(data[k]) for k in data if k not in ("filter", "blur_sigma", "jpeg_quality")}
+            return Degradation.load(cache), {
+                k: float(data[k]) for k in data if k not in ("filter", "blur_sigma", "jpeg_quality")
+            }
         except (UserError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
             pass  # a damaged cache entry is refitted
     model, report = fit_degradation(hr_images, lr_images)

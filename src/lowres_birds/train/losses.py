@@ -34,8 +34,13 @@ def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor)
     return F.mse_loss(student_features, teacher_features) / teacher_features.pow(2).mean().clamp_min(1e-8)
 
 
-def total_loss(logits: torch.Tensor, features: torch.Tensor | None, targets: Targets, cfg: RunConfig,
-               class_weights: torch.Tensor | None = None) -> torch.Tensor:
+def total_loss(
+    logits: torch.Tensor,
+    features: torch.Tensor | None,
+    targets: Targets,
+    cfg: RunConfig,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(1 - kd_weight) * CE + kd_weight * KD + feature_kd_weight * feature matching; absent targets drop their term.
     ``class_weights`` (see :func:`class_balanced_weights`) weigh the cross-entropy's classes."""
     logits = logits.float()

@@ -26,7 +26,9 @@ def create_optimizer(model: BirdNet, cfg: RunConfig) -> torch.optim.Optimizer:
     optimizer = create_optimizer_v2(
         model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay or None, **FUSED_ADAMW
     )
-    for group in optimizer.param_groups:  # timm's schedulers apply lr_scale; the LambdaLR schedule scales each group's own lr
+    for (
+        group
+    ) in optimizer.param_groups:  # timm's schedulers apply lr_scale; the LambdaLR schedule scales each group's own lr
         group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
     return optimizer
 
@@ -50,7 +52,9 @@ def _factor(cfg: RunConfig, steps_per_epoch: int, epochs: int):
     return partial(lr_factor, schedule=cfg.schedule, warmup=warmup, total=epochs * steps_per_epoch, cycle=cycle)
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule over the config's epochs, counted in scheduler steps."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _factor(cfg, steps_per_epoch, cfg.epochs))
 
@@ -74,7 +78,11 @@ def check_tracker(cfg: RunConfig) -> None:
     if cfg.log != "none":
         from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
-        available = {"tensorboard": is_tensorboard_available, "mlflow": is_mlflow_available, "wandb": is_wandb_available}[cfg.log]
+        available = {
+            "tensorboard": is_tensorboard_available,
+            "mlflow": is_mlflow_available,
+            "wandb": is_wandb_available,
+        }[cfg.log]
         if not available():
             raise UserError(f"--log {cfg.log} needs the {cfg.log} package: pip install {cfg.log} (or use --log none)")
 

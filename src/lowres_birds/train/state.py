@@ -42,7 +42,7 @@ class StopFlag:
         self.signal_name: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -74,8 +74,10 @@ def rng_state(generator: torch.Generator) -> dict:
     """Every RNG as tensors and plain types (a checkpoint is loaded with weights_only=True)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     return {
-        "python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-        "torch": torch.get_rng_state(), "augment": generator.get_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "augment": generator.get_state(),
     }
 
 
@@ -103,11 +105,16 @@ class Checkpointer:
         parts = self.parts
         rng_states = gather_object([rng_state(parts.generator)])
         if parts.accelerator.is_main_process:
-            self.run.save_checkpoint({
-                "model": parts.accelerator.unwrap_model(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict(),
-                "scheduler": parts.scheduler.state_dict(), "state": dataclasses.asdict(state), "rng": rng_states,
-                "ema": parts.ema.state_dict() if parts.ema is not None else None,
-            })
+            self.run.save_checkpoint(
+                {
+                    "model": parts.accelerator.unwrap_model(parts.model).state_dict(),
+                    "optimizer": parts.optimizer.state_dict(),
+                    "scheduler": parts.scheduler.state_dict(),
+                    "state": dataclasses.asdict(state),
+                    "rng": rng_states,
+                    "ema": parts.ema.state_dict() if parts.ema is not None else None,
+                }
+            )
 
     def restore(self) -> TrainState:
         parts, checkpoint = self.parts, self.run.checkpoint()
@@ -121,5 +128,8 @@ class Checkpointer:
             rng = checkpoint["rng"]
             restore_rng(rng[min(parts.accelerator.process_index, len(rng) - 1)], parts.generator)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise UserError(f"{self.run / RunDir.CHECKPOINT} does not fit this run ({type(exc).__name__}); it is damaged: start a new run") from None
+            raise UserError(
+                f"{self.run / RunDir.CHECKPOINT} does not fit this run ({type(exc).__name__}); it is damaged: start a "
+                "new run"
+            ) from None
         return state

@@ -34,8 +34,23 @@ from lowres_birds.train.degradation import array_fingerprint
 
 # What the fine-tuned teacher does not take from the student's config: it learns from the HR labels alone, for its
 # own epochs, untracked (the student's tracker run is the one that is logged).
-STUDENT_ONLY = ("hr_view_ratio", "randaugment_ops", "kd_weight", "kd_temperature", "feature_kd_weight", "teacher", "teacher_epochs",
-                "teacher_model", "teacher_size", "teacher_budget_share", "student_from_teacher", "mixup_alpha", "cutmix_alpha", "early_stop_patience", "log")
+STUDENT_ONLY = (
+    "hr_view_ratio",
+    "randaugment_ops",
+    "kd_weight",
+    "kd_temperature",
+    "feature_kd_weight",
+    "teacher",
+    "teacher_epochs",
+    "teacher_model",
+    "teacher_size",
+    "teacher_budget_share",
+    "student_from_teacher",
+    "mixup_alpha",
+    "cutmix_alpha",
+    "early_stop_patience",
+    "log",
+)
 
 
 def teacher_source(cfg: RunConfig) -> str:
@@ -53,9 +68,11 @@ def without_unusable_start(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     starts from the pretrained weights instead, and says so, rather than failing."""
     if not cfg.student_from_teacher or (trains_teacher(cfg) and teacher_source(cfg) == cfg.model):
         return cfg, None
-    notice = (f"student_from_teacher: this run has no fine-tuned teacher of {cfg.model} (teacher {cfg.teacher}, model "
-              f"{teacher_source(cfg)}, kd weights {cfg.kd_weight:g}/{cfg.feature_kd_weight:g}): the student starts from "
-              f"{'pretrained' if cfg.pretrained else 'random'} weights")
+    notice = (
+        f"student_from_teacher: this run has no fine-tuned teacher of {cfg.model} (teacher {cfg.teacher}, model "
+        f"{teacher_source(cfg)}, kd weights {cfg.kd_weight:g}/{cfg.feature_kd_weight:g}): the student starts from "
+        f"{'pretrained' if cfg.pretrained else 'random'} weights"
+    )
     return dataclasses.replace(cfg, student_from_teacher=False), notice
 
 
@@ -66,15 +83,26 @@ def check_teacher(cfg: RunConfig, student: BirdNet, labels: list[str]) -> None:
     source = teacher_source(cfg)
     teacher = student if source == cfg.model else create_model(source, labels, cfg.teacher_size, pretrained=False)
     if teacher.feature_width is None:
-        raise UserError(f"the HR teacher needs pooled features, which {source} does not give (a timm backbone does); "
-                        "set --teacher-model to a timm or efficientnet_lite model, or --kd-weight 0 --feature-kd-weight 0")
+        raise UserError(
+            f"the HR teacher needs pooled features, which {source} does not give (a timm backbone does); "
+            "set --teacher-model to a timm or efficientnet_lite model, or --kd-weight 0 --feature-kd-weight 0"
+        )
     if cfg.feature_kd_weight > 0 and teacher.feature_width != student.feature_width:
-        raise UserError(f"--feature-kd-weight {cfg.feature_kd_weight:g} needs equal feature widths, but the teacher {source} has "
-                        f"{teacher.feature_width} and the student {cfg.model} {student.feature_width}; set --feature-kd-weight 0 or use the same model")
+        raise UserError(
+            f"--feature-kd-weight {cfg.feature_kd_weight:g} needs equal feature widths, but the teacher {source} has "
+            f"{teacher.feature_width} and the student {cfg.model} {student.feature_width}; set --feature-kd-weight 0 "
+            "or use the same model"
+        )
 
 
-def hr_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict],
-               shared: Path | None = None) -> TeacherTargets | None:
+def hr_teacher(
+    cfg: RunConfig,
+    data: TrainingData,
+    run: RunDir,
+    data_dir: Path,
+    train: Callable[..., dict],
+    shared: Path | None = None,
+) -> TeacherTargets | None:
     """The config's HR teacher, or None when the recipe distils nothing; ``train`` is loop.train, ``shared`` a
     finished teacher folder of the same :func:`shared_teacher_key` to copy instead of training one."""
     if not uses_teacher(cfg):
@@ -87,7 +115,9 @@ def hr_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, 
 # --------------------------------------------------------------------------- frozen
 
 
-def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_size: int, pretrained: bool = True) -> torch.Tensor:
+def hr_features(
+    source: str, labels: list[str], hr_images: np.ndarray, input_size: int, pretrained: bool = True
+) -> torch.Tensor:
     """Pooled pre-logit features of the pretrained backbone for every HR twin (cached on disk). ``pretrained``
     False (a run with --no-pretrained: a rehearsal or a benchmark offline) gives a randomly initialised one."""
     weights = "" if pretrained else "|random-init"
@@ -104,7 +134,9 @@ def hr_features(source: str, labels: list[str], hr_images: np.ndarray, input_siz
 
     device = PartialState().device  # the GPU when training has one: EVA-02 large over 15k HR twins is hours on a CPU
     model = create_model(source, labels, input_size, pretrained=pretrained).eval().to(device)
-    features = torch.from_numpy(in_batches(lambda batch: model(batch.to(device), return_features=True)[0], hr_images, desc="teacher features"))
+    features = torch.from_numpy(
+        in_batches(lambda batch: model(batch.to(device), return_features=True)[0], hr_images, desc="teacher features")
+    )
     save_torch(cache, features)
     return features
 
@@ -119,8 +151,14 @@ def frozen_teacher(cfg: RunConfig, data: TrainingData) -> TeacherTargets:
     head.fit(features[data.train_idx].numpy(), data.targets[data.train_idx])
     logits = torch.zeros(len(features), len(labels))
     logits[:, head.classes_] = torch.from_numpy(head.decision_function(features.numpy())).float()
-    return TeacherTargets(features, logits, _hr_val_f1(data, logits), "frozen", f"{source} frozen at {cfg.teacher_size}, logistic head",
-                          time.perf_counter() - started)
+    return TeacherTargets(
+        features,
+        logits,
+        _hr_val_f1(data, logits),
+        "frozen",
+        f"{source} frozen at {cfg.teacher_size}, logistic head",
+        time.perf_counter() - started,
+    )
 
 
 def _hr_val_f1(data: TrainingData, logits: torch.Tensor) -> float:
@@ -135,8 +173,14 @@ def teacher_config(cfg: RunConfig) -> RunConfig:
     the HR twins resized to ``teacher_size`` for ``teacher_epochs`` (fewer if its share of the budget says so: more
     data means fewer teacher epochs, not a student left with no time; the student plans in what the teacher left)."""
     plain = {name: FIELDS[name].default for name in STUDENT_ONLY}
-    return dataclasses.replace(cfg, **plain, model=teacher_source(cfg), strategy=f"hr-downscale:{cfg.teacher_size}",
-                               epochs=cfg.teacher_epochs, budget_minutes=cfg.budget_minutes * cfg.teacher_budget_share).validate()
+    return dataclasses.replace(
+        cfg,
+        **plain,
+        model=teacher_source(cfg),
+        strategy=f"hr-downscale:{cfg.teacher_size}",
+        epochs=cfg.teacher_epochs,
+        budget_minutes=cfg.budget_minutes * cfg.teacher_budget_share,
+    ).validate()
 
 
 def shared_teacher_key(cfg: RunConfig) -> str | None:
@@ -148,8 +192,14 @@ def shared_teacher_key(cfg: RunConfig) -> str | None:
     return dataclasses.replace(teacher_config(cfg), split_seed=cfg.split_seed_used, seed=0, budget_minutes=0).to_yaml()
 
 
-def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir: Path, train: Callable[..., dict],
-                      shared: Path | None = None) -> TeacherTargets:
+def finetuned_teacher(
+    cfg: RunConfig,
+    data: TrainingData,
+    run: RunDir,
+    data_dir: Path,
+    train: Callable[..., dict],
+    shared: Path | None = None,
+) -> TeacherTargets:
     """Train RUN/teacher (or resume it, or reuse it when finished, or copy the finished teacher folder ``shared``),
     then its targets: computed and written by the main process, read back by the others. Every process of a
     distributed run calls this (training is shared)."""
@@ -164,9 +214,19 @@ def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir:
         if processes.is_main_process:
             folder.copy_from(shared)
         processes.wait_for_everyone()
-        saved = folder.teacher_targets(rows, classes, damaged=f"the teacher copied from {shared} is damaged: remove both and resume")
-        return TeacherTargets(saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned",
-                              f"{description}, shared with {shared}", saved["seconds"], reused=True, shared_from=shared)
+        saved = folder.teacher_targets(
+            rows, classes, damaged=f"the teacher copied from {shared} is damaged: remove both and resume"
+        )
+        return TeacherTargets(
+            saved["features"],
+            saved["logits"],
+            saved["val_macro_f1"],
+            "finetuned",
+            f"{description}, shared with {shared}",
+            saved["seconds"],
+            reused=True,
+            shared_from=shared,
+        )
     if (folder / RunDir.TEACHER_TARGETS).is_file():
         try:
             saved = folder.teacher_targets(rows, classes, damaged="computing them again")
@@ -174,20 +234,32 @@ def finetuned_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, data_dir:
             processes.print(str(exc))
     processes.wait_for_everyone()  # every process has read the file before the main one may replace it
     if saved is not None:
-        return TeacherTargets(saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned", description, saved["seconds"], reused=True)
+        return TeacherTargets(
+            saved["features"],
+            saved["logits"],
+            saved["val_macro_f1"],
+            "finetuned",
+            description,
+            saved["seconds"],
+            reused=True,
+        )
     started = time.perf_counter()
     if not _finished(folder, cfg.teacher_epochs):
         try:
             train(teacher_config(cfg), data_dir, folder.path, resume=(folder / RunDir.CHECKPOINT).is_file(), force=True)
         except TrainingInterrupted as exc:
             stopped = str(exc).partition(";")[0]
-            raise TrainingInterrupted(f"{stopped} of the HR teacher in {folder}; continue with: lowres-birds train --resume {run}") from None
+            raise TrainingInterrupted(
+                f"{stopped} of the HR teacher in {folder}; continue with: lowres-birds train --resume {run}"
+            ) from None
     if processes.is_main_process:
         features, logits = _teacher_outputs(folder, data.hr_images, processes.device)
         folder.save_teacher_targets(features, logits, _hr_val_f1(data, logits), time.perf_counter() - started)
     processes.wait_for_everyone()
     saved = folder.teacher_targets(rows, classes, damaged="the teacher's folder is damaged: remove it and resume")
-    return TeacherTargets(saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned", description, saved["seconds"])
+    return TeacherTargets(
+        saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned", description, saved["seconds"]
+    )
 
 
 def start_from_teacher(student: BirdNet, run: RunDir) -> None:
@@ -197,8 +269,12 @@ def start_from_teacher(student: BirdNet, run: RunDir) -> None:
     try:
         student.load_state_dict(folder.weights())
     except RuntimeError as exc:
-        raise UserError(f"the teacher's weights in {folder / RunDir.WEIGHTS} do not fit the student ({str(exc).splitlines()[0][:120]}): "
-                        "a model whose weights depend on its input size needs --teacher-size equal to the student's, or drop --student-from-teacher") from None
+        raise UserError(
+            f"the teacher's weights in {folder / RunDir.WEIGHTS} do not fit the student "
+            f"({str(exc).splitlines()[0][:120]}): "
+            "a model whose weights depend on its input size needs --teacher-size equal to the student's, or drop "
+            "--student-from-teacher"
+        ) from None
 
 
 def _finished(folder: RunDir, epochs: int) -> bool:
@@ -211,6 +287,8 @@ def _teacher_outputs(folder: RunDir, hr_images: np.ndarray, device: torch.device
     """(pooled features, logits) of the teacher's best weights on every HR twin, at the teacher's input size."""
     model, _ = load_run_model(folder.path, str(device))
     width = model.feature_width
-    both = in_batches(lambda batch: torch.cat(model(batch.to(device), return_features=True), dim=1), hr_images, desc="teacher targets")
+    both = in_batches(
+        lambda batch: torch.cat(model(batch.to(device), return_features=True), dim=1), hr_images, desc="teacher targets"
+    )
     both = torch.from_numpy(both)
     return both[:, :width], both[:, width:]

@@ -18,7 +18,9 @@ from lowres_birds.train.data import TrainingData
 from lowres_birds.train.state import Checkpointer, Trainee, TrainState
 
 
-def evaluate(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, device: torch.device) -> tuple[dict, np.ndarray]:
+def evaluate(
+    model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, device: torch.device
+) -> tuple[dict, np.ndarray]:
     """Macro-F1 and accuracy of ``model`` on uint8 NHWC images (every process scores the whole set)."""
     model.eval()
     probs = in_batches(lambda batch: model(batch.to(device)).float().softmax(-1), images)
@@ -40,7 +42,10 @@ class TrainingMeter:
 
     def postfix(self) -> dict:
         """For the progress bar (this process only)."""
-        return {"loss": f"{self.loss_sum / max(self.images, 1):.3f}", "img_s": f"{self.images / (time.perf_counter() - self.started):.0f}"}
+        return {
+            "loss": f"{self.loss_sum / max(self.images, 1):.3f}",
+            "img_s": f"{self.images / (time.perf_counter() - self.started):.0f}",
+        }
 
     def stats(self, accelerator) -> dict:
         """Summed over the processes (every process must call it at the same step)."""
@@ -56,16 +61,27 @@ class Validator:
     ``step``: the optimizer step), keeps the best weights and validation predictions, saves the checkpoint (a resume
     never redoes it) and sets ``stopped`` when the patience (counted in validations) or the time budget runs out."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir, parts: Trainee, checkpointer: Checkpointer, data: TrainingData,
-                 steps_per_epoch: int, clock_start: float):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run: RunDir,
+        parts: Trainee,
+        checkpointer: Checkpointer,
+        data: TrainingData,
+        steps_per_epoch: int,
+        clock_start: float,
+    ):
         self.cfg, self.run, self.parts, self.checkpointer = cfg, run, parts, checkpointer
         self.steps_per_epoch, self.clock_start = steps_per_epoch, clock_start
         self.every = max(1, round(cfg.val_every * steps_per_epoch))
         self.per_epoch = math.ceil(steps_per_epoch / self.every)  # the validations of one epoch, its end included
-        self.val_idx, self.images, self.targets = data.val_idx, np.asarray(data.lr_images[data.val_idx]), data.targets[data.val_idx]
+        self.val_idx, self.images, self.targets = (
+            data.val_idx,
+            np.asarray(data.lr_images[data.val_idx]),
+            data.targets[data.val_idx],
+        )
         self.stopped = False
         self.pace_origin: tuple[float, float] | None = None  # (epoch, elapsed_s) of this process's first validation
-
 
     def due(self, state: TrainState) -> bool:
         """A validation within the epoch after this step (the epoch's last step is validated once, at its end)."""
@@ -82,8 +98,15 @@ class Validator:
         parts.model.train()
         state.elapsed_s = time.perf_counter() - self.clock_start
         epoch = state.epoch + 1 if epoch_end else state.epoch + state.step_in_epoch / self.steps_per_epoch
-        record = {"epoch": epoch, "step": state.global_step, **train_stats, "val_macro_f1": val_stats["macro_f1"],
-                  "val_accuracy": val_stats["accuracy"], "lr": parts.scheduler.get_last_lr()[0], "elapsed_s": state.elapsed_s}
+        record = {
+            "epoch": epoch,
+            "step": state.global_step,
+            **train_stats,
+            "val_macro_f1": val_stats["macro_f1"],
+            "val_accuracy": val_stats["accuracy"],
+            "lr": parts.scheduler.get_last_lr()[0],
+            "elapsed_s": state.elapsed_s,
+        }
         self._print(record, state.epochs(cfg))
         state.validations += 1
         if cfg.log != "none":  # the tracker's step counts validations: the epoch when validating once per epoch
@@ -95,9 +118,13 @@ class Validator:
                 self.run.save_val_predictions(self.val_idx, self.targets, val_probs)
         if epoch_end:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        state.elapsed_s = gather_object([state.elapsed_s])[0]  # rank 0's clock: every process takes the same stop decision
+        state.elapsed_s = gather_object([state.elapsed_s])[
+            0
+        ]  # rank 0's clock: every process takes the same stop decision
         if accelerator.is_main_process:
-            self.run.append_metrics(record)  # before the checkpoint: a resume after a failed one redoes the validation and replaces its record
+            self.run.append_metrics(
+                record
+            )  # before the checkpoint: a resume after a failed one redoes the validation and replaces its record
         self.checkpointer.save(state)
         self.stopped = self._should_stop(state, epoch)
         if parts.planner is not None:
@@ -107,11 +134,18 @@ class Validator:
         cfg, accelerator = self.cfg, self.parts.accelerator
         if state.epoch >= state.epochs(cfg):
             return False
-        if cfg.budget_minutes and state.elapsed_s > cfg.budget_minutes * 60:  # the plan was too optimistic (the machine slowed)
-            accelerator.print(f"time budget of {cfg.budget_minutes:g} min exceeded after epoch {epoch:g} of {state.epochs(cfg)}; stopping")
+        if (
+            cfg.budget_minutes and state.elapsed_s > cfg.budget_minutes * 60
+        ):  # the plan was too optimistic (the machine slowed)
+            accelerator.print(
+                f"time budget of {cfg.budget_minutes:g} min exceeded after epoch {epoch:g} of {state.epochs(cfg)}; "
+                "stopping"
+            )
             return True
         if cfg.early_stop_patience and state.validations - state.best_validation >= cfg.early_stop_patience:
-            accelerator.print(f"no better validation macro-F1 for {cfg.early_stop_patience} validations; stopping early")
+            accelerator.print(
+                f"no better validation macro-F1 for {cfg.early_stop_patience} validations; stopping early"
+            )
             return True
         return False
 
@@ -122,6 +156,8 @@ class Validator:
         remaining = (record["elapsed_s"] - origin_s) / (record["epoch"] - origin_epoch) * (epochs - record["epoch"])
         self.pace_origin = self.pace_origin or (record["epoch"], record["elapsed_s"])
         self.parts.accelerator.print(
-            f"epoch {record['epoch']:g}/{epochs}  loss {record['train_loss']:.4f}  val macro-F1 {record['val_macro_f1']:.4f}  "
-            f"acc {record['val_accuracy']:.4f}  {record['train_images_per_s']:.0f} img/s  {record['elapsed_s']:.0f}s (~{remaining:.0f}s left)"
+            f"epoch {record['epoch']:g}/{epochs}  loss {record['train_loss']:.4f}  val macro-F1 "
+            f"{record['val_macro_f1']:.4f}  "
+            f"acc {record['val_accuracy']:.4f}  {record['train_images_per_s']:.0f} img/s  {record['elapsed_s']:.0f}s "
+            f"(~{remaining:.0f}s left)"
         )
