@@ -36,7 +36,8 @@ def describe_machine(device: str = "cpu") -> str:
     """'2 cores (AMD EPYC), torch 2.x, 2 threads, device cpu' (+ the GPU's name on CUDA)."""
     import torch
 
-    text = f"{cores()} cores ({cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+    threads = torch.get_num_threads()
+    text = f"{cores()} cores ({cpu_model()}), torch {torch.__version__}, {threads} threads, device {device}"
     if device.startswith("cuda") and torch.cuda.is_available():
         text += f" ({torch.cuda.get_device_name(0)})"
     return text
@@ -72,7 +73,10 @@ class OtherLoad:
         if self.cores_used is None:
             return "other load: unknown"
         if self.cores_used > BUSY_CORES:
-            return f"NOT QUIET: other processes used {self.cores_used:.2f} of {cores()} cores on average; figures skewed low"
+            return (
+                f"NOT QUIET: other processes used {self.cores_used:.2f} of {cores()} cores on average; figures "
+                "skewed low"
+            )
         return f"quiet (other processes used {self.cores_used:.2f} cores on average)"
 
 

@@ -1,4 +1,5 @@
-"""GPU memory of a recipe's training step, with and without grad checkpointing: estimated on a CPU, or measured on a GPU.
+"""GPU memory of a recipe's training step, with and without grad checkpointing: estimated on a CPU, or measured on a
+GPU.
 
 Estimate (any CPU, seconds; no weights, no network):
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -173,16 +173,10 @@ def measure(
     recipe: str, data_dir: Path, device: str, warmup: int, steps: int, tiny: bool, checkpointing: bool | None
 ) -> dict:
     """Images/s and peak GPU memory of the recipe's real (randomly initialised) model over ``steps`` training steps."""
-    import numpy as np
     import torch
+    from _training import timed_training
 
-    from lowres_birds.config import load_config, parse_strategy
-    from lowres_birds.model.factory import create_model
-    from lowres_birds.train.batches import make_loader
-    from lowres_birds.train.data import HRSupport, load_training_data
-    from lowres_birds.train.loop import train_one_epoch
-    from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler
-    from lowres_birds.train.state import StopFlag, Trainee, TrainState
+    from lowres_birds.config import load_config
 
     overrides = {
         "model": model_config_source(load_config(recipe).model, tiny),
@@ -201,42 +195,13 @@ def measure(
             "model": "timm:test_vit" if not overrides["model"].startswith("hf:") else overrides["model"],
         }
     cfg = load_config(recipe, overrides)
-    data = load_training_data(data_dir, cfg)
-    accelerator = create_accelerator(cfg, Path(tempfile.mkdtemp(prefix="bench-run-")))
-    model = create_model(
-        cfg.model, list(data.label_map.classes), parse_strategy(cfg.strategy).input_size, pretrained=False
-    )
-    model.freeze_early_layers(cfg.freeze_blocks)
-    if cfg.grad_checkpointing:
-        model.enable_grad_checkpointing()
-    batches = np.resize(data.train_idx, (warmup + steps) * cfg.batch_size * cfg.grad_accum)
-    split = warmup * cfg.batch_size * cfg.grad_accum
-    optimizer = create_optimizer(model, cfg)
-    scheduler = create_scheduler(optimizer, cfg, warmup + steps)
-    warm_loader = make_loader(data.train_images, data.targets, batches[:split], cfg.batch_size, cfg.seed, shuffle=True)
-    timed_loader = make_loader(data.train_images, data.targets, batches[split:], cfg.batch_size, cfg.seed, shuffle=True)
-    model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(
-        model, optimizer, warm_loader, timed_loader, scheduler
-    )
-    ema = None
-    if cfg.ema_decay > 0:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
-    parts = Trainee(model, optimizer, scheduler, accelerator, torch.Generator().manual_seed(cfg.seed), ema, HRSupport())
-    state, never = TrainState(), StopFlag()  # no checkpoint_every, no signal handler: nothing is saved
-    train_one_epoch(parts, warm_loader, cfg, state, None, never)
-    cuda = accelerator.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    stats = train_one_epoch(parts, timed_loader, cfg, state, None, never)
-    peak = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
+    images_per_s, session = timed_training(cfg, data_dir, warmup, steps)
+    cuda = session.parts.accelerator.device.type == "cuda"
     return {
         "recipe": recipe,
         "grad_checkpointing": cfg.grad_checkpointing,
-        "images_per_s": stats["train_images_per_s"],
-        "max_memory_allocated_gib": peak,
+        "images_per_s": images_per_s,
+        "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
     }
 
 

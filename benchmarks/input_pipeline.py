@@ -161,7 +161,8 @@ def main() -> int:
     print(f"data: {data_dir} ({len(images)} images; cache load {load_s:.2f}s)  machine: {machine}  {load.note()}")
     body = ["| pipeline | images/s (median) | all repetitions | vs reference (PIL) |", "|---|---|---|---|"]
     for name, values in results.items():
-        row = f"| {name} | {medians[name]:.0f} | {', '.join(f'{v:.0f}' for v in values)} | {medians[name] / reference_rate:.1f}x |"
+        repetitions = ", ".join(f"{v:.0f}" for v in values)
+        row = f"| {name} | {medians[name]:.0f} | {repetitions} | {medians[name] / reference_rate:.1f}x |"
         body.append(row)
         print(row)
     summary = (

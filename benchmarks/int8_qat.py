@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,10 @@ def ambiguous_batch(pixels: torch.Tensor, generator: torch.Generator, mixup_frac
     """Normalised pixels made harder to call: random crop-and-zoom with flips, blur or noise, and mixup of part
     of the batch (the images the fp32 and int8 models disagree on are the low-margin ones)."""
     n = len(pixels)
-    uniform = lambda *shape: torch.rand(*shape, generator=generator)
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator)
+
     scale = 0.6 + 0.4 * uniform(n)
     flip = torch.where(uniform(n) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
@@ -206,8 +210,8 @@ def tune_for_int8(model: BirdNet, images: np.ndarray, steps: int, lr: float = 2e
         rows = np.sort(torch.randint(0, len(images), (BATCH,), generator=generator).numpy())
         with torch.no_grad():
             pixels = ambiguous_batch(teacher.preprocess(to_nchw(images[rows])), generator, MIXUP_FRACTION)
-            target = teacher.forward_features(pixels).log_softmax(-1)
-        logits = student.forward_features(pixels).log_softmax(-1)
+            target = teacher.classify_pixels(pixels).log_softmax(-1)
+        logits = student.classify_pixels(pixels).log_softmax(-1)
         loss = F.kl_div(logits, target, log_target=True, reduction="batchmean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,6 +219,33 @@ def tune_for_int8(model: BirdNet, images: np.ndarray, steps: int, lr: float = 2e
         schedule.step()
     ranges = quantized.activation_ranges()
     return Tuned(quantized.remove(), ranges)
+
+
+def quantized_activations(model: onnx.ModelProto) -> list[str]:
+    """Names of the activations a QDQ model quantizes, in graph order (weights are initializers)."""
+    weights = {tensor.name for tensor in model.graph.initializer}
+    return [
+        node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in weights
+    ]
+
+
+def quantize_with_ranges(
+    model: onnx.ModelProto, out: Path, images: np.ndarray, ranges: list[tuple[float, int]] | None
+) -> None:
+    """The export's int8 quantization (NHWC input); with ``ranges`` ((scale, zero point) per quantized activation
+    in graph order: what the tuning simulated) forced instead of calibrated. A first pass names the tensors
+    onnxruntime quantizes; the second sets their ranges (calibrating on one image only: every range is overridden)."""
+    quantize_int8(model, out, images, "nhwc")
+    if ranges is None:
+        return
+    names = quantized_activations(onnx.load(str(out)))
+    if len(names) != len(ranges):
+        raise RuntimeError(f"onnxruntime quantizes {len(names)} activations, tuning simulated {len(ranges)}")
+    overrides = {
+        name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero_point, np.uint8)}]
+        for name, (scale, zero_point) in zip(names, ranges)
+    }
+    quantize_int8(model, out, images[:1], "nhwc", overrides)
 
 
 def main() -> int:
@@ -250,11 +281,10 @@ def main() -> int:
         tuning_s = time.perf_counter() - started
         reference = Classifier.load(export_onnx(args.run, folder / "fp32.onnx")).predict_arrays(images).argmax(1)
         path = folder / "int8.onnx"
-        quantize_int8(
+        quantize_with_ranges(
             onnx_program(tuned.model, labels, "nhwc", "int8").model_proto,
             path,
             calibration_images(args.run),
-            "nhwc",
             tuned.activation_ranges if args.tuned_ranges else None,
         )
         int8 = Classifier.load(path).predict_arrays(images).argmax(1)

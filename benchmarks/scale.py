@@ -157,9 +157,8 @@ def main() -> int:
         default=Path(tempfile.gettempdir()) / "lowres-birds-scale",
         help="where the synthetic folders are kept between runs",
     )
-    parser.add_argument(
-        "--measure", nargs=3, metavar=("FOLDER", "RUN", "WORK"), help=argparse.SUPPRESS
-    )  # the per-size child process
+    # the per-size child process
+    parser.add_argument("--measure", nargs=3, metavar=("FOLDER", "RUN", "WORK"), help=argparse.SUPPRESS)
     add_record_args(parser)
     args = parser.parse_args()
     if args.measure:

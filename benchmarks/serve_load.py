@@ -45,7 +45,8 @@ wrk.headers["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"
 local f = io.open("%(body)s", "rb"); wrk.body = f:read("*a"); f:close()
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %%d %%d %%.3f %%.3f %%.3f\\n", summary.requests,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout + summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout +
+    summary.errors.status,
     latency:percentile(50) / 1000, latency:percentile(95) / 1000, summary.duration / 1e6))
 end
 """
@@ -145,7 +146,8 @@ def load_with_wrk(url: str, photo: bytes, seconds: float, concurrency: int) -> t
     """(requests, p50 ms, p95 ms, errors, wall seconds) of ``wrk`` posting ``photo`` for ``seconds``."""
     boundary = "lowresbirdsboundary"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bird.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bird.jpg"\r\n'.encode()
+        + b"Content-Type: image/jpeg\r\n\r\n"
         + photo
         + f"\r\n--{boundary}--\r\n".encode()
     )
@@ -188,7 +190,8 @@ def describe_machine() -> str:
     import torch
 
     busy = f", load average {os.getloadavg()[0]:.1f} before the run" if hasattr(os, "getloadavg") else ""
-    return f"{len(os.sched_getaffinity(0))} cores, {cpu}, torch {torch.__version__}, Python {platform.python_version()}{busy}"
+    cores = len(os.sched_getaffinity(0))
+    return f"{cores} cores, {cpu}, torch {torch.__version__}, Python {platform.python_version()}{busy}"
 
 
 def record(path: Path, row: str) -> None:

@@ -88,18 +88,11 @@ def run_variant(
 
     ``around_timed``: optional context manager entered around the timed batches (the profiler).
     """
-    import contextlib
-
     import numpy as np
-    import torch
+    from _training import timed_training
 
-    from lowres_birds.config import load_config, parse_strategy
-    from lowres_birds.model.factory import create_model
-    from lowres_birds.train.batches import make_loader
-    from lowres_birds.train.data import HRSupport, load_training_data
-    from lowres_birds.train.loop import train_one_epoch
-    from lowres_birds.train.optim import create_accelerator, create_optimizer, create_scheduler
-    from lowres_birds.train.state import StopFlag, Trainee, TrainState
+    from lowres_birds.config import load_config
+    from lowres_birds.train.data import load_training_data
 
     variant = VARIANTS[name]
     beit = variant.model == "beit"
@@ -107,41 +100,12 @@ def run_variant(
     if beit:
         overrides |= {"model": f"hf:{beit_config_dir(tiny)}", "pretrained": False}
     cfg = load_config("beit-seed" if beit else "cpu", overrides)
-    data = load_training_data(data_dir, cfg)
-    batches = np.resize(data.train_idx, (warmup + steps) * cfg.batch_size)  # repeats indices on small data sets
     if name == "beit-reference":
+        data = load_training_data(data_dir, cfg)
+        batches = np.resize(data.train_idx, (warmup + steps) * cfg.batch_size)  # repeats indices on small data sets
         return reference_loop(cfg, data, batches, device, warmup)
-
-    accelerator = create_accelerator(cfg, Path(tempfile.mkdtemp(prefix="bench-run-")))
-    model = create_model(
-        cfg.model, list(data.label_map.classes), parse_strategy(cfg.strategy).input_size, cfg.pretrained
-    )
-    model.freeze_early_layers(cfg.freeze_blocks)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if variant.compile:
-        model.compile()
-    optimizer = create_optimizer(model, cfg)
-    scheduler = create_scheduler(optimizer, cfg, warmup + steps)
-    warm_loader = make_loader(
-        data.train_images, data.targets, batches[: warmup * cfg.batch_size], cfg.batch_size, cfg.seed, shuffle=True
-    )
-    timed_loader = make_loader(
-        data.train_images, data.targets, batches[warmup * cfg.batch_size :], cfg.batch_size, cfg.seed, shuffle=True
-    )
-    model, optimizer, warm_loader, timed_loader, scheduler = accelerator.prepare(
-        model, optimizer, warm_loader, timed_loader, scheduler
-    )
-    parts = Trainee(
-        model, optimizer, scheduler, accelerator, torch.Generator().manual_seed(cfg.seed), None, HRSupport()
-    )
-    state, never = TrainState(), StopFlag()  # checkpoint_every is 0 and no signal handler is installed: no checkpoint
-    train_one_epoch(parts, warm_loader, cfg, state, None, never, None)
-    if accelerator.device.type == "cuda":
-        torch.cuda.synchronize()
-    with around_timed or contextlib.nullcontext():
-        stats = train_one_epoch(parts, timed_loader, cfg, state, None, never, None)
-    return stats["train_images_per_s"]  # ends with loss.item(), so GPU work is included
+    images_per_s, _ = timed_training(cfg, data_dir, warmup, steps, compile=variant.compile, around_timed=around_timed)
+    return images_per_s
 
 
 def reference_loop(cfg, data, batches, device: str, warmup: int) -> float:
@@ -284,9 +248,8 @@ def main() -> int:
         return profile(args, data_dir, machine)
     runs: dict[str, list[float]] = {name: [] for name in names}
     with OtherLoad() as load:
-        for _, name in itertools.product(
-            range(args.repeats), names
-        ):  # interleaved: drifts in machine speed hit all alike
+        # interleaved: drifts in machine speed hit all alike
+        for _, name in itertools.product(range(args.repeats), names):
             command = [sys.executable, __file__, "--child", name, "--data", str(data_dir), "--device", args.device]
             command += [
                 f"--{flag}={value}" for flag, value in (("steps", args.steps), ("warmup", args.warmup)) if value

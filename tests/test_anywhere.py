@@ -52,9 +52,8 @@ def test_classifier_is_called_like_a_hugging_face_pipeline(classifier, demo_data
     assert all(other == answer for other in same)
     batch = classifier([photo, str(photo), pixels], top_k=1)
     assert [best["label"] for (best,) in batch] == [answer[0]["label"]] * 3
-    assert [best["score"] for (best,) in batch] == pytest.approx(
-        [answer[0]["score"]] * 3, abs=1e-5
-    )  # batched: float noise
+    # batched: float noise
+    assert [best["score"] for (best,) in batch] == pytest.approx([answer[0]["score"]] * 3, abs=1e-5)
     assert len(classifier(photo, top_k=50)) == len(classifier.labels)  # like HF: never more than the classes
 
 

@@ -361,7 +361,8 @@ def test_unknown_hub_model_fails_fast_offline(data, tmp_path, capfd, monkeypatch
 
 
 def test_unknown_hub_model_without_offline_mode_does_not_retry(data, tmp_path, capfd, monkeypatch):
-    """Online: the Hub says the repository does not exist; offline: it is unreachable. Either way, one line, no retries."""
+    """Online: the Hub says the repository does not exist; offline: it is unreachable. Either way, one line, no
+    retries."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

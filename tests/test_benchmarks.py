@@ -1,4 +1,5 @@
-"""Benchmark scripts: results are appended without touching other sections, and the GPU script's dry run works on a CPU."""
+"""Benchmark scripts: results are appended without touching other sections, and the GPU script's dry run works on a
+CPU."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_record_appends_a_section_and_keeps_the_others(tmp_path):
     not os.environ.get("LOWRES_BIRDS_SLOW_TESTS"), reason="~4 min on 2 cores: set LOWRES_BIRDS_SLOW_TESTS=1"
 )
 def test_gpu_script_dry_run_on_cpu(tmp_path):
-    """Every step of gpu.sh (input pipeline, BEiT and lite0 training, each GPU recipe's steps and memory) with tiny sizes, on the CPU."""
+    """Every step of gpu.sh (input pipeline, BEiT and lite0 training, each GPU recipe's steps and memory) with tiny
+    sizes, on the CPU."""
     done = subprocess.run(
         ["bash", str(BENCHMARKS_DIR / "gpu.sh"), "--dry-run"],
         capture_output=True,
@@ -66,3 +68,47 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert gpu_recipes and recipes == [f"{recipe} memory{ckpt}" for recipe in gpu_recipes for ckpt in ("", ", ckpt")]
     assert all("img/s, max_memory_allocated" in row for row in rows[3:])
     assert "FAILED" not in done.stdout
+
+
+def test_the_gpu_memory_measurement_trains_a_tiny_recipe_model_on_a_cpu(demo_data):
+    """gpu.sh's measured training steps (a GPU recipe's model, bf16 autocast, grad checkpointing) at a toy size on
+    the CPU, in a process of its own as on the GPU: the path a GPU run takes, so it cannot drift from train()'s."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS_DIR / "gpu_memory.py"),
+            "--measure",
+            "--recipe",
+            "best",
+            "--device",
+            "cpu",
+            "--dry-run",
+            "--grad-checkpointing",
+            "--data",
+            str(demo_data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "best (grad checkpointing on): " in done.stdout and " img/s, max_memory_allocated nan GiB" in done.stdout
+
+
+def test_the_throughput_benchmark_times_fixed_batches_through_train_one_epoch(demo_data, monkeypatch):
+    import train_throughput
+
+    import lowres_birds.train.loop as loop
+
+    batches = []
+    one_epoch = loop.train_one_epoch
+
+    def counted(session, loader):
+        batches.append(len(loader))
+        one_epoch(session, loader)
+
+    monkeypatch.setattr(loop, "train_one_epoch", counted)
+    tiny = {"model": "timm:test_efficientnet", "pretrained": False, "strategy": "native", "device": "cpu"}
+    monkeypatch.setitem(train_throughput.VARIANTS, "tiny", train_throughput.Variant("tiny", "lite0", tiny))
+    assert train_throughput.run_variant("tiny", demo_data, "cpu", warmup=1, steps=2, tiny=True) > 0
+    assert batches == [1, 2]  # the warm-up batch, then the timed ones

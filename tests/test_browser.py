@@ -47,7 +47,7 @@ def eight_species_run(tmp_path_factory) -> Path:
 def server_url(eight_species_run):
     """`lowres-birds serve` in a background thread on a free loopback port; ready once /api/health answers."""
     listener = bind("127.0.0.1", 0)
-    url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(create_app(Classifier.load(eight_species_run)), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()

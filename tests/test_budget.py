@@ -21,7 +21,8 @@ def test_plan_counts_the_budget_left_and_the_validation_cost():
 
 
 def test_plan_counts_every_validation_of_an_epoch():
-    # Validating half the training set's size 4 times an epoch (val_every 0.25) at a third of the cost: 16.67 s per epoch.
+    # Validating half the training set's size 4 times an epoch (val_every 0.25) at a third of the cost: 16.67 s per
+    # epoch.
     epoch_s = 10 * (1 + 4 * 0.5 * VALIDATION_COST)
     assert plan_epochs(100, 0, 0.1, 100, 0, 0.5, 4, 50) == int(100 * SAFETY / epoch_s) == 5
     assert plan_epochs(100, 0, 0.1, 100, 0, 0.5, 1, 50) == 8  # once per epoch: 11.67 s per epoch
@@ -31,13 +32,13 @@ def test_a_budget_too_short_for_the_epochs_shortens_the_schedule_to_its_floor(de
     import types
 
     import lowres_birds.train.budget as budget
-    import lowres_birds.train.loop as loop
+    import lowres_birds.train.session as session
     import lowres_birds.train.validation as validation
 
     # The training clock advances 10 ms per reading, whatever the machine's load: the plan and the budget check agree.
     ticks = iter(range(10**9))
     clock = types.SimpleNamespace(perf_counter=lambda: next(ticks) / 100)
-    for module in (budget, loop, validation):
+    for module in (budget, session, validation):
         monkeypatch.setattr(module, "time", clock)
     run = tmp_path / "run"
     assert (
@@ -76,20 +77,17 @@ def test_the_step_timing_leaves_out_a_validation_within_the_measured_steps(monke
     import lowres_birds.train.budget as budget
     from lowres_birds.config import load_config
     from lowres_birds.train.optim import create_scheduler
-    from lowres_birds.train.state import TrainState
 
     cfg = load_config("cpu", {"budget_minutes": 1, "epochs": 50})
     scheduler = create_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg, 100)
-    accelerator = type("Accelerator", (), {"print": staticmethod(lambda *_: None)})()
-    planner = budget.BudgetPlanner(cfg, accelerator, scheduler, 100, 100, 0.0, 1, clock_start=0.0)
-    clock, state = [0.0], TrainState()
+    planner = budget.BudgetPlanner(cfg, scheduler, 100, 100, 0.0, 1, clock_start=0.0)
+    clock, planned = [0.0], []
     monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
     for step in range(1, 22):  # steps of 0.1 s; a 5 s validation after step 5
         clock[0] += 0.1
-        state.global_step = state.step_in_epoch = step
-        planner.after_step(state)
+        planned.append(planner.plan(global_step=step, step_in_epoch=step))
         if step == 5:
             clock[0] += 5
             planner.leave_out(5)
     # Timed at 0.1 s per step (not 0.35): (57 s - 7.1 s spent + 2.1 s of steps) / 10 s per epoch.
-    assert state.planned_epochs == 5
+    assert planned[-1] == 5 and planned[:-1] == [None] * 20

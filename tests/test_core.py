@@ -213,7 +213,8 @@ def test_evaluate_accepts_partial_labels_but_not_ids_outside_the_test_set(demo_d
 
 
 def test_evaluate_finds_the_test_set_beside_partial_labels_or_asks_for_it(demo_data, tmp_path, capsys):
-    """Public-half labels kept beside test.csv (as cub100-lr ships them) need no --data; elsewhere the error says to pass it."""
+    """Public-half labels kept beside test.csv (as cub100-lr ships them) need no --data; elsewhere the error says to
+    pass it."""
     truth = pd.read_csv(demo_data / "test_labels.csv", dtype=str)
     truth.to_csv(tmp_path / "submission.csv", index=False)
     folder = tmp_path / "test-folder"
@@ -267,3 +268,15 @@ def test_evaluate_refuses_duplicate_ids(demo_data, tmp_path, capsys):
         == 2
     )
     assert f"duplicate id '{truth['id'][0]}'" in capsys.readouterr().err
+
+
+def test_train_run_from_python_writes_what_the_train_command_writes(demo_data, tmp_path):
+    """The README's Python training call leaves the run folder, RUN/hf and the report, as `lowres-birds train` does."""
+    from lowres_birds import train_run
+    from lowres_birds.config import load_config
+
+    fast = {"model": "timm:test_efficientnet", "pretrained": False, "strategy": "native", "kd_weight": 0.0}
+    result = train_run(load_config("cpu", {**fast, "epochs": 1, "device": "cpu"}), demo_data, tmp_path / "run")
+    assert 0 <= result["best_val_macro_f1"] <= 1
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()
+    assert (tmp_path / "run" / "report" / "report.html").is_file()

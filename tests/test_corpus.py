@@ -14,7 +14,8 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
     numeric flags     307 cases, 279 refused / 28 accepted: every numeric flag x (nan, inf, negative, zero, out of
                        range): the 33 numeric RunConfig fields through train (and through study, refused values
                        only: an accepted one would train), predict-image --top, serve --port / --max-upload-mb /
-                       --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr, export --fallback-margin
+                       --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr, export
+                       --fallback-margin
     run-folder files  177 cases, 168 refused / 9 accepted: each file a command reads x (missing, empty, truncated,
                        garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report and
                        train --resume, plus one case per command where every file it does not read is garbage
@@ -768,9 +769,8 @@ def test_full_disk_at_a_later_checkpoint_then_resume_records_each_epoch_once(wor
         "native",
     ]
     with monkeypatch.context() as patch:
-        patch.setattr(
-            lowres_birds.run_dir, "open", full_disk_for("checkpoint.pt", after=1), raising=False
-        )  # epoch 2's checkpoint
+        # epoch 2's checkpoint
+        patch.setattr(lowres_birds.run_dir, "open", full_disk_for("checkpoint.pt", after=1), raising=False)
         code, _, err = run_cli(argv, capfd)
     assert_refused_after_progress(code, err, "checkpoint.pt", "No space left on device")
     assert_no_temporaries(run)
@@ -795,7 +795,6 @@ def test_the_stated_corpus_size_is_true():
     for category, numbers in stated.items():
         found = re.search(rf"{category} +(\d+) cases, (\d+) refused / (\d+) accepted", __doc__)
         assert found and tuple(map(int, found.groups())) == numbers, (category, numbers)
-    assert re.search(r"full disk +(\d+) cases", __doc__).group(1) == str(
-        len(FULL_DISK) + 1
-    )  # + the later-checkpoint test
+    # + the later-checkpoint test
+    assert re.search(r"full disk +(\d+) cases", __doc__).group(1) == str(len(FULL_DISK) + 1)
     assert f"the {len(NUMERIC_FIELDS)} numeric RunConfig fields" in __doc__

@@ -79,9 +79,8 @@ def metrics(run: Path) -> list[dict]:
 def test_rank_0_alone_writes_the_run(two_process_run):
     run, result = two_process_run
     assert not (run / "stale.txt").exists()
-    assert [record["epoch"] for record in metrics(run)] == list(
-        range(1, EPOCHS + 1)
-    )  # one line per epoch, not per rank
+    # one line per epoch, not per rank
+    assert [record["epoch"] for record in metrics(run)] == list(range(1, EPOCHS + 1))
     assert (run / "checkpoint.pt").is_file() and (run / "model.safetensors").is_file()
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert result.stdout.count("best validation macro-F1") == 1

@@ -14,6 +14,7 @@ from conftest import TINY_TRAIN, write_tiny_beit_run
 from lowres_birds.cli import main
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_test_table
+from lowres_birds.errors import UserError
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.classifier import Classifier
@@ -139,26 +140,17 @@ def test_uint8_resize_is_the_same_on_every_path_and_pil_to_two_levels(demo_test_
     assert difference.max() <= 2 and (difference > 0).mean() < 0.02
 
 
-def test_runs_saved_before_the_uint8_resize_keep_their_float_resize(upscaled_run, demo_test_images, tmp_path):
-    """A model_spec.json without "resize" (lowres-birds < 0.2) predicts with the resize it was trained with."""
+def test_a_model_spec_with_another_resize_is_refused_in_one_line(upscaled_run, tmp_path):
     import shutil
-
-    import torch
 
     from lowres_birds.model.factory import load_run_model
 
     old_run = tmp_path / "old-run"
     shutil.copytree(upscaled_run, old_run)
     spec = json.loads((old_run / "model_spec.json").read_text())
-    assert spec.pop("resize") == "pil"
-    (old_run / "model_spec.json").write_text(json.dumps(spec))
-    model = load_run_model(old_run)[0]
-    assert model.spec.resize == "float"
-    batch = torch.from_numpy(demo_test_images[:2]).permute(0, 3, 1, 2)
-    expected = torch.nn.functional.interpolate(
-        batch.float() / 255, size=(96, 96), mode="bicubic", antialias=True
-    ).clamp(0, 1)
-    torch.testing.assert_close(model.preprocess(batch), (expected - model.mean) / model.std)
+    (old_run / "model_spec.json").write_text(json.dumps({**spec, "resize": "float"}))
+    with pytest.raises(UserError, match="resize 'float' is not one of pil; the run folder is damaged"):
+        load_run_model(old_run)
 
 
 def test_hugging_face_beit_run_exports_and_matches(tmp_path):

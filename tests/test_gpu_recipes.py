@@ -39,13 +39,13 @@ STAND_IN_BATCH = 4  # a few batches of the 30 demo images
 # --------------------------------------------------------------------------- tiny timm stand-ins, registered in timm
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
-default_cfgs: dict[
-    str, dict
-] = {}  # read by timm's register_model: the stand-ins' pretrained configs (no weights anywhere)
+# read by timm's register_model: the stand-ins' pretrained configs (no weights anywhere)
+default_cfgs: dict[str, dict] = {}
 
 
 def _register(name: str, model_class: type, mean: tuple, std: tuple, **family_options) -> None:
-    """A timm model ``name``: ``model_class`` with the family's options at the TINY size. Its config is a fixed-size ViT's
+    """A timm model ``name``: ``model_class`` with the family's options at the TINY size. Its config is a fixed-size
+    ViT's
     (the factory builds it at the strategy's size, as the real model) with the family's normalisation and no weights."""
     default_cfgs[name] = {"fixed_input_size": True, "mean": mean, "std": std, "num_classes": 1000}
 
@@ -84,7 +84,8 @@ _register(
     init_values=1e-5,
 )
 
-# (the recipe's model id starts with, stand-in, patch size); hf: BEiT is a tiny folder saved like microsoft/beit-base-patch16-224-pt22k.
+# (the recipe's model id starts with, stand-in, patch size); hf: BEiT is a tiny folder saved like microsoft/beit-base-
+# patch16-224-pt22k.
 FAMILIES = [
     ("timm:eva02_", "timm:stand_in_eva02", 14),
     ("timm:eva_", "timm:stand_in_eva", 14),
@@ -244,13 +245,11 @@ def test_gpu_recipe_rehearsal_on_cpu(recipe, demo_data, tmp_path, monkeypatch, c
         assert [record["step"] for record in run.metrics()] == sorted(
             {*range(interval, steps[-1] + 1, interval), steps[-1]}
         )
-        assert (
-            run.spec().get("upscale_filter", "bicubic") == cfg.upscale_filter
-        )  # the upscale filter is part of the model
+        # the upscale filter is part of the model
+        assert run.spec().get("upscale_filter", "bicubic") == cfg.upscale_filter
     assert observed.ema_updates == (sum(steps) if cfg.ema_decay else 0)  # one EMA update per optimizer step
-    assert observed.autocast == {
-        torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-    }  # the backbone ran under bf16 autocast
+    # the backbone ran under bf16 autocast
+    assert observed.autocast == {torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32}
     assert observed.teacher == ("HR teacher " in printed) == (cfg.kd_weight > 0 or cfg.feature_kd_weight > 0)
     assert observed.features == (cfg.feature_kd_weight > 0)
     assert observed.mixed == (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)

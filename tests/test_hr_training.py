@@ -61,9 +61,8 @@ def test_mix_batch_mixes_every_target_with_the_same_partner_and_weight():
         labels, soft = targets.labels, targets.teacher_probs
         assert mixed.shape == images.shape and mixed.dtype == torch.uint8
         torch.testing.assert_close(labels.sum(-1), torch.ones(6))
-        lam = (
-            labels[0, 0].item() if labels[0, 0] > 0 else 1 - labels[0, 2].item()
-        )  # sample 0 is class 0, partner class 2
+        # sample 0 is class 0, partner class 2
+        lam = labels[0, 0].item() if labels[0, 0] > 0 else 1 - labels[0, 2].item()
         torch.testing.assert_close(soft, teacher * lam + teacher.flip(0) * (1 - lam))
 
 

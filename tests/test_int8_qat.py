@@ -16,10 +16,10 @@ from onnx import numpy_helper
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.resolution import to_nchw
 from lowres_birds.predict.classifier import RUNTIME_VARIABLE, Classifier
-from lowres_birds.predict.export import calibration_images, onnx_program, quantize_int8, quantized_activations
+from lowres_birds.predict.export import calibration_images, onnx_program
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from int8_qat import FakeQuantized, fold_batchnorm, tune_for_int8  # noqa: E402
+from int8_qat import FakeQuantized, fold_batchnorm, quantize_with_ranges, quantized_activations, tune_for_int8  # noqa: E402
 
 
 def probabilities(model, images: np.ndarray) -> np.ndarray:
@@ -44,7 +44,7 @@ def test_fake_quantization_is_the_int8_model_onnxruntime_builds(trained_run, tmp
     simulated = probabilities(student, images)
     ranges = quantized.activation_ranges()
     path = tmp_path / "int8.onnx"
-    quantize_int8(onnx_program(quantized.remove(), labels, "nhwc", "int8").model_proto, path, images, "nhwc", ranges)
+    quantize_with_ranges(onnx_program(quantized.remove(), labels, "nhwc", "int8").model_proto, path, images, ranges)
 
     int8_model = onnx.load(str(path))
     weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in int8_model.graph.initializer}

@@ -42,9 +42,8 @@ def test_members_take_base_then_shared_keys_then_their_own_then_the_flags(tmp_pa
     assert list(members) == ["a", "b"]
     assert members["a"].freeze_blocks == load_config("cpu").freeze_blocks  # from the member's base
     assert members["a"].epochs == members["b"].epochs == 3 and members["a"].lr == 0.002  # shared keys over the base
-    assert (
-        members["b"].model == "efficientnet_lite2" and members["b"].lr == 0.003
-    )  # the member's own keys over the shared ones
+    # the member's own keys over the shared ones
+    assert members["b"].model == "efficientnet_lite2" and members["b"].lr == 0.003
     assert members["a"].seed == members["b"].seed == 5  # flags over everything
     assert load_members("cpu") == {}
 

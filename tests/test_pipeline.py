@@ -113,6 +113,5 @@ def test_demo_trains_the_cpu_recipe_with_its_teacher_and_scores_like_a_working_m
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
     assert "HR teacher finetuned" in printed  # the default recipe's teacher is part of the demo
-    assert (
-        float(re.search(r"^macro-F1 ([0-9.]+)", printed, re.M).group(1)) >= 0.8
-    )  # 0.927 on 2026-11-30; a weak teacher gave 0.57
+    # 0.927 on 2026-11-30; a weak teacher gave 0.57
+    assert float(re.search(r"^macro-F1 ([0-9.]+)", printed, re.M).group(1)) >= 0.8

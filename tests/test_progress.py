@@ -11,7 +11,8 @@ import termios
 
 
 def run_eda(demo_data, out, cache, stderr):
-    code = f"import sys; from lowres_birds.cli import main; sys.exit(main(['eda', '--data', {str(demo_data)!r}, '--out', {str(out)!r}]))"
+    argv = ["eda", "--data", str(demo_data), "--out", str(out)]
+    code = f"import sys; from lowres_birds.cli import main; sys.exit(main({argv!r}))"
     env = {**os.environ, "LOWRES_BIRDS_CACHE": str(cache)}
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=stderr, env=env)
 

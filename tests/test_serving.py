@@ -1,4 +1,6 @@
-"""The JSON API (good photos, every kind of bad upload, the limits), micro-batching, `predict-image`, a foreign ONNX\nmodel refused at load, and the limits of a live server (stalled, idle and concurrent clients, over raw sockets)."""
+"""The JSON API (good photos, every kind of bad upload, the limits), micro-batching, `predict-image`, a foreign
+ONNX\nmodel refused at load, and the limits of a live server (stalled, idle and concurrent clients, over raw
+sockets)."""
 
 from __future__ import annotations
 
@@ -349,9 +351,8 @@ def foreign_onnx(path: Path, wrong: str) -> Path:
 def test_a_foreign_onnx_model_with_labels_is_refused_at_load(command, wrong, demo_data, tmp_path, capsys, monkeypatch):
     import uvicorn
 
-    monkeypatch.setattr(
-        uvicorn.Server, "run", lambda self, sockets=None: None
-    )  # were it accepted, return instead of serving
+    # were it accepted, return instead of serving
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
     model = foreign_onnx(tmp_path / "foreign.onnx", wrong)
     photo = sorted((demo_data / "test").glob("*.jpg"))[0]
     argv = {
@@ -371,7 +372,8 @@ def test_a_foreign_onnx_model_with_labels_is_refused_at_load(command, wrong, dem
     assert not (tmp_path / "s.csv").exists()
 
 
-# --------------------------------------------------------------------------- limits of a live server (raw sockets on loopback)
+# --------------------------------------------------------------------------- limits of a live server (raw sockets on
+# loopback)
 
 
 def poll(condition, what: str, timeout_s: float = 10.0) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lowres_birds"
-# Lower layers never import higher ones: cli -> inspect -> train / predict -> model / data -> run_dir -> config -> errors.
+# Lower layers never import higher ones: cli -> inspect -> train / predict -> model / data -> run_dir -> config ->
+# errors.
 LAYERS = {
     "errors": 0,
     "runtime": 0,
@@ -88,6 +89,7 @@ def test_nothing_imports_the_cli_and_only_cli_and_study_import_training():
         m for m, found in MODULES.items() if any(t.startswith("lowres_birds.train") for t, _ in found)
     }
     assert {m for m in importers_of_train if not m.startswith("lowres_birds.train")} == {
+        "lowres_birds",  # the facade's train_run
         "lowres_birds.cli",
         "lowres_birds.inspect.study",
     }
@@ -132,3 +134,15 @@ def test_train_help_documents_every_option():
     documented = {action.dest: action.help for action in train._actions}
     for name, spec in FIELDS.items():
         assert spec.metadata["help"] in documented[name] and f"default {spec.default}" in documented[name], name
+
+
+def test_importing_the_package_leaves_pil_and_the_warning_filters_as_they_were():
+    """A library import changes no process-wide setting (the CLI sets what it needs in main)."""
+    code = (
+        "import warnings, accelerate, numpy, pandas, scipy.special, sklearn.metrics, timm, torch, PIL.Image as Image\n"
+        "before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))\n"
+        "import lowres_birds.data.images, lowres_birds.predict.classifier, lowres_birds.train.loop\n"
+        "assert (Image.MAX_IMAGE_PIXELS, list(warnings.filters)) == before, 'changed'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

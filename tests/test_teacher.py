@@ -18,8 +18,8 @@ from lowres_birds.cli import main
 from lowres_birds.config import load_config
 from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.run_dir import RunDir, save_safetensors
-from lowres_birds.train.data import load_training_data
-from lowres_birds.train.teacher import finetuned_teacher, teacher_config
+from lowres_birds.train.session import open_run
+from lowres_birds.train.teacher import teacher_config
 
 FINETUNED = [
     *FAST_TRAIN,
@@ -97,9 +97,8 @@ def test_the_teacher_is_a_complete_run_and_its_targets_fit_the_data(finetuned_ru
     cfg = teacher.config()
     assert (cfg.strategy, cfg.epochs, cfg.kd_weight, cfg.model) == ("hr-downscale:64", 1, 0, "timm:test_efficientnet")
     assert [record["epoch"] for record in teacher.metrics()] == [1]
-    assert (
-        teacher.split()["val_ids"] == RunDir(run).split()["val_ids"]
-    )  # the student's validation images are the teacher's too
+    # the student's validation images are the teacher's too
+    assert teacher.split()["val_ids"] == RunDir(run).split()["val_ids"]
     assert (
         main(
             ["predict-image", "--run", str(teacher.path), str(next((Path(teacher.split()["data"]) / "test").iterdir()))]
@@ -107,19 +106,19 @@ def test_the_teacher_is_a_complete_run_and_its_targets_fit_the_data(finetuned_ru
         == 0
     )
     targets = teacher.teacher_targets(ROWS, CLASSES, damaged="test")
+    # test_efficientnet's width
     assert targets["logits"].shape == (ROWS, CLASSES) and targets["features"].shape == (
         ROWS,
         256,
-    )  # test_efficientnet's width
+    )
     line = next(line for line in printed.splitlines() if line.startswith("HR teacher"))
     assert "finetuned" in line and "val macro-F1 on HR twins" in line and "took" in line
     student = RunDir(run)
     assert student.config().teacher == "finetuned" and [record["epoch"] for record in student.metrics()] == [1]
     assert all(torch.isfinite(torch.tensor(record["train_loss"])) for record in student.metrics())
     seconds = teacher.teacher_targets(ROWS, CLASSES, damaged="test")["seconds"]
-    assert (
-        student.metrics()[0]["elapsed_s"] > seconds > 0
-    )  # the run's clock (and time budget) counts its teacher's training
+    # the run's clock (and time budget) counts its teacher's training
+    assert student.metrics()[0]["elapsed_s"] > seconds > 0
 
 
 def test_a_resumed_run_reuses_the_finished_teacher(finetuned_run, capsys):
@@ -207,22 +206,26 @@ def test_a_teacher_with_another_feature_width_is_refused_for_feature_kd_before_t
     assert not run.exists()
 
 
-def test_a_teacher_stopped_by_a_signal_says_to_resume_the_whole_run(demo_data, tmp_path):
+def test_a_teacher_stopped_by_a_signal_says_to_resume_the_whole_run(demo_data, tmp_path, monkeypatch):
+    import lowres_birds.train.loop as loop
+
     cfg = load_config(
         "cpu", {"teacher": "finetuned", "kd_weight": 0.7, "model": "timm:test_efficientnet", "pretrained": False}
     )
+    opened = open_run(cfg, demo_data, tmp_path / "run")
 
     def stopped(*_args, **_kwargs):
         raise TrainingInterrupted(
             "SIGINT: checkpoint saved at epoch 1, step 2; continue with: lowres-birds train --resume "
-            f"{tmp_path / 'teacher'}"
+            f"{tmp_path / 'run' / 'teacher'}"
         )
 
+    monkeypatch.setattr(loop, "train", stopped)  # the teacher's own run, trained by loop.train
     with pytest.raises(TrainingInterrupted) as stop:
-        finetuned_teacher(cfg, load_training_data(demo_data, cfg), RunDir(tmp_path), demo_data, stopped)
+        loop.hr_teacher(opened)
     assert str(stop.value) == (
-        f"SIGINT: checkpoint saved at epoch 1, step 2 of the HR teacher in {tmp_path / 'teacher'}; "
-        f"continue with: lowres-birds train --resume {tmp_path}"
+        f"SIGINT: checkpoint saved at epoch 1, step 2 of the HR teacher in {tmp_path / 'run' / 'teacher'}; "
+        f"continue with: lowres-birds train --resume {tmp_path / 'run'}"
     )
 
 
@@ -265,9 +268,8 @@ def test_data_without_twins_trains_the_recipe_without_its_teacher_and_says_so(de
     )
     assert "no high-res twins (" in capsys.readouterr().out
     cfg = RunDir(run).config()
-    assert (cfg.kd_weight, cfg.teacher) == (0, "frozen") and not (
-        run / RunDir.TEACHER
-    ).exists()  # the saved config is what ran
+    # the saved config is what ran
+    assert (cfg.kd_weight, cfg.teacher) == (0, "frozen") and not (run / RunDir.TEACHER).exists()
 
 
 @pytest.mark.parametrize("from_teacher", [True, False])

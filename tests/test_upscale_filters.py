@@ -124,7 +124,8 @@ def test_hf_export_refuses_robidoux_sharp_in_one_line(robidoux_run, tmp_path, ca
 
 
 def test_hf_folder_of_a_lanczos_run_resizes_as_the_model(winners_run):
-    """timm's own transform from the folder's pretrained_cfg (what the transformers pipeline runs) sees the model's pixels."""
+    """timm's own transform from the folder's pretrained_cfg (what the transformers pipeline runs) sees the model's
+    pixels."""
     import timm
 
     config = json.loads((winners_run / "hf" / "config.json").read_text())

@@ -101,9 +101,8 @@ def test_half_epoch_validation_writes_one_record_per_validation(straight_run):
     assert [r["step"] for r in found] == [4, 7, 11, 14]  # the epoch ends are validated once, not twice
     assert [r["epoch"] for r in found] == [4 / 7, 1, 1 + 4 / 7, 2]
     assert all(r["train_loss"] > 0 and r["train_images_per_s"] > 0 for r in found)
-    assert [r["epoch"] for r in RunDir(straight_run).metrics()] == [
-        r["epoch"] for r in found
-    ]  # the validated reader takes them
+    # the validated reader takes them
+    assert [r["epoch"] for r in RunDir(straight_run).metrics()] == [r["epoch"] for r in found]
     checkpoint = torch.load(straight_run / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]
     assert checkpoint["validations"] == 4 and checkpoint["epoch"] == 2
     assert checkpoint["best_f1"] == max(r["val_macro_f1"] for r in found)
@@ -151,9 +150,8 @@ def test_resume_after_a_validation_within_an_epoch_neither_redoes_it_nor_changes
     assert [r["step"] for r in records(stopped)] == [4, 7, 11]
     capsys.readouterr()
     assert main(["train", "--resume", str(stopped)]) == 0
-    assert (
-        capsys.readouterr().out.count("val macro-F1") == 1
-    )  # only the epoch's end: step 11 was validated before the stop
+    # only the epoch's end: step 11 was validated before the stop
+    assert capsys.readouterr().out.count("val macro-F1") == 1
     assert without_timings(stopped) == without_timings(straight_run)
 
 

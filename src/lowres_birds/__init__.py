@@ -12,4 +12,17 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["Classifier", "__version__"]
+def train_run(cfg, data_dir, run_dir, **options) -> dict:
+    """Train a run as ``lowres-birds train`` does: the run folder (``options``: ``resume``, ``force``), then its
+    Hugging Face folder RUN/hf and its report; returns the best validation scores."""
+    from pathlib import Path
+
+    from lowres_birds.inspect.report import after_training
+    from lowres_birds.train.loop import train
+
+    result = train(cfg, Path(data_dir), Path(run_dir), **options)
+    after_training(Path(run_dir), Path(data_dir))
+    return result
+
+
+__all__ = ["Classifier", "__version__", "train_run"]

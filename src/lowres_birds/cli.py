@@ -94,7 +94,8 @@ def _default_out(kind: str) -> Path:
 
 
 def add_config_overrides(parser: argparse.ArgumentParser) -> None:
-    """Every RunConfig field as a flag with its type, choices, built-in default and help; unset flags keep the recipe's value."""
+    """Every RunConfig field as a flag with its type, choices, built-in default and help; unset flags keep the recipe's
+    value."""
     group = parser.add_argument_group(
         "recipe overrides (unset: the recipe's value; 'default' is RunConfig's, used when the recipe has none)"
     )
@@ -158,16 +159,15 @@ def run_train(args) -> int:
     from lowres_birds.run_dir import replace_folder
 
     run_dir = args.out or _default_out("train")
-    replace_folder(
-        run_dir, args.force, create=False, others=[("--data", args.data)]
-    )  # checked now, replaced once data and model load
+    # checked now, replaced once data and model load
+    replace_folder(run_dir, args.force, create=False, others=[("--data", args.data)])
     started = time.perf_counter()
     if members:
-        from lowres_birds.train.loop import train_members
+        from lowres_birds.train.ensembles import train_members
 
         return _finish_members(train_members(members, args.data, run_dir, force=args.force), run_dir, started)
     if cfg.folds and cfg.fold < 0:
-        from lowres_birds.train.loop import train_folds
+        from lowres_birds.train.ensembles import train_folds
 
         summary = train_folds(cfg, args.data, run_dir, force=args.force)
         print(
@@ -191,7 +191,7 @@ def _resume(args, overrides: dict) -> int:
     if given:
         raise UserError(f"--resume continues the run with its saved config, data and folder; drop {', '.join(given)}")
     if MembersDir(args.resume).is_group():
-        from lowres_birds.train.loop import resume_members
+        from lowres_birds.train.ensembles import resume_members
 
         started = time.perf_counter()
         return _finish_members(resume_members(args.resume, args.data), args.resume, started)
@@ -222,39 +222,16 @@ def _finish_members(summary: dict, out: Path, started: float) -> int:
 def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float) -> int:
     from accelerate import PartialState
 
+    from lowres_birds.inspect.report import after_training
+
     if not PartialState().is_main_process:  # under torchrun / accelerate launch, rank 0 reports
         return 0
     print(
         f"best validation macro-F1 {result['best_val_macro_f1']:.4f} (epoch {result['best_epoch']:g}), "
         f"{time.perf_counter() - started:.0f}s; run folder: {run_dir}"
     )
-    _hf_folder_after_training(run_dir)
-    from lowres_birds.inspect.report import report_after_training
-
-    report_after_training(run_dir, data_dir)
+    after_training(run_dir, data_dir)
     return 0
-
-
-def _hf_folder_after_training(run_dir: Path) -> None:
-    """RUN/hf, as ``export --format hf`` writes it; like the report, a failure only warns."""
-    from lowres_birds.predict.hf_folder import write_hf_folder
-    from lowres_birds.run_dir import RunDir
-
-    try:
-        folder = write_hf_folder(run_dir, Path(run_dir) / RunDir.HF, force=True)
-    except (
-        UserError
-    ) as exc:  # the run cannot be written as one (e.g. its upscale filter): the message says why and what instead
-        print(f"Hugging Face folder skipped: {exc}")
-        return
-    except Exception as exc:  # noqa: BLE001 - the run itself is complete
-        warnings.warn(
-            f"Hugging Face folder skipped ({type(exc).__name__}: {exc}); run lowres-birds export --format hf --run "
-            f"{run_dir}",
-            stacklevel=2,
-        )
-        return
-    print(f"Hugging Face folder: {folder} (transformers.pipeline('image-classification', model='{folder}'))")
 
 
 # --------------------------------------------------------------------------- predict
@@ -424,6 +401,12 @@ def run_evaluate(args) -> int:
 # --------------------------------------------------------------------------- demo
 
 
+def _run(argv: list[str]) -> int:
+    """Another command, parsed as if typed (every flag gets its default), inside this one."""
+    args = build_parser().parse_args([*argv, "--force"])
+    return COMMANDS[args.command][1](args)
+
+
 def add_demo(sub) -> None:
     parser = sub.add_parser("demo", help="synthetic data -> train (cpu recipe) -> predict -> evaluate, offline")
     parser.add_argument(
@@ -459,32 +442,8 @@ def run_demo(args) -> int:
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
     submission = args.out / "submission.csv"
-    run_predict(
-        argparse.Namespace(
-            run=[run_dir],
-            onnx=[],
-            ensemble="mean",
-            data=data_dir,
-            images=None,
-            out=submission,
-            top=1,
-            probs=None,
-            tta="flip",
-            device="cpu",
-            force=True,
-        )
-    )
-    run_evaluate(
-        argparse.Namespace(
-            submission=submission,
-            labels=data_dir / "test_labels.csv",
-            run=[],
-            onnx=[],
-            data=data_dir,
-            out_dir=args.out,
-            force=True,
-        )
-    )
+    _run(["predict", "--run", str(run_dir), "--data", str(data_dir), "--out", str(submission), "--tta", "flip"])
+    _run(["evaluate", "--submission", str(submission), "--labels", str(data_dir / "test_labels.csv")])
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. Everything is in {args.out}/:")
     print("  data/ (synthetic)  run/ (model, config, metrics)  submission.csv  confusion_matrix.png")
     print("Real data: lowres-birds train --data DIR --recipe cpu --out runs/mine  (see README)")
@@ -745,9 +704,8 @@ def run_report(args) -> int:
 
     run = RunDir(args.run).require()
     out = args.out or run / RunDir.REPORT
-    check_output(
-        out, force=True, folder=True, others=[("--run", run.path), ("--data", args.data)]
-    )  # a report is rewritten in place
+    # a report is rewritten in place
+    check_output(out, force=True, folder=True, others=[("--run", run.path), ("--data", args.data)])
     page, summary = write_report(run.path, run.data_dir(args.data), out)
     print(summary)
     print(f"report: {page}")
@@ -778,9 +736,8 @@ def run_eda(args) -> int:
     from lowres_birds.inspect.eda import write_eda
     from lowres_birds.run_dir import check_output
 
-    check_output(
-        args.out, force=True, folder=True, others=[("--data", args.data)]
-    )  # eda rewrites its own files in place
+    # eda rewrites its own files in place
+    check_output(args.out, force=True, folder=True, others=[("--data", args.data)])
     write_eda(args.data, args.out, args.phash_distance, args.twin_psnr)
     return 0
 
@@ -820,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     from lowres_birds import runtime
 
     warnings.formatwarning = _one_line_warnings
+    # PIL's decompression-bomb warning: decode_image refuses such images itself, in one line.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     runtime.keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)

@@ -83,8 +83,10 @@ def setting(
     high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
+    student_only: bool = False,
 ) -> Any:
-    """A RunConfig field with its help text, choices and range [low, high] (open ends refuse the bound itself)."""
+    """A RunConfig field with its help text, choices and range [low, high] (open ends refuse the bound itself);
+    ``student_only``: a fine-tuned HR teacher trains with the field's default instead (teacher.teacher_config)."""
     return field(
         default=default,
         metadata={
@@ -94,6 +96,7 @@ def setting(
             "high": high,
             "low_open": low_open,
             "high_open": high_open,
+            "student_only": student_only,
         },
     )
 
@@ -156,29 +159,49 @@ class RunConfig:
     checkpoint_every: int = setting(
         0, "also save a resumable checkpoint every N optimizer steps (0 = at epoch ends only)", low=0
     )
-    log: str = setting("none", "experiment tracker", choices=("none", "tensorboard", "mlflow", "wandb"))
+    log: str = setting(
+        "none", "experiment tracker", choices=("none", "tensorboard", "mlflow", "wandb"), student_only=True
+    )
     hr_view_ratio: float = setting(
-        0.0, "share of each batch replaced by HR crops degraded like the real LR (needs upscale_train/)", low=0, high=1
+        0.0,
+        "share of each batch replaced by HR crops degraded like the real LR (needs upscale_train/)",
+        low=0,
+        high=1,
+        student_only=True,
     )
-    randaugment_ops: int = setting(0, "RandAugment operations on those HR crops, before degradation", low=0)
+    randaugment_ops: int = setting(
+        0, "RandAugment operations on those HR crops, before degradation", low=0, student_only=True
+    )
     kd_weight: float = setting(
-        0.0, "weight of the distillation term to the HR teacher (cross-entropy gets 1 - kd_weight)", low=0, high=1
+        0.0,
+        "weight of the distillation term to the HR teacher (cross-entropy gets 1 - kd_weight)",
+        low=0,
+        high=1,
+        student_only=True,
     )
-    kd_temperature: float = setting(4.0, "distillation temperature", low=0, low_open=True)
-    feature_kd_weight: float = setting(0.0, "weight of matching the backbone's HR features from LR input", low=0)
-    teacher_size: int = setting(224, "the HR teacher's input size (the twins are resized to it)", low=16, high=1024)
+    kd_temperature: float = setting(4.0, "distillation temperature", low=0, low_open=True, student_only=True)
+    feature_kd_weight: float = setting(
+        0.0, "weight of matching the backbone's HR features from LR input", low=0, student_only=True
+    )
+    teacher_size: int = setting(
+        224, "the HR teacher's input size (the twins are resized to it)", low=16, high=1024, student_only=True
+    )
     teacher: str = setting(
         "frozen",
         "the HR teacher: the pretrained backbone frozen with a logistic head, or a run fine-tuned on the "
         "HR twins first (RUN/teacher)",
         choices=("frozen", "finetuned"),
+        student_only=True,
     )
-    teacher_epochs: int = setting(4, "training epochs of the fine-tuned teacher", low=1)
-    teacher_model: str = setting("", "the teacher's model id (as --model; empty = the student's model)")
+    teacher_epochs: int = setting(4, "training epochs of the fine-tuned teacher", low=1, student_only=True)
+    teacher_model: str = setting(
+        "", "the teacher's model id (as --model; empty = the student's model)", student_only=True
+    )
     student_from_teacher: bool = setting(
         False,
         "start the student from the fine-tuned HR teacher's best weights instead of the "
         "pretrained ones (when the run has such a teacher of the student's own model)",
+        student_only=True,
     )
     teacher_budget_share: float = setting(
         0.4,
@@ -188,9 +211,10 @@ class RunConfig:
         high=1,
         low_open=True,
         high_open=True,
+        student_only=True,
     )
-    mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0)
-    cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0)
+    mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0, student_only=True)
+    cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0, student_only=True)
     trivial_augment: bool = setting(
         False, "TrivialAugmentWide on each training image at its stored size, after the crop and flip"
     )
@@ -216,7 +240,7 @@ class RunConfig:
     )
     layer_decay: float = setting(0.0, "layer-wise learning-rate decay for ViTs (0 = off)", low=0)
     early_stop_patience: int = setting(
-        0, "validations without a better validation macro-F1 before stopping (0 = never)", low=0
+        0, "validations without a better validation macro-F1 before stopping (0 = never)", low=0, student_only=True
     )
     val_every: float = setting(
         1.0,
@@ -255,6 +279,9 @@ class RunConfig:
 
 
 FIELDS = {spec.name: spec for spec in dataclasses.fields(RunConfig)}
+# What a fine-tuned HR teacher does not take from the student's config: it learns from the HR labels alone, for its
+# own epochs, untracked (the student's tracker run is the one that is logged).
+STUDENT_ONLY = tuple(spec for spec in FIELDS.values() if spec.metadata["student_only"])
 FIELD_TYPES: dict[str, type] = typing.get_type_hints(RunConfig)
 
 

@@ -33,7 +33,8 @@ def missing(extra: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _source_checkout() -> str | None:
-    """The folder of an editable install (``pip install -e DIR``), where ``pip install -e 'DIR[extra]'`` is the command."""
+    """The folder of an editable install (``pip install -e DIR``), where ``pip install -e 'DIR[extra]'`` is the
+    command."""
     try:
         direct_url = json.loads(metadata.distribution(DISTRIBUTION).read_text("direct_url.json") or "{}")
     except (metadata.PackageNotFoundError, json.JSONDecodeError):

@@ -460,7 +460,8 @@ class RunDir:
 
     # ---- the fine-tuned teacher's distillation targets (in RUN/teacher)
     def copy_from(self, other: Path) -> None:
-        """This folder as a copy of the run folder ``other`` (a teacher shared by ensemble members), complete or absent."""
+        """This folder as a copy of the run folder ``other`` (a teacher shared by ensemble members), complete or
+        absent."""
         import shutil
 
         temporary = self.path.with_name(f".{self.path.name}.copying")

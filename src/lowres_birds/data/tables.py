@@ -17,12 +17,13 @@ import pandas as pd
 from lowres_birds.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# any of them: not an ImageFolder
 COMPETITION_FILES = (
     "train.csv",
     "test.csv",
     "sample_submission.csv",
     "upscale_train",
-)  # any of them: not an ImageFolder
+)
 
 
 @dataclass
@@ -172,7 +173,10 @@ def load_train_table(data_dir: Path) -> ImageTable:
         column = frame["upscale_img_path"].str.strip()
         empty = frame.index[column == ""]
         if len(empty):  # the twins are optional: refused only by a run that needs them
-            hr_missing = f"{csv_path} row {empty[0] + 2}: empty upscale_img_path ({len(empty)} of {len(frame)} rows); give every row its twin"
+            hr_missing = (
+                f"{csv_path} row {empty[0] + 2}: empty upscale_img_path ({len(empty)} of {len(frame)} rows); give "
+                "every row its twin"
+            )
         else:
             hr_paths = _image_paths(data_dir, column.tolist(), csv_path, "upscale_img_path")
     labels = frame["label"].tolist()

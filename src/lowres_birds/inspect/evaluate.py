@@ -84,9 +84,8 @@ def evaluate_models(
             "--labels CSV"
         )
     for path in (out_dir / "per_class.csv", out_dir / "confusion_matrix.png"):
-        check_output(
-            path, force, others=[("--data", image_folder), *(("--run", source) for source in sources)]
-        )  # before minutes of predicting
+        # before minutes of predicting
+        check_output(path, force, others=[("--data", image_folder), *(("--run", source) for source in sources)])
     table = load_image_folder(image_folder)
     labels, probs = predict_files(sources, table.lr_paths, tta=tta, device=device, weights=weights)
     unknown = sorted(set(table.labels) - set(labels))

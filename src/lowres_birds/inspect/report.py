@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lowres_birds.config import LR_SIZE
-from lowres_birds.data.images import fit_square, load_images
-from lowres_birds.data.tables import LabelMap, load_train_table
+from lowres_birds.data.images import fit_square
+from lowres_birds.data.splits import run_split
 from lowres_birds.errors import UserError
 from lowres_birds.extras import install_command
 from lowres_birds.extras import missing as missing_extra
@@ -39,27 +38,10 @@ def read_metrics(run: RunDir):
     return pd.DataFrame(run.metrics())
 
 
-def validation_images(run: RunDir, data_dir: Path, labels: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+def validation_images(run: RunDir, data_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, uint8 N x 64 x 64 x 3 images, true class indices) of the run's validation split."""
-    run_dir = run.path
-    val_ids = run.split()["val_ids"]
-    table = load_train_table(data_dir)
-    position = {image_id: i for i, image_id in enumerate(table.ids)}
-    missing = [i for i in val_ids if i not in position]
-    if missing:
-        raise UserError(
-            f"{data_dir} lacks {len(missing)} validation id(s) listed in {run / RunDir.SPLIT} (first: {missing[0]}); "
-            "pass the data folder the run was trained on (--data)"
-        )
-    rows = np.array([position[i] for i in val_ids])
-    truth = [table.labels[i] for i in rows]
-    unknown = sorted(set(truth) - set(labels))
-    if unknown:
-        raise UserError(
-            f"{data_dir} labels validation images {unknown[0]!r}, a class {run_dir} was not trained on; pass the run's "
-            "data folder"
-        )
-    return val_ids, np.asarray(load_images(table.lr_paths, LR_SIZE)[rows]), LabelMap(tuple(labels)).encode(truth)
+    split = run_split(run, data_dir)
+    return run.split()["val_ids"], split.lr_images(split.val_rows), split.val_targets(run.labels())
 
 
 def tokens_to_map(tensor):
@@ -101,7 +83,7 @@ def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np
             self.net = model
 
         def forward(self, pixels):
-            return self.net.forward_features(pixels)
+            return self.net.classify_pixels(pixels)
 
     layer, reshape = cam_target(model.backbone)
     pixels = model.preprocess(to_nchw(images)).requires_grad_(True)
@@ -145,7 +127,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     cfg = run.config()  # every file of the run is read before any work
     metrics = read_metrics(run)
     model, labels = load_run_model(run_dir)
-    ids, images, truth = validation_images(run, data_dir, labels)
+    ids, images, truth = validation_images(run, data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = in_batches(lambda batch: model(batch).softmax(-1), images, desc=f"scoring {len(images)} validation images")
     predicted = probs.argmax(1)
@@ -203,6 +185,31 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     ]
     page = write_page(out_dir / "report.html", f"Training report: {run_dir.name}", sections)
     return page, summary
+
+
+def after_training(run_dir: Path, data_dir: Path | None) -> None:
+    """What ``train`` writes once a run is trained: RUN/hf (as ``export --format hf``) and the report. Neither
+    fails the training: a failure says so in one line, with the command that retries it."""
+    _hf_folder_after_training(Path(run_dir))
+    report_after_training(run_dir, data_dir)
+
+
+def _hf_folder_after_training(run_dir: Path) -> None:
+    from lowres_birds.predict.hf_folder import write_hf_folder
+
+    try:
+        folder = write_hf_folder(run_dir, run_dir / RunDir.HF, force=True)
+    except UserError as exc:  # the run cannot be written as one (e.g. its upscale filter): the message says why
+        print(f"Hugging Face folder skipped: {exc}")
+        return
+    except Exception as exc:  # noqa: BLE001 - the run itself is complete
+        warnings.warn(
+            f"Hugging Face folder skipped ({type(exc).__name__}: {exc}); run lowres-birds export --format hf --run "
+            f"{run_dir}",
+            stacklevel=2,
+        )
+        return
+    print(f"Hugging Face folder: {folder} (transformers.pipeline('image-classification', model='{folder}'))")
 
 
 def report_after_training(run_dir: Path, data_dir: Path | None) -> None:

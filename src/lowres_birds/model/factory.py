@@ -86,7 +86,10 @@ def require_hub_model(repo_id: str, source: str) -> None:
         ) from None
     if Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir():
         return
-    offline_hint = "with no network, pass --no-pretrained (timm) or a local directory saved with save_pretrained (--model hf:/path)"
+    offline_hint = (
+        "with no network, pass --no-pretrained (timm) or a local directory saved with save_pretrained (--model "
+        "hf:/path)"
+    )
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"model {source!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {offline_hint}")
     try:
@@ -169,7 +172,8 @@ def create_model(
     config_dir: Path | None = None,
     upscale_filter: str = "bicubic",
 ) -> BirdNet:
-    """The model factory. ``source`` is ``efficientnet_lite0``, ``timm:<name>`` or ``hf:<hub id or dir>``; ``upscale_filter``
+    """The model factory. ``source`` is ``efficientnet_lite0``, ``timm:<name>`` or ``hf:<hub id or dir>``;
+    ``upscale_filter``
     is the kernel of the wrapper's resize to ``input_size``."""
     num_classes = len(labels)
     if source in OFFLINE_LITE:  # the TF Lite models take pixels scaled to [-1, 1]

@@ -32,20 +32,6 @@ def gather_nchw(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(images[np.asarray(indices)], dtype=np.uint8)).permute(0, 3, 1, 2)
 
 
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Float NCHW in [0, 1] -> NCHW at size x size, torch's float antialiased bicubic, clamped.
-
-    The resize of runs trained before lowres-birds 0.2 (``resize: float`` in their model_spec.json). It does not
-    round to 8 bits between its two passes as PIL does, so it differs from PIL by up to ~10 levels at sharp
-    edges; new runs use :func:`resize_uint8`.
-    """
-    if images.shape[-2:] == (size, size):
-        return images
-    # .contiguous(): on channels_last input torch's float antialiased bicubic takes a ~3x slower generic path.
-    resized = F.interpolate(images.contiguous(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return resized.clamp_(0.0, 1.0)
-
-
 def resize_uint8(images: torch.Tensor, size: int, upscale_filter: str = "bicubic") -> torch.Tensor:
     """uint8 NCHW -> uint8 NCHW at size x size with PIL's resampler (antialiased, 8-bit between passes).
 

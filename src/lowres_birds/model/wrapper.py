@@ -16,17 +16,17 @@ from torch import nn
 
 from lowres_birds.config import UPSCALE_FILTERS
 from lowres_birds.errors import UserError
-from lowres_birds.model.resolution import normalise, resize_batch, resize_uint8, to_nchw
+from lowres_birds.model.resolution import normalise, resize_uint8, to_nchw
 from lowres_birds.progress import bar as progress_bar
 
-RESIZES = ("pil", "float")
+RESIZES = ("pil",)  # the resize kinds a model_spec.json may name
 
 
 @dataclass
 class ModelSpec:
     """What is needed to rebuild a model offline: its source string, normalisation, input size and resize.
 
-    ``resize``: ``pil`` (8-bit as PIL, :func:`resize_uint8`) or ``float`` (runs saved before it, bicubic).
+    ``resize``: ``pil`` (8-bit as PIL, :func:`resize_uint8`), the one kind so far, recorded so that another can follow.
     ``upscale_filter``: the resize kernel (``bicubic``, ``lanczos``, ``robidoux-sharp``); files without it are bicubic.
     """
 
@@ -44,11 +44,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict, labels: list[str], source: str) -> ModelSpec:
         """A spec read from a run folder, checked field by field (it sizes tensors: never trust it blindly)."""
-        data = {
-            "resize": "float",
-            "upscale_filter": "bicubic",
-            **data,
-        }  # runs saved before the 8-bit resize used the float one
+        data = {"upscale_filter": "bicubic", **data}
         try:
             spec = cls(
                 source=str(data["source"]),
@@ -79,7 +75,6 @@ class ModelSpec:
                 spec.upscale_filter not in UPSCALE_FILTERS,
                 f"upscale_filter {spec.upscale_filter!r} is not one of {', '.join(UPSCALE_FILTERS)}",
             ),
-            (spec.resize == "float" and spec.upscale_filter != "bicubic", "the float resize is bicubic only"),
         ]
         for bad, message in problems:
             if bad:
@@ -145,7 +140,8 @@ class BirdNet(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter-name patterns by depth, for timm's layer-wise learning-rate decay: the timm backbone's own
-        matcher, or BEiT/ViT-style ``encoder.layer.N`` (``layers.N`` in transformers 5) groups for Hugging Face backbones."""
+        matcher, or BEiT/ViT-style ``encoder.layer.N`` (``layers.N`` in transformers 5) groups for Hugging Face
+        backbones."""
         own = getattr(self.backbone, "group_matcher", None)
         if own is None:
             return {
@@ -176,8 +172,6 @@ class BirdNet(nn.Module):
                 f"the model takes uint8 images N x 3 x H x W (0-255), got {str(images.dtype).removeprefix('torch.')} "
                 f"{tuple(images.shape)}; use Classifier for files, PIL images or float arrays"
             )
-        if self.spec.resize == "float":
-            return (resize_batch(images.float() / 255.0, self.spec.input_size) - self.mean) / self.std
         return normalise(
             resize_uint8(images, self.spec.input_size, self.spec.upscale_filter), self.spec.mean, self.spec.std
         )
@@ -194,14 +188,14 @@ class BirdNet(nn.Module):
         """
         pixels = self.preprocess(images)
         if not return_features:
-            return self.forward_features(pixels)
+            return self.classify_pixels(pixels)
         backbone = self.backbone
         if not hasattr(backbone, "forward_head"):
             raise UserError(f"feature distillation needs a timm backbone, not {self.spec.source}")
         features = backbone.forward_head(backbone.forward_features(pixels), pre_logits=True)
         return features, backbone.get_classifier()(features)
 
-    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def classify_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels -> logits (for Grad-CAM and callers that preprocess themselves)."""
         output = self.backbone(pixels)
         return output.logits if hasattr(output, "logits") else output

@@ -137,18 +137,14 @@ def onnx_program(model, labels: list[str], layout: str, precision: str = "fp32")
 
 def training_images(run_dir: Path, count: int | None = None, validation: bool = False) -> np.ndarray:
     """uint8 N x 64 x 64 x 3: the run's own training images (its data minus split.json's validation ids), or a
-    random ``count`` of them (only those are read from the memory-mapped image cache); ``validation``: the
-    validation images instead."""
-    from lowres_birds.data.images import load_images
-    from lowres_birds.data.tables import load_train_table
+    random ``count`` of them (only those are read from the image cache); ``validation``: the validation images."""
+    from lowres_birds.data.splits import run_split
 
-    run = RunDir(run_dir)
-    table = load_train_table(run.data_dir())
-    held_out = set(run.split()["val_ids"])
-    rows = [i for i, image_id in enumerate(table.ids) if (image_id in held_out) == validation]
+    split = run_split(RunDir(run_dir))
+    rows = split.val_rows if validation else split.train_rows
     if count is not None:
-        rows = sorted(np.random.default_rng(0).permutation(rows)[:count])
-    return np.asarray(load_images(table.lr_paths, LR_SIZE)[rows])
+        rows = np.sort(np.random.default_rng(0).permutation(rows)[:count])
+    return split.lr_images(rows)
 
 
 def calibration_images(run_dir: Path, count: int = CALIBRATION_IMAGES) -> np.ndarray:
@@ -166,15 +162,15 @@ def quantize_int8(
     out: Path,
     images: np.ndarray,
     layout: str,
-    activation_ranges: list[tuple[float, int]] | None = None,
+    tensor_overrides: dict | None = None,
 ) -> None:
     """Static int8 quantization with onnxruntime's quantizer (QDQ, which it fuses into integer kernels):
-    per-channel int8 weights, uint8 activations calibrated on ``images`` (99.999th percentile ranges), or set to
-    ``activation_ranges`` ((scale, zero point) per quantized activation in graph order: what a quantization-aware
-    tuning simulated, benchmarks/int8_qat.py).
+    per-channel int8 weights, uint8 activations calibrated on ``images`` (99.999th percentile ranges);
+    ``tensor_overrides``: onnxruntime's TensorQuantOverrides, tensor name -> fixed ranges instead of calibrated ones.
 
     Kept in float: the in-graph resize and normalisation (exact integer arithmetic already), the first
-    convolution, the classifier and the softmax (probabilities in steps of 1/256 would not sum to one). On cub100-lr with the cpu recipe, quantizing those two as well cost
+    convolution, the classifier and the softmax (probabilities in steps of 1/256 would not sum to one). On cub100-lr
+    with the cpu recipe, quantizing those two as well cost
     0.009 macro-F1; without them the int8 model scores within 0.005 of fp32 (BENCHMARKS.md).
     """
     from onnxruntime.quantization import (
@@ -205,35 +201,19 @@ def quantize_int8(
             node.name for node in nodes if node.op_type in ("Gemm", "MatMul", "Softmax")
         ]
 
-        def quantize(reader: Batches, overrides: dict) -> None:
-            with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
-                quantize_static(
-                    str(prepared),
-                    str(out),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=kept_float,
-                    calibrate_method=CalibrationMethod.Percentile,
-                    extra_options={"CalibPercentile": 99.999, "TensorQuantOverrides": overrides},
-                )
-
-        quantize(Batches(images), {})
-        if activation_ranges is not None:
-            # The first pass names the tensors onnxruntime quantizes; the second sets their ranges (calibrating
-            # on a few images only: every range is overridden).
-            names = quantized_activations(onnx.load(str(out)))
-            if len(names) != len(activation_ranges):
-                raise RuntimeError(
-                    f"onnxruntime quantizes {len(names)} activations, tuning simulated {len(activation_ranges)}"
-                )
-            overrides = {
-                name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero_point, np.uint8)}]
-                for name, (scale, zero_point) in zip(names, activation_ranges)
-            }
-            quantize(Batches(images[:1]), overrides)
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
+            quantize_static(
+                str(prepared),
+                str(out),
+                Batches(images),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=kept_float,
+                calibrate_method=CalibrationMethod.Percentile,
+                extra_options={"CalibPercentile": 99.999, "TensorQuantOverrides": tensor_overrides or {}},
+            )
     quantized = onnx.load(str(out))
     set_metadata(quantized, {p.key: p.value for p in model.metadata_props})
     onnx.save(quantized, str(out))
@@ -302,11 +282,12 @@ def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: fl
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), f"fallback/{name}"))
         return f"fallback/{name}"
 
+    # also the axes of Slice, Squeeze
     zero, one, two = (
         constant("zero", [0]),
         constant("one", [1]),
         constant("two", [2]),
-    )  # also the axes of Slice, Squeeze
+    )
     limit, none = constant("margin", margin, np.float32), constant("none", 0.0, np.float32)
     node = onnx.helper.make_node
     graph.node.extend(
@@ -324,7 +305,10 @@ def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: fl
         ]
     )
     classes = graph.output[0].type.tensor_type.shape.dim[1].dim_value
-    result = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", classes])
+
+    def result(name: str) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", classes])
+
     rerun = onnx.helper.make_graph(
         [
             node("Squeeze", ["fallback/rows_1m", zero], ["fallback/rows"]),
@@ -344,11 +328,3 @@ def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: fl
     graph.node.append(node("If", ["fallback/any"], [output], then_branch=rerun, else_branch=keep))
     set_metadata(model, {"fallback_margin": f"{margin:.4f}"})
     return model
-
-
-def quantized_activations(model: onnx.ModelProto) -> list[str]:
-    """Names of the activations a QDQ model quantizes, in graph order (weights are initializers)."""
-    weights = {tensor.name for tensor in model.graph.initializer}
-    return [
-        node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in weights
-    ]

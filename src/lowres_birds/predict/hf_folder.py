@@ -334,9 +334,8 @@ def _timm_backbone(folder: Path, config: dict):
         raise UserError(
             f"{path}: timm cannot build {architecture!r} ({str(exc).splitlines()[0][:120]}); a newer timm may know it"
         ) from None
-    weights = {
-        name.removeprefix("timm_model."): tensor for name, tensor in _weights(folder).items()
-    }  # transformers' save_pretrained prefixes them
+    # transformers' save_pretrained prefixes them
+    weights = {name.removeprefix("timm_model."): tensor for name, tensor in _weights(folder).items()}
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as exc:

@@ -175,7 +175,8 @@ def create_app(
     client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
 ) -> FastAPI:
     """The web app and API around ``classifier``. ``max_upload_bytes`` caps each request body (413 beyond),
-    ``max_inflight_bytes`` all of them together (503 beyond), ``client_timeout_s`` the wait for each body chunk (408)."""
+    ``max_inflight_bytes`` all of them together (503 beyond), ``client_timeout_s`` the wait for each body chunk
+    (408)."""
     if max_inflight_bytes < max_upload_bytes:
         raise ValueError("max_inflight_bytes must be at least max_upload_bytes")
     limits = Limits(max_upload_bytes, client_timeout_s)
@@ -246,7 +247,8 @@ def create_app(
     async def classify(
         request: Request, response: Response, started: float, uploads: list[UploadFile], top: int
     ) -> tuple[list[list[dict]], list[np.ndarray], float]:
-        """Decode (thread pool) -> micro-batched model call -> top-k; the stages' times go to the Server-Timing header."""
+        """Decode (thread pool) -> micro-batched model call -> top-k; the stages' times go to the Server-Timing
+        header."""
         loop = asyncio.get_running_loop()
         received = time.perf_counter()
         contents = [await upload.read() for upload in uploads]

@@ -113,7 +113,8 @@ def trivial_augment_and_erase(
     images: torch.Tensor, generator: torch.Generator, trivial_augment: bool, erasing_p: float
 ) -> torch.Tensor:
     """The 1st-place recipe's image augmentation, per uint8 image: TrivialAugmentWide, then RandomErasing with
-    probability ``erasing_p`` filling the box with uniform random pixels. Returns ``images`` itself when both are off."""
+    probability ``erasing_p`` filling the box with uniform random pixels. Returns ``images`` itself when both are
+    off."""
     steps = ([v2.TrivialAugmentWide()] if trivial_augment else []) + (
         [PixelErasing(p=erasing_p)] if erasing_p > 0 else []
     )

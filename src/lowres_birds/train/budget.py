@@ -15,7 +15,8 @@ VALIDATION_COST = 1 / 3  # a validation image costs about a third of a training 
 
 
 def epoch_seconds(step_s: float, steps_per_epoch: int, validation_share: float, validations_per_epoch: int) -> float:
-    """One epoch's estimated time: its steps plus its validations (each of ``validation_share`` images per training image)."""
+    """One epoch's estimated time: its steps plus its validations (each of ``validation_share`` images per training
+    image)."""
     return step_s * steps_per_epoch * (1 + validations_per_epoch * validation_share * VALIDATION_COST)
 
 
@@ -37,13 +38,12 @@ def plan_epochs(
 
 
 class BudgetPlanner:
-    """Times the first optimizer steps of a run with a budget, then fixes ``state.planned_epochs`` once and
-    shortens the learning-rate schedule to match; every process takes rank 0's plan."""
+    """Times the first optimizer steps of a run with a budget, then plans its epochs once (the session records the
+    plan) and shortens the learning-rate schedule to match; every process takes rank 0's plan."""
 
     def __init__(
         self,
         cfg: RunConfig,
-        accelerator,
         scheduler,
         steps_per_epoch: int,
         schedule_steps_per_epoch: int,
@@ -51,52 +51,51 @@ class BudgetPlanner:
         validations_per_epoch: int,
         clock_start: float,
     ):
-        self.cfg, self.accelerator, self.scheduler = cfg, accelerator, scheduler
+        self.cfg, self.scheduler = cfg, scheduler
         self.steps_per_epoch, self.schedule_steps_per_epoch = steps_per_epoch, schedule_steps_per_epoch
-        self.validation_share, self.validations_per_epoch, self.clock_start = (
-            validation_share,
-            validations_per_epoch,
-            clock_start,
-        )
+        self.validation_share, self.validations_per_epoch = validation_share, validations_per_epoch
+        self.clock_start = clock_start
         self.measured_steps = max(1, min(MEASURED_STEPS, steps_per_epoch - 1))
         self.first_step_done: float | None = None
         self.first_step = 0
+        self.step_s, self.timed = 0.0, 0  # the measurement the plan rests on
 
-    def after_step(self, state) -> None:
-        """Call after each optimizer step; plans at the step that ends the measurement (or the first epoch)."""
-        if state.planned_epochs:
-            return
+    def plan(self, global_step: int, step_in_epoch: int) -> int | None:
+        """Call after each optimizer step until it plans: the epochs that fit, at the step that ends the
+        measurement (or the first epoch); None before."""
         now = time.perf_counter()
         if self.first_step_done is None:  # the first step (of this process) warms up: the timing starts after it
-            self.first_step_done, self.first_step = now, state.global_step
-        timed = state.global_step - self.first_step
-        if timed < self.measured_steps and state.step_in_epoch < self.steps_per_epoch:
-            return
+            self.first_step_done, self.first_step = now, global_step
+        timed = global_step - self.first_step
+        if timed < self.measured_steps and step_in_epoch < self.steps_per_epoch:
+            return None
         from accelerate.utils import gather_object
 
-        step_s = (now - self.first_step_done) / timed if timed else now - self.clock_start
+        self.timed = timed
+        self.step_s = (now - self.first_step_done) / timed if timed else now - self.clock_start
         epochs = plan_epochs(
             self.cfg.budget_minutes * 60,
             now - self.clock_start,
-            step_s,
+            self.step_s,
             self.steps_per_epoch,
-            state.global_step,
+            global_step,
             self.validation_share,
             self.validations_per_epoch,
             self.cfg.epochs,
         )
-        state.planned_epochs = epochs = gather_object([epochs])[0]
-        self.apply(state)
+        return gather_object([epochs])[0]
+
+    def describe(self, epochs: int) -> str:
+        """The plan in one line."""
+        per_epoch = epoch_seconds(self.step_s, self.steps_per_epoch, self.validation_share, self.validations_per_epoch)
         fits = (
             "all of them fit"
             if epochs == self.cfg.epochs
             else f"training {epochs} (the learning-rate schedule now ends there)"
         )
-        self.accelerator.print(
-            f"time budget {self.cfg.budget_minutes:g} min: {step_s:.2f} s per step over the first {timed} step(s), "
-            f"~{epoch_seconds(step_s, self.steps_per_epoch, self.validation_share, self.validations_per_epoch):.0f} s "
-            "per epoch -> "
-            f"of {self.cfg.epochs} epochs {fits}"
+        return (
+            f"time budget {self.cfg.budget_minutes:g} min: {self.step_s:.2f} s per step over the first {self.timed} "
+            f"step(s), ~{per_epoch:.0f} s per epoch -> of {self.cfg.epochs} epochs {fits}"
         )
 
     def leave_out(self, seconds: float) -> None:
@@ -104,9 +103,9 @@ class BudgetPlanner:
         if self.first_step_done is not None:
             self.first_step_done += seconds
 
-    def apply(self, state) -> None:
-        """Fit the schedule to ``state.planned_epochs`` (at the plan, and again after a resume)."""
+    def apply(self, planned_epochs: int) -> None:
+        """Fit the schedule to ``planned_epochs`` (at the plan, and again after a resume; 0: not planned yet)."""
         from lowres_birds.train.optim import set_schedule_length
 
-        if state.planned_epochs and state.planned_epochs < self.cfg.epochs:
-            set_schedule_length(self.scheduler, self.cfg, self.schedule_steps_per_epoch, state.planned_epochs)
+        if planned_epochs and planned_epochs < self.cfg.epochs:
+            set_schedule_length(self.scheduler, self.cfg, self.schedule_steps_per_epoch, planned_epochs)

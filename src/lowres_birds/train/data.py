@@ -75,7 +75,8 @@ def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
 
 @dataclass
 class TeacherTargets:
-    """Per training row, the HR teacher's outputs on the row's HR twin: the distillation targets (teacher.py builds them)."""
+    """Per training row, the HR teacher's outputs on the row's HR twin: the distillation targets (teacher.py builds
+    them)."""
 
     features: torch.Tensor  # N x D pooled features
     logits: torch.Tensor  # N x C

@@ -26,9 +26,8 @@ def create_optimizer(model: BirdNet, cfg: RunConfig) -> torch.optim.Optimizer:
     optimizer = create_optimizer_v2(
         model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay or None, **FUSED_ADAMW
     )
-    for (
-        group
-    ) in optimizer.param_groups:  # timm's schedulers apply lr_scale; the LambdaLR schedule scales each group's own lr
+    # timm's schedulers apply lr_scale; the LambdaLR schedule scales each group's own lr
+    for group in optimizer.param_groups:
         group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
     return optimizer
 

@@ -1,6 +1,6 @@
-"""Training state and its one checkpoint: the loop counters, the prepared parts a step changes, every RNG,
-and SIGINT/SIGTERM handling. Saved as tensors and plain types only, so a resume loads it with
-``weights_only=True``."""
+"""Training state and its one checkpoint: the loop counters (changed by session.py alone), the prepared parts a
+step changes, every RNG, and SIGINT/SIGTERM handling. Saved as tensors and plain types only, so a resume loads it
+with ``weights_only=True``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 
 from lowres_birds.errors import UserError
 from lowres_birds.run_dir import RunDir
-from lowres_birds.train.budget import BudgetPlanner
 from lowres_birds.train.data import HRSupport
 
 
@@ -29,10 +28,6 @@ class TrainState:
     best_validation: int = 0  # which of them was the best (1-based)
     elapsed_s: float = 0.0
     planned_epochs: int = 0  # set once by the time-budget planner (0: no budget, or not planned yet)
-
-    def epochs(self, cfg) -> int:
-        """The epochs this run trains: the budget's plan, else the config's."""
-        return self.planned_epochs or cfg.epochs
 
 
 class StopFlag:
@@ -66,8 +61,7 @@ class Trainee:
     generator: torch.Generator
     ema: torch.nn.Module | None
     hr: HRSupport
-    planner: BudgetPlanner | None = None
-    class_weights: torch.Tensor | None = None  # class-balanced cross-entropy weights, fixed for the run
+    class_weights: torch.Tensor | None  # class-balanced cross-entropy weights, fixed for the run (None: plain)
 
 
 def rng_state(generator: torch.Generator) -> dict:

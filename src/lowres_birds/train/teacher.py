@@ -5,10 +5,9 @@ Both kinds (``teacher``) give, for every training row, logits and pooled feature
 
 - ``frozen``: the pretrained backbone, frozen, with a logistic-regression head fitted on the training split. The
   features are cached beside the decoded images, so ablations and folds compute them once.
-- ``finetuned``: a regular run at RUN/teacher, trained first on the HR twins by the same ``train()`` (passed in,
-  since loop.py imports this module) on the student's split, so the student's validation rows stay unseen. Its
-  best weights' outputs are written once into that folder; a resumed student reads them back, or resumes an
-  unfinished teacher.
+- ``finetuned``: a regular run at RUN/teacher, trained first on the HR twins (by loop.py's ``train``, with
+  :func:`teacher_config`) on the student's split, so the student's validation rows stay unseen. Its best weights'
+  outputs are written once into that folder; a resumed student reads them back, or resumes an unfinished teacher.
 """
 
 from __future__ import annotations
@@ -16,41 +15,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lowres_birds.config import FIELDS, RunConfig
+from lowres_birds.config import STUDENT_ONLY, RunConfig
 from lowres_birds.data.images import cache_dir
-from lowres_birds.errors import TrainingInterrupted, UserError
+from lowres_birds.errors import UserError
 from lowres_birds.metrics import score
 from lowres_birds.model.factory import create_model, load_run_model
 from lowres_birds.model.wrapper import BirdNet, in_batches
 from lowres_birds.run_dir import RunDir, save_torch
 from lowres_birds.train.data import TeacherTargets, TrainingData, uses_teacher
 from lowres_birds.train.degradation import array_fingerprint
-
-# What the fine-tuned teacher does not take from the student's config: it learns from the HR labels alone, for its
-# own epochs, untracked (the student's tracker run is the one that is logged).
-STUDENT_ONLY = (
-    "hr_view_ratio",
-    "randaugment_ops",
-    "kd_weight",
-    "kd_temperature",
-    "feature_kd_weight",
-    "teacher",
-    "teacher_epochs",
-    "teacher_model",
-    "teacher_size",
-    "teacher_budget_share",
-    "student_from_teacher",
-    "mixup_alpha",
-    "cutmix_alpha",
-    "early_stop_patience",
-    "log",
-)
 
 
 def teacher_source(cfg: RunConfig) -> str:
@@ -93,23 +71,6 @@ def check_teacher(cfg: RunConfig, student: BirdNet, labels: list[str]) -> None:
             f"{teacher.feature_width} and the student {cfg.model} {student.feature_width}; set --feature-kd-weight 0 "
             "or use the same model"
         )
-
-
-def hr_teacher(
-    cfg: RunConfig,
-    data: TrainingData,
-    run: RunDir,
-    data_dir: Path,
-    train: Callable[..., dict],
-    shared: Path | None = None,
-) -> TeacherTargets | None:
-    """The config's HR teacher, or None when the recipe distils nothing; ``train`` is loop.train, ``shared`` a
-    finished teacher folder of the same :func:`shared_teacher_key` to copy instead of training one."""
-    if not uses_teacher(cfg):
-        return None
-    if cfg.teacher == "finetuned":
-        return finetuned_teacher(cfg, data, run, data_dir, train, shared)
-    return frozen_teacher(cfg, data)
 
 
 # --------------------------------------------------------------------------- frozen
@@ -172,7 +133,7 @@ def teacher_config(cfg: RunConfig) -> RunConfig:
     """The teacher run's config: the student's model (or ``teacher_model``), seed, split and optimiser, trained on
     the HR twins resized to ``teacher_size`` for ``teacher_epochs`` (fewer if its share of the budget says so: more
     data means fewer teacher epochs, not a student left with no time; the student plans in what the teacher left)."""
-    plain = {name: FIELDS[name].default for name in STUDENT_ONLY}
+    plain = {spec.name: spec.default for spec in STUDENT_ONLY}
     return dataclasses.replace(
         cfg,
         **plain,
@@ -192,24 +153,15 @@ def shared_teacher_key(cfg: RunConfig) -> str | None:
     return dataclasses.replace(teacher_config(cfg), split_seed=cfg.split_seed_used, seed=0, budget_minutes=0).to_yaml()
 
 
-def finetuned_teacher(
-    cfg: RunConfig,
-    data: TrainingData,
-    run: RunDir,
-    data_dir: Path,
-    train: Callable[..., dict],
-    shared: Path | None = None,
-) -> TeacherTargets:
-    """Train RUN/teacher (or resume it, or reuse it when finished, or copy the finished teacher folder ``shared``),
-    then its targets: computed and written by the main process, read back by the others. Every process of a
-    distributed run calls this (training is shared)."""
+def saved_teacher(cfg: RunConfig, data: TrainingData, run: RunDir, shared: Path | None) -> TeacherTargets | None:
+    """The fine-tuned teacher's targets without training: copied from the finished teacher folder ``shared`` (an
+    earlier ensemble member's, of the same :func:`shared_teacher_key`) or read back from RUN/teacher; None when
+    the teacher still has to train. Every process of a distributed run calls this."""
     from accelerate import PartialState
 
     processes = PartialState()
     folder = RunDir(run / RunDir.TEACHER)
     rows, classes = len(data.targets), len(data.label_map.classes)
-    description = f"{teacher_source(cfg)} fine-tuned on the HR twins at {cfg.teacher_size} (at most {cfg.teacher_epochs} epochs), {folder}"
-    saved = None
     if shared is not None and not folder.path.exists():
         if processes.is_main_process:
             folder.copy_from(shared)
@@ -217,49 +169,52 @@ def finetuned_teacher(
         saved = folder.teacher_targets(
             rows, classes, damaged=f"the teacher copied from {shared} is damaged: remove both and resume"
         )
-        return TeacherTargets(
-            saved["features"],
-            saved["logits"],
-            saved["val_macro_f1"],
-            "finetuned",
-            f"{description}, shared with {shared}",
-            saved["seconds"],
-            reused=True,
-            shared_from=shared,
-        )
+        return _targets(cfg, folder, saved, reused=True, shared_from=shared)
+    saved = None
     if (folder / RunDir.TEACHER_TARGETS).is_file():
         try:
             saved = folder.teacher_targets(rows, classes, damaged="computing them again")
         except UserError as exc:
             processes.print(str(exc))
     processes.wait_for_everyone()  # every process has read the file before the main one may replace it
-    if saved is not None:
-        return TeacherTargets(
-            saved["features"],
-            saved["logits"],
-            saved["val_macro_f1"],
-            "finetuned",
-            description,
-            saved["seconds"],
-            reused=True,
-        )
+    return None if saved is None else _targets(cfg, folder, saved, reused=True)
+
+
+def finetuned_teacher_targets(cfg: RunConfig, data: TrainingData, run: RunDir, seconds: float) -> TeacherTargets:
+    """The trained RUN/teacher's targets: computed and written by the main process (``seconds``: what training the
+    teacher took), read back by every process."""
+    from accelerate import PartialState
+
+    processes = PartialState()
+    folder = RunDir(run / RunDir.TEACHER)
     started = time.perf_counter()
-    if not _finished(folder, cfg.teacher_epochs):
-        try:
-            train(teacher_config(cfg), data_dir, folder.path, resume=(folder / RunDir.CHECKPOINT).is_file(), force=True)
-        except TrainingInterrupted as exc:
-            stopped = str(exc).partition(";")[0]
-            raise TrainingInterrupted(
-                f"{stopped} of the HR teacher in {folder}; continue with: lowres-birds train --resume {run}"
-            ) from None
     if processes.is_main_process:
         features, logits = _teacher_outputs(folder, data.hr_images, processes.device)
-        folder.save_teacher_targets(features, logits, _hr_val_f1(data, logits), time.perf_counter() - started)
+        seconds += time.perf_counter() - started
+        folder.save_teacher_targets(features, logits, _hr_val_f1(data, logits), seconds)
     processes.wait_for_everyone()
-    saved = folder.teacher_targets(rows, classes, damaged="the teacher's folder is damaged: remove it and resume")
-    return TeacherTargets(
-        saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned", description, saved["seconds"]
+    damaged = "the teacher's folder is damaged: remove it and resume"
+    saved = folder.teacher_targets(len(data.targets), len(data.label_map.classes), damaged=damaged)
+    return _targets(cfg, folder, saved)
+
+
+def _targets(cfg: RunConfig, folder: RunDir, saved: dict, **origin) -> TeacherTargets:
+    description = (
+        f"{teacher_source(cfg)} fine-tuned on the HR twins at {cfg.teacher_size} (at most {cfg.teacher_epochs} "
+        f"epochs), {folder}"
     )
+    if origin.get("shared_from") is not None:
+        description += f", shared with {origin['shared_from']}"
+    return TeacherTargets(
+        saved["features"], saved["logits"], saved["val_macro_f1"], "finetuned", description, saved["seconds"], **origin
+    )
+
+
+def teacher_finished(folder: Path, epochs: int) -> bool:
+    """The teacher run at ``folder`` trained all its ``epochs`` and kept its best weights."""
+    run = RunDir(folder)
+    records = run.metrics(missing_ok=True) if run.path.is_dir() else []
+    return bool(records) and records[-1]["epoch"] >= epochs and (run / RunDir.WEIGHTS).is_file()
 
 
 def start_from_teacher(student: BirdNet, run: RunDir) -> None:
@@ -275,12 +230,6 @@ def start_from_teacher(student: BirdNet, run: RunDir) -> None:
             "a model whose weights depend on its input size needs --teacher-size equal to the student's, or drop "
             "--student-from-teacher"
         ) from None
-
-
-def _finished(folder: RunDir, epochs: int) -> bool:
-    """The teacher run trained all its epochs and kept its best weights."""
-    records = folder.metrics(missing_ok=True) if folder.path.is_dir() else []
-    return bool(records) and records[-1]["epoch"] >= epochs and (folder / RunDir.WEIGHTS).is_file()
 
 
 def _teacher_outputs(folder: RunDir, hr_images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,5 @@
-"""Validation during training: when (every ``val_every`` of an epoch and at each epoch's end) and what follows
-(one metrics.jsonl record, the best weights, the checkpoint, an early or budget stop), so the step loop only asks
-``due`` after each optimizer step."""
+"""Validation during training: when it is due (every ``val_every`` of an epoch, and at each epoch's end) and the
+scores; what follows from them (records, best weights, checkpoint, stop) is the session's (session.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +9,9 @@ import time
 import numpy as np
 import torch
 
-from lowres_birds.config import RunConfig
 from lowres_birds.metrics import score
 from lowres_birds.model.wrapper import in_batches
-from lowres_birds.run_dir import RunDir
 from lowres_birds.train.data import TrainingData
-from lowres_birds.train.state import Checkpointer, Trainee, TrainState
 
 
 def evaluate(
@@ -56,108 +52,20 @@ class TrainingMeter:
 
 
 class Validator:
-    """Validates every ``round(val_every * steps_per_epoch)`` optimizer steps within an epoch and once at its end.
-    Each validation appends a metrics.jsonl record (``epoch``: epochs trained so far, fractional within an epoch;
-    ``step``: the optimizer step), keeps the best weights and validation predictions, saves the checkpoint (a resume
-    never redoes it) and sets ``stopped`` when the patience (counted in validations) or the time budget runs out."""
+    """The validation split's images and targets, and the schedule of validations: every
+    ``round(val_every * steps_per_epoch)`` optimizer steps within an epoch, and once at its end."""
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        run: RunDir,
-        parts: Trainee,
-        checkpointer: Checkpointer,
-        data: TrainingData,
-        steps_per_epoch: int,
-        clock_start: float,
-    ):
-        self.cfg, self.run, self.parts, self.checkpointer = cfg, run, parts, checkpointer
-        self.steps_per_epoch, self.clock_start = steps_per_epoch, clock_start
-        self.every = max(1, round(cfg.val_every * steps_per_epoch))
+    def __init__(self, data: TrainingData, steps_per_epoch: int, val_every: float):
+        self.steps_per_epoch = steps_per_epoch
+        self.every = max(1, round(val_every * steps_per_epoch))
         self.per_epoch = math.ceil(steps_per_epoch / self.every)  # the validations of one epoch, its end included
-        self.val_idx, self.images, self.targets = (
-            data.val_idx,
-            np.asarray(data.lr_images[data.val_idx]),
-            data.targets[data.val_idx],
-        )
-        self.stopped = False
-        self.pace_origin: tuple[float, float] | None = None  # (epoch, elapsed_s) of this process's first validation
+        self.val_idx = data.val_idx
+        self.images, self.targets = np.asarray(data.lr_images[data.val_idx]), data.targets[data.val_idx]
 
-    def due(self, state: TrainState) -> bool:
+    def due(self, step_in_epoch: int) -> bool:
         """A validation within the epoch after this step (the epoch's last step is validated once, at its end)."""
-        return state.step_in_epoch % self.every == 0 and state.step_in_epoch < self.steps_per_epoch
+        return step_in_epoch % self.every == 0 and step_in_epoch < self.steps_per_epoch
 
-    def validate(self, state: TrainState, train_stats: dict, epoch_end: bool = False) -> None:
-        """Score the model (its EMA if kept) after ``train_stats``' training; at ``epoch_end`` also close the epoch."""
-        from accelerate.utils import gather_object
-
-        cfg, parts, accelerator = self.cfg, self.parts, self.parts.accelerator
-        started = time.perf_counter()
-        evaluated = parts.ema.module if parts.ema is not None else parts.model
-        val_stats, val_probs = evaluate(evaluated, self.images, self.targets, accelerator.device)
-        parts.model.train()
-        state.elapsed_s = time.perf_counter() - self.clock_start
-        epoch = state.epoch + 1 if epoch_end else state.epoch + state.step_in_epoch / self.steps_per_epoch
-        record = {
-            "epoch": epoch,
-            "step": state.global_step,
-            **train_stats,
-            "val_macro_f1": val_stats["macro_f1"],
-            "val_accuracy": val_stats["accuracy"],
-            "lr": parts.scheduler.get_last_lr()[0],
-            "elapsed_s": state.elapsed_s,
-        }
-        self._print(record, state.epochs(cfg))
-        state.validations += 1
-        if cfg.log != "none":  # the tracker's step counts validations: the epoch when validating once per epoch
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.validations)
-        if val_stats["macro_f1"] > state.best_f1:
-            state.best_f1, state.best_epoch, state.best_validation = val_stats["macro_f1"], epoch, state.validations
-            if accelerator.is_main_process:
-                self.run.save_weights(accelerator.unwrap_model(evaluated).state_dict())
-                self.run.save_val_predictions(self.val_idx, self.targets, val_probs)
-        if epoch_end:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        state.elapsed_s = gather_object([state.elapsed_s])[
-            0
-        ]  # rank 0's clock: every process takes the same stop decision
-        if accelerator.is_main_process:
-            self.run.append_metrics(
-                record
-            )  # before the checkpoint: a resume after a failed one redoes the validation and replaces its record
-        self.checkpointer.save(state)
-        self.stopped = self._should_stop(state, epoch)
-        if parts.planner is not None:
-            parts.planner.leave_out(time.perf_counter() - started)
-
-    def _should_stop(self, state: TrainState, epoch: float) -> bool:
-        cfg, accelerator = self.cfg, self.parts.accelerator
-        if state.epoch >= state.epochs(cfg):
-            return False
-        if (
-            cfg.budget_minutes and state.elapsed_s > cfg.budget_minutes * 60
-        ):  # the plan was too optimistic (the machine slowed)
-            accelerator.print(
-                f"time budget of {cfg.budget_minutes:g} min exceeded after epoch {epoch:g} of {state.epochs(cfg)}; "
-                "stopping"
-            )
-            return True
-        if cfg.early_stop_patience and state.validations - state.best_validation >= cfg.early_stop_patience:
-            accelerator.print(
-                f"no better validation macro-F1 for {cfg.early_stop_patience} validations; stopping early"
-            )
-            return True
-        return False
-
-    def _print(self, record: dict, epochs: int) -> None:
-        """One line per validation; the time left is paced on this process's own validations (not on a teacher's
-        training or a run before a resume), on the whole elapsed time until there are two."""
-        origin_epoch, origin_s = self.pace_origin or (0.0, 0.0)
-        remaining = (record["elapsed_s"] - origin_s) / (record["epoch"] - origin_epoch) * (epochs - record["epoch"])
-        self.pace_origin = self.pace_origin or (record["epoch"], record["elapsed_s"])
-        self.parts.accelerator.print(
-            f"epoch {record['epoch']:g}/{epochs}  loss {record['train_loss']:.4f}  val macro-F1 "
-            f"{record['val_macro_f1']:.4f}  "
-            f"acc {record['val_accuracy']:.4f}  {record['train_images_per_s']:.0f} img/s  {record['elapsed_s']:.0f}s "
-            f"(~{remaining:.0f}s left)"
-        )
+    def score(self, model: torch.nn.Module, device: torch.device) -> tuple[dict, np.ndarray]:
+        """(macro-F1 and accuracy, probabilities) of ``model`` on the validation split."""
+        return evaluate(model, self.images, self.targets, device)
