@@ -213,6 +213,13 @@ class RunConfig:
         high_open=True,
         student_only=True,
     )
+    distill_from: str = setting(
+        "",
+        "distil from this trained folder (a run, an ensemble recipe's folder or a folds folder, as predict --run "
+        "takes): its probabilities with flip TTA, weighted by validation macro-F1, on every training image are the "
+        "soft targets (with --kd-weight) instead of an HR teacher's; computed once into RUN/distill_targets",
+        student_only=True,
+    )
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0, student_only=True)
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0, student_only=True)
     trivial_augment: bool = setting(
@@ -259,6 +266,11 @@ class RunConfig:
         for spec in dataclasses.fields(self):
             check_value(spec.name, getattr(self, spec.name))
         parse_strategy(self.strategy)
+        if self.distill_from and (self.kd_weight <= 0 or self.feature_kd_weight > 0):
+            raise UserError(
+                f"distill_from {self.distill_from}: the distilled models give soft targets only: set kd_weight above 0 "
+                f"and feature_kd_weight 0 (got {self.kd_weight:g} and {self.feature_kd_weight:g})"
+            )
         if self.folds == 1 or (self.folds and self.fold >= self.folds):
             raise UserError(
                 f"folds must be 0 (hold-out) or at least 2, with fold < folds (got folds={self.folds}, "

@@ -279,6 +279,7 @@ class RunDir:
     REPORT = "report"
     TEACHER = "teacher"  # the fine-tuned HR teacher's run folder (teacher: finetuned)
     TEACHER_TARGETS = "targets.safetensors"  # in the teacher's folder
+    DISTILL_TARGETS = "distill_targets.safetensors"  # a student's soft targets from the models of --distill-from
     # In every metrics.jsonl record; "epoch" counts the epochs trained (fractional for a validation within an epoch).
     # Records also hold "step" (the optimizer step; absent before validations within an epoch existed) and "lr".
     METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")
@@ -469,23 +470,29 @@ class RunDir:
         shutil.copytree(other, temporary)
         temporary.replace(self.path)
 
-    def save_teacher_targets(self, features, logits, val_macro_f1: float, seconds: float) -> None:
+    def save_teacher_targets(
+        self, features, logits, val_macro_f1: float, seconds: float, name: str = TEACHER_TARGETS
+    ) -> None:
+        """A teacher's targets (``name``: TEACHER_TARGETS, or DISTILL_TARGETS with ``features`` None)."""
         import torch
 
         save_safetensors(
-            self / self.TEACHER_TARGETS,
+            self / name,
             {
-                "features": features,
+                "features": torch.zeros(len(logits), 0) if features is None else features,
                 "logits": logits,
                 "val_macro_f1": torch.tensor(val_macro_f1),
                 "seconds": torch.tensor(seconds),
             },
         )
 
-    def teacher_targets(self, rows: int, classes: int, damaged: str) -> dict:
-        """features (rows x D), logits (rows x classes), val_macro_f1 and seconds, all finite; ``damaged``: what happens
-        to a file that is not that."""
-        path = self / self.TEACHER_TARGETS
+    def teacher_targets(
+        self, rows: int, classes: int, damaged: str, name: str = TEACHER_TARGETS, features: bool = True
+    ) -> dict:
+        """features (rows x D; ``features`` False: none, returned as None), logits (rows x classes), val_macro_f1 and
+        seconds, all finite; ``damaged``: what happens to a file that is not that."""
+        path = self / name
+        with_features = features
         tensors = load_safetensors(path, missing=f"{path} not found; {damaged}", damaged=damaged)
         keys = ("features", "logits", "val_macro_f1", "seconds")
         if any(key not in tensors for key in keys):
@@ -496,7 +503,7 @@ class RunDir:
         if (
             features.ndim != 2
             or len(features) != rows
-            or features.shape[1] < 1
+            or (features.shape[1] < 1) == with_features
             or tuple(logits.shape) != (rows, classes)
             or not scalars
         ):
@@ -509,7 +516,7 @@ class RunDir:
         ):
             raise UserError(f"{path} holds values that are not finite (or a macro-F1 outside 0-1); {damaged}")
         return {
-            "features": features.float(),
+            "features": features.float() if with_features else None,
             "logits": logits.float(),
             "val_macro_f1": float(tensors["val_macro_f1"]),
             "seconds": float(tensors["seconds"]),

@@ -40,7 +40,8 @@ def uses_teacher(cfg: RunConfig) -> bool:
 
 
 def uses_hr_twins(cfg: RunConfig) -> bool:
-    return cfg.hr_view_ratio > 0 or uses_teacher(cfg)
+    """HR views, or an HR teacher (a student distilled from trained models needs no twins)."""
+    return cfg.hr_view_ratio > 0 or (uses_teacher(cfg) and not cfg.distill_from)
 
 
 def without_missing_twins(cfg: RunConfig, data: TrainingData) -> tuple[RunConfig, str | None]:
@@ -78,10 +79,10 @@ class TeacherTargets:
     """Per training row, the HR teacher's outputs on the row's HR twin: the distillation targets (teacher.py builds
     them)."""
 
-    features: torch.Tensor  # N x D pooled features
+    features: torch.Tensor | None  # N x D pooled features (None: a teacher without them, distilled models)
     logits: torch.Tensor  # N x C
     val_macro_f1: float  # the teacher's own score on the validation rows' HR twins
-    kind: str  # RunConfig.teacher: frozen or finetuned
+    kind: str  # RunConfig.teacher (frozen or finetuned), or "distilled" (the models of --distill-from)
     description: str  # what the teacher is, for the train header
     seconds: float  # the time the teacher took to build (training included)
     reused: bool = False  # read back from an earlier run of this folder, not built now
@@ -133,7 +134,8 @@ def training_batch(
     if hr.teacher is not None:
         rows = indices.to(hr.teacher.logits.device)
         targets.teacher_probs = F.softmax(hr.teacher.logits[rows] / cfg.kd_temperature, dim=-1).to(images.device)
-        targets.teacher_features = hr.teacher.features[rows].to(images.device)
+        if hr.teacher.features is not None:
+            targets.teacher_features = hr.teacher.features[rows].to(images.device)
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
         images, targets = mix_batch(images, targets, cfg.mixup_alpha, cfg.cutmix_alpha, generator)
     return images, targets

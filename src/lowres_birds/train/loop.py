@@ -21,6 +21,7 @@ from lowres_birds.train.data import TeacherTargets, training_batch, uses_teacher
 from lowres_birds.train.losses import total_loss
 from lowres_birds.train.session import OpenedRun, RunSession, open_run
 from lowres_birds.train.teacher import (
+    distilled_teacher,
     finetuned_teacher_targets,
     frozen_teacher,
     saved_teacher,
@@ -57,6 +58,8 @@ def hr_teacher(opened: OpenedRun, shared: Path | None = None) -> TeacherTargets 
     cfg, data, run = opened.cfg, opened.data, opened.run
     if not uses_teacher(cfg):
         return None
+    if cfg.distill_from:
+        return distilled_teacher(cfg, data, run)
     if not trains_teacher(cfg):
         return frozen_teacher(cfg, data)
     targets = saved_teacher(cfg, data, run, shared)

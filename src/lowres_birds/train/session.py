@@ -174,13 +174,9 @@ class RunSession:
         parts = Trainee(model, optimizer, scheduler, accelerator, generator, ema, hr, class_weights)
         checkpointer = Checkpointer(run, parts)
         state = checkpointer.restore() if opened.resume and checkpointer.exists() else TrainState()
-        if (
-            not state.global_step
-            and teacher is not None
-            and teacher.kind == "finetuned"
-            and teacher.shared_from is None
-        ):
-            state.elapsed_s = teacher.seconds  # the run's clock, and so its time budget, includes its teacher's
+        if not state.global_step and teacher is not None and teacher.kind != "frozen" and teacher.shared_from is None:
+            # The run's clock, and so its time budget, includes its teacher's training (or its soft targets').
+            state.elapsed_s = teacher.seconds
         clock_start = time.perf_counter() - state.elapsed_s
         steps_per_epoch = schedule_steps // processes
         validator = Validator(data, steps_per_epoch, cfg.val_every)
@@ -344,13 +340,19 @@ class RunSession:
                 f"degradation fitted from the pairs: {hr.degradation} (held-out PSNR {report['held_out_psnr']:.2f} dB "
                 f"vs {report['plain_resize_psnr']:.2f} for a plain resize)"
             )
-        if hr.teacher is not None:
-            teacher = hr.teacher
+        teacher = hr.teacher
+        if teacher is not None:
             took = f"reused (it took {teacher.seconds:.0f}s)" if teacher.reused else f"took {teacher.seconds:.0f}s"
-            accelerator.print(
-                f"HR teacher {teacher.kind} ({teacher.description}): val macro-F1 on HR twins "
-                f"{teacher.val_macro_f1:.4f}, {took}"
-            )
+            if teacher.kind == "distilled":
+                accelerator.print(
+                    f"distilling from {teacher.description}: macro-F1 {teacher.val_macro_f1:.4f} on this split's "
+                    f"validation images (which its runs may have trained on), {took}"
+                )
+            else:
+                accelerator.print(
+                    f"HR teacher {teacher.kind} ({teacher.description}): val macro-F1 on HR twins "
+                    f"{teacher.val_macro_f1:.4f}, {took}"
+                )
         if cfg.log != "none":
             accelerator.init_trackers("lowres-birds", config=cfg.to_dict())
 

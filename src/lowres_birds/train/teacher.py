@@ -24,9 +24,10 @@ from lowres_birds.config import STUDENT_ONLY, RunConfig
 from lowres_birds.data.images import cache_dir
 from lowres_birds.errors import UserError
 from lowres_birds.metrics import score
+from lowres_birds.model.ensemble import ensemble_probabilities, member_runs
 from lowres_birds.model.factory import create_model, load_run_model
 from lowres_birds.model.wrapper import BirdNet, in_batches
-from lowres_birds.run_dir import RunDir, save_torch
+from lowres_birds.run_dir import RunDir, model_folders, save_torch
 from lowres_birds.train.data import TeacherTargets, TrainingData, uses_teacher
 from lowres_birds.train.degradation import array_fingerprint
 
@@ -37,7 +38,7 @@ def teacher_source(cfg: RunConfig) -> str:
 
 def trains_teacher(cfg: RunConfig) -> bool:
     """The run fine-tunes a teacher of its own on the HR twins (RUN/teacher) before the student."""
-    return uses_teacher(cfg) and cfg.teacher == "finetuned"
+    return uses_teacher(cfg) and cfg.teacher == "finetuned" and not cfg.distill_from
 
 
 def without_unusable_start(cfg: RunConfig) -> tuple[RunConfig, str | None]:
@@ -57,6 +58,9 @@ def without_unusable_start(cfg: RunConfig) -> tuple[RunConfig, str | None]:
 def check_teacher(cfg: RunConfig, student: BirdNet, labels: list[str]) -> None:
     """Refuse, before any training, a teacher without pooled features or whose features the student cannot match."""
     if not uses_teacher(cfg):
+        return
+    if cfg.distill_from:
+        member_runs(Path(cfg.distill_from))  # every run it stands for is a trained run folder
         return
     source = teacher_source(cfg)
     teacher = student if source == cfg.model else create_model(source, labels, cfg.teacher_size, pretrained=False)
@@ -215,6 +219,38 @@ def teacher_finished(folder: Path, epochs: int) -> bool:
     run = RunDir(folder)
     records = run.metrics(missing_ok=True) if run.path.is_dir() else []
     return bool(records) and records[-1]["epoch"] >= epochs and (run / RunDir.WEIGHTS).is_file()
+
+
+# --------------------------------------------------------------------------- distilled models
+
+
+def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> TeacherTargets:
+    """The models of ``distill_from`` as the teacher: their weighted mean probabilities with flip TTA on every
+    training row's LR image, computed once by the main process into RUN/distill_targets (a resumed run reads them
+    back; a damaged file is refused), stored as log-probabilities (the loss softens them by kd_temperature)."""
+    from accelerate import PartialState
+
+    processes = PartialState()
+    rows, classes, path = len(data.targets), len(data.label_map.classes), run / RunDir.DISTILL_TARGETS
+    source = Path(cfg.distill_from)
+    reused = path.is_file()
+    if not reused and processes.is_main_process:
+        started = time.perf_counter()
+        members, weights = member_runs(source)
+        labels = list(data.label_map.classes)
+        probs = ensemble_probabilities(members, weights, data.lr_images, labels, str(processes.device))
+        logits = torch.from_numpy(np.log(np.clip(probs, 1e-8, None)))
+        run.save_teacher_targets(
+            None, logits, _hr_val_f1(data, logits), time.perf_counter() - started, name=RunDir.DISTILL_TARGETS
+        )
+    processes.wait_for_everyone()
+    damaged = "remove it and resume (it is computed again)"
+    saved = run.teacher_targets(rows, classes, damaged, name=RunDir.DISTILL_TARGETS, features=False)
+    runs = len(model_folders(source))
+    description = f"{source} ({runs} run{'s' * (runs > 1)}, flip TTA, weighted by validation macro-F1), {path}"
+    return TeacherTargets(
+        None, saved["logits"], saved["val_macro_f1"], "distilled", description, saved["seconds"], reused=reused
+    )
 
 
 def start_from_teacher(student: BirdNet, run: RunDir) -> None:

@@ -1,0 +1,53 @@
+"""An ensemble as one model: the run folders a trained folder stands for (an ensemble recipe's members, a folds
+folder's folds, or one run), their weights, and their weighted mean probability with flip TTA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowres_birds.errors import UserError
+from lowres_birds.model.factory import load_run_model
+from lowres_birds.model.wrapper import in_batches
+from lowres_birds.run_dir import RunDir, model_folders
+
+
+def member_runs(source: Path) -> tuple[list[Path], list[float]]:
+    """(run folders, weights): every run ``source`` stands for, weighted by its best validation macro-F1 (normalised,
+    as ``predict --ensemble f1``), refused in one line where one is not a trained run folder."""
+    members = model_folders(source)
+    scores = []
+    for member in members:
+        if not (Path(member) / RunDir.METRICS).is_file():
+            raise UserError(
+                f"{member} is not a trained run folder (no {RunDir.METRICS}); pass a folder written by "
+                "lowres-birds train (a run, an ensemble recipe's folder or a folds folder)"
+            )
+        scores.append(RunDir(member).best_val_macro_f1())
+    if sum(scores) <= 0:
+        raise UserError(f"every run of {source} has a best validation macro-F1 of 0: nothing to weigh them by")
+    return members, [score / sum(scores) for score in scores]
+
+
+def ensemble_probabilities(
+    members: list[Path], weights: list[float], images: np.ndarray, labels: list[str], device: str = "cpu"
+) -> np.ndarray:
+    """The members' weighted mean probabilities with flip TTA on uint8 N x 64 x 64 x 3 ``images`` (what ``predict
+    --run SOURCE --ensemble f1 --tta flip`` computes); every member must know exactly ``labels``."""
+    total = np.zeros((len(images), len(labels)), np.float32)
+    for member, weight in zip(members, weights):
+        model, member_labels = load_run_model(member, device)
+        if member_labels != labels:
+            raise UserError(
+                f"{member} was trained on other classes than this data's ({len(member_labels)} vs {len(labels)}); "
+                "distil from models of the same species"
+            )
+
+        def flip_averaged(batch: torch.Tensor, model=model) -> torch.Tensor:
+            batch = batch.to(device)
+            return (model(batch).float().softmax(-1) + model(batch.flip(-1)).float().softmax(-1)) / 2
+
+        total += weight * in_batches(flip_averaged, images, desc=f"soft targets of {member}")
+    return total
