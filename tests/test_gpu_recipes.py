@@ -25,7 +25,7 @@ from timm.models.eva import Eva
 from lowres_birds.cli import main
 from lowres_birds.config import load_config, parse_strategy
 from lowres_birds.run_dir import FoldsDir, RunDir
-from lowres_birds.train import loop
+from lowres_birds.train import loop, session
 
 GPU_RECIPES = [
     "best",
@@ -127,7 +127,7 @@ class Observed:
         self.models, self.optimizers, self.autocast = [], [], set()
         self.features = self.teacher = self.mixed = self.class_weights = False
         self.ema_updates = 0
-        create_optimizer, total_loss, ema_update = loop.create_optimizer, loop.total_loss, ModelEmaV3.update
+        create_optimizer, total_loss, ema_update = session.create_optimizer, loop.total_loss, ModelEmaV3.update
 
         def backbone_called(module, args):
             self.autocast.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
@@ -150,7 +150,7 @@ class Observed:
             return ema_update(ema, model, step=step)
 
         monkeypatch.setattr(ModelEmaV3, "update", ema_update_seen)
-        monkeypatch.setattr(loop, "create_optimizer", optimizer_seen)
+        monkeypatch.setattr(session, "create_optimizer", optimizer_seen)
         monkeypatch.setattr(loop, "total_loss", loss_seen)
 
 
