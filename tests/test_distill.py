@@ -47,6 +47,10 @@ def test_the_soft_targets_are_the_ensembles_flip_tta_probabilities_on_every_trai
     _, expected = average_probabilities([Classifier.load(m) for m in members], images, "flip", weights)
     np.testing.assert_allclose(saved["logits"].exp().numpy(), expected, atol=1e-5)  # what predict --tta flip gives
     assert saved["features"] is None and RunDir(student).config().distill_from == str(ensemble)
+    # The model card and the report name the models it learned from, their scores and the student's.
+    for page in (student / "hf" / "README.md", student / "report" / "report.html"):
+        text = page.read_text(encoding="utf-8")
+        assert f"distilled from {ensemble}: 2 run(s)" in text and "this student " in text, page
 
 
 def test_an_interrupted_distillation_resumes_with_its_cached_targets(ensemble, demo_data, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from lowres_birds.extras import require as require_extra
 from lowres_birds.inspect.html import Section, write_page
 from lowres_birds.inspect.plots import barh_png, confusion_matrix_png, curves_png, image_grid_png
 from lowres_birds.metrics import per_class_table, score
+from lowres_birds.model.ensemble import distillation_line
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.resolution import to_nchw
 from lowres_birds.model.wrapper import in_batches
@@ -167,6 +168,9 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
         f"{scores['accuracy']:.4f}  "
         f"errors {n_wrong}\nworst classes: {worst}"
     )
+    distilled = distillation_line(cfg.distill_from, scores["macro_f1"])
+    if distilled:
+        summary += f"\n{distilled}"
     errors_items = [errors_png] if errors_png else ["no validation errors"]
     sections = [
         Section("Summary", [summary]),

@@ -51,3 +51,19 @@ def ensemble_probabilities(
 
         total += weight * in_batches(flip_averaged, images, desc=f"soft targets of {member}")
     return total
+
+
+def distillation_line(distill_from: str, student_f1: float) -> str | None:
+    """One line for a distilled student's report and model card: the models it learned from, with each one's
+    validation macro-F1 (on its own split), and the student's; None for a run that was not distilled."""
+    if not distill_from:
+        return None
+    try:
+        members, _ = member_runs(Path(distill_from))
+        scores = " / ".join(f"{RunDir(member).best_val_macro_f1():.4f}" for member in members)
+    except UserError:  # moved or removed since: the student is still described
+        return f"distilled from {distill_from} (no longer readable); its validation macro-F1 {student_f1:.4f}"
+    return (
+        f"distilled from {distill_from}: {len(members)} run(s) (flip TTA, weighted by validation macro-F1) with "
+        f"validation macro-F1 {scores} on their own splits; this student {student_f1:.4f} on its split"
+    )

@@ -30,6 +30,7 @@ from lowres_birds import __version__
 from lowres_birds.config import LR_SIZE, RunConfig, parse_strategy
 from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
+from lowres_birds.model.ensemble import distillation_line
 from lowres_birds.model.factory import OFFLINE_LITE, check_device, load_run_model, timm_architecture
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
 from lowres_birds.run_dir import (
@@ -184,6 +185,8 @@ def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], l
         )
     else:
         metrics = "No finished epoch is recorded in the run folder."
+    line = distillation_line(cfg.distill_from, best["val_macro_f1"]) if best is not None else None
+    distilled = f"- Teacher: {line}.\n" if line else ""
     name, where = run.path.resolve().name, str(out)
     loaders = {
         "timm": (
@@ -238,7 +241,7 @@ or `lowres-birds predict-image photo.jpg --run {where}`, `lowres-birds predict -
 - Data: `{data_name}` ({split["data"]}), {len(labels)} classes; {val_count} images held out for validation, the rest trained on.
 - Model: `{cfg.model}`, {"pretrained" if cfg.pretrained else "from scratch"}; strategy `{cfg.strategy}` ({seen}).
 - Schedule: {epochs_run:g} of {cfg.epochs} planned epochs, batch {cfg.batch_size}, AdamW lr {cfg.lr:g} ({cfg.schedule}), weight decay {cfg.weight_decay:g}.
-- The whole resolved recipe:
+{distilled}- The whole resolved recipe:
 
 ```yaml
 {cfg.to_yaml().strip()}
