@@ -188,10 +188,25 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
 
 
 def after_training(run_dir: Path, data_dir: Path | None) -> None:
-    """What ``train`` writes once a run is trained: RUN/hf (as ``export --format hf``) and the report. Neither
-    fails the training: a failure says so in one line, with the command that retries it."""
+    """What ``train`` writes once a run is trained: its calibration (as ``calibrate``), RUN/hf (as ``export --format
+    hf``, calibrated) and the report. None fails the training: a failure says so in one line, with the command that
+    retries it."""
+    _calibration_after_training(Path(run_dir), data_dir)
     _hf_folder_after_training(Path(run_dir))
     report_after_training(run_dir, data_dir)
+
+
+def _calibration_after_training(run_dir: Path, data_dir: Path | None) -> None:
+    from lowres_birds.predict.calibrate import calibrate, describe
+
+    try:
+        for run, calibration in calibrate(run_dir, data_dir):
+            print(describe(run, calibration))
+    except Exception as exc:  # noqa: BLE001 - the run itself is complete
+        warnings.warn(
+            f"calibration skipped ({type(exc).__name__}: {exc}); run lowres-birds calibrate --run {run_dir}",
+            stacklevel=2,
+        )
 
 
 def _hf_folder_after_training(run_dir: Path) -> None:
