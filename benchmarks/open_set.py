@@ -114,7 +114,7 @@ def main() -> None:
         photos = np.stack([to_model_input(photo) for photo in non_bird_photos()])
         photo_features, photo_logits = pooled_outputs(model, photos)
         known_targets = encode(truth["label"][known].tolist())
-        accuracy = float((test_logits[known].argmax(1).numpy() == known_targets).mean())
+        accuracy = float((test_logits.numpy()[known].argmax(1) == known_targets).mean())
 
         lines = [
             f"Run {run.path} ({len(labels)} species, temperature {temperature:.3f}); {int(known.sum())} known and "

@@ -167,9 +167,11 @@ def run_train(args) -> int:
 
         return _finish_members(train_members(members, args.data, run_dir, force=args.force), run_dir, started)
     if cfg.folds and cfg.fold < 0:
+        from lowres_birds.inspect.report import calibrate_after_training
         from lowres_birds.train.ensembles import train_folds
 
         summary = train_folds(cfg, args.data, run_dir, force=args.force)
+        calibrate_after_training(run_dir, args.data)
         print(
             f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds "
             f"predict --run {run_dir} --ensemble f1 --data DIR"
@@ -210,6 +212,9 @@ def _resume(args, overrides: dict) -> int:
 
 
 def _finish_members(summary: dict, out: Path, started: float) -> int:
+    from lowres_birds.inspect.report import calibrate_after_training
+
+    calibrate_after_training(out, None)  # each member on its own split, with the data its split.json names
     scores = ", ".join(f"{name} {score:.4f}" for name, score in summary["val_macro_f1"].items())
     print(
         f"ensemble of {len(summary['members'])} trained in {time.perf_counter() - started:.0f}s (validation macro-F1: "

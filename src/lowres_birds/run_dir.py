@@ -552,9 +552,17 @@ class RunDir:
             save_safetensors(self / self.UNKNOWN_STATISTICS, statistics)
         write_json(self / self.CALIBRATION, calibration)
 
-    def calibration(self, scores: tuple[str, ...], statistics: dict[str, tuple[str, ...]]) -> tuple[dict, dict] | None:
+    def calibration(
+        self,
+        scores: tuple[str, ...],
+        statistics: dict[str, tuple[str, ...]],
+        classes: int | None = None,
+        width: int | None = None,
+    ) -> tuple[dict, dict] | None:
         """(calibration.json, the score's statistics) checked, or None for a run calibrated before this existed.
-        ``scores``: the unknown scores there are; ``statistics``: the tensors each score needs."""
+        ``scores``: the unknown scores there are; ``statistics``: the tensors each score needs; ``classes`` and
+        ``width`` (the model's, when known): the shapes they must have (class means ``classes`` x ``width``, the
+        precision ``width`` x ``width``, training features N x ``width``)."""
         path = self.require() / self.CALIBRATION
         if not path.is_file():
             return None
@@ -584,6 +592,14 @@ class RunDir:
                 f"{self / self.UNKNOWN_STATISTICS} lacks finite 2-D {', '.join(needed)} for the score "
                 f"{calibration['score']}; {damaged}"
             )
+        expected = {"means": (classes, width), "precision": (width, width), "bank": (None, width)}
+        for name in needed:
+            shape = tuple(tensors[name].shape)
+            if any(want is not None and got != want for got, want in zip(shape, expected[name])):
+                raise UserError(
+                    f"{self / self.UNKNOWN_STATISTICS} holds {name} of shape {shape}, not "
+                    f"{tuple('N' if w is None else w for w in expected[name])} for this model; {damaged}"
+                )
         return calibration, {name: tensors[name] for name in needed}
 
 

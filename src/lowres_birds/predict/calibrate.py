@@ -103,12 +103,12 @@ def describe(run: Path, calibration: dict) -> str:
     )
 
 
-def load_head(folder: Path, remedy: str) -> tuple[CalibratedHead, float | None]:
-    """(the CalibratedHead of a run folder or exported HF folder, its unknown threshold); one written before
+def load_head(folder: Path, model: BirdNet, labels: list[str], remedy: str) -> tuple[CalibratedHead, float | None]:
+    """(the CalibratedHead of ``model``'s run folder or exported HF folder, its unknown threshold); one written before
     calibration existed: temperature 1 and no threshold (no unknown flag), said once per folder on stderr with
     ``remedy``."""
     run = RunDir(folder)
-    saved = run.calibration(SCORES, STATISTICS)
+    saved = run.calibration(SCORES, STATISTICS, len(labels), model.feature_width)
     if saved is None:
         if str(run.path) not in _TOLD_UNCALIBRATED:
             _TOLD_UNCALIBRATED.add(str(run.path))

@@ -92,12 +92,15 @@ class Classifier:
         source = Path(source)
         if source.suffix == ".onnx":
             classifier = cls._load_onnx(source, shares_cpu)
-        elif is_hf_folder(source):
-            head = load_head(source, "export it again from a calibrated run (lowres-birds calibrate, then export)")
-            classifier = cls._from_model(*load_hf_folder(source, device), str(source), device, *head)
         else:
-            model, labels = load_run_model(source, device)
-            head = load_head(source, f"add both with: lowres-birds calibrate --run {source}")
+            hf = is_hf_folder(source)
+            model, labels = load_hf_folder(source, device) if hf else load_run_model(source, device)
+            remedy = (
+                "export it again from a calibrated run (lowres-birds calibrate, then export)"
+                if hf
+                else f"add both with: lowres-birds calibrate --run {source}"
+            )
+            head = load_head(source, model, labels, remedy)
             classifier = cls._from_model(model, labels, str(source), device, *head)
         classifier.check()
         return classifier

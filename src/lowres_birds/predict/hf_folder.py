@@ -86,7 +86,7 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
     is_hf = spec.source.startswith("hf:")
     if is_hf:
         require_extra("hf", "export --format hf of a Hugging Face model")
-    saved = run.calibration(SCORES, STATISTICS)
+    saved = run.calibration(SCORES, STATISTICS, len(labels), model.feature_width)
     if saved is not None:
         classifier = model.backbone.get_classifier() if hasattr(model.backbone, "get_classifier") else None
         classifier = classifier or getattr(model.backbone, "classifier", None)
