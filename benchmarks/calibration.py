@@ -1,5 +1,6 @@
 """Calibration on a labelled test set: ECE (15 bins), NLL, macro-F1 and accuracy of each calibrated run and of their
-ensemble (``predict --run A --run B``: the mean of the members' calibrated probabilities), before and after.
+ensemble (``predict --run A --run B``: the members' mean plain softmax at their mean temperature,
+``average_predictions``), before and after; and, for comparison, the plain mean of the calibrated members.
 
 "Before" is the same network's plain softmax: ``softmax(log p * T)`` of the calibrated probabilities ``p``, exact
 since ``p = softmax(logits / T)``. Run ``lowres-birds calibrate --run RUN`` on each run first.
@@ -34,7 +35,7 @@ def main() -> None:
         expected_calibration_error,
         negative_log_likelihood,
     )
-    from lowres_birds.predict.classifier import Classifier
+    from lowres_birds.predict.classifier import Classifier, average_predictions
     from lowres_birds.run_dir import RunDir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -51,9 +52,10 @@ def main() -> None:
         position = {image_id: i for i, image_id in enumerate(table.ids)}
         paths = [table.lr_paths[position[i]] for i in truth["id"]]
         images = np.asarray(load_images(paths, LR_SIZE))
-        before, after, temperatures = [], [], []
+        before, after, temperatures, classifiers = [], [], [], []
         for run in args.run:
             classifier = Classifier.load(run)
+            classifiers.append(classifier)
             saved = RunDir(run).calibration(SCORES, STATISTICS)
             if saved is None:
                 raise SystemExit(f"{run} is not calibrated: run lowres-birds calibrate --run {run}")
@@ -66,7 +68,9 @@ def main() -> None:
         targets = LabelMap(tuple(labels)).encode(truth["label"].tolist())
         rows = [(f"`{run}` (T = {t:.3f})", b, a) for run, t, b, a in zip(args.run, temperatures, before, after)]
         if len(args.run) > 1:
-            rows.append((f"ensemble of the {len(args.run)} (mean)", np.mean(before, 0), np.mean(after, 0)))
+            combined = average_predictions(classifiers, images, args.tta).probs
+            rows.append((f"ensemble of the {len(args.run)} (as predict combines them)", np.mean(before, 0), combined))
+            rows.append(("the same, mean of the calibrated members (not used)", np.mean(before, 0), np.mean(after, 0)))
         lines = [
             f"{len(targets)} labelled test images ({args.labels}), TTA {args.tta}.",
             "",

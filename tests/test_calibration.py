@@ -21,7 +21,7 @@ from lowres_birds.model.calibration import (
     fit_temperature,
     risk_coverage,
 )
-from lowres_birds.predict.classifier import Classifier, to_model_input
+from lowres_birds.predict.classifier import Classifier, average_predictions, to_model_input
 from lowres_birds.run_dir import RunDir
 
 
@@ -195,3 +195,16 @@ def test_calibrate_refits_an_old_run(trained_run, tmp_path, capsys):
     saved = RunDir(run).calibration(SCORES, {})
     assert saved is not None and saved[0]["score"] == "energy" and not (run / "unknown.safetensors").exists()
     assert main(["calibrate", "--run", str(run), "--score", "cosine"]) == 2
+
+
+def test_an_ensemble_is_calibrated_on_its_combined_output_and_keeps_its_labels():
+    def member(probs, temperature):
+        calibrated = torch.tensor(probs).log().div(temperature).softmax(-1)
+        return Classifier(["a", "b", "c"], lambda x: calibrated.repeat(len(x), 1), "m", 64, temperature=temperature)
+
+    plain = np.array([[0.5, 0.3, 0.2], [0.2, 0.45, 0.35]])
+    members = [member(plain[0], 0.5), member(plain[1], 0.8)]
+    probs = average_predictions(members, np.zeros((1, 64, 64, 3), np.uint8), "none").probs
+    expected = torch.tensor(plain.mean(0)).log().div(0.65).softmax(-1).numpy()
+    np.testing.assert_allclose(probs[0], expected, atol=1e-5)
+    assert probs.argmax(1)[0] == plain.mean(0).argmax()

@@ -574,10 +574,12 @@ class RunDir:
             or not calibration["temperature"] > 0
             or calibration.get("score") not in scores
             or not _is_number(calibration.get("threshold"))
+            or not _is_number(calibration.get("temperature_folded", 1))
+            or not calibration.get("temperature_folded", 1) > 0
         ):
             raise UserError(
                 f"{path} must give 'temperature' (a positive number), 'score' (one of {', '.join(scores)}) and "
-                f"'threshold' (a number); {damaged}"
+                f"'threshold' (a number), and 'temperature_folded' if any (a positive number); {damaged}"
             )
         needed = statistics.get(calibration["score"], ())
         if not needed:

@@ -103,10 +103,12 @@ def describe(run: Path, calibration: dict) -> str:
     )
 
 
-def load_head(folder: Path, model: BirdNet, labels: list[str], remedy: str) -> tuple[CalibratedHead, float | None]:
-    """(the CalibratedHead of ``model``'s run folder or exported HF folder, its unknown threshold); one written before
-    calibration existed: temperature 1 and no threshold (no unknown flag), said once per folder on stderr with
-    ``remedy``."""
+def load_head(
+    folder: Path, model: BirdNet, labels: list[str], remedy: str
+) -> tuple[CalibratedHead, float | None, float]:
+    """(the CalibratedHead of ``model``'s run folder or exported HF folder, its unknown threshold, the run's
+    temperature: in an HF folder it is folded into the weights and the head's is 1); one written before calibration
+    existed: temperature 1 and no threshold (no unknown flag), said once per folder on stderr with ``remedy``."""
     run = RunDir(folder)
     saved = run.calibration(SCORES, STATISTICS, len(labels), model.feature_width)
     if saved is None:
@@ -117,6 +119,7 @@ def load_head(folder: Path, model: BirdNet, labels: list[str], remedy: str) -> t
                 f"uncalibrated and carry no unknown flag; {remedy}",
                 file=sys.stderr,
             )
-        return CalibratedHead(1.0, "max_softmax", {}), None
+        return CalibratedHead(1.0, "max_softmax", {}), None, 1.0
     calibration, statistics = saved
-    return CalibratedHead(calibration["temperature"], calibration["score"], statistics), calibration["threshold"]
+    head = CalibratedHead(calibration["temperature"], calibration["score"], statistics)
+    return head, calibration["threshold"], calibration.get("temperature_folded", calibration["temperature"])

@@ -90,7 +90,8 @@ def export_onnx(
     if out.suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx (predict --onnx and Classifier.load recognise the suffix)")
     model, labels = load_run_model(run_dir)
-    head, threshold = load_head(run_dir, model, labels, f"calibrate it first: lowres-birds calibrate --run {run_dir}")
+    remedy = f"calibrate it first: lowres-birds calibrate --run {run_dir}"
+    head, threshold, _ = load_head(run_dir, model, labels, remedy)
     program = onnx_program(model, labels, layout, "int8" if int8 else "fp32", head, threshold)
     if not int8:
         return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))
