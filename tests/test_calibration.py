@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -208,3 +210,15 @@ def test_an_ensemble_is_calibrated_on_its_combined_output_and_keeps_its_labels()
     expected = torch.tensor(plain.mean(0)).log().div(0.65).softmax(-1).numpy()
     np.testing.assert_allclose(probs[0], expected, atol=1e-5)
     assert probs.argmax(1)[0] == plain.mean(0).argmax()
+
+
+def test_the_non_bird_photos_of_the_open_set_benchmark_get_an_answer_each(trained_run):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from open_set import SKIMAGE_PHOTOS, non_bird_photos
+
+    photos = non_bird_photos()
+    assert len(photos) == 3 * len(SKIMAGE_PHOTOS)
+    assert all(photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[-1] == 3 for photo in photos)
+    classifier = Classifier.load(trained_run)
+    _, unknown = classifier.predict_scores(np.stack([to_model_input(photo) for photo in photos]))
+    assert classifier.is_unknown(unknown).shape == (len(photos),)

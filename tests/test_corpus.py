@@ -17,9 +17,10 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
                        --min-confidence, serve --port / --max-upload-mb /
                        --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr, export
                        --fallback-margin
-    run-folder files  242 cases, 228 refused / 14 accepted: each file a command reads x (missing, empty, truncated,
-                       garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report and
-                       train --resume, plus one case per command where every file it does not read is garbage
+    run-folder files  273 cases, 257 refused / 16 accepted: each file a command reads x (missing, empty, truncated,
+                       garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report,
+                       calibrate and train --resume, plus one case per command where every file it does not read
+                       is garbage
     full disk           6 cases: train at model.safetensors, checkpoint.pt and metrics.jsonl, export at the
                        write and at the rename, and train at a later checkpoint: each is one line and exit 2, the
                        run is refused in one line or resumed with each epoch recorded once
@@ -617,6 +618,7 @@ READS = {  # what each command reads from a run folder; every other file may be 
     "serve": MODEL_FILES,
     "report": ("config.yaml", *MODEL_FILES, "split.json", "metrics.jsonl"),
     "train --resume": ("config.yaml", "labels.json", "split.json", "checkpoint.pt", "metrics.jsonl"),
+    "calibrate": (*MODEL_FILES[:3], "split.json"),  # and writes calibration.json, unknown.safetensors
 }
 RUN_FILES = (
     "config.yaml",
@@ -637,6 +639,7 @@ MODEL_READERS = ("predict", "predict-image", "export", "serve", "report")
 NOT_AN_ERROR = {
     *((command, "calibration.json", "missing") for command in MODEL_READERS),
     ("report", "split.json", "other fingerprint"),
+    ("calibrate", "split.json", "other fingerprint"),
     ("train --resume", "metrics.jsonl", "missing"),
     ("train --resume", "metrics.jsonl", "empty"),
 }
@@ -656,6 +659,7 @@ def run_command(command: str, world, run: Path, tmp: Path) -> list:
         "serve": ["serve", "--run", run, "--port", "0"],
         "report": ["report", "--run", run],
         "train --resume": ["train", "--resume", run],
+        "calibrate": ["calibrate", "--run", run],
     }[command]
 
 

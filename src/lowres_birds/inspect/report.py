@@ -30,7 +30,7 @@ from lowres_birds.inspect.plots import (
     risk_coverage_png,
 )
 from lowres_birds.metrics import per_class_table, score
-from lowres_birds.model.calibration import SCORES, STATISTICS
+from lowres_birds.model.calibration import SCORES, STATISTICS, expected_calibration_error, negative_log_likelihood
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.resolution import to_nchw
 from lowres_birds.model.wrapper import in_batches
@@ -212,15 +212,16 @@ def calibration_section(
     calibration = saved[0]
     scores = torch.from_numpy(logits)
     before, after = scores.softmax(-1).numpy(), (scores / calibration["temperature"]).softmax(-1).numpy()
-    val = calibration["validation"]
     where = "validation split (where T was fitted: test-set figures in BENCHMARKS.md)"
+    ece = [expected_calibration_error(probs, truth) for probs in (before, after)]
+    nll = [negative_log_likelihood(probs, truth) for probs in (before, after)]
     return Section(
         "Calibration and abstaining",
         [
-            f"Temperature {calibration['temperature']:.3f} fitted by NLL on the {val['images']} validation images: "
-            f"ECE (15 bins) {val['ece_before']:.4f} -> {val['ece_after']:.4f}, NLL {val['nll_before']:.4f} -> "
-            f"{val['nll_after']:.4f}. Unknown: {calibration['score']} score above {calibration['threshold']:.6g} "
-            f"(keeps {calibration['keep_known']:.0%} of the validation images as known).",
+            f"Temperature {calibration['temperature']:.3f}, fitted by NLL on the {len(truth)} validation images: ECE "
+            f"(15 bins) {ece[0]:.4f} -> {ece[1]:.4f}, NLL {nll[0]:.4f} -> {nll[1]:.4f}. "
+            f"Unknown: {calibration['score']} score above {calibration['threshold']:.6g} (the threshold that keeps "
+            "95 % of the validation images as known).",
             reliability_png(
                 {"before": (before, truth), "after": (after, truth)},
                 out_dir / "reliability.png",
