@@ -132,8 +132,11 @@ def measure(folder: Path, run: Path, work: Path) -> dict:
     load_images(table.lr_paths, LR_SIZE)
     seconds["decode"] = time.perf_counter() - started
     started = time.perf_counter()
-    ids, labels, probs = predict_test_set([run], folder)
-    write_csv(work / "submission.csv", pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
+    ids, predictions = predict_test_set([run], folder)
+    labels = predictions.labels
+    write_csv(
+        work / "submission.csv", pd.DataFrame({"id": ids, "label": [labels[i] for i in predictions.probs.argmax(1)]})
+    )
     seconds["predict"] = time.perf_counter() - started
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -43,12 +45,12 @@ def eight_species_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture
-def server_url(eight_species_run):
+@contextlib.contextmanager
+def serving(run_dir: Path):
     """`lowres-birds serve` in a background thread on a free loopback port; ready once /api/health answers."""
     listener = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(create_app(Classifier.load(eight_species_run)), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(Classifier.load(run_dir)), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -59,10 +61,18 @@ def server_url(eight_species_run):
         except httpx.TransportError:
             pass
         assert thread.is_alive() and time.monotonic() < deadline, "server did not become healthy within 30 s"
-    yield url
-    server.should_exit = True
-    thread.join(10)
-    listener.close()
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
+
+
+@pytest.fixture
+def server_url(eight_species_run):
+    with serving(eight_species_run) as url:
+        yield url
 
 
 def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(
@@ -88,6 +98,7 @@ def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(
                 e["label"] for e in expected
             ]
             expect(bars.first.locator(".value")).to_have_text(f"{expected[0]['score'] * 100:.1f}%")
+            expect(page.locator("#verdict")).to_be_hidden()  # an uncalibrated run carries no unknown flag
             assert all(bars.nth(i).locator(".label").inner_text().strip() for i in range(bars.count()))
             page.wait_for_function("() => document.querySelector('#model-view').naturalWidth === 64")
             assert page.locator("#model-view").evaluate(
@@ -111,3 +122,24 @@ def test_upload_shows_the_photo_the_model_view_and_five_labelled_bars(
         finally:
             browser.close()
     print(f"screenshot: {screenshot}")
+
+
+def test_a_photo_judged_unknown_says_so_instead_of_naming_a_species(eight_species_run, demo_data, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    run = tmp_path / "run"
+    shutil.copytree(eight_species_run, run)
+    # max-softmax scores lie in [-1, 0): above a threshold of -2, every photo is judged unknown
+    RunDir(run).write_calibration({"temperature": 1.0, "score": "max_softmax", "threshold": -2.0}, {})
+    with serving(run) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.set_input_files("#photo-input", str(sorted((demo_data / "test").glob("*.jpg"))[0]))
+            expect(page.locator("#verdict")).to_have_text("Not one of the species I know.")
+            expect(page.locator("#predictions-title")).to_contain_text("none is a match")
+        finally:
+            browser.close()

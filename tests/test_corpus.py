@@ -11,21 +11,23 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
                        evaluate --out-dir, demo --out, export --out, study --out, report --out, eda --out) x 6 kinds
                        (existing file, existing folder, missing parent, parent is a file, unwritable (/proc), same
                        path as an input or another output), less demo x same path (demo takes no other path)
-    numeric flags     307 cases, 279 refused / 28 accepted: every numeric flag x (nan, inf, negative, zero, out of
+    numeric flags     317 cases, 287 refused / 30 accepted: every numeric flag x (nan, inf, negative, zero, out of
                        range): the 33 numeric RunConfig fields through train (and through study, refused values
-                       only: an accepted one would train), predict-image --top, serve --port / --max-upload-mb /
+                       only: an accepted one would train), predict-image --top / --min-confidence, predict
+                       --min-confidence, serve --port / --max-upload-mb /
                        --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr, export
                        --fallback-margin
-    run-folder files  177 cases, 168 refused / 9 accepted: each file a command reads x (missing, empty, truncated,
-                       garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report and
-                       train --resume, plus one case per command where every file it does not read is garbage
+    run-folder files  273 cases, 257 refused / 16 accepted: each file a command reads x (missing, empty, truncated,
+                       garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report,
+                       calibrate and train --resume, plus one case per command where every file it does not read
+                       is garbage
     full disk           6 cases: train at model.safetensors, checkpoint.pt and metrics.jsonl, export at the
                        write and at the rename, and train at a later checkpoint: each is one line and exit 2, the
                        run is refused in one line or resumed with each epoch recorded once
 
-Commands without the category: predict-image and serve write no file; predict, evaluate, demo, export and report
-take no numeric flag; evaluate, demo, eda and study read no run folder (study reuses its own runs through
-train --resume). val_predictions.npz and degradation.json are read by no command here.
+Commands without the category: predict-image and serve write no file; evaluate, demo, export and report take no
+numeric flag (predict: --min-confidence alone); evaluate, demo, eda and study read no run folder (study reuses its
+own runs through train --resume). val_predictions.npz and degradation.json are read by no command here.
 """
 
 from __future__ import annotations
@@ -401,6 +403,8 @@ CONFIG_CASES = [
 # Numeric flags that are not RunConfig fields: (command, flag) -> {kind: (value, accepted)}.
 REFUSED_FOUR = {"nan": ("nan", False), "inf": ("inf", False), "negative": ("-1", False)}
 CLI_NUMBERS = {
+    ("predict-image", "--min-confidence"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("1.5", False)},
+    ("predict", "--min-confidence"): {**REFUSED_FOUR, "zero": ("0", True), "out-of-range": ("1.5", False)},
     ("predict-image", "--top"): {
         **REFUSED_FOUR,
         "zero": ("0", False),
@@ -459,6 +463,7 @@ def test_config_number(command, name, kind, value, world, tmp_path, capfd):
 def test_cli_number(command, flag, kind, value, accepted, world, tmp_path, capfd, no_server):
     argv = {
         "predict-image": ["predict-image", world.photo, "--run", world.run],
+        "predict": ["predict", "--run", world.run, "--images", world.photo, "--out", tmp_path / "p.csv"],
         "serve": ["serve", "--run", world.run, "--port", "0"],
         "eda": ["eda", "--data", world.data, "--out", tmp_path / "eda"],
         "export": ["export", "--run", world.run, "--int8", "--out", tmp_path / "int8.onnx"],
@@ -521,6 +526,16 @@ def other_tensors(path: Path) -> None:
     save_file({"x": torch.zeros(3)}, str(path))
 
 
+def other_width(path: Path) -> None:
+    """Class means and a precision one feature wider than the model's pooled features."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    means, precision = tensors["means"], tensors["precision"]
+    width = means.shape[1] + 1
+    save_file({"means": torch.zeros(len(means), width), "precision": torch.eye(width) + 0 * precision.sum()}, str(path))
+
+
 def edit_checkpoint(change):
     def damage(path: Path) -> None:
         torch.save(change(torch.load(path, map_location="cpu", weights_only=True)), path)
@@ -581,6 +596,12 @@ TAMPERED = {
         "code inside": code_inside,
         "other shapes": edit_checkpoint(other_shapes),
     },
+    "calibration.json": {
+        "temperature 0": edit_json(lambda calibration: {**calibration, "temperature": 0}),
+        "score bogus": edit_json(lambda calibration: {**calibration, "score": "bogus"}),
+        "threshold text": edit_json(lambda calibration: {**calibration, "threshold": "high"}),
+    },
+    "unknown.safetensors": {"other tensors": other_tensors, "other width": other_width},
     "metrics.jsonl": {
         "epoch as text": edit_lines(lambda records: [{**r, "epoch": "one"} for r in records]),
         "no val_macro_f1": edit_lines(
@@ -589,7 +610,7 @@ TAMPERED = {
         "epoch twice": edit_lines(lambda records: records + records),
     },
 }
-MODEL_FILES = ("labels.json", "model_spec.json", "model.safetensors")
+MODEL_FILES = ("labels.json", "model_spec.json", "model.safetensors", "calibration.json", "unknown.safetensors")
 READS = {  # what each command reads from a run folder; every other file may be damaged without effect
     "predict": MODEL_FILES,
     "predict-image": MODEL_FILES,
@@ -597,6 +618,7 @@ READS = {  # what each command reads from a run folder; every other file may be 
     "serve": MODEL_FILES,
     "report": ("config.yaml", *MODEL_FILES, "split.json", "metrics.jsonl"),
     "train --resume": ("config.yaml", "labels.json", "split.json", "checkpoint.pt", "metrics.jsonl"),
+    "calibrate": (*MODEL_FILES[:3], "split.json"),  # and writes calibration.json, unknown.safetensors
 }
 RUN_FILES = (
     "config.yaml",
@@ -607,11 +629,17 @@ RUN_FILES = (
     "checkpoint.pt",
     "metrics.jsonl",
     "val_predictions.npz",
+    "calibration.json",
+    "unknown.safetensors",
 )
 # Damage a command cannot and need not see: report shows whatever split it is given (the ids must exist), and a run
 # stopped in its first epoch has a checkpoint but no finished epoch in metrics.jsonl.
+MODEL_READERS = ("predict", "predict-image", "export", "serve", "report")
+# A run without calibration.json was calibrated before calibration existed: it loads uncalibrated.
 NOT_AN_ERROR = {
+    *((command, "calibration.json", "missing") for command in MODEL_READERS),
     ("report", "split.json", "other fingerprint"),
+    ("calibrate", "split.json", "other fingerprint"),
     ("train --resume", "metrics.jsonl", "missing"),
     ("train --resume", "metrics.jsonl", "empty"),
 }
@@ -631,6 +659,7 @@ def run_command(command: str, world, run: Path, tmp: Path) -> list:
         "serve": ["serve", "--run", run, "--port", "0"],
         "report": ["report", "--run", run],
         "train --resume": ["train", "--resume", run],
+        "calibrate": ["calibrate", "--run", run],
     }[command]
 
 

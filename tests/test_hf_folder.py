@@ -66,8 +66,10 @@ def test_pipeline_agrees_with_predict_image_on_every_demo_image(trained_run, dem
     assert main(["export", "--run", str(run), "--format", "hf", "--out", str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
         "README.md",
+        "calibration.json",  # the unknown score and threshold (the temperature is folded into the weights)
         "config.json",
         "model.safetensors",
+        "unknown.safetensors",
     ]
     paths = sorted((demo_data / "test").glob("*.jpg"))
 

@@ -13,7 +13,7 @@ from lowres_birds.cli import main
 from lowres_birds.inspect.report import cam_target, grad_cam_overlays, report_after_training
 from lowres_birds.model.factory import create_model
 
-FIGURES = ("curves.png", "confusion_matrix.png", "per_class_f1.png")
+FIGURES = ("curves.png", "confusion_matrix.png", "per_class_f1.png", "reliability.png", "risk_coverage.png")
 
 
 def test_train_writes_the_report_automatically(trained_run):
@@ -36,6 +36,7 @@ def test_report_command_scores_the_best_weights_on_the_run_split(trained_run, tm
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") >= len(FIGURES)
     assert "Resolved config" in page and "Timings per validation" in page and "<script" not in page
+    assert "Calibration and abstaining" in page and "ECE (15 bins)" in page
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

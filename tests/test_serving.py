@@ -230,11 +230,11 @@ class GatedClassifier:
         self.busy = threading.Event()
         self.release = threading.Event()
 
-    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+    def predict_scores(self, images: np.ndarray) -> tuple[np.ndarray, None]:
         self.batch_sizes.append(len(images))
         self.busy.set()
         assert self.release.wait(10)
-        return np.tile([0.25, 0.75], (len(images), 1))
+        return np.tile([0.25, 0.75], (len(images), 1)), None
 
 
 def test_requests_waiting_for_the_model_are_classified_together():
@@ -250,7 +250,7 @@ def test_requests_waiting_for_the_model_are_classified_together():
         inference.close()
 
     assert model.batch_sizes == [1, 6]
-    assert [len(future.result()) for future in waiting] == [1, 2, 3]
+    assert [len(future.result()[0]) for future in waiting] == [1, 2, 3]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -167,9 +167,11 @@ def run_train(args) -> int:
 
         return _finish_members(train_members(members, args.data, run_dir, force=args.force), run_dir, started)
     if cfg.folds and cfg.fold < 0:
+        from lowres_birds.inspect.report import calibrate_after_training
         from lowres_birds.train.ensembles import train_folds
 
         summary = train_folds(cfg, args.data, run_dir, force=args.force)
+        calibrate_after_training(run_dir, args.data)
         print(
             f"out-of-fold macro-F1 {summary['oof_macro_f1']:.4f} over {cfg.folds} folds; predict with: lowres-birds "
             f"predict --run {run_dir} --ensemble f1 --data DIR"
@@ -210,6 +212,9 @@ def _resume(args, overrides: dict) -> int:
 
 
 def _finish_members(summary: dict, out: Path, started: float) -> int:
+    from lowres_birds.inspect.report import calibrate_after_training
+
+    calibrate_after_training(out, None)  # each member on its own split, with the data its split.json names
     scores = ", ".join(f"{name} {score:.4f}" for name, score in summary["val_macro_f1"].items())
     print(
         f"ensemble of {len(summary['members'])} trained in {time.perf_counter() - started:.0f}s (validation macro-F1: "
@@ -274,10 +279,27 @@ def add_predict(sub) -> None:
         default=5,
         help="with --images: classes per image (columns label, score, label_2, score_2, ...)",
     )
-    parser.add_argument("--probs", type=Path, help="also write per-class probabilities to this CSV")
+    parser.add_argument(
+        "--probs",
+        type=Path,
+        help="also write per-class calibrated probabilities to this CSV (with unknown, unknown_score for a calibrated "
+        "run)",
+    )
+    _add_min_confidence_option(parser, "with --images: label is left empty")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def _add_min_confidence_option(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument(
+        "--min-confidence",
+        type=number(float, 0, 1),
+        default=0.0,
+        metavar="P",
+        help=f"abstain ({where}) when the top calibrated probability is below P; the run report's risk-coverage "
+        "curve shows the accuracy and the share answered at each P (default 0: always answer)",
+    )
 
 
 def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
@@ -315,19 +337,28 @@ def run_predict(args) -> int:
     check_output(out, args.force, others=[("--probs", args.probs), *inputs])
     if args.probs is not None:
         check_output(args.probs, args.force, others=inputs)
+    if args.data is not None and args.min_confidence > 0:
+        raise UserError("--min-confidence applies to --images: a submission (--data) names a species for every row")
     members, weights = _resolve_ensemble(sources, args.ensemble)
     if args.data is not None:
-        ids, labels, probs = predict_test_set(members, args.data, tta=args.tta, device=args.device, weights=weights)
-        write_csv(out, pd.DataFrame({"id": ids, "label": [labels[i] for i in probs.argmax(1)]}))
+        ids, predictions = predict_test_set(members, args.data, tta=args.tta, device=args.device, weights=weights)
+        labels = predictions.labels
+        write_csv(out, pd.DataFrame({"id": ids, "label": [labels[i] for i in predictions.probs.argmax(1)]}))
         key = "id"
     else:
         paths = find_images(args.images)
-        labels, probs = predict_files(members, paths, tta=args.tta, device=args.device, weights=weights)
+        predictions = predict_files(members, paths, tta=args.tta, device=args.device, weights=weights)
         ids = [str(path) for path in paths]
-        write_csv(out, top_k_table(ids, labels, probs, args.top))
+        write_csv(out, top_k_table(ids, predictions, args.top, args.min_confidence))
         key = "path"
     if args.probs is not None:
-        write_csv(args.probs, pd.concat([pd.DataFrame({key: ids}), pd.DataFrame(probs, columns=labels)], axis=1))
+        flags = (
+            {"unknown": predictions.unknown.astype(int), "unknown_score": predictions.unknown_scores}
+            if predictions.unknown is not None
+            else {}
+        )
+        columns = [pd.DataFrame({key: ids}), pd.DataFrame(predictions.probs, columns=predictions.labels)]
+        write_csv(args.probs, pd.concat([*columns, pd.DataFrame(flags)], axis=1))
     print(f"wrote {len(ids)} predictions to {out}" + (f" and probabilities to {args.probs}" if args.probs else ""))
     return 0
 
@@ -477,6 +508,7 @@ def add_predict_image(sub) -> None:
     )
     _add_model_options(parser)
     parser.add_argument("--top", type=number(int, 1), default=5, help="how many species to list per photo")
+    _add_min_confidence_option(parser, "'not sure'; JSON label null")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -493,20 +525,30 @@ def run_predict_image(args) -> int:
     paths = [found for path in args.paths for found in (find_images(path) if path.is_dir() else [path])]
     shown = bar(paths, desc=f"decoding {len(paths)} images", total=len(paths)) if len(paths) > 1 else paths
     images = np.stack([to_model_input(path) for path in shown])  # every file is checked before any output
-    probs = classifier.predict_arrays(images, progress=f"predicting {len(paths)} images" if len(paths) > 1 else None)
-    tops = [classifier.top_k(row, args.top) for row in probs]
+    probs, unknown = classifier.predict_scores(
+        images, progress=f"predicting {len(paths)} images" if len(paths) > 1 else None
+    )
+    scores = [None] * len(paths) if unknown is None else unknown
+    answers = [
+        {"path": str(path), **classifier.answer(row, score, args.top, args.min_confidence)}
+        for path, row, score in zip(paths, probs, scores)
+    ]
     if args.json:
-        answers = [
-            {"path": str(path), "top": [{"label": label, "probability": p} for label, p in top]}
-            for path, top in zip(paths, tops)
-        ]
         print(json.dumps(answers, indent=2))
         return 0
-    width = max(len(label) for top in tops for label, _ in top)
-    for path, top in zip(paths, tops):
-        print(path)
-        for rank, (label, probability) in enumerate(top, 1):
-            print(f"  {rank:>2}. {label:<{width}}  {probability:6.1%}")
+    width = max(len(best["label"]) for answer in answers for best in answer["top"])
+    for answer in answers:
+        verdict = (
+            "not one of the species I know"
+            if answer.get("unknown")
+            else f"not sure (below --min-confidence {args.min_confidence:g})"
+            if answer["label"] is None
+            else ""
+        )
+        score = f" (unknown score {answer['unknown_score']:.4g})" if "unknown_score" in answer else ""
+        print(f"{answer['path']}{': ' + verdict if verdict else ''}{score}")
+        for rank, best in enumerate(answer["top"], 1):
+            print(f"  {rank:>2}. {best['label']:<{width}}  {best['probability']:6.1%}")
     return 0
 
 
@@ -712,6 +754,30 @@ def run_report(args) -> int:
     return 0
 
 
+def add_calibrate(sub) -> None:
+    parser = sub.add_parser(
+        "calibrate",
+        help="fit a trained run's temperature and unknown threshold (train does this itself; for older runs)",
+    )
+    parser.add_argument(
+        "--run", type=Path, required=True, help="run folder written by lowres-birds train (or an ensemble/folds folder)"
+    )
+    parser.add_argument("--data", type=Path, help="data folder the run was trained on (default: the one in split.json)")
+    parser.add_argument(
+        "--score",
+        help="the unknown score: max_softmax, max_logit, energy, mahalanobis or knn (default: mahalanobis, chosen on "
+        "the open-set benchmark; energy for models without pooled features)",
+    )
+
+
+def run_calibrate(args) -> int:
+    from lowres_birds.predict.calibrate import calibrate, describe
+
+    for run, calibration in calibrate(args.run, args.data, args.score):
+        print(describe(run, calibration))
+    return 0
+
+
 def add_eda(sub) -> None:
     parser = sub.add_parser("eda", help="class balance, image statistics and data-quality checks")
     parser.add_argument(
@@ -752,6 +818,7 @@ COMMANDS = {
     "export": (add_export, run_export),
     "study": (add_study, run_study),
     "report": (add_report, run_report),
+    "calibrate": (add_calibrate, run_calibrate),
     "eda": (add_eda, run_eda),
 }
 

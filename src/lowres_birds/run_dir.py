@@ -7,6 +7,7 @@ A run folder holds::
     split.json           data folder, fingerprint, ids     model.safetensors  the best weights
     metrics.jsonl        one record per validation         checkpoint.pt    resumable state (tensors + plain types)
     val_predictions.npz  the best model's validation probabilities (out-of-fold scoring)
+    calibration.json     the temperature, the unknown score and its threshold   unknown.safetensors  its statistics
     report/              figures and report.html          hf/              the best weights as a Hugging Face folder
     teacher/             the fine-tuned HR teacher: a run folder of its own, plus targets.safetensors (its logits
                          and pooled features on every training row's HR twin, the distillation targets)
@@ -284,6 +285,8 @@ class RunDir:
     # Records also hold "step" (the optimizer step; absent before validations within an epoch existed) and "lr".
     METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")
     HF = "hf"  # the best weights as a Hugging Face folder (export --format hf)
+    CALIBRATION = "calibration.json"  # lowres-birds calibrate (and the end of train); absent in older runs
+    UNKNOWN_STATISTICS = "unknown.safetensors"  # the feature statistics of the unknown score (feature scores only)
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -547,6 +550,66 @@ class RunDir:
         ):
             raise UserError(f"{path} holds inconsistent arrays; retrain that run")
         return predictions
+
+    # ---- calibration (the temperature and the unknown score)
+    def write_calibration(self, calibration: dict, statistics: dict) -> None:
+        """calibration.json, and the unknown score's statistics (class means, training features) when it has any."""
+        (self / self.UNKNOWN_STATISTICS).unlink(missing_ok=True)
+        if statistics:
+            save_safetensors(self / self.UNKNOWN_STATISTICS, statistics)
+        write_json(self / self.CALIBRATION, calibration)
+
+    def calibration(
+        self,
+        scores: tuple[str, ...],
+        statistics: dict[str, tuple[str, ...]],
+        classes: int | None = None,
+        width: int | None = None,
+    ) -> tuple[dict, dict] | None:
+        """(calibration.json, the score's statistics) checked, or None for a run calibrated before this existed.
+        ``scores``: the unknown scores there are; ``statistics``: the tensors each score needs; ``classes`` and
+        ``width`` (the model's, when known): the shapes they must have (class means ``classes`` x ``width``, the
+        precision ``width`` x ``width``, training features N x ``width``)."""
+        path = self.require() / self.CALIBRATION
+        if not path.is_file():
+            return None
+        damaged = f"the calibration is damaged: run lowres-birds calibrate --run {self.path}"
+        calibration = load_json(path, "", damaged)
+        if (
+            not isinstance(calibration, dict)
+            or not _is_number(calibration.get("temperature"))
+            or not calibration["temperature"] > 0
+            or calibration.get("score") not in scores
+            or not _is_number(calibration.get("threshold"))
+            or not _is_number(calibration.get("temperature_folded", 1))
+            or not calibration.get("temperature_folded", 1) > 0
+        ):
+            raise UserError(
+                f"{path} must give 'temperature' (a positive number), 'score' (one of {', '.join(scores)}) and "
+                f"'threshold' (a number), and 'temperature_folded' if any (a positive number); {damaged}"
+            )
+        needed = statistics.get(calibration["score"], ())
+        if not needed:
+            return calibration, {}
+        tensors = load_safetensors(
+            self / self.UNKNOWN_STATISTICS, f"{self / self.UNKNOWN_STATISTICS} not found; {damaged}", damaged
+        )
+        if any(name not in tensors or tensors[name].ndim != 2 for name in needed) or not all(
+            bool(tensors[name].float().isfinite().all()) for name in needed
+        ):
+            raise UserError(
+                f"{self / self.UNKNOWN_STATISTICS} lacks finite 2-D {', '.join(needed)} for the score "
+                f"{calibration['score']}; {damaged}"
+            )
+        expected = {"means": (classes, width), "precision": (width, width), "bank": (None, width)}
+        for name in needed:
+            shape = tuple(tensors[name].shape)
+            if any(want is not None and got != want for got, want in zip(shape, expected[name])):
+                raise UserError(
+                    f"{self / self.UNKNOWN_STATISTICS} holds {name} of shape {shape}, not "
+                    f"{tuple('N' if w is None else w for w in expected[name])} for this model; {damaged}"
+                )
+        return calibration, {name: tensors[name] for name in needed}
 
 
 class RunGroup:

@@ -87,7 +87,8 @@ def evaluate_models(
         # before minutes of predicting
         check_output(path, force, others=[("--data", image_folder), *(("--run", source) for source in sources)])
     table = load_image_folder(image_folder)
-    labels, probs = predict_files(sources, table.lr_paths, tta=tta, device=device, weights=weights)
+    predictions = predict_files(sources, table.lr_paths, tta=tta, device=device, weights=weights)
+    labels, probs = predictions.labels, predictions.probs
     unknown = sorted(set(table.labels) - set(labels))
     if unknown:
         count = sum(label in unknown for label in table.labels)

@@ -142,3 +142,58 @@ def chart_png(table, path: Path) -> Path:
     fig.tight_layout()
     save_figure(fig, path)
     return path
+
+
+def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin of the top probability, one line per name
+    (``curves``: name -> (probabilities N x C, true classes)), and the diagonal a calibrated model follows."""
+    from lowres_birds.model.calibration import ECE_BINS, expected_calibration_error
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for name, (probs, targets) in curves.items():
+        confidence, correct = probs.max(1), probs.argmax(1) == targets
+        which = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+        filled = [b for b in range(ECE_BINS) if (which == b).any()]
+        ax.plot(
+            [confidence[which == b].mean() for b in filled],
+            [correct[which == b].mean() for b in filled],
+            marker="o",
+            label=f"{name} (ECE {expected_calibration_error(probs, targets):.3f})",
+        )
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def risk_coverage_png(probs: np.ndarray, targets: np.ndarray, path: Path, title: str) -> Path:
+    """Accuracy against the share of images answered when the least confident are left unanswered
+    (``--min-confidence``), with the thresholds 0.5, 0.7 and 0.9 marked."""
+    from lowres_birds.model.calibration import risk_coverage
+
+    plt = pyplot()
+    coverage, accuracy, threshold = risk_coverage(probs, targets)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(coverage, accuracy)
+    for mark in (0.5, 0.7, 0.9):
+        answered = int((threshold >= mark).sum())
+        if answered:
+            ax.plot(coverage[answered - 1], accuracy[answered - 1], "o", color="black")
+            ax.annotate(
+                f"P={mark:g}",
+                (coverage[answered - 1], accuracy[answered - 1]),
+                textcoords="offset points",
+                xytext=(4, -12),
+            )
+    ax.set_xlabel("share answered (coverage)")
+    ax.set_ylabel("accuracy of the answered")
+    ax.set_xlim(0, 1)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lowres_birds.data.images import fit_square
 from lowres_birds.data.splits import run_split
@@ -20,8 +21,16 @@ from lowres_birds.extras import install_command
 from lowres_birds.extras import missing as missing_extra
 from lowres_birds.extras import require as require_extra
 from lowres_birds.inspect.html import Section, write_page
-from lowres_birds.inspect.plots import barh_png, confusion_matrix_png, curves_png, image_grid_png
+from lowres_birds.inspect.plots import (
+    barh_png,
+    confusion_matrix_png,
+    curves_png,
+    image_grid_png,
+    reliability_png,
+    risk_coverage_png,
+)
 from lowres_birds.metrics import per_class_table, score
+from lowres_birds.model.calibration import SCORES, STATISTICS, expected_calibration_error, negative_log_likelihood
 from lowres_birds.model.ensemble import distillation_line
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.resolution import to_nchw
@@ -128,9 +137,11 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     cfg = run.config()  # every file of the run is read before any work
     metrics = read_metrics(run)
     model, labels = load_run_model(run_dir)
+    calibration = run.calibration(SCORES, STATISTICS, len(labels), model.feature_width)
     ids, images, truth = validation_images(run, data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probs = in_batches(lambda batch: model(batch).softmax(-1), images, desc=f"scoring {len(images)} validation images")
+    logits = in_batches(lambda batch: model(batch).float(), images, desc=f"scoring {len(images)} validation images")
+    probs = torch.from_numpy(logits).softmax(-1).numpy()
     predicted = probs.argmax(1)
     true_names, predicted_names = [labels[i] for i in truth], [labels[i] for i in predicted]
     scores = score(true_names, predicted_names)
@@ -184,6 +195,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
                 *errors_items,
             ],
         ),
+        calibration_section(run, calibration, logits, truth, out_dir),
         Section("Resolved config", [config]),
         Section("Timings per validation", [timings]),
     ]
@@ -191,11 +203,60 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
     return page, summary
 
 
+def calibration_section(
+    run: RunDir, saved: tuple[dict, dict] | None, logits: np.ndarray, truth: np.ndarray, out_dir: Path
+) -> Section:
+    """Reliability diagram before/after the run's temperature (``saved``: its calibration), ECE and NLL before/after,
+    the unknown threshold and the risk-coverage curve (what --min-confidence trades), on the validation split."""
+    if saved is None:
+        return Section(
+            "Calibration",
+            [f"Not calibrated (a run from before calibration existed): lowres-birds calibrate --run {run.path}"],
+        )
+    calibration = saved[0]
+    scores = torch.from_numpy(logits)
+    before, after = scores.softmax(-1).numpy(), (scores / calibration["temperature"]).softmax(-1).numpy()
+    where = "validation split (where T was fitted: test-set figures in BENCHMARKS.md)"
+    ece = [expected_calibration_error(probs, truth) for probs in (before, after)]
+    nll = [negative_log_likelihood(probs, truth) for probs in (before, after)]
+    return Section(
+        "Calibration and abstaining",
+        [
+            f"Temperature {calibration['temperature']:.3f}, fitted by NLL on the {len(truth)} validation images: ECE "
+            f"(15 bins) {ece[0]:.4f} -> {ece[1]:.4f}, NLL {nll[0]:.4f} -> {nll[1]:.4f}. "
+            f"Unknown: {calibration['score']} score above {calibration['threshold']:.6g} (the threshold that keeps "
+            "95 % of the validation images as known).",
+            reliability_png(
+                {"before": (before, truth), "after": (after, truth)},
+                out_dir / "reliability.png",
+                f"reliability, {where}",
+            ),
+            risk_coverage_png(after, truth, out_dir / "risk_coverage.png", f"risk-coverage (calibrated), {where}"),
+        ],
+    )
+
+
 def after_training(run_dir: Path, data_dir: Path | None) -> None:
-    """What ``train`` writes once a run is trained: RUN/hf (as ``export --format hf``) and the report. Neither
-    fails the training: a failure says so in one line, with the command that retries it."""
+    """What ``train`` writes once a run is trained: its calibration (as ``calibrate``), RUN/hf (as ``export --format
+    hf``, calibrated) and the report. None fails the training: a failure says so in one line, with the command that
+    retries it."""
+    calibrate_after_training(Path(run_dir), data_dir)
     _hf_folder_after_training(Path(run_dir))
     report_after_training(run_dir, data_dir)
+
+
+def calibrate_after_training(run_dir: Path, data_dir: Path | None) -> None:
+    """Calibrate a run (or every run of a folds or members folder) once trained; a failure warns in one line."""
+    from lowres_birds.predict.calibrate import calibrate, describe
+
+    try:
+        for run, calibration in calibrate(run_dir, data_dir):
+            print(describe(run, calibration))
+    except Exception as exc:  # noqa: BLE001 - the run itself is complete
+        warnings.warn(
+            f"calibration skipped ({type(exc).__name__}: {exc}); run lowres-birds calibrate --run {run_dir}",
+            stacklevel=2,
+        )
 
 
 def _hf_folder_after_training(run_dir: Path) -> None:

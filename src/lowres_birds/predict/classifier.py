@@ -8,6 +8,11 @@ the model wrapper resizes and normalises exactly as in training. Called like a H
     classify = Classifier.load("runs/train")          # a run folder, model.onnx or an exported HF folder
     classify("photo.jpg", top_k=3)                    # [{"label": ..., "score": ...}, ...] best first
     classify(["a.jpg", pil_image, array])             # one such list per image
+    probs, unknown = classify.predict_scores(arrays)  # calibrated probabilities and the unknown score
+    classify.is_unknown(unknown)                      # True: not one of the training species (None: not calibrated)
+
+Scores are calibrated (the run's temperature, ``lowres-birds calibrate``) and every answer carries an unknown score
+(``predict/calibrate.py``); a run calibrated before this existed answers with temperature 1 and no unknown flag.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +33,10 @@ from lowres_birds.data.tables import load_test_table
 from lowres_birds.errors import UserError
 from lowres_birds.extras import missing as missing_extra
 from lowres_birds.extras import require as require_extra
+from lowres_birds.model.calibration import CalibratedHead
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
+from lowres_birds.predict.calibrate import load_head
 from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
 from lowres_birds.run_dir import RunDir, check_labels, model_folders
 
@@ -57,12 +65,24 @@ def onnx_runtime(precision: str) -> str:
 class Classifier:
     """A trained model ready to predict: ``Classifier.load(source)(image, top_k=5)``."""
 
-    def __init__(self, labels: list[str], predict_fn, name: str, input_size: int, runtime: str = "torch"):
+    def __init__(
+        self,
+        labels: list[str],
+        predict_fn,
+        name: str,
+        input_size: int,
+        runtime: str = "torch",
+        unknown_threshold: float | None = None,
+        temperature: float = 1.0,
+    ):
         self.labels = labels
-        self._predict_fn = predict_fn  # uint8 N x 3 x 64 x 64 tensor -> probabilities N x C
+        # uint8 N x 3 x 64 x 64 tensor -> (calibrated probabilities N x C, unknown scores N), or probabilities alone
+        self._predict_fn = predict_fn
         self.name = name
         self.input_size = input_size
         self.runtime = runtime  # what computes the network: torch, onnxruntime or openvino
+        self.unknown_threshold = unknown_threshold  # None: not calibrated, no unknown flag
+        self.temperature = temperature  # the scores are softmax(logits / temperature); 1: not calibrated
 
     @classmethod
     def load(cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False) -> Classifier:
@@ -74,10 +94,16 @@ class Classifier:
         source = Path(source)
         if source.suffix == ".onnx":
             classifier = cls._load_onnx(source, shares_cpu)
-        elif is_hf_folder(source):
-            classifier = cls._from_model(*load_hf_folder(source, device), str(source), device)
         else:
-            classifier = cls._from_model(*load_run_model(source, device), str(source), device)
+            hf = is_hf_folder(source)
+            model, labels = load_hf_folder(source, device) if hf else load_run_model(source, device)
+            remedy = (
+                "export it again from a calibrated run (lowres-birds calibrate, then export)"
+                if hf
+                else f"add both with: lowres-birds calibrate --run {source}"
+            )
+            head = load_head(source, model, labels, remedy)
+            classifier = cls._from_model(model, labels, str(source), device, *head)
         classifier.check()
         return classifier
 
@@ -85,14 +111,15 @@ class Classifier:
         """Predict one blank image: a model that loads but cannot answer for its labels is refused now, not at
         its first request (an ONNX file with a ``labels`` key is not necessarily one of ours)."""
         try:
-            probs = self.predict_arrays(np.zeros((1, LR_SIZE, LR_SIZE, 3), np.uint8))
+            probs, unknown = self.predict_scores(np.zeros((1, LR_SIZE, LR_SIZE, 3), np.uint8))
         except Exception as exc:  # noqa: BLE001 - a foreign model fails in runtime-specific ways
             detail = (str(exc).strip().splitlines() or [""])[0][:160]
             raise UserError(
                 f"{self.name} cannot predict ({type(exc).__name__}: {detail}); it is not a lowres-birds model: "
                 "re-export or retrain it"
             ) from None
-        if probs.shape != (1, len(self.labels)) or not np.isfinite(probs).all() or abs(float(probs.sum()) - 1) > 1e-3:
+        finite = np.isfinite(probs).all() and (unknown is None or np.isfinite(unknown).all())
+        if probs.shape != (1, len(self.labels)) or not finite or abs(float(probs.sum()) - 1) > 1e-3:
             raise UserError(
                 f"{self.name} answers one 64x64 image with an array of shape {tuple(probs.shape)} summing to "
                 f"{float(probs.sum()):.4g}, "
@@ -101,11 +128,25 @@ class Classifier:
             )
 
     @classmethod
-    def _from_model(cls, model, labels: list[str], name: str, device: str) -> Classifier:
-        def predict_fn(images: torch.Tensor) -> torch.Tensor:
-            return model(images.to(device)).float().softmax(-1)
+    def _from_model(
+        cls,
+        model,
+        labels: list[str],
+        name: str,
+        device: str,
+        head: CalibratedHead,
+        unknown_threshold: float | None,
+        temperature: float,
+    ) -> Classifier:
+        head = head.to(device)
 
-        return cls(labels, predict_fn, name, model.spec.input_size)
+        def predict_fn(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            images = images.to(device)
+            if head.needs_features:
+                return head(*model(images, return_features=True))
+            return head(None, model(images))
+
+        return cls(labels, predict_fn, name, model.spec.input_size, "torch", unknown_threshold, temperature)
 
     @classmethod
     def _load_onnx(cls, path: Path, shares_cpu: bool) -> Classifier:
@@ -131,30 +172,62 @@ class Classifier:
             _openvino_runner(path, threads) if runtime == "openvino" else _onnxruntime_runner(path, threads, shares_cpu)
         )
         channels_last = metadata.get("layout") == "nhwc"  # see export.py; predict_fn receives NCHW
+        try:
+            threshold = float(metadata["unknown_threshold"]) if "unknown_threshold" in metadata else None
+            temperature = float(metadata.get("temperature", 1))
+        except ValueError:
+            raise UserError(
+                f"{path}: its 'unknown_threshold' or 'temperature' metadata is not a number; re-export it"
+            ) from None
 
-        def predict_fn(images: torch.Tensor) -> torch.Tensor:
+        def predict_fn(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             pixels = images.permute(0, 2, 3, 1) if channels_last else images
-            return torch.from_numpy(run(np.ascontiguousarray(pixels.numpy())))
+            outputs = run(np.ascontiguousarray(pixels.numpy()))
+            # a file exported before calibration has no unknown_score output
+            unknown = outputs[1] if len(outputs) > 1 else np.zeros(len(outputs[0]), np.float32)
+            return torch.from_numpy(outputs[0]), torch.from_numpy(unknown)
 
-        return cls(labels, predict_fn, str(path), input_size, runtime)
+        return cls(labels, predict_fn, str(path), input_size, runtime, threshold, temperature)
 
-    def predict_arrays(
+    def predict_scores(
         self, images: np.ndarray, tta: str = "none", batch_size: int = 64, progress: str | None = None
-    ) -> np.ndarray:
-        """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> probabilities N x C, optionally flip-averaged.
-        ``progress``: the description of a progress bar (shown on terminals)."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> (calibrated probabilities N x C, unknown scores N, or None
+        for a model without calibration), both flip-averaged with ``tta="flip"``. ``progress``: the description of a
+        progress bar (shown on terminals)."""
         if tta not in TTA_MODES:
             raise UserError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
         images = np.asarray(images)
         if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
             images = images.transpose(0, 2, 3, 1)
 
-        def probabilities(batch: torch.Tensor) -> torch.Tensor:
-            probs = self._predict_fn(batch)
-            return (probs + self._predict_fn(batch.flip(-1))) / 2 if tta == "flip" else probs
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            """N x (C + 1): the probabilities, then the unknown score (0 from a predict_fn that gives none)."""
+            output = self._predict_fn(batch)
+            probs, unknown = output if isinstance(output, tuple) else (output, torch.zeros(len(batch)))
+            return torch.cat([torch.as_tensor(probs).float(), torch.as_tensor(unknown).float()[:, None]], 1)
 
-        probs = in_batches(probabilities, images, batch_size, desc=progress)
-        return probs if len(probs) else np.zeros((0, len(self.labels)), np.float32)
+        def scores(batch: torch.Tensor) -> torch.Tensor:
+            both = predict(batch)
+            return (both + predict(batch.flip(-1))) / 2 if tta == "flip" else both
+
+        both = in_batches(scores, images, batch_size, desc=progress)
+        if not len(both):
+            both = np.zeros((0, len(self.labels) + 1), np.float32)
+        return both[:, :-1], (both[:, -1] if self.unknown_threshold is not None else None)
+
+    def predict_arrays(
+        self, images: np.ndarray, tta: str = "none", batch_size: int = 64, progress: str | None = None
+    ) -> np.ndarray:
+        """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> calibrated probabilities N x C (see ``predict_scores``)."""
+        return self.predict_scores(images, tta, batch_size, progress)[0]
+
+    def is_unknown(self, unknown_scores: np.ndarray | None) -> np.ndarray | None:
+        """True where an image is judged not one of the training species (score above the run's threshold, set on
+        its validation split); None for a model without calibration."""
+        if self.unknown_threshold is None or unknown_scores is None:
+            return None
+        return np.asarray(unknown_scores) > self.unknown_threshold
 
     def __call__(self, images, top_k: int = 5, tta: str = "none") -> list[dict] | list[list[dict]]:
         """Like a Hugging Face image-classification pipeline: one image (a path, a PIL image or an H x W x 3
@@ -177,6 +250,20 @@ class Classifier:
 
     predict = __call__
 
+    def answer(self, probs: np.ndarray, unknown_score: float | None, top: int, min_confidence: float = 0.0) -> dict:
+        """The answer about one image, as predict-image --json and the API give it: ``top`` (label, probability best
+        first), ``label`` (the best species, or None when the photo is judged unknown or its top probability is below
+        ``min_confidence``), and for a calibrated model ``unknown`` and ``unknown_score``."""
+        best = self.top_k(probs, top)
+        unknown = self.is_unknown(unknown_score)
+        answer = {
+            "top": [{"label": label, "probability": p} for label, p in best],
+            "label": None if unknown or best[0][1] < min_confidence else best[0][0],
+        }
+        if unknown is not None:
+            answer |= {"unknown": bool(unknown), "unknown_score": float(unknown_score)}
+        return answer
+
     def top_k(self, probs: np.ndarray, top: int) -> list[tuple[str, float]]:
         """One row of probabilities -> the ``top`` most likely (label, probability) pairs, best first."""
         best = np.argsort(-probs, kind="stable")[:top]
@@ -184,7 +271,7 @@ class Classifier:
 
 
 def _onnxruntime_runner(path: Path, threads: int, shares_cpu: bool):
-    """uint8 pixels in the file's layout -> probabilities, by onnxruntime."""
+    """uint8 pixels in the file's layout -> the graph's outputs (probabilities, unknown scores), by onnxruntime."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -197,11 +284,11 @@ def _onnxruntime_runner(path: Path, threads: int, shares_cpu: bool):
         detail = (str(exc).strip().splitlines() or [""])[0][:160]
         raise UserError(f"{path} cannot be loaded by onnxruntime ({detail}); re-export it") from None
     input_name = session.get_inputs()[0].name
-    return lambda pixels: session.run(None, {input_name: pixels})[0]
+    return lambda pixels: session.run(None, {input_name: pixels})
 
 
 def _openvino_runner(path: Path, threads: int):
-    """uint8 pixels in the file's layout -> probabilities, by OpenVINO: float32 inference (its default on CPUs
+    """uint8 pixels in the file's layout -> the graph's outputs, by OpenVINO: float32 inference (its default on CPUs
     with bfloat16 units rounds the graph's 8-bit resize differently: 0.7 % of labels changed on cub100-lr), one
     infer request per calling thread."""
     import openvino
@@ -219,7 +306,8 @@ def _openvino_runner(path: Path, threads: int):
     def run(pixels: np.ndarray) -> np.ndarray:
         if not hasattr(requests, "request"):
             requests.request = compiled.create_infer_request()
-        return np.array(requests.request.infer({0: pixels})[0])  # a copy: the request reuses its output buffer
+        outputs = requests.request.infer({0: pixels})
+        return [np.array(outputs[i]) for i in range(len(outputs))]  # copies: the request reuses its output buffers
 
     return run
 
@@ -295,28 +383,48 @@ def describe_ensemble(members: list[Path], weights: list[float] | None) -> str:
     )
 
 
+@dataclass
+class Predictions:
+    """What one model or an ensemble says about N images: calibrated probabilities, and the unknown score with its
+    threshold (both None when a model has no calibration)."""
+
+    labels: list[str]
+    probs: np.ndarray
+    unknown_scores: np.ndarray | None
+    unknown_threshold: float | None
+
+    @property
+    def unknown(self) -> np.ndarray | None:
+        """True where an image is judged not one of the training species; None without calibration."""
+        return None if self.unknown_scores is None else self.unknown_scores > self.unknown_threshold
+
+
 def predict_test_set(
     runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu", weights: list[float] | None = None
-) -> tuple[list[str], list[str], np.ndarray]:
-    """(ids in submission order, class names, mean probabilities over the runs)."""
+) -> tuple[list[str], Predictions]:
+    """(ids in submission order, the predictions averaged over the runs)."""
     table = load_test_table(data_dir)
-    return table.ids, *predict_files(runs, table.lr_paths, tta, device, weights)
+    return table.ids, predict_files(runs, table.lr_paths, tta, device, weights)
 
 
 def predict_files(
     sources: list[Path], paths: list[Path], tta: str = "none", device: str = "cpu", weights: list[float] | None = None
-) -> tuple[list[str], np.ndarray]:
-    """(class names, mean probabilities over the models, or weighted by ``weights``) for image files of any
-    size, each reduced to 64x64."""
+) -> Predictions:
+    """The predictions averaged over the models (or weighted by ``weights``) for image files of any size, each
+    reduced to 64x64."""
     classifiers = [Classifier.load(source, device) for source in sources]  # a bad model fails before any decoding
-    return average_probabilities(classifiers, load_images(paths, LR_SIZE), tta, weights)
+    return average_predictions(classifiers, load_images(paths, LR_SIZE), tta, weights)
 
 
-def average_probabilities(
+def average_predictions(
     classifiers: list[Classifier], images: np.ndarray, tta: str, weights: list[float] | None = None
-) -> tuple[list[str], np.ndarray]:
-    """Mean of the classifiers' probabilities, or their average weighted by ``weights`` (one per classifier,
-    summing to 1); every classifier must share the same classes."""
+) -> Predictions:
+    """The classifiers' combined probabilities, calibrated: the mean of their plain softmax outputs (or their average
+    weighted by ``weights``, one per classifier, summing to 1) at the mean of their temperatures, as
+    ``softmax(log(mean) / T)``: the members' held-out splits differ, so no common set exists to fit one temperature on
+    (on cub100-lr this beat averaging calibrated members: ECE 0.024 against 0.035, and it keeps the ensemble's labels;
+    BENCHMARKS.md). One classifier: its own calibrated probabilities. The same average of their unknown scores and
+    thresholds when every classifier has them; every classifier must share the same classes."""
     labels = classifiers[0].labels
     for classifier in classifiers[1:]:
         if classifier.labels != labels:
@@ -324,14 +432,49 @@ def average_probabilities(
                 f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average"
             )
     count = f" x {len(classifiers)} models" if len(classifiers) > 1 else ""
-    probs = [c.predict_arrays(images, tta=tta, progress=f"predicting {len(images)} images{count}") for c in classifiers]
-    return labels, np.mean(probs, axis=0) if weights is None else np.average(probs, axis=0, weights=weights)
+    outputs = [
+        c.predict_scores(images, tta=tta, progress=f"predicting {len(images)} images{count}") for c in classifiers
+    ]
+
+    def average(values):
+        return np.average(values, axis=0, weights=weights)
+
+    if len(outputs) > 1 and any(c.temperature != 1 for c in classifiers):
+        probs = combined_probabilities(classifiers, outputs, average)
+    else:  # one classifier, or none calibrated: the plain (weighted) mean
+        probs = average([probs for probs, _ in outputs])
+    if any(unknown is None for _, unknown in outputs):
+        return Predictions(labels, probs, None, None)
+    threshold = float(average([c.unknown_threshold for c in classifiers]))
+    return Predictions(labels, probs, average([unknown for _, unknown in outputs]), threshold)
 
 
-def top_k_table(paths: list, labels: list[str], probs: np.ndarray, top: int):
-    """path, label, score (the best class), then label_2, score_2 ... label_K, score_K: one row per image."""
+def combined_probabilities(classifiers: list[Classifier], outputs: list, average) -> np.ndarray:
+    """``softmax(log(average of the plain softmax outputs) / average temperature)``; each plain output is
+    ``softmax(T log p)`` of a classifier's calibrated probabilities ``p``."""
+    plain = [
+        torch.from_numpy(np.log(np.clip(probs, 1e-30, None))).double().mul(c.temperature).softmax(-1).numpy()
+        for c, (probs, _) in zip(classifiers, outputs)
+    ]
+    temperature = float(average([c.temperature for c in classifiers]))
+    return torch.from_numpy(np.log(np.clip(average(plain), 1e-30, None))).div(temperature).softmax(-1).float().numpy()
+
+
+def average_probabilities(
+    classifiers: list[Classifier], images: np.ndarray, tta: str, weights: list[float] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """(class names, the averaged calibrated probabilities) of ``average_predictions``."""
+    predictions = average_predictions(classifiers, images, tta, weights)
+    return predictions.labels, predictions.probs
+
+
+def top_k_table(paths: list, predictions: Predictions, top: int, min_confidence: float = 0.0):
+    """path, label, score (the best class), then label_2, score_2 ... label_K, score_K: one row per image; then
+    ``unknown`` (1: not one of the training species) and ``unknown_score`` for a calibrated model. ``min_confidence``:
+    ``label`` is empty (abstained) where the top probability is below it."""
     import pandas as pd
 
+    labels, probs = predictions.labels, predictions.probs
     top = min(top, len(labels))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
     columns: dict[str, list] = {"path": [str(p) for p in paths]}
@@ -339,4 +482,10 @@ def top_k_table(paths: list, labels: list[str], probs: np.ndarray, top: int):
         suffix = "" if rank == 0 else f"_{rank + 1}"
         columns[f"label{suffix}"] = [labels[i] for i in order[:, rank]]
         columns[f"score{suffix}"] = np.round(probs[np.arange(len(probs)), order[:, rank]], 6)
+    columns["label"] = [
+        label if score >= min_confidence else "" for label, score in zip(columns["label"], columns["score"])
+    ]
+    if predictions.unknown is not None:
+        columns["unknown"] = predictions.unknown.astype(int)
+        columns["unknown_score"] = np.round(predictions.unknown_scores, 6)
     return pd.DataFrame(columns)

@@ -3,13 +3,17 @@
 The graph holds everything ``Classifier`` does after decoding: the 8-bit resize with the run's filter (PIL's
 bicubic as torch's CPU kernel computes it, PIL's Lanczos or the sharp Robidoux cubic, written as two float64
 ``MatMul``s with rounding and clipping so every runtime gets the same pixels), the normalisation, the network
-and a softmax. A consumer in any language only has to hand it pixels.
+and the calibrated softmax (``model/calibration.py``: the run's temperature) with the unknown score. A consumer in any
+language only has to hand it pixels.
 
 Input ``images``: uint8, ``N x 64 x 64 x 3`` (layout ``nhwc``, how decoders return pixels) or
-``N x 3 x 64 x 64`` (``nchw``); N is dynamic. Output ``probabilities``: float32 ``N x classes``.
+``N x 3 x 64 x 64`` (``nchw``); N is dynamic. Outputs ``probabilities``: float32 ``N x classes``, calibrated;
+``unknown_score``: float32 ``N``, above the ``unknown_threshold`` metadata (calibrated runs only): not one of the
+training species.
 Metadata (``metadata_props``): ``labels`` (JSON list, output column order), ``input_size`` (the side the
 network sees after the in-graph resize), ``upscale_filter``, ``layout``, ``image_size`` (64), ``source`` (the model),
-``precision`` and, for an int8 file with its float fallback, ``fallback_margin``.
+``precision``, for an int8 file with its float fallback ``fallback_margin``, and for a calibrated run ``temperature``,
+``unknown_score_kind`` and ``unknown_threshold``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from onnx import numpy_helper
 
 from lowres_birds.config import LR_SIZE
 from lowres_birds.errors import UserError
+from lowres_birds.model.calibration import CalibratedHead
 from lowres_birds.model.factory import load_run_model
+from lowres_birds.predict.calibrate import load_head
 from lowres_birds.run_dir import RunDir, atomic_write
 
 LAYOUTS = ("nhwc", "nchw")
@@ -43,18 +49,22 @@ FALLBACK_FLOOR = 0.05
 OPSET = 18  # the first opset whose Resize has the antialias attribute (runs with the float resize export it)
 
 
-def probability_model(model, layout: str):
-    """BirdNet with the input layout chosen at export and a softmax on top (what the ONNX file computes)."""
+def probability_model(model, layout: str, head: CalibratedHead | None = None):
+    """BirdNet with the input layout chosen at export and ``head`` on top (what the ONNX file computes): calibrated
+    probabilities and the unknown score (without a head: the plain softmax and its max-softmax score)."""
+    head = head or CalibratedHead(1.0, "max_softmax", {})
 
     class ProbabilityModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = model
+            self.model, self.head = model, head
 
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if layout == "nhwc":
                 images = images.permute(0, 3, 1, 2)
-            return self.model(images).float().softmax(-1)
+            if self.head.needs_features:
+                return self.head(*self.model(images, return_features=True))
+            return self.head(None, self.model(images))
 
     return ProbabilityModel().eval()
 
@@ -80,7 +90,9 @@ def export_onnx(
     if out.suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx (predict --onnx and Classifier.load recognise the suffix)")
     model, labels = load_run_model(run_dir)
-    program = onnx_program(model, labels, layout, "int8" if int8 else "fp32")
+    remedy = f"calibrate it first: lowres-birds calibrate --run {run_dir}"
+    head, threshold, _ = load_head(run_dir, model, labels, remedy)
+    program = onnx_program(model, labels, layout, "int8" if int8 else "fp32", head, threshold)
     if not int8:
         return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))
     calibration = calibration_images(run_dir)
@@ -100,21 +112,29 @@ def export_onnx(
     return atomic_write(out, write)
 
 
-def onnx_program(model, labels: list[str], layout: str, precision: str = "fp32") -> torch.onnx.ONNXProgram:
-    """The exported float graph of ``model`` (uint8 pixels in, probabilities out) with its metadata; a model
-    object rather than a run, so a modified network (benchmarks/int8_qat.py) exports the same way."""
+def onnx_program(
+    model,
+    labels: list[str],
+    layout: str,
+    precision: str = "fp32",
+    head: CalibratedHead | None = None,
+    unknown_threshold: float | None = None,
+) -> torch.onnx.ONNXProgram:
+    """The exported float graph of ``model`` (uint8 pixels in, calibrated probabilities and unknown scores out) with
+    its metadata; a model object rather than a run, so a modified network (benchmarks/int8_qat.py) exports the same
+    way."""
     if hasattr(model.backbone, "set_attn_implementation"):  # Hugging Face models
         # The exporter cannot decompose SDPA attention's output reshape with a dynamic batch; eager attention
         # computes the same thing and exports.
         model.backbone.set_attn_implementation("eager")
-    wrapper = probability_model(model, layout)
+    wrapper = probability_model(model, layout, head)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter; real failures raise
         program = torch.onnx.export(
             wrapper,
             (example_input(layout),),
             input_names=["images"],
-            output_names=["probabilities"],
+            output_names=["probabilities", "unknown_score"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             opset_version=OPSET,
             dynamo=True,
@@ -132,6 +152,14 @@ def onnx_program(model, labels: list[str], layout: str, precision: str = "fp32")
             "precision": precision,
         }
     )
+    if unknown_threshold is not None:
+        program.model.metadata_props.update(
+            {
+                "temperature": repr(float(head.temperature)),
+                "unknown_score_kind": head.score,
+                "unknown_threshold": repr(unknown_threshold),
+            }
+        )
     return program
 
 

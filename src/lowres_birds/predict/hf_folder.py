@@ -18,6 +18,11 @@ uint8 kernel (transformers), the resize the model wrapper reproduces, so both ag
 the top-1 class. Neither has the ``robidoux-sharp`` filter, so runs trained with it are refused. Both kinds
 also carry ``lowres_birds`` in ``config.json`` (source, strategy, resize, filter, photo size), which others ignore. Every file goes through ``atomic_write``; the folder is made by ``replace_folder``
 (--force replaces only a folder this tool made).
+
+A calibrated run's temperature is folded into the classifier's weight and bias (divided by T), so the pipeline's
+softmax gives the calibrated probabilities; its unknown score and threshold are in ``config.json`` (``lowres_birds``
+-> ``unknown``) and the model card, and as ``calibration.json`` (temperature 1: already folded) with the score's
+statistics (``unknown.safetensors``), which ``Classifier.load(DIR)`` applies.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from lowres_birds import __version__
 from lowres_birds.config import LR_SIZE, RunConfig, parse_strategy
 from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
+from lowres_birds.model.calibration import SCORES, STATISTICS
 from lowres_birds.model.ensemble import distillation_line
 from lowres_birds.model.factory import OFFLINE_LITE, check_device, load_run_model, timm_architecture
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
@@ -79,6 +87,18 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
     is_hf = spec.source.startswith("hf:")
     if is_hf:
         require_extra("hf", "export --format hf of a Hugging Face model")
+    saved = run.calibration(SCORES, STATISTICS, len(labels), model.feature_width)
+    if saved is not None:
+        classifier = model.backbone.get_classifier() if hasattr(model.backbone, "get_classifier") else None
+        classifier = classifier or getattr(model.backbone, "classifier", None)
+        if not isinstance(classifier, torch.nn.Linear):
+            raise UserError(
+                f"{run.path}: the classifier of {spec.source} is not one linear layer, so its temperature cannot be "
+                "folded into it; export it with --format onnx"
+            )
+        with torch.no_grad():
+            classifier.weight /= saved[0]["temperature"]
+            classifier.bias /= saved[0]["temperature"]
     ours = {
         "source": spec.source,
         "strategy": cfg.strategy,
@@ -87,12 +107,23 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
         "image_size": LR_SIZE,
         "version": __version__,
     }
+    if saved is not None:
+        ours["unknown"] = {
+            "score": saved[0]["score"],
+            "threshold": saved[0]["threshold"],
+            "temperature_folded": saved[0]["temperature"],
+        }
     replace_folder(out, force)
+    if saved is not None:
+        folded = {**saved[0], "temperature": 1.0, "temperature_folded": saved[0]["temperature"]}
+        RunDir(out).write_calibration(folded, saved[1])
     if is_hf:
         _write_transformers_files(model, out, ours)
     else:
         _write_timm_files(model, labels, out, ours)
-    write_text(out / CARD, model_card(run, cfg, model, labels, "transformers" if is_hf else "timm", out))
+    write_text(
+        out / CARD, model_card(run, cfg, model, labels, "transformers" if is_hf else "timm", out, ours.get("unknown"))
+    )
     return out
 
 
@@ -155,7 +186,9 @@ def _write_transformers_files(model: BirdNet, out: Path, ours: dict) -> None:
 # --------------------------------------------------------------------------- the model card
 
 
-def model_card(run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], library: str, out: Path) -> str:
+def model_card(
+    run: RunDir, cfg: RunConfig, model: BirdNet, labels: list[str], library: str, out: Path, unknown: dict | None = None
+) -> str:
     """README.md: what the model is, how to load it, how it was trained, its scores and their data, its limits."""
     spec = model.spec
     strategy = parse_strategy(cfg.strategy)
@@ -262,10 +295,26 @@ it was not trained on, and not for decisions that need a confirmed identificatio
 - Input: 64x64 RGB photos, as in training. lowres-birds first shrinks larger photos to 64x64 (bicubic);
   transformers' pipeline resizes any photo straight to {spec.input_size}x{spec.input_size}, which matches only for 64x64 input:
   shrink larger photos to 64x64 first.
-- It always answers with one of its {len(labels)} species, also for other birds or for no bird at all.
+{unknown_limits(unknown, len(labels))}
 - Scores were measured on held-out images of the training collection; photos from other cameras, places
   or seasons may score lower. The training data's terms of use apply to this model.
 """
+
+
+def unknown_limits(unknown: dict | None, classes: int) -> str:
+    """The model card's line on scores: calibrated or not, and what flags a photo as none of the species."""
+    if unknown is None:
+        return (
+            f"- It always answers with one of its {classes} species, also for other birds or for no bird at all; its "
+            "scores are not calibrated."
+        )
+    return (
+        f"- Scores are calibrated on the validation split (temperature {unknown['temperature_folded']:.3f}, folded into "
+        "the classifier). The pipeline always names one of its "
+        f"{classes} species; lowres-birds (`Classifier.load`) also flags a photo as none of them when its "
+        f"`{unknown['score']}` score exceeds {unknown['threshold']:.6g} (the threshold that keeps 95 % of the "
+        "validation images), which transformers' pipeline does not compute."
+    )
 
 
 # --------------------------------------------------------------------------- reading

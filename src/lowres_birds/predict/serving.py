@@ -48,6 +48,9 @@ STATIC_DIR = Path(__file__).parents[1] / "static"
 MAX_BATCH_FILES = 32
 MAX_QUEUED_REQUESTS = 256  # beyond this the server answers 503 instead of piling up work
 MAX_TOP = 20
+MIN_CONFIDENCE_QUERY = Query(
+    0.0, ge=0, le=1, description="abstain (label null) when the top calibrated probability is below this"
+)
 CLOSE = {"Connection": "close"}  # after a refused or cut upload: the rest of its body is never read
 
 
@@ -109,7 +112,7 @@ class InferenceQueue:
         images = np.concatenate([images for images, _ in batch])
         started = time.perf_counter()
         try:
-            probs = self.classifier.predict_arrays(images)
+            probs, unknown = self.classifier.predict_scores(images)
         except Exception as exc:  # the model failed: every waiting request gets the error, the thread lives on
             for _, future in batch:
                 future.set_exception(exc)
@@ -118,8 +121,9 @@ class InferenceQueue:
         self.batch_sizes[len(images)] += 1
         start = 0
         for images, future in batch:
-            future.set_result(probs[start : start + len(images)])
-            start += len(images)
+            end = start + len(images)
+            future.set_result((probs[start:end], None if unknown is None else unknown[start:end]))
+            start = end
 
 
 class UploadBudget:
@@ -245,10 +249,10 @@ def create_app(
         }
 
     async def classify(
-        request: Request, response: Response, started: float, uploads: list[UploadFile], top: int
-    ) -> tuple[list[list[dict]], list[np.ndarray], float]:
-        """Decode (thread pool) -> micro-batched model call -> top-k; the stages' times go to the Server-Timing
-        header."""
+        request: Request, response: Response, started: float, uploads: list[UploadFile], top: int, min_confidence: float
+    ) -> tuple[list[dict], list[np.ndarray], float]:
+        """Decode (thread pool) -> micro-batched model call -> one answer per photo (top-k, label, unknown flag;
+        ``Classifier.answer``); the stages' times go to the Server-Timing header."""
         loop = asyncio.get_running_loop()
         received = time.perf_counter()
         contents = [await upload.read() for upload in uploads]
@@ -259,9 +263,12 @@ def create_app(
             )
         )
         decoded = time.perf_counter()
-        probs = await asyncio.wrap_future(request.app.state.inference.submit(np.stack(images)))
+        probs, unknown = await asyncio.wrap_future(request.app.state.inference.submit(np.stack(images)))
         predicted = time.perf_counter()
-        tops = [[{"label": label, "probability": p} for label, p in classifier.top_k(row, top)] for row in probs]
+        answers = [
+            classifier.answer(row, None if unknown is None else unknown[i], top, min_confidence)
+            for i, row in enumerate(probs)
+        ]
         stages = {
             "upload": received - started,
             "decode": decoded - received,
@@ -275,7 +282,7 @@ def create_app(
         timings["requests"] = timings.get("requests", 0) + 1
         for stage, seconds in stages.items():
             timings[stage] = timings.get(stage, 0.0) + seconds * 1000
-        return tops, images, (time.perf_counter() - started) * 1000
+        return answers, images, (time.perf_counter() - started) * 1000
 
     @app.post("/api/predict")
     async def predict(
@@ -283,25 +290,32 @@ def create_app(
         response: Response,
         top: int = Query(5, ge=1, le=MAX_TOP),
         preview: bool = Query(False, description="include the 64x64 model input as a PNG data URL"),
+        min_confidence: float = MIN_CONFIDENCE_QUERY,
     ) -> dict:
-        """One photo in the multipart field ``file`` -> the top species."""
+        """One photo in the multipart field ``file`` -> the top species, the answer (``label``: null when unknown or
+        below ``min_confidence``) and, for a calibrated model, ``unknown`` and ``unknown_score``."""
         started = time.perf_counter()
         async with app.state.uploads.reservation() as held:
             uploads = await read_uploads(request, limits, held, max_files=1)
-            (best,), (image,), elapsed_ms = await classify(request, response, started, uploads, top)
-        answer = {"top": best, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
+            (best,), (image,), elapsed_ms = await classify(request, response, started, uploads, top, min_confidence)
+        answer = {**best, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
         if preview:
             answer["preview"] = png_data_url(image)
         return answer
 
     @app.post("/api/predict/batch")
-    async def predict_batch(request: Request, response: Response, top: int = Query(5, ge=1, le=MAX_TOP)) -> dict:
-        """Up to ``max_batch_files`` photos in the multipart field ``files`` -> the top species of each, in order."""
+    async def predict_batch(
+        request: Request,
+        response: Response,
+        top: int = Query(5, ge=1, le=MAX_TOP),
+        min_confidence: float = MIN_CONFIDENCE_QUERY,
+    ) -> dict:
+        """Up to ``max_batch_files`` photos in the multipart field ``files`` -> the answer for each, in order."""
         started = time.perf_counter()
         async with app.state.uploads.reservation() as held:
             uploads = await read_uploads(request, limits, held, max_files=max_batch_files, field="files")
-            tops, _, elapsed_ms = await classify(request, response, started, uploads, top)
-        results = [{"filename": upload.filename, "top": best} for upload, best in zip(uploads, tops)]
+            answers, _, elapsed_ms = await classify(request, response, started, uploads, top, min_confidence)
+        results = [{"filename": upload.filename, **answer} for upload, answer in zip(uploads, answers)]
         return {"results": results, "model": model_name, "input_size": LR_SIZE, "elapsed_ms": round(elapsed_ms, 2)}
 
     return app

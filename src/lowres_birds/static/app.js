@@ -1,6 +1,7 @@
 "use strict";
 // One page: pick or drop a photo -> POST /api/predict?preview=true -> show the photo, the 64x64 model input
-// (enlarged with nearest-neighbour by CSS) and the top-5 species as bars.
+// (enlarged with nearest-neighbour by CSS) and the top-5 species as bars; when the model judges the photo none of
+// its species (answer.unknown), it says so instead of naming one.
 
 const input = document.getElementById("photo-input");
 const dropZone = document.getElementById("drop-zone");
@@ -10,6 +11,8 @@ const uploaded = document.getElementById("uploaded");
 const modelView = document.getElementById("model-view");
 const predictions = document.getElementById("predictions");
 const timing = document.getElementById("timing");
+const verdict = document.getElementById("verdict");
+const predictionsTitle = document.getElementById("predictions-title");
 
 function showError(message) {
   errorBox.textContent = message;
@@ -65,6 +68,9 @@ async function classify(file) {
     return;
   }
   modelView.src = answer.preview;
+  verdict.hidden = !answer.unknown;
+  verdict.textContent = answer.unknown ? "Not one of the species I know." : "";
+  predictionsTitle.textContent = answer.unknown ? "Closest species (none is a match)" : "Most likely species";
   showPredictions(answer.top);
   timing.textContent = `${answer.model} answered in ${Math.round(answer.elapsed_ms)} ms`;
   result.hidden = false;

@@ -1,0 +1,94 @@
+"""Calibration on a labelled test set: ECE (15 bins), NLL, macro-F1 and accuracy of each calibrated run and of their
+ensemble (``predict --run A --run B``: the members' mean plain softmax at their mean temperature,
+``average_predictions``), before and after; and, for comparison, the plain mean of the calibrated members.
+
+"Before" is the same network's plain softmax: ``softmax(log p * T)`` of the calibrated probabilities ``p``, exact
+since ``p = softmax(logits / T)``. Run ``lowres-birds calibrate --run RUN`` on each run first.
+
+    python benchmarks/calibration.py --run /work/runs/cal-base-s42 --run /work/runs/cal-base-s43 \
+        --labels ../shared/data/cub100-lr/test_public_labels.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import DEFAULT_DATA, OtherLoad, add_record_args, describe_machine, record  # noqa: E402
+
+
+def main() -> None:
+    import pandas as pd
+    import torch
+
+    from lowres_birds.config import LR_SIZE
+    from lowres_birds.data.images import load_images
+    from lowres_birds.data.tables import LabelMap, load_test_table
+    from lowres_birds.metrics import score
+    from lowres_birds.model.calibration import (
+        SCORES,
+        STATISTICS,
+        expected_calibration_error,
+        negative_log_likelihood,
+    )
+    from lowres_birds.predict.classifier import Classifier, average_predictions
+    from lowres_birds.run_dir import RunDir
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, action="append", required=True, help="a calibrated run (repeat)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="its data folder (test.csv, test/)")
+    parser.add_argument("--labels", type=Path, required=True, help="CSV id,label of (some of) the test images")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none")
+    add_record_args(parser)
+    args = parser.parse_args()
+
+    with OtherLoad() as load:
+        table = load_test_table(args.data)
+        truth = pd.read_csv(args.labels)
+        position = {image_id: i for i, image_id in enumerate(table.ids)}
+        paths = [table.lr_paths[position[i]] for i in truth["id"]]
+        images = np.asarray(load_images(paths, LR_SIZE))
+        before, after, temperatures, classifiers = [], [], [], []
+        for run in args.run:
+            classifier = Classifier.load(run)
+            classifiers.append(classifier)
+            saved = RunDir(run).calibration(SCORES, STATISTICS)
+            if saved is None:
+                raise SystemExit(f"{run} is not calibrated: run lowres-birds calibrate --run {run}")
+            temperatures.append(saved[0]["temperature"])
+            probs = classifier.predict_arrays(images, tta=args.tta)
+            after.append(probs)
+            logits = torch.from_numpy(np.log(np.clip(probs, 1e-30, None)).astype(np.float64)) * temperatures[-1]
+            before.append(logits.softmax(-1).numpy())
+        labels = classifier.labels
+        targets = LabelMap(tuple(labels)).encode(truth["label"].tolist())
+        rows = [(f"`{run}` (T = {t:.3f})", b, a) for run, t, b, a in zip(args.run, temperatures, before, after)]
+        if len(args.run) > 1:
+            combined = average_predictions(classifiers, images, args.tta).probs
+            rows.append((f"ensemble of the {len(args.run)} (as predict combines them)", np.mean(before, 0), combined))
+            rows.append(("the same, mean of the calibrated members (not used)", np.mean(before, 0), np.mean(after, 0)))
+        lines = [
+            f"{len(targets)} labelled test images ({args.labels}), TTA {args.tta}.",
+            "",
+            "| model | ECE before | ECE after | NLL before | NLL after | macro-F1 before | macro-F1 after | accuracy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, plain, calibrated in rows:
+            f1_before = score([labels[i] for i in targets], [labels[i] for i in plain.argmax(1)])
+            f1_after = score([labels[i] for i in targets], [labels[i] for i in calibrated.argmax(1)])
+            ece = [expected_calibration_error(p, targets) for p in (plain, calibrated)]
+            nll = [negative_log_likelihood(p, targets) for p in (plain, calibrated)]
+            lines.append(
+                f"| {name} | {ece[0]:.4f} | {ece[1]:.4f} | {nll[0]:.4f} | {nll[1]:.4f} | {f1_before['macro_f1']:.4f} | "
+                f"{f1_after['macro_f1']:.4f} | {f1_after['accuracy']:.4f} |"
+            )
+    print("\n".join(lines))
+    record(args, "Calibration on the public test labels (benchmarks/calibration.py)", describe_machine(), load, lines)
+
+
+if __name__ == "__main__":
+    main()

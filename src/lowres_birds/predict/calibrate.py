@@ -1,0 +1,125 @@
+"""Fit a finished run's calibration from the run folder and its data (``lowres-birds calibrate``, and the end of
+every ``train``): the temperature by NLL on the validation split, the unknown score's statistics on the pooled
+features of the training split, and its threshold on the validation split (``KEEP_KNOWN`` of its images known).
+An ensemble (members or folds folder) is calibrated member by member: each run's own temperature and threshold on its
+own held-out split; ``predict`` then averages the calibrated probabilities and the unknown scores."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowres_birds.data.splits import run_split
+from lowres_birds.data.tables import LabelMap
+from lowres_birds.errors import UserError
+from lowres_birds.model.calibration import (
+    DEFAULT_SCORE,
+    KEEP_KNOWN,
+    LOGIT_DEFAULT_SCORE,
+    SCORES,
+    STATISTICS,
+    CalibratedHead,
+    expected_calibration_error,
+    feature_statistics,
+    fit_temperature,
+    negative_log_likelihood,
+    threshold_keeping,
+)
+from lowres_birds.model.factory import load_run_model
+from lowres_birds.model.wrapper import BirdNet, in_batches
+from lowres_birds.run_dir import RunDir, model_folders
+
+_TOLD_UNCALIBRATED: set[str] = set()  # runs whose missing calibration was already reported
+
+
+def pooled_outputs(
+    model: BirdNet, images: np.ndarray, progress: str | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(pooled features or None where the backbone has none, logits) of uint8 N x 64 x 64 x 3 images."""
+    if model.feature_width is None:
+        return None, torch.from_numpy(in_batches(lambda batch: model(batch).float(), images, desc=progress))
+    width = model.feature_width
+    both = in_batches(lambda batch: torch.cat(model(batch, return_features=True), -1).float(), images, desc=progress)
+    return torch.from_numpy(both[:, :width]), torch.from_numpy(both[:, width:])
+
+
+def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = None) -> dict:
+    """Fit and save one run folder's calibration (calibration.json + unknown.safetensors); returns calibration.json's
+    contents. ``score``: the unknown score (default: DEFAULT_SCORE, or LOGIT_DEFAULT_SCORE without pooled features)."""
+    run = RunDir(run_dir).require()
+    model, labels = load_run_model(run.path)
+    score = score or (DEFAULT_SCORE if model.feature_width is not None else LOGIT_DEFAULT_SCORE)
+    if score not in SCORES:
+        raise UserError(f"unknown score {score!r}: use one of {', '.join(SCORES)}")
+    if score in STATISTICS and model.feature_width is None:
+        raise UserError(f"the score {score} needs pooled features, which {model.spec.source} does not give; use energy")
+    split = run_split(run, data_dir)
+    encode = LabelMap(tuple(labels)).encode
+    train_targets = torch.as_tensor(encode([split.table.labels[i] for i in split.train_rows]))
+    val_targets = split.val_targets(labels)
+    with torch.no_grad():
+        val_features, val_logits = pooled_outputs(model, split.lr_images(split.val_rows), "calibrating: validation")
+        statistics = {}
+        if score in STATISTICS:
+            train_features, _ = pooled_outputs(model, split.lr_images(split.train_rows), "calibrating: training")
+            statistics = feature_statistics(score, train_features, train_targets, len(labels))
+        temperature = fit_temperature(val_logits, torch.as_tensor(val_targets))
+        head = CalibratedHead(temperature, score, statistics)
+        before = val_logits.softmax(-1).numpy()
+        after, unknown = (tensor.numpy() for tensor in head(val_features, val_logits))
+    calibration = {
+        "temperature": temperature,
+        "score": score,
+        "threshold": threshold_keeping(unknown, KEEP_KNOWN),
+        "keep_known": KEEP_KNOWN,
+        "validation": {
+            "images": len(val_targets),
+            "ece_before": expected_calibration_error(before, val_targets),
+            "ece_after": expected_calibration_error(after, val_targets),
+            "nll_before": negative_log_likelihood(before, val_targets),
+            "nll_after": negative_log_likelihood(after, val_targets),
+        },
+    }
+    run.write_calibration(calibration, statistics)
+    return calibration
+
+
+def calibrate(source: Path, data_dir: Path | None = None, score: str | None = None) -> list[tuple[Path, dict]]:
+    """Calibrate a run folder, or every run of an ensemble or folds folder: (run, calibration.json) pairs."""
+    return [(run, fit_run(run, data_dir, score)) for run in model_folders(source)]
+
+
+def describe(run: Path, calibration: dict) -> str:
+    """One line: the temperature, ECE and NLL before/after on the validation split, the unknown score's threshold."""
+    val = calibration["validation"]
+    return (
+        f"{run}: temperature {calibration['temperature']:.3f}; validation ({val['images']} images) ECE "
+        f"{val['ece_before']:.4f} -> {val['ece_after']:.4f}, NLL {val['nll_before']:.4f} -> {val['nll_after']:.4f}; "
+        f"unknown: {calibration['score']} > {calibration['threshold']:.4g} (keeps {calibration['keep_known']:.0%} of "
+        "the validation images)"
+    )
+
+
+def load_head(
+    folder: Path, model: BirdNet, labels: list[str], remedy: str
+) -> tuple[CalibratedHead, float | None, float]:
+    """(the CalibratedHead of ``model``'s run folder or exported HF folder, its unknown threshold, the run's
+    temperature: in an HF folder it is folded into the weights and the head's is 1); one written before calibration
+    existed: temperature 1 and no threshold (no unknown flag), said once per folder on stderr with ``remedy``."""
+    run = RunDir(folder)
+    saved = run.calibration(SCORES, STATISTICS, len(labels), model.feature_width)
+    if saved is None:
+        if str(run.path) not in _TOLD_UNCALIBRATED:
+            _TOLD_UNCALIBRATED.add(str(run.path))
+            print(
+                f"note: {run.path} has no {RunDir.CALIBRATION} (written before calibration existed): its scores are "
+                f"uncalibrated and carry no unknown flag; {remedy}",
+                file=sys.stderr,
+            )
+        return CalibratedHead(1.0, "max_softmax", {}), None, 1.0
+    calibration, statistics = saved
+    head = CalibratedHead(calibration["temperature"], calibration["score"], statistics)
+    return head, calibration["threshold"], calibration.get("temperature_folded", calibration["temperature"])
