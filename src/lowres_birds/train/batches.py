@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2  # timm, which every run imports, imports torchvision anyway
 
 from lowres_birds.model.resolution import gather_nchw
-from lowres_birds.train.degradation import Degradation, degrade
+from lowres_birds.config import DegradationFamily
+from lowres_birds.train.degradation import Degradation, degrade, degrade_randomly
 
 
 class ShuffledIndices(Dataset):
@@ -97,15 +98,18 @@ def per_image(transform, images: torch.Tensor, generator: torch.Generator) -> to
 
 def hr_views(
     hr_images: torch.Tensor,
-    degradation: Degradation,
+    degradation: Degradation | DegradationFamily,
     crop_scale_min: float,
     randaugment_ops: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """uint8 HR NCHW -> realistic uint8 LR views: crop + flip (+ RandAugment) at HR, then the fitted degradation."""
+    """uint8 HR NCHW -> realistic uint8 LR views: crop + flip (+ RandAugment) at HR, then the fitted degradation
+    or, for a family, a chain drawn per view."""
     views = random_crop_flip(hr_images, generator, crop_scale_min, hflip=True)
     if randaugment_ops:
         views = per_image(v2.RandAugment(num_ops=randaugment_ops), views, generator)
+    if isinstance(degradation, DegradationFamily):
+        return degrade_randomly(views, degradation, generator)
     return degrade(views, degradation)
 
 
