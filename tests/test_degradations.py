@@ -20,10 +20,10 @@ from lowres_birds.config import (
     parse_degradation_grid,
     parse_degradations,
 )
+from lowres_birds.data.degradations import degrade_randomly, draw_chains
 from lowres_birds.data.demo import draw_bird
 from lowres_birds.errors import UserError
 from lowres_birds.run_dir import RunDir
-from lowres_birds.train.degradation import degrade_randomly, draw_chains
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from lowres_birds.config import HR_SIZE, parse_degradation_grid
+from lowres_birds.data.degradations import degrade_randomly
 from lowres_birds.data.images import load_images
 from lowres_birds.data.splits import run_split
 from lowres_birds.errors import UserError
@@ -22,7 +23,6 @@ from lowres_birds.metrics import score
 from lowres_birds.model.resolution import to_nchw
 from lowres_birds.predict.classifier import Classifier
 from lowres_birds.run_dir import RunDir, check_output, write_csv
-from lowres_birds.train.degradation import degrade_randomly
 
 GRID_SEED = 0  # cell i draws its noise from seed GRID_SEED + i: every run is scored on the same images
 CHUNK = 64  # HR twins degraded at a time (64 x 196 KB)

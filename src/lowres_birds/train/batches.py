@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2  # timm, which every run imports, imports torchvision anyway
 
 from lowres_birds.config import DegradationFamily
+from lowres_birds.data.degradations import degrade_randomly
 from lowres_birds.model.resolution import gather_nchw
-from lowres_birds.train.degradation import Degradation, degrade, degrade_randomly
+from lowres_birds.train.degradation import Degradation, degrade
 
 
 class ShuffledIndices(Dataset):

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from lowres_birds.config import HR_SIZE, LR_SIZE, DegradationFamily, RunConfig, parse_degradations, parse_strategy
+from lowres_birds.data.degradations import LR_ONLY_FAMILY, degrade_randomly
 from lowres_birds.data.images import load_images
 from lowres_birds.data.splits import fold_indices, stratified_split
 from lowres_birds.data.tables import ImageTable, LabelMap, load_train_table
 from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import gather_nchw
 from lowres_birds.train.batches import Targets, hr_views, mix_batch, random_crop_flip, trivial_augment_and_erase
-from lowres_birds.train.degradation import LR_ONLY_FAMILY, Degradation, degrade_randomly, fitted_degradation
+from lowres_birds.train.degradation import Degradation, fitted_degradation
 
 
 @dataclass

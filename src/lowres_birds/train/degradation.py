@@ -5,16 +5,12 @@ shrunk HR did not look like the real LR. Here a small grid search over the usual
 (Gaussian pre-blur -> resampling filter -> JPEG quality) finds the chain whose output is closest to the
 real LR images (least squares on a subset of pairs). ``degrade`` then turns augmented HR crops into
 realistic LR training views on the fly, in batches.
-
-A model that learned that one chain pays for every other one (another kernel, blur, JPEG, noise), so
-``degrade_randomly`` draws a chain per image from a family of them (config.DegradationFamily), as the
-randomised degradation models of BSRGAN / Real-ESRGAN do; the robustness grid uses it with point ranges.
+A family of chains drawn per image instead of this one: data/degradations.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 from dataclasses import asdict, dataclass
@@ -23,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
 
-from lowres_birds.config import LR_SIZE, DegradationFamily
+from lowres_birds.config import LR_SIZE
+from lowres_birds.data.degradations import jpeg_round_trip
 from lowres_birds.data.images import cache_dir
 from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import to_nchw
@@ -83,88 +79,6 @@ def degrade(images: torch.Tensor, model: Degradation, size: int = LR_SIZE) -> to
             .to(images.device)
         )
     return small
-
-
-PIL_KERNELS = {
-    "box": Image.Resampling.BOX,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
-# The milder family for data without HR twins: the LR images themselves, a little more blurred or compressed.
-LR_ONLY_FAMILY = DegradationFamily(blur=(0.0, 0.5), jpeg=(60, 95))
-
-
-@dataclass(frozen=True)
-class Chain:
-    """One drawn degradation: blur sigma (LR pixels) -> resize with ``kernel`` -> noise std -> JPEG (0 = none)."""
-
-    kernel: str
-    blur_sigma: float
-    noise_std: float
-    jpeg_quality: int
-
-
-def draw_chains(family: DegradationFamily, count: int, generator: torch.Generator) -> list[Chain]:
-    """``count`` chains drawn uniformly from ``family``'s kernels and ranges, from ``generator`` alone."""
-    kernel_index = torch.randint(0, len(family.kernels), (count,), generator=generator).tolist()
-    blur, noise, quality = torch.rand(3, count, generator=generator, dtype=torch.float64).tolist()
-    jpeg_low, jpeg_high = family.jpeg or (0, 0)
-    return [
-        Chain(
-            kernel=family.kernels[kernel_index[i]],
-            blur_sigma=family.blur[0] + (family.blur[1] - family.blur[0]) * blur[i],
-            noise_std=family.noise[0] + (family.noise[1] - family.noise[0]) * noise[i],
-            jpeg_quality=min(jpeg_high, jpeg_low + int(quality[i] * (jpeg_high - jpeg_low + 1))),
-        )
-        for i in range(count)
-    ]
-
-
-def resize_chain(image: Image.Image, chain: Chain, size: int) -> Image.Image:
-    """The chain's blur (sigma scaled from LR to the image's pixels) and resize, in Pillow."""
-    scale = image.width / size
-    if chain.blur_sigma > 0:
-        image = image.filter(ImageFilter.GaussianBlur(chain.blur_sigma * scale))
-    if image.size == (size, size):
-        return image
-    if chain.kernel == "area" and image.width % size == 0 and image.height == image.width:
-        return image.reduce(image.width // size)  # the mean of each block, as OpenCV's INTER_AREA
-    return image.resize((size, size), PIL_KERNELS.get(chain.kernel, Image.Resampling.BOX))
-
-
-def degrade_randomly(
-    images: torch.Tensor, family: DegradationFamily, generator: torch.Generator, size: int = LR_SIZE
-) -> torch.Tensor:
-    """uint8 NCHW images of any side -> uint8 NCHW ``size`` x ``size``, each through its own chain drawn from
-    ``family`` (blur -> resize -> noise -> JPEG, Pillow per image: ~0.5 ms for a 256x256 one); reproducible for a
-    generator state."""
-    chains = draw_chains(family, len(images), generator)
-    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-    small = torch.from_numpy(
-        np.stack([np.asarray(resize_chain(Image.fromarray(a), c, size)) for a, c in zip(arrays, chains)])
-    )
-    if family.noise[1] > 0:
-        noise_std = torch.tensor([c.noise_std for c in chains], dtype=torch.float32).view(-1, 1, 1, 1)
-        noise = torch.randn(small.shape, generator=generator) * noise_std
-        small = (small.float() + noise).round().clamp(0, 255).to(torch.uint8)
-    out = small.numpy()
-    for index, chain in enumerate(chains):
-        if chain.jpeg_quality:
-            out[index] = jpeg_round_trip(out[index : index + 1], chain.jpeg_quality)[0]
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images.device)
-
-
-def jpeg_round_trip(images: np.ndarray, quality: int) -> np.ndarray:
-    """N x H x W x 3 uint8 -> the same after a JPEG encode/decode at ``quality`` (Pillow, in memory)."""
-    out = np.empty_like(images)
-    for index, image in enumerate(images):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-        buffer.seek(0)
-        out[index] = np.asarray(Image.open(buffer).convert("RGB"))
-    return out
 
 
 SSIM_WINDOW = 7  # scikit-image's default: a uniform 7 x 7 window, sample covariances, K1 = 0.01, K2 = 0.03
