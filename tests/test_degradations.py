@@ -120,6 +120,8 @@ def test_named_families_and_grids_parse():
         ("kernels=box+box", "kernels must be distinct"),
         ("blur=1:0.5", "blur=1:0.5 must lie between 0 and 5"),
         ("blur=nan", "must lie between"),
+        ("noise=0:inf", "must lie between"),
+        ("kernels=box,blur=0:9", "blur=0:9 must lie between 0 and 5"),
         ("jpeg=0:90", "jpeg=0:90 must lie between 1 and 100"),
         ("jpeg=40.5:90", "whole qualities"),
         ("noise=-1", "noise=-1 must lie between 0 and 64"),
