@@ -1,6 +1,7 @@
 """What the randomised degradations cost a training step: the cpu recipe's student steps (training's own session and
 ``train_one_epoch``, benchmarks/_training.py) as the recipe is vs with --hr-view-ratio/--degradations, alternating
---repeats times; the medians of images/s and the slowdown are printed.
+--repeats times; the medians of images/s (wall) and of CPU ms per image over the timed steps (this process's CPU
+time: what a step costs whatever else shares the cores) and the slowdown in both are printed.
 
     python benchmarks/degradation_cost.py --ratio 0.3 --degradations default
 """
@@ -9,11 +10,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 from _machine import OtherLoad, add_record_args, benchmark_data, describe_machine, record
 from _training import timed_training
 
 from lowres_birds.config import load_config
+
+
+class CpuClock:
+    """This process's CPU seconds inside the block (timed_training's ``around_timed``)."""
+
+    def __enter__(self) -> CpuClock:
+        self.started = time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.process_time() - self.started
 
 
 def main() -> None:
@@ -34,24 +47,30 @@ def main() -> None:
         ),
     }
     speeds: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in variants}
     with OtherLoad() as load:
         for _ in range(args.repeats):
             for name, cfg in variants.items():
-                speeds[name].append(timed_training(cfg, data, warmup=2, steps=args.steps)[0])
-                print(f"{name}: {speeds[name][-1]:.1f} images/s")
+                clock = CpuClock()
+                speeds[name].append(timed_training(cfg, data, warmup=2, steps=args.steps, around_timed=clock)[0])
+                cpu_ms[name].append(1000 * clock.seconds / (args.steps * cfg.batch_size))
+                print(f"{name}: {speeds[name][-1]:.1f} images/s, {cpu_ms[name][-1]:.1f} CPU ms per image")
     plain, degraded = (statistics.median(values) for values in speeds.values())
+    plain_cpu, degraded_cpu = (statistics.median(values) for values in cpu_ms.values())
     body = [
         f"The `{args.recipe}` recipe's student steps on {data} (batch, model and augmentation of the recipe; "
         f"{args.steps} steps x {args.repeats} alternating repeats, medians).",
         "",
-        "| variant | images/s (median) | each repeat |",
-        "|---|---|---|",
+        "| variant | images/s (median) | each repeat | CPU ms per image (median) | each repeat |",
+        "|---|---|---|---|---|",
         *(
-            f"| {name} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |"
+            f"| {name} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} | "
+            f"{statistics.median(cpu_ms[name]):.1f} | {', '.join(f'{x:.1f}' for x in cpu_ms[name])} |"
             for name, v in speeds.items()
         ),
         "",
-        f"Slowdown: {100 * (plain / degraded - 1):+.1f} % per step.",
+        f"Slowdown per step: {100 * (plain / degraded - 1):+.1f} % in wall time, "
+        f"{100 * (degraded_cpu / plain_cpu - 1):+.1f} % in CPU time.",
     ]
     print("\n".join(body))
     record(args, "Cost of the randomised degradations (benchmarks/degradation_cost.py)", describe_machine(), load, body)
