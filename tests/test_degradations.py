@@ -20,10 +20,11 @@ from lowres_birds.config import (
     parse_degradation_grid,
     parse_degradations,
 )
-from lowres_birds.data.degradations import degrade_randomly, draw_chains
+from lowres_birds.data.degradations import Chain, degrade_randomly, draw_chains, resize_chain
 from lowres_birds.data.demo import draw_bird
 from lowres_birds.errors import UserError
 from lowres_birds.run_dir import RunDir
+from lowres_birds.train.batches import hr_views
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,17 @@ def test_blur_is_pils_gaussian_in_lr_pixels_and_noise_has_its_std(bird):
     clean = through_family(bird, DegradationFamily()).astype(float)
     noisy = through_family(bird, DegradationFamily(noise=(6.0, 6.0))).astype(float)
     assert 5.0 < (noisy - clean).std() < 7.0
+
+
+def test_a_crop_is_pils_box_resize_and_hr_views_with_a_family_are_reproducible(bird):
+    chain = Chain("lanczos", 0.0, 0.0, 0)
+    expected = bird.resize((64, 64), Image.Resampling.LANCZOS, box=(20, 10, 220, 210))
+    np.testing.assert_array_equal(np.asarray(resize_chain(bird, chain, 64, (10, 20, 200))), np.asarray(expected))
+    images = torch.from_numpy(np.array(bird)).permute(2, 0, 1)[None].repeat(4, 1, 1, 1)
+    family = parse_degradations("default")
+    views = [hr_views(images, family, 0.5, 0, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert views[0].shape == (4, 3, 64, 64) and torch.equal(views[0], views[1])
+    assert not torch.equal(views[0][0], views[0][1])  # each view its own crop, flip and chain
 
 
 def test_chains_are_drawn_within_the_family_ranges():

@@ -54,28 +54,35 @@ def draw_chains(family: DegradationFamily, count: int, generator: torch.Generato
     ]
 
 
-def resize_chain(image: Image.Image, chain: Chain, size: int) -> Image.Image:
-    """The chain's blur (sigma scaled from LR to the image's pixels) and resize, in Pillow."""
-    scale = image.width / size
+def resize_chain(image: Image.Image, chain: Chain, size: int, crop: tuple[int, int, int] | None = None) -> Image.Image:
+    """The chain's blur (sigma scaled from LR to the image's pixels) and resize, in Pillow; ``crop`` (top, left,
+    side): resize that square of the image alone (Pillow's ``box``: the crop and the kernel in one resample)."""
+    top, left, side = crop or (0, 0, image.width)
     if chain.blur_sigma > 0:
-        image = image.filter(ImageFilter.GaussianBlur(chain.blur_sigma * scale))
-    if image.size == (size, size):
+        image = image.filter(ImageFilter.GaussianBlur(chain.blur_sigma * side / size))
+    box = (left, top, left + side, top + side)
+    if (side, side) == (size, size) == image.size:
         return image
-    if chain.kernel == "area" and image.width % size == 0 and image.height == image.width:
-        return image.reduce(image.width // size)  # the mean of each block, as OpenCV's INTER_AREA
-    return image.resize((size, size), PIL_KERNELS.get(chain.kernel, Image.Resampling.BOX))
+    if chain.kernel == "area" and side % size == 0 and side == image.width == image.height:
+        return image.reduce(side // size)  # the mean of each block, as OpenCV's INTER_AREA
+    return image.resize((size, size), PIL_KERNELS.get(chain.kernel, Image.Resampling.BOX), box=box)
 
 
 def degrade_randomly(
-    images: torch.Tensor, family: DegradationFamily, generator: torch.Generator, size: int = LR_SIZE
+    images: torch.Tensor,
+    family: DegradationFamily,
+    generator: torch.Generator,
+    size: int = LR_SIZE,
+    crops: list[tuple[int, int, int]] | None = None,
 ) -> torch.Tensor:
     """uint8 NCHW images of any side -> uint8 NCHW ``size`` x ``size``, each through its own chain drawn from
-    ``family`` (blur -> resize -> noise -> JPEG, Pillow per image: ~0.5 ms for a 256x256 one); reproducible for a
-    generator state."""
+    ``family`` (blur -> resize -> noise -> JPEG, Pillow per image: ~5 CPU ms for a 256x256 one); ``crops``: the
+    (top, left, side) square of each image to make the view of. Reproducible for a generator state."""
     chains = draw_chains(family, len(images), generator)
     arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+    boxes = crops or [None] * len(chains)
     small = torch.from_numpy(
-        np.stack([np.asarray(resize_chain(Image.fromarray(a), c, size)) for a, c in zip(arrays, chains)])
+        np.stack([np.asarray(resize_chain(Image.fromarray(a), c, size, b)) for a, c, b in zip(arrays, chains, boxes)])
     )
     if family.noise[1] > 0:
         noise_std = torch.tensor([c.noise_std for c in chains], dtype=torch.float32).view(-1, 1, 1, 1)
