@@ -187,3 +187,14 @@ def test_evaluate_degradations_refuses_a_bad_grid_and_several_runs(trained_run, 
     two = ["--run", str(trained_run), "--run", str(trained_run)]
     assert main(["evaluate", *two, "--degradations", "default", "--out-dir", str(tmp_path)]) == 2
     assert "pass exactly one --run RUN" in capfd.readouterr().err
+
+
+def test_evaluate_degradations_needs_the_twins(trained_run, demo_data, tmp_path, capfd):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data, ignore=shutil.ignore_patterns("upscale_train"))
+    pd.read_csv(data / "train.csv").drop(columns=["upscale_img_path"]).to_csv(data / "train.csv", index=False)
+    argv = ["evaluate", "--run", str(trained_run), "--data", str(data), "--degradations", "default"]
+    assert main([*argv, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: the robustness grid degrades the validation images' high-res twins, but ")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out" / "robustness.csv").exists()
