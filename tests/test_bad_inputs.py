@@ -299,6 +299,15 @@ BAD_OPTIONS = {
     "zero-learning-rate": (["--lr", "0"], ["--lr must be positive"]),
     "val-fraction-above-1": (["--val-fraction", "1.5"], ["--val-fraction must be between 0 and 1"]),
     "unknown-schedule": (["--schedule", "zigzag"], ["schedule must be one of constant, cosine"]),
+    "unknown-degradations": (
+        ["--degradations", "sideways", "--hr-view-ratio", "0.3"],
+        ["degradations 'sideways'", "neither a named one"],
+    ),
+    "degradations-jpeg-out-of-range": (
+        ["--degradations", "jpeg=0:90", "--hr-view-ratio", "0.3"],
+        ["jpeg=0:90 must lie between 1 and 100"],
+    ),
+    "degradations-without-hr-views": (["--degradations", "default"], ["set --hr-view-ratio above 0"]),
     "unknown-option": (["--bogus", "1"], ["unrecognized arguments: --bogus"]),
     "unknown-recipe": (["--recipe", "turbo"], ["unknown recipe 'turbo'"]),
     "unknown-model-source": (["--model", "resnet50"], ["unknown model 'resnet50'"]),

@@ -391,6 +391,14 @@ def add_evaluate(sub) -> None:
         "folder, "
         "whose test.csv ids the submission must cover (default: the folder of --labels when it holds a test.csv)",
     )
+    parser.add_argument(
+        "--degradations",
+        metavar="GRID",
+        help="with one --run: score it on its validation split's HR twins made 64x64 by every cell of GRID (default: "
+        "24 kernels x blur x JPEG x noise; or 'kernels=box+lanczos,blur=0+0.5,jpeg=none+50,noise=0+4') and print "
+        "each cell's drop against its real LR validation images; --data: its training data (default: the one it "
+        "recorded)",
+    )
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="with --run: test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="with --run: where the models run")
     parser.add_argument(
@@ -407,6 +415,14 @@ def run_evaluate(args) -> int:
     from lowres_birds.run_dir import check_output
 
     sources = args.run + args.onnx
+    if args.degradations is not None:
+        from lowres_birds.inspect.robustness import evaluate_robustness
+
+        if len(args.run) != 1 or args.onnx or args.submission is not None or args.labels is not None:
+            raise UserError("evaluate --degradations scores one trained run: pass exactly one --run RUN")
+        out_dir = args.out_dir or _default_out("evaluate")
+        evaluate_robustness(args.run[0], args.data, args.degradations, out_dir, args.force, args.tta, args.device)
+        return 0
     if sources:
         if args.submission is not None or args.labels is not None:
             raise UserError(

@@ -71,6 +71,129 @@ def parse_strategy(text: str) -> Strategy:
     return Strategy(kind, size)
 
 
+# --------------------------------------------------------------------------- degradation families
+
+DEGRADATION_KERNELS = ("box", "bilinear", "bicubic", "lanczos", "area", "nearest")  # PIL's filters ("area": reduce)
+DEGRADATION_KEYS = ("kernels", "blur", "jpeg", "noise")
+
+
+@dataclass(frozen=True)
+class DegradationFamily:
+    """Where each synthetic LR view draws its own chain from, uniformly and per image: a Gaussian blur of ``blur``
+    sigma (in LR pixels) -> a resize with one of ``kernels`` -> Gaussian noise of ``noise`` std (8-bit levels) ->
+    JPEG at a quality in ``jpeg`` (None: no JPEG). A point range (low == high) is one fixed chain."""
+
+    kernels: tuple[str, ...] = ("bicubic",)
+    blur: tuple[float, float] = (0.0, 0.0)
+    jpeg: tuple[int, int] | None = None
+    noise: tuple[float, float] = (0.0, 0.0)
+
+    def __str__(self) -> str:
+        def span(pair) -> str:
+            return f"{pair[0]:g}" if pair[0] == pair[1] else f"{pair[0]:g}:{pair[1]:g}"
+
+        jpeg = "none" if self.jpeg is None else span(self.jpeg)
+        return f"kernels={'+'.join(self.kernels)},blur={span(self.blur)},jpeg={jpeg},noise={span(self.noise)}"
+
+
+# The training family: every kernel, up to twice the blur the real cub100-lr images show (~0.3 LR px), JPEG from
+# heavy to light, mild sensor noise. The real LR images stay in every batch (--hr-view-ratio sets the mix).
+DEGRADATION_FAMILIES = {
+    "default": "kernels=box+bilinear+bicubic+lanczos+area,blur=0:0.6,jpeg=40:95,noise=0:4",
+    "light": "kernels=box+bilinear+bicubic+lanczos+area,blur=0:0.4,jpeg=60:95,noise=0:2",
+}
+DEGRADATIONS_HELP = (
+    "a named family (none, " + ", ".join(DEGRADATION_FAMILIES) + ") or a spec like 'kernels=box+lanczos,blur=0:0.6,"
+    "jpeg=40:95,noise=0:4' (blur sigma in LR pixels, noise std in 8-bit levels, omitted steps off)"
+)
+
+
+def _degradation_values(text: str, what: str, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """'key=v1+v2,key=...' -> {key: [v1, v2]}, keys checked; ``names``: the named ones, for the error."""
+    values: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, equals, value = part.partition("=")
+        if not equals or key.strip() not in DEGRADATION_KEYS or key.strip() in values or not value.strip():
+            raise UserError(
+                f"{what} {text!r}: {part!r} is neither a named one ({', '.join(names)}) nor one of "
+                f"{', '.join(k + '=...' for k in DEGRADATION_KEYS)} (each once)"
+            )
+        values[key.strip()] = [v.strip() for v in value.split("+")]
+    if not values:
+        raise UserError(f"{what} {text!r} is empty: use none, a named family or {DEGRADATION_FAMILIES['default']!r}")
+    return values
+
+
+def _degradation_range(key: str, text: str, spec: str, what: str) -> tuple[float, float]:
+    """'a' or 'a:b' within the key's bounds (JPEG quality 1-100 whole numbers, blur sigma 0-5, noise std 0-64)."""
+    low_text, _, high_text = text.partition(":")
+    bounds = {"blur": (0.0, 5.0), "noise": (0.0, 64.0), "jpeg": (1.0, 100.0)}[key]
+    try:
+        low, high = float(low_text), float(high_text or low_text)
+    except ValueError:
+        raise UserError(f"{what} {spec!r}: {key}={text} must be a number or a range low:high") from None
+    whole = key != "jpeg" or (low.is_integer() and high.is_integer())
+    if not (math.isfinite(low) and math.isfinite(high) and bounds[0] <= low <= high <= bounds[1] and whole):
+        raise UserError(
+            f"{what} {spec!r}: {key}={text} must lie between {bounds[0]:g} and {bounds[1]:g}, low <= high"
+            + (" (whole qualities)" if key == "jpeg" else "")
+        )
+    return low, high
+
+
+def _degradation_family(values: dict[str, list[str]], spec: str, what: str) -> DegradationFamily:
+    kernels = tuple(values.get("kernels", ["bicubic"]))
+    unknown = [k for k in kernels if k not in DEGRADATION_KERNELS]
+    if unknown or len(set(kernels)) != len(kernels):
+        raise UserError(f"{what} {spec!r}: kernels must be distinct ones of {', '.join(DEGRADATION_KERNELS)}")
+    for key in ("blur", "jpeg", "noise"):
+        if len(values.get(key, [""])) != 1:
+            raise UserError(f"{what} {spec!r}: {key} takes one value or range low:high, not a '+' list")
+    jpeg = values.get("jpeg", ["none"])[0]
+    return DegradationFamily(
+        kernels=kernels,
+        blur=_degradation_range("blur", values.get("blur", ["0"])[0], spec, what),
+        jpeg=None if jpeg == "none" else tuple(int(q) for q in _degradation_range("jpeg", jpeg, spec, what)),
+        noise=_degradation_range("noise", values.get("noise", ["0"])[0], spec, what),
+    )
+
+
+def parse_degradations(text: str) -> DegradationFamily | None:
+    """--degradations: 'none' (None: HR views use the fitted chain), a named family or a spec (DEGRADATIONS_HELP)."""
+    text = text.strip()
+    if text == "none":
+        return None
+    spec = DEGRADATION_FAMILIES.get(text, text)
+    return _degradation_family(
+        _degradation_values(spec, "degradations", ("none", *DEGRADATION_FAMILIES)), text, "degradations"
+    )
+
+
+# The robustness grid (evaluate --degradations): 3 kernels other than the training data's bicubic x sharp or
+# blurred x no JPEG or a heavy one x clean or noisy = 24 ways of making the 64x64 images.
+DEGRADATION_GRIDS = {"default": "kernels=box+bilinear+lanczos,blur=0+0.5,jpeg=none+50,noise=0+4"}
+
+
+def parse_degradation_grid(text: str) -> list[DegradationFamily]:
+    """evaluate --degradations: a named grid or 'key=v1+v2,...' (every combination; a value a point, not a range)."""
+    text = text.strip()
+    values = _degradation_values(DEGRADATION_GRIDS.get(text, text), "degradation grid", tuple(DEGRADATION_GRIDS))
+    if any(":" in value for key in ("blur", "jpeg", "noise") for value in values.get(key, [])):
+        raise UserError(f"degradation grid {text!r}: give points (e.g. blur=0+0.5), not ranges")
+    kernels = values.get("kernels", ["bicubic"])
+    steps = [values.get(key, [default]) for key, default in (("blur", "0"), ("jpeg", "none"), ("noise", "0"))]
+    cells = [
+        _degradation_family({"kernels": [k], "blur": [b], "jpeg": [q], "noise": [n]}, text, "degradation grid")
+        for k in kernels
+        for b in steps[0]
+        for q in steps[1]
+        for n in steps[2]
+    ]
+    if len(set(cells)) != len(cells):
+        raise UserError(f"degradation grid {text!r} repeats a value")
+    return cells
+
+
 # --------------------------------------------------------------------------- the config
 
 
@@ -167,6 +290,13 @@ class RunConfig:
         "share of each batch replaced by HR crops degraded like the real LR (needs upscale_train/)",
         low=0,
         high=1,
+        student_only=True,
+    )
+    degradations: str = setting(
+        "none",
+        "how the HR views of --hr-view-ratio are made 64x64: none (the one chain fitted to the real pairs) or a "
+        "randomised family, each view its own chain: " + DEGRADATIONS_HELP + "; without twins the LR images get a "
+        "mild blur/JPEG instead",
         student_only=True,
     )
     randaugment_ops: int = setting(
@@ -270,6 +400,11 @@ class RunConfig:
             raise UserError(
                 f"distill_from {self.distill_from}: the distilled models give soft targets only: set kd_weight above 0 "
                 f"and feature_kd_weight 0 (got {self.kd_weight:g} and {self.feature_kd_weight:g})"
+            )
+        if parse_degradations(self.degradations) is not None and self.hr_view_ratio == 0:
+            raise UserError(
+                f"degradations {self.degradations!r} makes the HR views: set --hr-view-ratio above 0 (the share of "
+                "each batch they replace), e.g. 0.5"
             )
         if self.folds == 1 or (self.folds and self.fold >= self.folds):
             raise UserError(

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowres_birds.config import HR_SIZE, LR_SIZE, RunConfig, parse_strategy
+from lowres_birds.config import HR_SIZE, LR_SIZE, DegradationFamily, RunConfig, parse_degradations, parse_strategy
+from lowres_birds.data.degradations import LR_ONLY_FAMILY, degrade_randomly
 from lowres_birds.data.images import load_images
 from lowres_birds.data.splits import fold_indices, stratified_split
 from lowres_birds.data.tables import ImageTable, LabelMap, load_train_table
@@ -49,6 +50,12 @@ def without_missing_twins(cfg: RunConfig, data: TrainingData) -> tuple[RunConfig
     test-only copy) trains the recipe without its HR teacher and HR views rather than failing."""
     if data.hr_images is not None or not uses_hr_twins(cfg):
         return cfg, None
+    if parse_degradations(cfg.degradations) is not None:
+        notice = (
+            f"no high-res twins ({data.table.hr_missing}): training without the HR teacher; instead of HR views, "
+            f"{cfg.hr_view_ratio:g} of each batch are LR images mildly blurred or compressed ({LR_ONLY_FAMILY})"
+        )
+        return dataclasses.replace(cfg, teacher="frozen", kd_weight=0.0, feature_kd_weight=0.0), notice
     notice = f"no high-res twins ({data.table.hr_missing}): training without the HR teacher and HR views"
     return dataclasses.replace(cfg, teacher="frozen", kd_weight=0.0, feature_kd_weight=0.0, hr_view_ratio=0.0), notice
 
@@ -99,12 +106,16 @@ class HRSupport:
     degradation: Degradation | None = None
     degradation_report: dict | None = None
     teacher: TeacherTargets | None = None
+    family: DegradationFamily | None = None  # --degradations: a chain drawn per view instead of the fitted one
 
 
 def hr_support(cfg: RunConfig, data: TrainingData, teacher: TeacherTargets | None) -> HRSupport:
-    """Fit the degradation when the recipe asks for it (cached across runs); ``teacher`` comes from teacher.py."""
-    support = HRSupport(hr_images=data.hr_images, teacher=teacher)
-    if cfg.hr_view_ratio > 0:
+    """Fit the degradation when the recipe asks for it (cached across runs), or take --degradations' family (the
+    milder LR-only one without twins); ``teacher`` comes from teacher.py."""
+    support = HRSupport(hr_images=data.hr_images, teacher=teacher, family=parse_degradations(cfg.degradations))
+    if support.family is not None and data.hr_images is None:
+        support.family = LR_ONLY_FAMILY
+    elif cfg.hr_view_ratio > 0 and support.family is None:
         support.degradation, support.degradation_report = fitted_degradation(data.hr_images, data.lr_images)
     return support
 
@@ -122,14 +133,18 @@ def training_batch(
     teacher's targets, then mix."""
     images = random_crop_flip(images, generator, cfg.crop_scale_min, cfg.hflip)
     images = trivial_augment_and_erase(images, generator, cfg.trivial_augment, cfg.random_erasing)
-    if hr.degradation is not None:
+    if hr.degradation is not None or hr.family is not None:
         chosen = torch.rand(len(images), generator=generator) < cfg.hr_view_ratio
         if chosen.any():
-            hr_batch = gather_nchw(hr.hr_images, indices[chosen].numpy())
             images = images.clone()
-            images[chosen.to(images.device)] = hr_views(
-                hr_batch, hr.degradation, cfg.crop_scale_min, cfg.randaugment_ops, generator
-            ).to(images.device)
+            if hr.hr_images is None:  # no twins: the chosen LR images themselves, mildly degraded
+                views = degrade_randomly(images[chosen.to(images.device)].cpu(), hr.family, generator)
+            else:
+                hr_batch = gather_nchw(hr.hr_images, indices[chosen].numpy())
+                views = hr_views(
+                    hr_batch, hr.degradation or hr.family, cfg.crop_scale_min, cfg.randaugment_ops, generator
+                )
+            images[chosen.to(images.device)] = views.to(images.device)
     targets = Targets(F.one_hot(labels, num_classes).float())
     if hr.teacher is not None:
         rows = indices.to(hr.teacher.logits.device)

@@ -5,12 +5,12 @@ shrunk HR did not look like the real LR. Here a small grid search over the usual
 (Gaussian pre-blur -> resampling filter -> JPEG quality) finds the chain whose output is closest to the
 real LR images (least squares on a subset of pairs). ``degrade`` then turns augmented HR crops into
 realistic LR training views on the fly, in batches.
+A family of chains drawn per image instead of this one: data/degradations.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 from dataclasses import asdict, dataclass
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from lowres_birds.config import LR_SIZE
+from lowres_birds.data.degradations import jpeg_round_trip
 from lowres_birds.data.images import cache_dir
 from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import to_nchw
@@ -79,17 +79,6 @@ def degrade(images: torch.Tensor, model: Degradation, size: int = LR_SIZE) -> to
             .to(images.device)
         )
     return small
-
-
-def jpeg_round_trip(images: np.ndarray, quality: int) -> np.ndarray:
-    """N x H x W x 3 uint8 -> the same after a JPEG encode/decode at ``quality`` (Pillow, in memory)."""
-    out = np.empty_like(images)
-    for index, image in enumerate(images):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-        buffer.seek(0)
-        out[index] = np.asarray(Image.open(buffer).convert("RGB"))
-    return out
 
 
 SSIM_WINDOW = 7  # scikit-image's default: a uniform 7 x 7 window, sample covariances, K1 = 0.01, K2 = 0.03

@@ -340,6 +340,9 @@ class RunSession:
                 f"degradation fitted from the pairs: {hr.degradation} (held-out PSNR {report['held_out_psnr']:.2f} dB "
                 f"vs {report['plain_resize_psnr']:.2f} for a plain resize)"
             )
+        if hr.family is not None:
+            source = "HR views" if hr.hr_images is not None else "LR images (no twins)"
+            accelerator.print(f"randomised degradations: {cfg.hr_view_ratio:g} of each batch, {source}, {hr.family}")
         teacher = hr.teacher
         if teacher is not None:
             took = f"reused (it took {teacher.seconds:.0f}s)" if teacher.reused else f"took {teacher.seconds:.0f}s"
