@@ -95,7 +95,15 @@ def test_predict_images_writes_one_row_per_image_of_a_folder(trained_run, classi
 
     assert main(["predict", "--run", str(trained_run), "--images", str(folder), "--out", str(out), "--top", "2"]) == 0
     table = pd.read_csv(out)
-    assert len(table) == 200 and list(table.columns) == ["path", "label", "score", "label_2", "score_2"]
+    assert len(table) == 200 and list(table.columns) == [
+        "path",
+        "label",
+        "score",
+        "label_2",
+        "score_2",
+        "unknown",
+        "unknown_score",
+    ]
     assert table["path"].is_unique and (table["score"] >= table["score_2"]).all()
     first = classifier(table["path"][0], top_k=2)
     assert [table["label"][0], table["label_2"][0]] == [e["label"] for e in first]

@@ -460,7 +460,12 @@ def test_awkward_test_images_and_csv_dialect_predict_in_sample_order(awkward, tm
     assert code == 0, err
     written = pd.read_csv(submission, dtype=str, keep_default_na=False)
     assert list(written.columns) == ["id", "label"]
-    assert pd.read_csv(probabilities).columns.tolist() == ["id", *sorted(AWKWARD_LABELS.values())]
+    assert pd.read_csv(probabilities).columns.tolist() == [
+        "id",
+        *sorted(AWKWARD_LABELS.values()),
+        "unknown",
+        "unknown_score",
+    ]
     assert written["id"].tolist() == pd.read_csv(data / "sample_submission.csv", dtype=str)["id"].tolist()
     assert set(written["label"]) <= set(AWKWARD_LABELS.values())
     code, err = run_cli(

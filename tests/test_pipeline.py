@@ -54,7 +54,7 @@ def test_predict_and_evaluate(trained_run, demo_data, tmp_path, capsys):
     classes = json.loads((trained_run / "labels.json").read_text())
     assert set(frame["label"]) <= set(classes)
     probabilities = pd.read_csv(probs)
-    assert probabilities.columns.tolist() == ["id", *classes]
+    assert probabilities.columns.tolist() == ["id", *classes, "unknown", "unknown_score"]  # the run is calibrated
     assert abs(probabilities[classes].sum(axis=1) - 1).max() < 1e-4
     assert (
         main(
