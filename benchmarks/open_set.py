@@ -82,7 +82,7 @@ def main() -> None:
         threshold_keeping,
     )
     from lowres_birds.model.factory import load_run_model
-    from lowres_birds.predict.calibrate import pooled_outputs
+    from lowres_birds.model.wrapper import pooled_outputs
     from lowres_birds.predict.classifier import to_model_input
     from lowres_birds.run_dir import RunDir
 

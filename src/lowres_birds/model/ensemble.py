@@ -14,21 +14,27 @@ from lowres_birds.model.wrapper import in_batches
 from lowres_birds.run_dir import RunDir, model_folders
 
 
+def f1_weights(members: list[Path], what: str, remedy: str) -> list[float]:
+    """Each run's best validation macro-F1, normalised to sum 1 (as the competition's 1st place weighted its fold
+    ensemble); ``what`` and ``remedy`` frame the one-line refusal when every score is 0."""
+    scores = [RunDir(member).require().best_val_macro_f1() for member in members]
+    if sum(scores) <= 0:
+        runs = ", ".join(map(str, members))
+        raise UserError(f"{what}: every model's best validation macro-F1 is 0 ({runs}); {remedy}")
+    return [score / sum(scores) for score in scores]
+
+
 def member_runs(source: Path) -> tuple[list[Path], list[float]]:
     """(run folders, weights): every run ``source`` stands for, weighted by its best validation macro-F1 (normalised,
     as ``predict --ensemble f1``), refused in one line where one is not a trained run folder."""
     members = model_folders(source)
-    scores = []
     for member in members:
         if not (Path(member) / RunDir.METRICS).is_file():
             raise UserError(
                 f"{member} is not a trained run folder (no {RunDir.METRICS}); pass a folder written by "
                 "lowres-birds train (a run, an ensemble recipe's folder or a folds folder)"
             )
-        scores.append(RunDir(member).best_val_macro_f1())
-    if sum(scores) <= 0:
-        raise UserError(f"every run of {source} has a best validation macro-F1 of 0: nothing to weigh them by")
-    return members, [score / sum(scores) for score in scores]
+    return members, f1_weights(members, f"--distill-from {source}", "nothing to weigh them by")
 
 
 def ensemble_probabilities(

@@ -216,3 +216,16 @@ def in_batches(
     if shown is not None:
         shown.close()
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def pooled_outputs(
+    model: BirdNet, images: np.ndarray, progress: str | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(pooled features, or None where the backbone has none; logits) of uint8 N x H x W x 3 images, in one pass."""
+    if model.feature_width is None:
+        return None, torch.from_numpy(in_batches(lambda batch: model(batch.to(device)).float(), images, desc=progress))
+    width = model.feature_width
+    both = in_batches(
+        lambda batch: torch.cat(model(batch.to(device), return_features=True), -1).float(), images, desc=progress
+    )
+    return torch.from_numpy(both[:, :width]), torch.from_numpy(both[:, width:])

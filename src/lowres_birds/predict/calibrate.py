@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lowres_birds.data.splits import run_split
@@ -29,21 +28,10 @@ from lowres_birds.model.calibration import (
     threshold_keeping,
 )
 from lowres_birds.model.factory import load_run_model
-from lowres_birds.model.wrapper import BirdNet, in_batches
+from lowres_birds.model.wrapper import BirdNet, pooled_outputs
 from lowres_birds.run_dir import RunDir, model_folders
 
 _TOLD_UNCALIBRATED: set[str] = set()  # runs whose missing calibration was already reported
-
-
-def pooled_outputs(
-    model: BirdNet, images: np.ndarray, progress: str | None = None
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(pooled features or None where the backbone has none, logits) of uint8 N x 64 x 64 x 3 images."""
-    if model.feature_width is None:
-        return None, torch.from_numpy(in_batches(lambda batch: model(batch).float(), images, desc=progress))
-    width = model.feature_width
-    both = in_batches(lambda batch: torch.cat(model(batch, return_features=True), -1).float(), images, desc=progress)
-    return torch.from_numpy(both[:, :width]), torch.from_numpy(both[:, width:])
 
 
 def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = None) -> dict:

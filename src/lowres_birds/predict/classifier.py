@@ -34,11 +34,12 @@ from lowres_birds.errors import UserError
 from lowres_birds.extras import missing as missing_extra
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.calibration import CalibratedHead
+from lowres_birds.model.ensemble import f1_weights
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.calibrate import load_head
 from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
-from lowres_birds.run_dir import RunDir, check_labels, model_folders
+from lowres_birds.run_dir import check_labels, model_folders
 
 TTA_MODES = ("none", "flip")
 ENSEMBLE_MODES = ("mean", "f1")
@@ -353,17 +354,13 @@ def resolve_ensemble(sources: list[Path], mode: str = "mean") -> tuple[list[Path
     members = [run for source in sources for run in model_folders(source)]
     if mode == "mean":
         return members, None
-    scores = [validation_f1(member) for member in members]
-    if sum(scores) <= 0:
-        raise UserError(
-            f"--ensemble f1: every model's best validation macro-F1 is 0 ({', '.join(map(str, members))}); use "
-            "--ensemble mean"
-        )
-    return members, [score / sum(scores) for score in scores]
+    for member in members:
+        refuse_without_metrics(member)
+    return members, f1_weights(members, "--ensemble f1", "use --ensemble mean")
 
 
-def validation_f1(source: Path) -> float:
-    """A run folder's best validation macro-F1 (its metrics.jsonl); other models carry none and are refused."""
+def refuse_without_metrics(source: Path) -> None:
+    """An ONNX file or an exported Hugging Face folder records no validation macro-F1 to weigh it by: refused."""
     if Path(source).suffix == ".onnx" or is_hf_folder(source):
         kind = "an ONNX file" if Path(source).suffix == ".onnx" else "an exported Hugging Face folder"
         raise UserError(
@@ -371,7 +368,6 @@ def validation_f1(source: Path) -> float:
             "records none: "
             "pass its run folder or use --ensemble mean"
         )
-    return RunDir(source).require().best_val_macro_f1()
 
 
 def describe_ensemble(members: list[Path], weights: list[float] | None) -> str:

@@ -206,14 +206,6 @@ class RunSession:
         done = self.state.step_in_epoch * self.cfg.grad_accum
         return self.parts.accelerator.skip_first_batches(self.loader, done) if done else self.loader
 
-    def loader_over(self, indices: np.ndarray):
-        """A prepared loader over the training rows ``indices`` in their order (benchmarks time fixed batches)."""
-        data = self.data
-        loader = make_loader(
-            data.train_images, data.targets, indices, self.cfg.batch_size, self.cfg.seed, shuffle=False
-        )
-        return self.parts.accelerator.prepare(loader)
-
     # ----------------------------------------------------------------- changes of state
 
     def after_step(self) -> None:

@@ -26,7 +26,7 @@ from lowres_birds.errors import UserError
 from lowres_birds.metrics import score
 from lowres_birds.model.ensemble import ensemble_probabilities, member_runs
 from lowres_birds.model.factory import create_model, load_run_model
-from lowres_birds.model.wrapper import BirdNet, in_batches
+from lowres_birds.model.wrapper import BirdNet, in_batches, pooled_outputs
 from lowres_birds.run_dir import RunDir, model_folders, save_torch
 from lowres_birds.train.data import TeacherTargets, TrainingData, uses_teacher
 from lowres_birds.train.degradation import array_fingerprint
@@ -193,7 +193,8 @@ def finetuned_teacher_targets(cfg: RunConfig, data: TrainingData, run: RunDir, s
     folder = RunDir(run / RunDir.TEACHER)
     started = time.perf_counter()
     if processes.is_main_process:
-        features, logits = _teacher_outputs(folder, data.hr_images, processes.device)
+        model, _ = load_run_model(folder.path, str(processes.device))
+        features, logits = pooled_outputs(model, data.hr_images, "teacher targets", processes.device)
         seconds += time.perf_counter() - started
         folder.save_teacher_targets(features, logits, _hr_val_f1(data, logits), seconds)
     processes.wait_for_everyone()
@@ -266,14 +267,3 @@ def start_from_teacher(student: BirdNet, run: RunDir) -> None:
             "a model whose weights depend on its input size needs --teacher-size equal to the student's, or drop "
             "--student-from-teacher"
         ) from None
-
-
-def _teacher_outputs(folder: RunDir, hr_images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled features, logits) of the teacher's best weights on every HR twin, at the teacher's input size."""
-    model, _ = load_run_model(folder.path, str(device))
-    width = model.feature_width
-    both = in_batches(
-        lambda batch: torch.cat(model(batch.to(device), return_features=True), dim=1), hr_images, desc="teacher targets"
-    )
-    both = torch.from_numpy(both)
-    return both[:, :width], both[:, width:]
