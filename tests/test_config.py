@@ -29,14 +29,20 @@ def test_cpu_best_is_an_ensemble_of_cpu_runs_on_two_backbones_and_two_sizes_and_
     from lowres_birds.config import load_members
     from lowres_birds.train.teacher import shared_teacher_key
 
-    members = load_members("cpu-best")
+    recipe = load_members("cpu-best")
+    members = recipe.members
     assert {cfg.model for cfg in members.values()} == {"efficientnet_lite0", "efficientnet_lite1"}
     assert {cfg.strategy for cfg in members.values()} == {"upscale:128", "upscale:160"}
     assert all(cfg.student_from_teacher == (cfg.model == "efficientnet_lite0") for cfg in members.values())
     assert len({cfg.seed for cfg in members.values()}) == len(members)  # each member its own split
     assert len({shared_teacher_key(cfg) for cfg in members.values()}) == len(members)  # and its own teacher
     assert all(cfg.teacher == "finetuned" and cfg.kd_weight > 0 and cfg.budget_minutes > 0 for cfg in members.values())
-    assert sum(cfg.budget_minutes for cfg in members.values()) <= 45
+    # the student: the first member's split, started from its teacher; the whole recipe within 50 minutes
+    student, first = recipe.student, members["lite0-160"]
+    assert (student.seed, student.model, student.strategy) == (first.seed, first.model, first.strategy)
+    assert student.init_from == "lite0-160/teacher" and student.kd_weight > 0
+    assert (recipe.ensemble, recipe.tta) == ("f1", "flip")
+    assert sum(cfg.budget_minutes for cfg in [*members.values(), student]) <= 50
     for name, cfg in members.items():
         RunDir(tmp_path / name).write_config(cfg)
         assert RunDir(tmp_path / name).config() == cfg

@@ -19,13 +19,13 @@ STUDENT = [*FAST_TRAIN[: FAST_TRAIN.index("--kd-weight")], "--kd-weight", "0.7",
 @pytest.fixture(scope="module")
 def ensemble(demo_data, tmp_path_factory):
     """Two tiny runs on two seeds, as the members of one ensemble folder (an ensemble recipe's layout)."""
-    from lowres_birds.config import load_config
+    from lowres_birds.config import EnsembleRecipe, load_config
     from lowres_birds.train.ensembles import train_members
 
     fast = {"model": "timm:test_efficientnet", "pretrained": False, "strategy": "native", "kd_weight": 0.0}
     configs = {name: load_config("cpu", {**fast, "epochs": 2, "seed": seed}) for name, seed in (("a", 1), ("b", 2))}
     out = tmp_path_factory.mktemp("ensemble") / "out"
-    train_members(configs, demo_data, out)
+    train_members(EnsembleRecipe(configs), demo_data, out)
     return out
 
 

@@ -7,6 +7,7 @@ import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 from lowres_birds.cli import main
 from lowres_birds.config import load_config, load_members
@@ -38,14 +39,14 @@ def test_members_take_base_then_shared_keys_then_their_own_then_the_flags(tmp_pa
         tmp_path,
         "epochs: 3\nlr: 0.002\nmembers:\n  a: {base: cpu}\n  b: {base: cpu, model: efficientnet_lite2, lr: 0.003}\n",
     )
-    members = load_members(str(path), {"seed": 5, "epochs": None})
+    members = load_members(str(path), {"seed": 5, "epochs": None}).members
     assert list(members) == ["a", "b"]
     assert members["a"].freeze_blocks == load_config("cpu").freeze_blocks  # from the member's base
     assert members["a"].epochs == members["b"].epochs == 3 and members["a"].lr == 0.002  # shared keys over the base
     # the member's own keys over the shared ones
     assert members["b"].model == "efficientnet_lite2" and members["b"].lr == 0.003
     assert members["a"].seed == members["b"].seed == 5  # flags over everything
-    assert load_members("cpu") == {}
+    assert load_members("cpu") is None
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,13 @@ def test_members_take_base_then_shared_keys_then_their_own_then_the_flags(tmp_pa
         ("members:\n  ../up: {epochs: 1}\n", "must be a folder name"),
         ("members:\n  a: {epochs: 0}\n", "member a"),
         ("members:\n  a: {colour: red}\n", "unknown key(s) colour"),
+        ("members:\n  student: {epochs: 1}\n", "other than student"),
+        ("ensemble: median\nmembers:\n  a: {epochs: 1}\n", "ensemble must be one of mean, f1"),
+        ("tta: rotate\nmembers:\n  a: {epochs: 1}\n", "tta must be one of none, flip"),
+        ("members:\n  a: {epochs: 1}\nstudent: [1]\n", "student must map recipe keys"),
+        ("members:\n  a: {epochs: 1}\nstudent: {distill_from: x}\n", "without distill_from"),
+        ("members:\n  a: {epochs: 1}\nstudent: {epochs: -1}\n", "student: epochs"),
+        ("members:\n  a: {epochs: 1}\nstudent: {init_from: a, student_from_teacher: true}\n", "both choose"),
     ],
 )
 def test_bad_member_declarations_are_one_line_errors(tmp_path, text, message):
@@ -190,3 +198,57 @@ def test_a_split_seed_draws_the_split_and_the_seed_alone_does_when_unset(demo_da
 
     assert val_rows(seed=1, split_seed=9) == val_rows(seed=2, split_seed=9) == val_rows(seed=9)
     assert val_rows(seed=1) != val_rows(seed=2) or val_rows(seed=1) != val_rows(seed=3)
+
+
+WITH_STUDENT = (
+    TWO_MEMBERS
+    + """ensemble: f1
+tta: flip
+student:
+  model: timm:test_efficientnet
+  epochs: 2
+  kd_weight: 0.7
+  init_from: small
+  lr: 1.0e-9
+"""
+)
+
+
+def test_an_ensemble_recipe_ends_with_a_student_distilled_from_its_members_resumable(
+    demo_data, tmp_path, capsys, monkeypatch
+):
+    from lowres_birds.run_dir import RunDir
+    from lowres_birds.train.state import Checkpointer
+
+    out = tmp_path / "ensemble"
+    save = Checkpointer.save
+
+    def save_then_interrupt(self, state):
+        save(self, state)
+        if self.run.path.name == "student" and state.epoch == 1:
+            raise KeyboardInterrupt
+
+    recipe = str(write_recipe(tmp_path, WITH_STUDENT))
+    flags = ["train", "--recipe", recipe, "--data", str(demo_data), "--out", str(out)]
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "save", save_then_interrupt)
+        assert main([*flags, "--device", "cpu"]) == 130
+    assert "the ensemble's student, distilled from its 2 members" in capsys.readouterr().out
+    targets = (out / "student" / RunDir.DISTILL_TARGETS).read_bytes()
+    assert main(["train", "--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ensemble member" not in printed and "weights f1, TTA flip" in printed
+    summary = MembersDir(out).summary()
+    assert (summary["ensemble"], summary["tta"]) == ("f1", "flip") and "student_val_macro_f1" in summary
+    student = RunDir(out / "student")
+    assert (student / RunDir.DISTILL_TARGETS).read_bytes() == targets  # computed once, read back on resume
+    assert student.config().distill_from == str(out.resolve())
+    assert student.config().init_from == str((out / "small").resolve())
+    assert [r["epoch"] for r in student.metrics()] == [1, 2]
+    # started from the member's weights (lr 1e-9: still them), and a run folder like any other (HF folder, report)
+    first = RunDir(out / "small").weights()
+    weights = student.weights().items()
+    kept = [torch.allclose(first[k].float(), v.float(), atol=1e-5) for k, v in weights if "bn" not in k]
+    assert kept and all(kept)
+    assert (student / RunDir.HF / "README.md").is_file() and (student / "report" / "report.html").is_file()
+    assert MembersDir(out).runs() == [out / "small", out / "other"]  # the student is not a member

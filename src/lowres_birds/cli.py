@@ -145,14 +145,15 @@ def run_train(args) -> int:
     from lowres_birds.config import load_config, load_members
 
     members = load_members(args.recipe or DEFAULT_RECIPE, overrides)
-    cfg = None if members else load_config(args.recipe or DEFAULT_RECIPE, overrides)
+    cfg = None if members is not None else load_config(args.recipe or DEFAULT_RECIPE, overrides)
     if args.print_config:
-        print(
-            "".join(f"# member {name}\n{member.to_yaml()}" for name, member in members.items())
-            if members
-            else cfg.to_yaml(),
-            end="",
-        )
+        if members is None:
+            print(cfg.to_yaml(), end="")
+            return 0
+        runs = {f"member {name}": member for name, member in members.members.items()}
+        runs |= {"student (distilled from the members)": members.student} if members.student else {}
+        print(f"# ensemble: {members.ensemble}, tta: {members.tta}")
+        print("".join(f"# {name}\n{run.to_yaml()}" for name, run in runs.items()), end="")
         return 0
     if args.data is None:
         raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
@@ -162,7 +163,7 @@ def run_train(args) -> int:
     # checked now, replaced once data and model load
     replace_folder(run_dir, args.force, create=False, others=[("--data", args.data)])
     started = time.perf_counter()
-    if members:
+    if members is not None:
         from lowres_birds.train.ensembles import train_members
 
         return _finish_members(train_members(members, args.data, run_dir, force=args.force), run_dir, started)
@@ -212,15 +213,21 @@ def _resume(args, overrides: dict) -> int:
 
 
 def _finish_members(summary: dict, out: Path, started: float) -> int:
-    from lowres_birds.inspect.report import calibrate_after_training
+    from lowres_birds.inspect.report import after_training, calibrate_after_training
+    from lowres_birds.run_dir import MembersDir
 
     calibrate_after_training(out, None)  # each member on its own split, with the data its split.json names
     scores = ", ".join(f"{name} {score:.4f}" for name, score in summary["val_macro_f1"].items())
     print(
         f"ensemble of {len(summary['members'])} trained in {time.perf_counter() - started:.0f}s (validation macro-F1: "
-        f"{scores}); "
-        f"predict with: lowres-birds predict --run {out} --ensemble f1 --tta flip --data DIR"
+        f"{scores}; weights {summary['ensemble']}, TTA {summary['tta']}); predict with: lowres-birds predict --run "
+        f"{out} --data DIR"
     )
+    if "student_val_macro_f1" in summary:
+        student = MembersDir(out).student
+        score = summary["student_val_macro_f1"]
+        print(f"its student: validation macro-F1 {score:.4f}, a run folder of its own: {student}")
+        after_training(student, None)
     return 0
 
 

@@ -350,6 +350,12 @@ class RunConfig:
         "soft targets (with --kd-weight) instead of an HR teacher's; computed once into RUN/distill_targets",
         student_only=True,
     )
+    init_from: str = setting(
+        "",
+        "start from this trained run folder's best weights (the same model and input size, e.g. an ensemble member's "
+        "HR teacher) instead of the pretrained ones, as timm's --initial-checkpoint",
+        student_only=True,
+    )
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0, student_only=True)
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0, student_only=True)
     trivial_augment: bool = setting(
@@ -400,6 +406,11 @@ class RunConfig:
             raise UserError(
                 f"distill_from {self.distill_from}: the distilled models give soft targets only: set kd_weight above 0 "
                 f"and feature_kd_weight 0 (got {self.kd_weight:g} and {self.feature_kd_weight:g})"
+            )
+        if self.init_from and self.student_from_teacher:
+            raise UserError(
+                f"init_from {self.init_from} and student_from_teacher both choose the start weights: set "
+                "student_from_teacher false, or drop init_from"
             )
         if parse_degradations(self.degradations) is not None and self.hr_view_ratio == 0:
             raise UserError(
@@ -564,33 +575,65 @@ def _with_overrides(data: dict[str, Any], source: str, overrides: dict[str, Any]
     return config_from_mapping(data, f"{source} with the given flags")
 
 
-MEMBERS = "members"
+MEMBERS, STUDENT = "members", "student"
+ENSEMBLE_MODES = ("mean", "f1")
+TTA_MODES = ("none", "flip")
 
 
-def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> dict[str, RunConfig]:
-    """An ensemble recipe as one config per member, {} for a one-model recipe.
+@dataclass
+class EnsembleRecipe:
+    """An ensemble recipe: its members' configs (recipe order), the optional student distilled from them into
+    OUT/student, and how the ensemble predicts (``ensemble``: mean or f1 weights; ``tta``), recorded in its folder."""
 
-    ``members:`` maps a name (the member's folder) to its keys, optionally with its own ``base:``; the recipe's
-    other keys are shared: member base < shared keys < the member's keys < command-line flags.
+    members: dict[str, RunConfig]
+    student: RunConfig | None = None
+    ensemble: str = "mean"
+    tta: str = "none"
+
+
+def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> EnsembleRecipe | None:
+    """An ensemble recipe, None for a one-model recipe.
+
+    ``members:`` maps a name (the member's folder) to its keys, optionally with its own ``base:``; ``student:`` (keys
+    the same way) is one run distilled from the members, whose ``init_from`` is a path inside the ensemble folder;
+    ``ensemble`` and ``tta`` say how the folder predicts. The recipe's other keys are shared: member base < shared
+    keys < the member's keys < command-line flags.
     """
     data = read_recipe(recipe)
     members = data.pop(MEMBERS, None)
     if members is None:
-        return {}
+        return None
+    student = data.pop(STUDENT, None)
+    how = {key: data.pop(key, default) for key, default in (("ensemble", "mean"), ("tta", "none"))}
+    for key, choices in (("ensemble", ENSEMBLE_MODES), ("tta", TTA_MODES)):
+        if how[key] not in choices:
+            raise UserError(f"recipe {recipe}: {key} must be one of {', '.join(choices)} (got {how[key]!r})")
     if (
         not isinstance(members, dict)
         or not members
         or not all(isinstance(keys, dict) for keys in (members or {}).values())
     ):
         raise UserError(f"recipe {recipe}: {MEMBERS} must map member names to their recipe keys")
-    configs = {}
-    for name, keys in members.items():
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
-            raise UserError(
-                f"recipe {recipe}: member name {name!r} must be a folder name (letters, digits, '_', '.', '-')"
-            )
+    if student is not None and (not isinstance(student, dict) or "distill_from" in student):
+        raise UserError(
+            f"recipe {recipe}: {STUDENT} must map recipe keys to values, without distill_from (the student distils "
+            "from the ensemble's own folder)"
+        )
+
+    def member_config(name: str, keys: dict) -> RunConfig:
         keys = dict(keys)
         base = keys.pop("base", None)
         merged = {**(read_recipe(str(base)) if base is not None else {}), **data, **keys}
-        configs[str(name)] = _with_overrides(merged, f"recipe {recipe}, member {name}", overrides)
-    return configs
+        return _with_overrides(merged, f"recipe {recipe}, {name}", overrides)
+
+    configs = {}
+    for name, keys in members.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) or name == STUDENT:
+            raise UserError(
+                f"recipe {recipe}: member name {name!r} must be a folder name (letters, digits, '_', '.', '-') other "
+                f"than {STUDENT}"
+            )
+        configs[str(name)] = member_config(f"member {name}", keys)
+    return EnsembleRecipe(
+        configs, None if student is None else member_config(STUDENT, student), how["ensemble"], how["tta"]
+    )

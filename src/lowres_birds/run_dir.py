@@ -32,7 +32,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lowres_birds.config import FIELDS, RunConfig, config_from_mapping, parse_yaml_mapping
+from lowres_birds.config import (
+    ENSEMBLE_MODES,
+    FIELDS,
+    STUDENT,
+    TTA_MODES,
+    RunConfig,
+    config_from_mapping,
+    parse_yaml_mapping,
+)
 from lowres_birds.errors import UserError
 
 MARKER = ".lowres-birds"  # written into every folder this tool creates and may later replace with --force
@@ -663,8 +671,9 @@ class FoldsDir(RunGroup):
 
 
 class MembersDir(RunGroup):
-    """The folder an ensemble recipe (``members:``) trains: one run (or folds) folder per member and
-    ``ensemble.json``, which records each member's config, the data folder and each finished member's validation
+    """The folder an ensemble recipe (``members:``) trains: one run (or folds) folder per member, the distilled
+    ``student/`` run when the recipe has one, and ``ensemble.json``, which records each member's config, the data
+    folder, how the ensemble predicts (``ensemble`` weights, ``tta``) and each finished member's validation
     macro-F1, so ``train --resume OUT`` trains only what is missing and ``predict --run OUT`` finds the members."""
 
     SUMMARY = "ensemble.json"
@@ -672,8 +681,14 @@ class MembersDir(RunGroup):
     def member(self, name: str) -> Path:
         return self.path / name
 
+    @property
+    def student(self) -> Path:
+        return self.path / STUDENT
+
     def summary(self) -> dict:
-        """{"data": str, "members": {name: config dict}, "val_macro_f1": {name: float}}, checked."""
+        """{"data": str, "members": {name: config dict}, "val_macro_f1": {name: float}, "ensemble": mean|f1, "tta":
+        none|flip, and with a student "student": config dict, "student_val_macro_f1" once it finished}, checked
+        (a folder written before the last four keys existed reads as mean, none, no student)."""
         path = self.path / self.SUMMARY
         damaged = "the ensemble folder is damaged: retrain it"
         summary = load_json(
@@ -693,10 +708,21 @@ class MembersDir(RunGroup):
             raise UserError(
                 f"{path} must give 'data', 'members' (name -> config) and 'val_macro_f1' (name -> number); {damaged}"
             )
+        summary = {"ensemble": "mean", "tta": "none", **summary}
+        if (
+            summary["ensemble"] not in ENSEMBLE_MODES
+            or summary["tta"] not in TTA_MODES
+            or not isinstance(summary.get("student", {}), dict)
+            or not _is_number(summary.get("student_val_macro_f1", 0))
+        ):
+            raise UserError(
+                f"{path}: 'ensemble' must be one of {', '.join(ENSEMBLE_MODES)}, 'tta' one of {', '.join(TTA_MODES)}, "
+                f"'student' a config and 'student_val_macro_f1' a number; {damaged}"
+            )
         return summary
 
     def runs(self) -> list[Path]:
-        """The member folders, in recipe order; every member must have finished training."""
+        """The member folders, in recipe order; every member must have finished training (the student is not one)."""
         summary = self.summary()
         missing = [
             name for name in summary["members"] if name not in summary["val_macro_f1"] or not self.member(name).is_dir()

@@ -3,12 +3,13 @@ each member trained by loop.py's ``train``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from lowres_birds.config import RunConfig
+from lowres_birds.config import EnsembleRecipe, RunConfig
 from lowres_birds.errors import TrainingInterrupted
 from lowres_birds.metrics import score
 from lowres_birds.run_dir import FoldsDir, MembersDir, RunDir, replace_folder
@@ -39,26 +40,35 @@ def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = Fal
     return summary
 
 
-def train_members(configs: dict[str, RunConfig], data_dir: Path, out_dir: Path, force: bool = False) -> dict:
-    """An ensemble recipe: each member (one run, or its folds) trained into OUT/<name>, in recipe order.
+def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: bool = False) -> dict:
+    """An ensemble recipe: each member (one run, or its folds) trained into OUT/<name>, in recipe order, then its
+    student (if any) into OUT/student, distilled from the members (``distill_from`` OUT; a relative ``init_from`` is
+    inside OUT).
 
-    OUT/ensemble.json records the members' configs at the start and each member's validation macro-F1 as it
-    finishes, so :func:`resume_members` continues an interrupted ensemble; ``predict --run OUT`` averages them.
+    OUT/ensemble.json records the configs at the start, how the ensemble predicts, and each validation macro-F1 as
+    its run finishes, so :func:`resume_members` continues an interrupted ensemble; ``predict --run OUT`` averages the
+    members.
     """
     out = MembersDir(out_dir)
     replace_folder(out.path, force)
-    out.write_summary(
-        {
-            "data": str(Path(data_dir).resolve()),
-            "members": {name: cfg.to_dict() for name, cfg in configs.items()},
-            "val_macro_f1": {},
-        }
-    )
-    return _train_missing_members(out, configs, data_dir, resume=False)
+    summary = {
+        "data": str(Path(data_dir).resolve()),
+        "members": {name: cfg.to_dict() for name, cfg in recipe.members.items()},
+        "val_macro_f1": {},
+        "ensemble": recipe.ensemble,
+        "tta": recipe.tta,
+    }
+    if recipe.student is not None:
+        start = recipe.student.init_from and str((out.path / recipe.student.init_from).resolve())
+        student = dataclasses.replace(recipe.student, distill_from=str(out.path.resolve()), init_from=start)
+        summary["student"] = student.validate().to_dict()
+    out.write_summary(summary)
+    return _train_missing(out, recipe.members, data_dir, resume=False)
 
 
 def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
-    """Continue an ensemble folder: finished members are kept, a stopped one resumed, the rest trained."""
+    """Continue an ensemble folder: finished members are kept, a stopped one resumed, the rest (then the student)
+    trained."""
     from lowres_birds.config import config_from_mapping
 
     out = MembersDir(out_dir)
@@ -67,12 +77,12 @@ def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
         name: config_from_mapping(values, f"{out.path / MembersDir.SUMMARY}, member {name}")
         for name, values in summary["members"].items()
     }
-    return _train_missing_members(out, configs, Path(data_dir or summary["data"]), resume=True)
+    return _train_missing(out, configs, Path(data_dir or summary["data"]), resume=True)
 
 
-def _train_missing_members(out: MembersDir, configs: dict[str, RunConfig], data_dir: Path, resume: bool) -> dict:
-    """Members in recipe order; one whose fine-tuned teacher would repeat an earlier member's (same split, same
-    teacher config) copies that teacher instead of training it again."""
+def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Path, resume: bool) -> dict:
+    """Members in recipe order, then the student; a member whose fine-tuned teacher would repeat an earlier
+    member's (same split, same teacher config) copies that teacher instead of training it again."""
     summary = out.summary()
     teachers: dict[str, Path] = {}
     for name, cfg in configs.items():
@@ -83,7 +93,7 @@ def _train_missing_members(out: MembersDir, configs: dict[str, RunConfig], data_
                 f"ensemble member {name} ({len(summary['val_macro_f1']) + 1} of {len(configs)}): {cfg.model} "
                 f"({cfg.strategy})"
             )
-            try:
+            with _named_stop(f"ensemble member {name}", out):
                 if cfg.folds and cfg.fold < 0:  # folds restart: a folds folder records no progress of its own
                     score = train_folds(cfg, data_dir, folder, force=True)["oof_macro_f1"]
                 else:
@@ -94,13 +104,32 @@ def _train_missing_members(out: MembersDir, configs: dict[str, RunConfig], data_
                     score = train(cfg, data_dir, folder, resume=stopped, force=True, shared_teacher=teachers.get(key))[
                         "best_val_macro_f1"
                     ]
-            except TrainingInterrupted as exc:
-                raise TrainingInterrupted(
-                    f"{str(exc).partition('; continue with')[0]} of ensemble member {name}; "
-                    f"continue with: lowres-birds train --resume {out.path}"
-                ) from None
             summary["val_macro_f1"][name] = score
             out.write_summary(summary)
         if key is not None and (folder / RunDir.TEACHER / RunDir.TEACHER_TARGETS).is_file():
             teachers.setdefault(key, folder / RunDir.TEACHER)
+    if "student" in summary and "student_val_macro_f1" not in summary:
+        from lowres_birds.config import config_from_mapping
+
+        cfg = config_from_mapping(summary["student"], f"{out.path / MembersDir.SUMMARY}, student")
+        print(f"the ensemble's student, distilled from its {len(configs)} members: {cfg.model} ({cfg.strategy})")
+        # stopped after its soft targets were written (or later): they are read back, not computed again
+        stopped = resume and any((out.student / name).is_file() for name in (RunDir.CHECKPOINT, RunDir.DISTILL_TARGETS))
+        with _named_stop("the ensemble's student", out):
+            summary["student_val_macro_f1"] = train(cfg, data_dir, out.student, resume=stopped, force=True)[
+                "best_val_macro_f1"
+            ]
+        out.write_summary(summary)
     return summary
+
+
+@contextlib.contextmanager
+def _named_stop(what: str, out: MembersDir):
+    """An interrupted member or student says which one stopped and how to continue the whole ensemble."""
+    try:
+        yield
+    except TrainingInterrupted as exc:
+        raise TrainingInterrupted(
+            f"{str(exc).partition('; continue with')[0]} of {what}; continue with: lowres-birds train --resume "
+            f"{out.path}"
+        ) from None

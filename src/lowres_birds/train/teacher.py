@@ -257,13 +257,21 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
 def start_from_teacher(student: BirdNet, run: RunDir) -> None:
     """Load the fine-tuned teacher's best weights into the student (``student_from_teacher``): it already knows the
     species from the sharp twins and starts closer to a good low-res model than ImageNet's weights."""
-    folder = RunDir(run / RunDir.TEACHER)
+    start_from(
+        student,
+        run / RunDir.TEACHER,
+        "a model whose weights depend on its input size needs --teacher-size equal to the student's, or drop "
+        "--student-from-teacher",
+    )
+
+
+def start_from(student: BirdNet, folder: Path, remedy: str) -> None:
+    """Load a trained run folder's best weights into the student (refused in one line naming the file when they do
+    not fit)."""
+    run = RunDir(folder).require()
     try:
-        student.load_state_dict(folder.weights())
+        student.load_state_dict(run.weights())
     except RuntimeError as exc:
         raise UserError(
-            f"the teacher's weights in {folder / RunDir.WEIGHTS} do not fit the student "
-            f"({str(exc).splitlines()[0][:120]}): "
-            "a model whose weights depend on its input size needs --teacher-size equal to the student's, or drop "
-            "--student-from-teacher"
+            f"the weights in {run / RunDir.WEIGHTS} do not fit the student ({str(exc).splitlines()[0][:120]}): {remedy}"
         ) from None
