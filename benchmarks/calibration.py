@@ -1,6 +1,7 @@
 """Calibration on a labelled test set: ECE (15 bins), NLL, macro-F1 and accuracy of each calibrated run and of their
-ensemble (``predict --run A --run B``: the members' mean plain softmax at their mean temperature,
-``average_predictions``), before and after; and, for comparison, the plain mean of the calibrated members.
+ensemble (``predict --run A --run B``, or one ensemble folder with the weights it records: the members' weighted
+plain softmax at their weighted mean temperature, ``Classifier.combine``), before and after; and, for comparison,
+the weighted mean of the calibrated members.
 
 "Before" is the same network's plain softmax: ``softmax(log p * T)`` of the calibrated probabilities ``p``, exact
 since ``p = softmax(logits / T)``. Run ``lowres-birds calibrate --run RUN`` on each run first.
@@ -35,11 +36,13 @@ def main() -> None:
         expected_calibration_error,
         negative_log_likelihood,
     )
-    from lowres_birds.predict.classifier import Classifier, average_predictions
+    from lowres_birds.predict.classifier import Classifier, average_predictions, resolve_ensemble
     from lowres_birds.run_dir import RunDir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, action="append", required=True, help="a calibrated run (repeat)")
+    parser.add_argument(
+        "--run", type=Path, action="append", required=True, help="a calibrated run (repeat), or an ensemble folder"
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="its data folder (test.csv, test/)")
     parser.add_argument("--labels", type=Path, required=True, help="CSV id,label of (some of) the test images")
     parser.add_argument("--tta", choices=("none", "flip"), default="none")
@@ -52,8 +55,9 @@ def main() -> None:
         position = {image_id: i for i, image_id in enumerate(table.ids)}
         paths = [table.lr_paths[position[i]] for i in truth["id"]]
         images = np.asarray(load_images(paths, LR_SIZE))
+        runs, weights = resolve_ensemble(args.run)
         before, after, temperatures, classifiers = [], [], [], []
-        for run in args.run:
+        for run in runs:
             classifier = Classifier.load(run)
             classifiers.append(classifier)
             saved = RunDir(run).calibration(SCORES, STATISTICS)
@@ -66,11 +70,14 @@ def main() -> None:
             before.append(logits.softmax(-1).numpy())
         labels = classifier.labels
         targets = LabelMap(tuple(labels)).encode(truth["label"].tolist())
-        rows = [(f"`{run}` (T = {t:.3f})", b, a) for run, t, b, a in zip(args.run, temperatures, before, after)]
-        if len(args.run) > 1:
-            combined = average_predictions(classifiers, images, args.tta).probs
-            rows.append((f"ensemble of the {len(args.run)} (as predict combines them)", np.mean(before, 0), combined))
-            rows.append(("the same, mean of the calibrated members (not used)", np.mean(before, 0), np.mean(after, 0)))
+        rows = [(f"`{run}` (T = {t:.3f})", b, a) for run, t, b, a in zip(runs, temperatures, before, after)]
+        if len(runs) > 1:
+            combined = average_predictions(classifiers, images, args.tta, weights).probs
+            plain = np.average(before, axis=0, weights=weights)
+            how = "weighted by validation macro-F1" if weights else "plain mean"
+            rows.append((f"ensemble of the {len(runs)}, {how} (as predict combines them)", plain, combined))
+            calibrated_mean = np.average(after, axis=0, weights=weights)
+            rows.append(("the same, mean of the calibrated members (not used)", plain, calibrated_mean))
         lines = [
             f"{len(targets)} labelled test images ({args.labels}), TTA {args.tta}.",
             "",

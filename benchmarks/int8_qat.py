@@ -282,7 +282,7 @@ def main() -> int:
         reference = Classifier.load(export_onnx(args.run, folder / "fp32.onnx")).predict_arrays(images).argmax(1)
         path = folder / "int8.onnx"
         quantize_with_ranges(
-            onnx_program(tuned.model, labels, "nhwc", "int8").model_proto,
+            onnx_program([(tuned.model, None)], labels, "nhwc", "int8").model_proto,
             path,
             calibration_images(args.run),
             tuned.activation_ranges if args.tuned_ranges else None,

@@ -44,7 +44,8 @@ def test_fake_quantization_is_the_int8_model_onnxruntime_builds(trained_run, tmp
     simulated = probabilities(student, images)
     ranges = quantized.activation_ranges()
     path = tmp_path / "int8.onnx"
-    quantize_with_ranges(onnx_program(quantized.remove(), labels, "nhwc", "int8").model_proto, path, images, ranges)
+    program = onnx_program([(quantized.remove(), None)], labels, "nhwc", "int8")
+    quantize_with_ranges(program.model_proto, path, images, ranges)
 
     int8_model = onnx.load(str(path))
     weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in int8_model.graph.initializer}

@@ -293,7 +293,6 @@ def add_predict(sub) -> None:
         "run)",
     )
     _add_min_confidence_option(parser, "with --images: label is left empty")
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
 
@@ -313,20 +312,26 @@ def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ensemble",
         choices=("mean", "f1"),
-        default="mean",
         help="how several models' probabilities are averaged: mean, or f1: weighted by each run's best validation "
-        "macro-F1 (run folders only)",
+        "macro-F1 (run folders only); default: what an ensemble recipe's folder records, else mean",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        help="test-time augmentation (flip: each image averaged with its mirror); default: what an ensemble recipe's "
+        "folder or an exported file records, else none",
     )
 
 
-def _resolve_ensemble(sources: list[Path], mode: str) -> tuple[list[Path], list[float] | None]:
-    """The models to average and their weights, announced in one line when there is more than a single model."""
-    from lowres_birds.predict.classifier import describe_ensemble, resolve_ensemble
+def _resolve_ensemble(sources: list[Path], args) -> tuple[list[Path], list[float] | None, str]:
+    """The models to average, their weights and the TTA (the flags, else what one ensemble folder records),
+    announced in one line when there is more than a single model."""
+    from lowres_birds.predict.classifier import describe_ensemble, recorded, resolve_ensemble
 
-    members, weights = resolve_ensemble(sources, mode)
+    members, weights = resolve_ensemble(sources, args.ensemble)
     if len(members) > 1 or weights is not None:
         print(describe_ensemble(members, weights))
-    return members, weights
+    return members, weights, args.tta or recorded(sources)["tta"]
 
 
 def run_predict(args) -> int:
@@ -346,15 +351,15 @@ def run_predict(args) -> int:
         check_output(args.probs, args.force, others=inputs)
     if args.data is not None and args.min_confidence > 0:
         raise UserError("--min-confidence applies to --images: a submission (--data) names a species for every row")
-    members, weights = _resolve_ensemble(sources, args.ensemble)
+    members, weights, tta = _resolve_ensemble(sources, args)
     if args.data is not None:
-        ids, predictions = predict_test_set(members, args.data, tta=args.tta, device=args.device, weights=weights)
+        ids, predictions = predict_test_set(members, args.data, tta=tta, device=args.device, weights=weights)
         labels = predictions.labels
         write_csv(out, pd.DataFrame({"id": ids, "label": [labels[i] for i in predictions.probs.argmax(1)]}))
         key = "id"
     else:
         paths = find_images(args.images)
-        predictions = predict_files(members, paths, tta=args.tta, device=args.device, weights=weights)
+        predictions = predict_files(members, paths, tta=tta, device=args.device, weights=weights)
         ids = [str(path) for path in paths]
         write_csv(out, top_k_table(ids, predictions, args.top, args.min_confidence))
         key = "path"
@@ -406,7 +411,6 @@ def add_evaluate(sub) -> None:
         "each cell's drop against its real LR validation images; --data: its training data (default: the one it "
         "recorded)",
     )
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="with --run: test-time augmentation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="with --run: where the models run")
     parser.add_argument(
         "--out-dir",
@@ -428,7 +432,9 @@ def run_evaluate(args) -> int:
         if len(args.run) != 1 or args.onnx or args.submission is not None or args.labels is not None:
             raise UserError("evaluate --degradations scores one trained run: pass exactly one --run RUN")
         out_dir = args.out_dir or _default_out("evaluate")
-        evaluate_robustness(args.run[0], args.data, args.degradations, out_dir, args.force, args.tta, args.device)
+        evaluate_robustness(
+            args.run[0], args.data, args.degradations, out_dir, args.force, args.tta or "none", args.device
+        )
         return 0
     if sources:
         if args.submission is not None or args.labels is not None:
@@ -439,9 +445,8 @@ def run_evaluate(args) -> int:
         if args.data is None:
             raise UserError("evaluate: --run needs --data, a labelled ImageFolder (DIR/<class>/*.jpg) to score it on")
         out_dir = args.out_dir or _default_out("evaluate")
-        evaluate_models(
-            *_resolve_ensemble(sources, args.ensemble), args.data, out_dir, args.force, args.tta, args.device
-        )
+        members, weights, tta = _resolve_ensemble(sources, args)
+        evaluate_models(members, weights, args.data, out_dir, args.force, tta, args.device)
         return 0
     if args.submission is None or args.labels is None:
         raise UserError("evaluate: pass --submission CSV --labels CSV, or --run RUN --data IMAGEFOLDER")
@@ -508,8 +513,19 @@ def run_demo(args) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", type=Path, help="trained run folder (or a folder written by export --format hf)")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        help="trained run folder, ensemble or folds folder (its runs as one model) or a folder written by export "
+        "--format hf",
+    )
     parser.add_argument("--onnx", type=Path, help="exported ONNX model (instead of --run)")
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        help="test-time augmentation on every photo (flip: averaged with its mirror); default: what the model "
+        "records (an ensemble recipe's folder, an exported file), else none",
+    )
 
 
 def _load_classifier(args, shares_cpu: bool = False):
@@ -517,7 +533,7 @@ def _load_classifier(args, shares_cpu: bool = False):
 
     if (args.run is None) == (args.onnx is None):
         raise UserError(f"{args.command}: pass exactly one of --run RUN or --onnx MODEL")
-    return Classifier.load(args.run or args.onnx, shares_cpu=shares_cpu)
+    return Classifier.load(args.run or args.onnx, shares_cpu=shares_cpu, tta=args.tta)
 
 
 def add_predict_image(sub) -> None:
@@ -633,7 +649,19 @@ def add_export(sub) -> None:
     parser = sub.add_parser(
         "export", help="export a trained run as a self-contained ONNX model or a Hugging Face folder"
     )
-    parser.add_argument("--run", type=Path, required=True, help="trained run folder (with model.safetensors)")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        required=True,
+        help="trained run folder (with model.safetensors), or for onnx an ensemble or folds folder: every run in one "
+        "file",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        help="onnx: test-time augmentation inside the graph (flip: each image averaged with its mirror), recorded in "
+        "the file; default: what an ensemble recipe's folder records, else none",
+    )
     parser.add_argument(
         "--format",
         choices=("onnx", "hf"),
@@ -673,7 +701,17 @@ def run_export(args) -> int:
 
     if args.format == "hf":
         from lowres_birds.predict.hf_folder import write_hf_folder
+        from lowres_birds.run_dir import FoldsDir, MembersDir, model_folders
 
+        if args.tta is not None:
+            raise UserError("export: --tta applies to --format onnx; a Hugging Face folder is one plain model")
+        if MembersDir(args.run).is_group() or FoldsDir(args.run).is_group():
+            student = MembersDir(args.run).student
+            one = f"its student ({student}) or one of its runs" if student.is_dir() else "one of its runs"
+            raise UserError(
+                f"export: {args.run} is an ensemble of {len(model_folders(args.run))} runs and a Hugging Face folder "
+                f"holds one model: export {one}, or use --format onnx (every run in one file)"
+            )
         out = args.out or _default_out("hf")
         with working(f"writing a Hugging Face folder to {out}"):
             folder = write_hf_folder(args.run, out, force=args.force)
@@ -693,7 +731,9 @@ def run_export(args) -> int:
     check_output(out, args.force, others=[("--run", args.run)])
     precision = "int8" if args.int8 else "fp32"
     with working(f"exporting {args.run} to {precision} ONNX (about a minute on 2 cores)"):
-        path = export_onnx(args.run, out, args.layout, int8=args.int8, fallback_margin=args.fallback_margin)
+        path = export_onnx(
+            args.run, out, args.layout, int8=args.int8, fallback_margin=args.fallback_margin, tta=args.tta
+        )
     if args.int8 and args.fallback_margin != 0:
         precision += f", float fallback below a top-2 margin of {file_metadata(path)['fallback_margin']}"
     print(

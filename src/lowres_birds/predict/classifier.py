@@ -27,22 +27,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lowres_birds.config import LR_SIZE
+from lowres_birds.config import ENSEMBLE_MODES, LR_SIZE, TTA_MODES
 from lowres_birds.data.images import decode_image, fit_square, load_images, to_rgb_array
 from lowres_birds.data.tables import load_test_table
 from lowres_birds.errors import UserError
 from lowres_birds.extras import missing as missing_extra
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.calibration import CalibratedHead
-from lowres_birds.model.ensemble import f1_weights
+from lowres_birds.model.ensemble import combine_outputs, f1_weights
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.calibrate import load_head
 from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
-from lowres_birds.run_dir import check_labels, model_folders
+from lowres_birds.run_dir import FoldsDir, MembersDir, check_labels, model_folders
 
-TTA_MODES = ("none", "flip")
-ENSEMBLE_MODES = ("mean", "f1")
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
 RUNTIME_VARIABLE = "LOWRES_BIRDS_ONNX_RUNTIME"
 
@@ -75,6 +73,8 @@ class Classifier:
         runtime: str = "torch",
         unknown_threshold: float | None = None,
         temperature: float = 1.0,
+        tta: str = "none",
+        flip_inside: bool = False,
     ):
         self.labels = labels
         # uint8 N x 3 x 64 x 64 tensor -> (calibrated probabilities N x C, unknown scores N), or probabilities alone
@@ -84,17 +84,28 @@ class Classifier:
         self.runtime = runtime  # what computes the network: torch, onnxruntime or openvino
         self.unknown_threshold = unknown_threshold  # None: not calibrated, no unknown flag
         self.temperature = temperature  # the scores are softmax(logits / temperature); 1: not calibrated
+        self.tta = tta  # what predictions apply unless told otherwise: the model's own (an ensemble folder records it)
+        self.flip_inside = flip_inside  # predict_fn averages each image with its mirror already (an ONNX file's graph)
 
     @classmethod
-    def load(cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False) -> Classifier:
-        """A run folder (``train``), an ONNX file or a Hugging Face folder (``export --format hf``), checked with one
-        prediction before it is handed out.
+    def load(
+        cls, source: str | Path, device: str = "cpu", shares_cpu: bool = False, tta: str | None = None
+    ) -> Classifier:
+        """A run folder (``train``), an ensemble or folds folder (its runs as one model, weighted and with the TTA its
+        ``ensemble.json`` records), an ONNX file or a Hugging Face folder (``export --format hf``), checked with one
+        prediction before it is handed out. ``tta``: what it applies unless told otherwise (None: the model's own).
 
         ``shares_cpu``: other busy threads share the cores (the server's decoders), so onnxruntime's threads wait
         passively instead of spinning between calls."""
         source = Path(source)
+        if tta is not None and tta not in TTA_MODES:
+            raise UserError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
         if source.suffix == ".onnx":
             classifier = cls._load_onnx(source, shares_cpu)
+        elif MembersDir(source).is_group() or FoldsDir(source).is_group():
+            members, weights = resolve_ensemble([source])
+            classifier = cls.combine([cls.load(member, device) for member in members], weights, str(source))
+            classifier.tta = recorded([source])["tta"]
         else:
             hf = is_hf_folder(source)
             model, labels = load_hf_folder(source, device) if hf else load_run_model(source, device)
@@ -105,8 +116,49 @@ class Classifier:
             )
             head = load_head(source, model, labels, remedy)
             classifier = cls._from_model(model, labels, str(source), device, *head)
+        classifier.tta = tta or classifier.tta
         classifier.check()
         return classifier
+
+    @classmethod
+    def combine(cls, classifiers: list[Classifier], weights: list[float] | None = None, name: str = "") -> Classifier:
+        """Several classifiers of the same classes as one (``model/ensemble.py``'s ``combine_outputs``: the weighted
+        mean of their plain probabilities at their weighted mean temperature, their unknown scores and thresholds
+        weighted alike; flagging only when every one is calibrated); ``weights`` sum to 1 (None: a plain mean)."""
+        if len(classifiers) == 1:
+            return classifiers[0]
+        labels = classifiers[0].labels
+        for classifier in classifiers[1:]:
+            if classifier.labels != labels:
+                raise UserError(
+                    f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average"
+                )
+        shares = torch.tensor(weights or [1 / len(classifiers)] * len(classifiers), dtype=torch.float32)
+        temperatures = torch.tensor([c.temperature for c in classifiers], dtype=torch.float32)
+
+        def predict_fn(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return combine_outputs([c.scores(images) for c in classifiers], shares, temperatures)
+
+        calibrated = all(c.unknown_threshold is not None for c in classifiers)
+        threshold = (
+            float(np.average([c.unknown_threshold for c in classifiers], weights=shares)) if calibrated else None
+        )
+        return cls(
+            labels,
+            predict_fn,
+            name or " + ".join(c.name for c in classifiers),
+            max(c.input_size for c in classifiers),
+            "+".join(sorted({c.runtime for c in classifiers})),
+            threshold,
+            float((shares * temperatures).sum()),
+        )
+
+    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 N x 3 x 64 x 64 -> (calibrated probabilities N x C, unknown scores N; zeros for a model without
+        calibration), without TTA."""
+        output = self._predict_fn(images)
+        probs, unknown = output if isinstance(output, tuple) else (output, torch.zeros(len(images)))
+        return torch.as_tensor(probs).float(), torch.as_tensor(unknown).float()
 
     def check(self) -> None:
         """Predict one blank image: a model that loads but cannot answer for its labels is refused now, not at
@@ -188,29 +240,32 @@ class Classifier:
             unknown = outputs[1] if len(outputs) > 1 else np.zeros(len(outputs[0]), np.float32)
             return torch.from_numpy(outputs[0]), torch.from_numpy(unknown)
 
-        return cls(labels, predict_fn, str(path), input_size, runtime, threshold, temperature)
+        tta = metadata.get("tta", "none")
+        if tta not in TTA_MODES:
+            raise UserError(f"{path}: its 'tta' metadata {tta!r} is not one of {', '.join(TTA_MODES)}; re-export it")
+        return cls(labels, predict_fn, str(path), input_size, runtime, threshold, temperature, tta, tta == "flip")
 
     def predict_scores(
-        self, images: np.ndarray, tta: str = "none", batch_size: int = 64, progress: str | None = None
+        self, images: np.ndarray, tta: str | None = None, batch_size: int = 64, progress: str | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> (calibrated probabilities N x C, unknown scores N, or None
-        for a model without calibration), both flip-averaged with ``tta="flip"``. ``progress``: the description of a
-        progress bar (shown on terminals)."""
+        for a model without calibration), both flip-averaged with ``tta="flip"`` (None: the model's own, ``self.tta``).
+        ``progress``: the description of a progress bar (shown on terminals)."""
+        tta = self.tta if tta is None else tta
         if tta not in TTA_MODES:
             raise UserError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
+        flip = tta == "flip" and not self.flip_inside
         images = np.asarray(images)
         if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
             images = images.transpose(0, 2, 3, 1)
 
         def predict(batch: torch.Tensor) -> torch.Tensor:
-            """N x (C + 1): the probabilities, then the unknown score (0 from a predict_fn that gives none)."""
-            output = self._predict_fn(batch)
-            probs, unknown = output if isinstance(output, tuple) else (output, torch.zeros(len(batch)))
-            return torch.cat([torch.as_tensor(probs).float(), torch.as_tensor(unknown).float()[:, None]], 1)
+            """N x (C + 1): the probabilities, then the unknown score."""
+            return torch.cat([(parts := self.scores(batch))[0], parts[1][:, None]], 1)
 
         def scores(batch: torch.Tensor) -> torch.Tensor:
             both = predict(batch)
-            return (both + predict(batch.flip(-1))) / 2 if tta == "flip" else both
+            return (both + predict(batch.flip(-1))) / 2 if flip else both
 
         both = in_batches(scores, images, batch_size, desc=progress)
         if not len(both):
@@ -218,7 +273,7 @@ class Classifier:
         return both[:, :-1], (both[:, -1] if self.unknown_threshold is not None else None)
 
     def predict_arrays(
-        self, images: np.ndarray, tta: str = "none", batch_size: int = 64, progress: str | None = None
+        self, images: np.ndarray, tta: str | None = None, batch_size: int = 64, progress: str | None = None
     ) -> np.ndarray:
         """uint8 N x 64 x 64 x 3 (or N x 3 x 64 x 64) -> calibrated probabilities N x C (see ``predict_scores``)."""
         return self.predict_scores(images, tta, batch_size, progress)[0]
@@ -230,7 +285,7 @@ class Classifier:
             return None
         return np.asarray(unknown_scores) > self.unknown_threshold
 
-    def __call__(self, images, top_k: int = 5, tta: str = "none") -> list[dict] | list[list[dict]]:
+    def __call__(self, images, top_k: int = 5, tta: str | None = None) -> list[dict] | list[list[dict]]:
         """Like a Hugging Face image-classification pipeline: one image (a path, a PIL image or an H x W x 3
         uint8 array) -> ``[{"label", "score"}, ...]``, the ``top_k`` best first; a list of images -> one such
         list per image."""
@@ -344,11 +399,13 @@ def to_model_input(image) -> np.ndarray:
     return fit_square(array, LR_SIZE)
 
 
-def resolve_ensemble(sources: list[Path], mode: str = "mean") -> tuple[list[Path], list[float] | None]:
+def resolve_ensemble(sources: list[Path], mode: str | None = None) -> tuple[list[Path], list[float] | None]:
     """(members, weights): a folds folder (``train --folds``) stands for its fold runs and an ensemble recipe's folder
-    for its members' runs; ``mode`` ``mean`` gives
-    no weights (a plain mean), ``f1`` weighs each member by its best validation macro-F1, normalised, as the
-    competition's 1st place weighted its fold ensemble."""
+    for its members' runs; ``mode`` ``mean`` gives no weights (a plain mean), ``f1`` weighs each member by its best
+    validation macro-F1, normalised, as the competition's 1st place weighted its fold ensemble; None: what one
+    ensemble folder records (``ensemble.json``), else mean."""
+    if mode is None:
+        mode = recorded(sources)["ensemble"]
     if mode not in ENSEMBLE_MODES:
         raise UserError(f"unknown ensemble {mode!r}: use one of {', '.join(ENSEMBLE_MODES)}")
     members = [run for source in sources for run in model_folders(source)]
@@ -357,6 +414,15 @@ def resolve_ensemble(sources: list[Path], mode: str = "mean") -> tuple[list[Path
     for member in members:
         refuse_without_metrics(member)
     return members, f1_weights(members, "--ensemble f1", "use --ensemble mean")
+
+
+def recorded(sources: list[Path]) -> dict[str, str]:
+    """How a single ensemble recipe's folder predicts ({"ensemble": mean|f1, "tta": none|flip}, from its
+    ensemble.json); anything else (a run, a folds folder, several sources): mean, none."""
+    if len(sources) == 1 and MembersDir(sources[0]).is_group():
+        summary = MembersDir(sources[0]).summary()
+        return {"ensemble": summary["ensemble"], "tta": summary["tta"]}
+    return {"ensemble": "mean", "tta": "none"}
 
 
 def refuse_without_metrics(source: Path) -> None:
@@ -415,45 +481,13 @@ def predict_files(
 def average_predictions(
     classifiers: list[Classifier], images: np.ndarray, tta: str, weights: list[float] | None = None
 ) -> Predictions:
-    """The classifiers' combined probabilities, calibrated: the mean of their plain softmax outputs (or their average
-    weighted by ``weights``, one per classifier, summing to 1) at the mean of their temperatures, as
-    ``softmax(log(mean) / T)``: the members' held-out splits differ, so no common set exists to fit one temperature on
-    (on cub100-lr this beat averaging calibrated members: ECE 0.024 against 0.035, and it keeps the ensemble's labels;
-    BENCHMARKS.md). One classifier: its own calibrated probabilities. The same average of their unknown scores and
-    thresholds when every classifier has them; every classifier must share the same classes."""
-    labels = classifiers[0].labels
-    for classifier in classifiers[1:]:
-        if classifier.labels != labels:
-            raise UserError(
-                f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average"
-            )
+    """The classifiers as one (``Classifier.combine``), calibrated, with ``tta`` on the combined model (what an
+    exported ensemble computes): its probabilities, and its unknown scores and threshold when every classifier has
+    them."""
+    model = Classifier.combine(classifiers, weights)
     count = f" x {len(classifiers)} models" if len(classifiers) > 1 else ""
-    outputs = [
-        c.predict_scores(images, tta=tta, progress=f"predicting {len(images)} images{count}") for c in classifiers
-    ]
-
-    def average(values):
-        return np.average(values, axis=0, weights=weights)
-
-    if len(outputs) > 1 and any(c.temperature != 1 for c in classifiers):
-        probs = combined_probabilities(classifiers, outputs, average)
-    else:  # one classifier, or none calibrated: the plain (weighted) mean
-        probs = average([probs for probs, _ in outputs])
-    if any(unknown is None for _, unknown in outputs):
-        return Predictions(labels, probs, None, None)
-    threshold = float(average([c.unknown_threshold for c in classifiers]))
-    return Predictions(labels, probs, average([unknown for _, unknown in outputs]), threshold)
-
-
-def combined_probabilities(classifiers: list[Classifier], outputs: list, average) -> np.ndarray:
-    """``softmax(log(average of the plain softmax outputs) / average temperature)``; each plain output is
-    ``softmax(T log p)`` of a classifier's calibrated probabilities ``p``."""
-    plain = [
-        torch.from_numpy(np.log(np.clip(probs, 1e-30, None))).double().mul(c.temperature).softmax(-1).numpy()
-        for c, (probs, _) in zip(classifiers, outputs)
-    ]
-    temperature = float(average([c.temperature for c in classifiers]))
-    return torch.from_numpy(np.log(np.clip(average(plain), 1e-30, None))).div(temperature).softmax(-1).float().numpy()
+    probs, unknown = model.predict_scores(images, tta=tta, progress=f"predicting {len(images)} images{count}")
+    return Predictions(model.labels, probs, unknown, None if unknown is None else model.unknown_threshold)
 
 
 def average_probabilities(

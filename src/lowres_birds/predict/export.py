@@ -1,9 +1,11 @@
-"""ONNX export: a trained run as one self-contained file that takes raw uint8 64x64 RGB images.
+"""ONNX export: a trained run, or a whole ensemble, as one self-contained file that takes raw uint8 64x64 RGB images.
 
 The graph holds everything ``Classifier`` does after decoding: the 8-bit resize with the run's filter (PIL's
 bicubic as torch's CPU kernel computes it, PIL's Lanczos or the sharp Robidoux cubic, written as two float64
 ``MatMul``s with rounding and clipping so every runtime gets the same pixels), the normalisation, the network
-and the calibrated softmax (``model/calibration.py``: the run's temperature) with the unknown score. A consumer in any
+and the calibrated softmax (``model/calibration.py``: the run's temperature) with the unknown score. An ensemble or
+folds folder puts every run in the file, each with its own resize, combined as ``Classifier.combine`` does; flip TTA
+(``--tta flip``, or what the folder records) averages each image with its mirror inside the graph. A consumer in any
 language only has to hand it pixels.
 
 Input ``images``: uint8, ``N x 64 x 64 x 3`` (layout ``nhwc``, how decoders return pixels) or
@@ -11,9 +13,10 @@ Input ``images``: uint8, ``N x 64 x 64 x 3`` (layout ``nhwc``, how decoders retu
 ``unknown_score``: float32 ``N``, above the ``unknown_threshold`` metadata (calibrated runs only): not one of the
 training species.
 Metadata (``metadata_props``): ``labels`` (JSON list, output column order), ``input_size`` (the side the
-network sees after the in-graph resize), ``upscale_filter``, ``layout``, ``image_size`` (64), ``source`` (the model),
-``precision``, for an int8 file with its float fallback ``fallback_margin``, and for a calibrated run ``temperature``,
-``unknown_score_kind`` and ``unknown_threshold``.
+network sees after the in-graph resize; an ensemble's largest), ``upscale_filter``, ``layout``, ``image_size`` (64),
+``source`` (the model), ``precision``, ``tta`` (none or flip: inside the graph), for an ensemble ``members`` (JSON:
+each run's source, input size, filter and weight), for an int8 file with its float fallback ``fallback_margin``, and
+for a calibrated run ``temperature``, ``unknown_score_kind`` and ``unknown_threshold``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from onnx import numpy_helper
 from lowres_birds.config import LR_SIZE
 from lowres_birds.errors import UserError
 from lowres_birds.model.calibration import CalibratedHead
+from lowres_birds.model.ensemble import combine_outputs
 from lowres_birds.model.factory import load_run_model
+from lowres_birds.model.wrapper import BirdNet
 from lowres_birds.predict.calibrate import load_head
 from lowres_birds.run_dir import RunDir, atomic_write
 
@@ -49,24 +54,51 @@ FALLBACK_FLOOR = 0.05
 OPSET = 18  # the first opset whose Resize has the antialias attribute (runs with the float resize export it)
 
 
-def probability_model(model, layout: str, head: CalibratedHead | None = None):
-    """BirdNet with the input layout chosen at export and ``head`` on top (what the ONNX file computes): calibrated
-    probabilities and the unknown score (without a head: the plain softmax and its max-softmax score)."""
-    head = head or CalibratedHead(1.0, "max_softmax", {})
+def network_graph(
+    parts: list[tuple[BirdNet, CalibratedHead | None]],
+    layout: str,
+    weights: list[float] | None = None,
+    tta: str = "none",
+) -> torch.nn.Module:
+    """What the ONNX file computes, as a torch module: uint8 pixels in the layout chosen at export -> calibrated
+    probabilities and the unknown score of each network (with its head; without one: the plain softmax and its
+    max-softmax score), several combined as ``Classifier.combine`` does (``model/ensemble.py``'s
+    ``combine_outputs``, ``weights`` None: a plain mean), averaged with the mirror image when ``tta`` is flip (as
+    ``Classifier.predict_scores`` does)."""
+    heads = [head or CalibratedHead(1.0, "max_softmax", {}) for _, head in parts]
+    shares = weights or [1 / len(parts)] * len(parts)
 
-    class ProbabilityModel(torch.nn.Module):
-        def __init__(self):
+    class Network(torch.nn.Module):
+        def __init__(self, model: BirdNet, head: CalibratedHead):
             super().__init__()
             self.model, self.head = model, head
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if layout == "nhwc":
-                images = images.permute(0, 3, 1, 2)
             if self.head.needs_features:
                 return self.head(*self.model(images, return_features=True))
             return self.head(None, self.model(images))
 
-    return ProbabilityModel().eval()
+    class Graph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.networks = torch.nn.ModuleList([Network(model, head) for (model, _), head in zip(parts, heads)])
+            self.register_buffer("weights", torch.tensor(shares, dtype=torch.float32))
+            self.register_buffer("temperatures", torch.tensor([h.temperature for h in heads], dtype=torch.float32))
+
+        def once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            outputs = [network(images) for network in self.networks]
+            return outputs[0] if len(outputs) == 1 else combine_outputs(outputs, self.weights, self.temperatures)
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if layout == "nhwc":
+                images = images.permute(0, 3, 1, 2)
+            probs, unknown = self.once(images)
+            if tta == "flip":
+                mirrored_probs, mirrored_unknown = self.once(images.flip(-1))
+                probs, unknown = (probs + mirrored_probs) / 2, (unknown + mirrored_unknown) / 2
+            return probs, unknown
+
+    return Graph().eval()
 
 
 def example_input(layout: str, batch: int = 2):
@@ -76,26 +108,44 @@ def example_input(layout: str, batch: int = 2):
 
 
 def export_onnx(
-    run_dir: Path, out: Path, layout: str = "nhwc", int8: bool = False, fallback_margin: float | None = None
+    run_dir: Path,
+    out: Path,
+    layout: str = "nhwc",
+    int8: bool = False,
+    fallback_margin: float | None = None,
+    tta: str | None = None,
 ) -> Path:
-    """Write ``out`` (one .onnx file, weights inside) for the run's best weights; returns ``out``.
+    """Write ``out`` (one .onnx file, weights inside) for the run's best weights, or every run of an ensemble or folds
+    folder (weighted as the folder records); returns ``out``. ``tta``: flip puts the mirror average inside the graph
+    (None: what the folder records, else none), recorded in the file.
 
-    ``int8``: static int8 quantization of the network (see :func:`quantize_int8`); the resize, normalisation and
-    softmax stay in float. Images the int8 network finds close calls (top-2 probabilities within
-    ``fallback_margin``; None: calibrated on the run's validation split, :func:`calibrated_margin`) are run again
-    by the float network inside the same file (:func:`with_float_fallback`); 0: int8 alone.
+    ``int8``: static int8 quantization of the networks (see :func:`quantize_int8`); the resize, normalisation and
+    softmax stay in float. Images the int8 graph finds close calls (top-2 probabilities within
+    ``fallback_margin``; None: calibrated on the (first) run's validation split, :func:`calibrated_margin`) are run
+    again by the float graph inside the same file (:func:`with_float_fallback`); 0: int8 alone.
     """
+    from lowres_birds.predict.classifier import recorded, resolve_ensemble
+
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if out.suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx (predict --onnx and Classifier.load recognise the suffix)")
-    model, labels = load_run_model(run_dir)
-    remedy = f"calibrate it first: lowres-birds calibrate --run {run_dir}"
-    head, threshold, _ = load_head(run_dir, model, labels, remedy)
-    program = onnx_program(model, labels, layout, "int8" if int8 else "fp32", head, threshold)
+    runs, weights = resolve_ensemble([run_dir])
+    tta = tta or recorded([run_dir])["tta"]
+    parts, thresholds, labels = [], [], None
+    for run in runs:
+        model, run_labels = load_run_model(run)
+        if labels is not None and run_labels != labels:
+            raise UserError(f"{run} was trained on other classes than {runs[0]}; an ensemble must share its classes")
+        labels = run_labels
+        head, threshold, _ = load_head(run, model, labels, f"calibrate it first: lowres-birds calibrate --run {run}")
+        parts.append((model, head))
+        thresholds.append(threshold)
+    threshold = None if None in thresholds else float(np.average(thresholds, weights=weights))
+    program = onnx_program(parts, labels, layout, "int8" if int8 else "fp32", threshold, weights, tta, str(run_dir))
     if not int8:
         return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))
-    calibration = calibration_images(run_dir)
+    calibration = calibration_images(runs[0])
 
     def write(temporary: Path) -> None:
         quantize_int8(program.model_proto, temporary, calibration, layout)
@@ -105,7 +155,7 @@ def export_onnx(
         margin = (
             fallback_margin
             if fallback_margin is not None
-            else calibrated_margin(program.model_proto, quantized, validation_images(run_dir), layout)
+            else calibrated_margin(program.model_proto, quantized, validation_images(runs[0]), layout)
         )
         onnx.save(with_float_fallback(quantized, program.model_proto, margin), str(temporary))
 
@@ -113,25 +163,28 @@ def export_onnx(
 
 
 def onnx_program(
-    model,
+    parts: list[tuple[BirdNet, CalibratedHead | None]],
     labels: list[str],
     layout: str,
     precision: str = "fp32",
-    head: CalibratedHead | None = None,
     unknown_threshold: float | None = None,
+    weights: list[float] | None = None,
+    tta: str = "none",
+    source: str | None = None,
 ) -> torch.onnx.ONNXProgram:
-    """The exported float graph of ``model`` (uint8 pixels in, calibrated probabilities and unknown scores out) with
-    its metadata; a model object rather than a run, so a modified network (benchmarks/int8_qat.py) exports the same
-    way."""
-    if hasattr(model.backbone, "set_attn_implementation"):  # Hugging Face models
-        # The exporter cannot decompose SDPA attention's output reshape with a dynamic batch; eager attention
-        # computes the same thing and exports.
-        model.backbone.set_attn_implementation("eager")
-    wrapper = probability_model(model, layout, head)
+    """The exported float graph of :func:`network_graph` (uint8 pixels in, calibrated probabilities and unknown
+    scores out) with its metadata; model objects rather than runs, so a modified network (benchmarks/int8_qat.py)
+    exports the same way."""
+    for model, _ in parts:
+        if hasattr(model.backbone, "set_attn_implementation"):  # Hugging Face models
+            # The exporter cannot decompose SDPA attention's output reshape with a dynamic batch; eager attention
+            # computes the same thing and exports.
+            model.backbone.set_attn_implementation("eager")
+    graph = network_graph(parts, layout, weights, tta)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter; real failures raise
         program = torch.onnx.export(
-            wrapper,
+            graph,
             (example_input(layout),),
             input_names=["images"],
             output_names=["probabilities", "unknown_score"],
@@ -141,22 +194,33 @@ def onnx_program(
             external_data=False,
             verbose=False,
         )
+    specs = [model.spec for model, _ in parts]
     program.model.metadata_props.update(
         {
             "labels": json.dumps(labels, ensure_ascii=False),
-            "input_size": str(model.spec.input_size),
-            "upscale_filter": model.spec.upscale_filter,
+            "input_size": str(max(spec.input_size for spec in specs)),
+            "upscale_filter": "+".join(dict.fromkeys(spec.upscale_filter for spec in specs)),
             "image_size": str(LR_SIZE),
             "layout": layout,
-            "source": model.spec.source,
+            "source": source or " + ".join(spec.source for spec in specs),
             "precision": precision,
+            "tta": tta,
         }
     )
+    if len(parts) > 1:
+        shares = weights or [1 / len(parts)] * len(parts)
+        members = [
+            {"source": spec.source, "input_size": spec.input_size, "upscale_filter": spec.upscale_filter, "weight": w}
+            for spec, w in zip(specs, shares)
+        ]
+        program.model.metadata_props["members"] = json.dumps(members)
     if unknown_threshold is not None:
+        heads = [head for _, head in parts]
+        shares = weights or [1 / len(parts)] * len(parts)
         program.model.metadata_props.update(
             {
-                "temperature": repr(float(head.temperature)),
-                "unknown_score_kind": head.score,
+                "temperature": repr(float(np.average([h.temperature for h in heads], weights=shares))),
+                "unknown_score_kind": "+".join(dict.fromkeys(h.score for h in heads)),
                 "unknown_threshold": repr(unknown_threshold),
             }
         )
@@ -196,10 +260,10 @@ def quantize_int8(
     per-channel int8 weights, uint8 activations calibrated on ``images`` (99.999th percentile ranges);
     ``tensor_overrides``: onnxruntime's TensorQuantOverrides, tensor name -> fixed ranges instead of calibrated ones.
 
-    Kept in float: the in-graph resize and normalisation (exact integer arithmetic already), the first
-    convolution, the classifier and the softmax (probabilities in steps of 1/256 would not sum to one). On cub100-lr
-    with the cpu recipe, quantizing those two as well cost
-    0.009 macro-F1; without them the int8 model scores within 0.005 of fp32 (BENCHMARKS.md).
+    Kept in float: the in-graph resize and normalisation (exact integer arithmetic already), the first convolution
+    (of every network), the classifiers and the softmax (probabilities in steps of 1/256 would not sum to one). On
+    cub100-lr with the cpu recipe, quantizing the first convolution and the classifier as well cost 0.009 macro-F1;
+    without them the int8 model scores within 0.005 of fp32 (BENCHMARKS.md).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -224,8 +288,7 @@ def quantize_int8(
         onnx.save(model, str(fp32))
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         nodes = list(onnx.load(str(prepared)).graph.node)
-        first_conv = next(i for i, node in enumerate(nodes) if node.op_type == "Conv")
-        kept_float = [node.name for node in nodes[: first_conv + 1]] + [
+        kept_float = [node.name for node in before_and_first_convolutions(nodes)] + [
             node.name for node in nodes if node.op_type in ("Gemm", "MatMul", "Softmax")
         ]
 
@@ -245,6 +308,20 @@ def quantize_int8(
     quantized = onnx.load(str(out))
     set_metadata(quantized, {p.key: p.value for p in model.metadata_props})
     onnx.save(quantized, str(out))
+
+
+def before_and_first_convolutions(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The nodes (in graph order) that no convolution feeds: each network's resize and normalisation, and the first
+    convolution of each network (of an ensemble's every member)."""
+    after_conv: set[str] = set()
+    kept = []
+    for node in nodes:
+        fed = any(name in after_conv for name in node.input)
+        if node.op_type == "Conv" or fed:
+            after_conv.update(node.output)
+        if not fed:
+            kept.append(node)
+    return kept
 
 
 def file_metadata(path: Path) -> dict[str, str]:

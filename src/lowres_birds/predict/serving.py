@@ -228,6 +228,7 @@ def create_app(
             "classes": len(classifier.labels),
             "input_size": LR_SIZE,
             "runtime": classifier.runtime,
+            "tta": classifier.tta,
             "version": __version__,
         }
 
