@@ -51,6 +51,11 @@ def test_temperature_is_recovered_from_overconfident_logits():
     true_logits = torch.randn(4000, 10, generator=generator) * 2
     targets = torch.distributions.Categorical(logits=true_logits).sample()
     assert fit_temperature(true_logits * 3, targets) == pytest.approx(3, rel=0.1)
+    # the flip-TTA fit: the labels drawn from the mean of two views' probabilities, each view's logits x 3
+    other = torch.randn(4000, 10, generator=generator) * 2
+    mixed = torch.multinomial((true_logits.softmax(-1) + other.softmax(-1)) / 2, 1, generator=generator)[:, 0]
+    assert fit_temperature(true_logits * 3, mixed, other * 3) == pytest.approx(3, rel=0.1)
+    assert fit_temperature(true_logits * 3, mixed) != pytest.approx(3, rel=0.1)  # one view alone misfits it
     calibrated = true_logits.softmax(-1).numpy()
     overconfident = (true_logits * 3).softmax(-1).numpy()
     assert (

@@ -121,14 +121,38 @@ def test_a_damaged_targets_cache_is_refused_in_one_line_on_resume(
         (["--distill-from", "no/such/folder"], "no/such/folder is not a trained run folder"),
         (["--kd-weight", "0"], "set kd_weight above 0 and feature_kd_weight 0"),
         (["--feature-kd-weight", "0.5"], "set kd_weight above 0 and feature_kd_weight 0"),
+        (["--init-from", "no/such/run", "--no-student-from-teacher"], "init_from no/such/run: no model.safetensors"),
+        (["--init-from", "{ensemble}/a", "--student-from-teacher"], "both choose the start weights"),
+        (["--init-from", "{ensemble}/a", "--no-student-from-teacher", "--model", "efficientnet_lite0"], "do not fit"),
+        (
+            ["--init-from", "{ensemble}/a", "--no-student-from-teacher", "--kd-weight", "0", "--data", "{other}"],
+            "trained on other classes",
+        ),
     ],
-    ids=["no such folder", "no kd weight", "feature kd"],
+    ids=[
+        "no such folder",
+        "no kd weight",
+        "feature kd",
+        "no start run",
+        "two starts",
+        "start misfits",
+        "start classes",
+    ],
 )
 def test_bad_distillation_settings_are_one_line_before_anything_trains(
     ensemble, demo_data, tmp_path, capsys, extra, message
 ):
+    from lowres_birds.data.demo import make_demo_dataset
+
     student = tmp_path / "student"
-    flags = ["train", "--data", str(demo_data), "--out", str(student), *STUDENT, "--distill-from", str(ensemble)]
+    other = (
+        make_demo_dataset(tmp_path / "other", train_per_class=6, test_per_class=1, classes=4)
+        if "{other}" in extra
+        else ""
+    )
+    extra = [part.format(ensemble=ensemble, other=other) for part in extra]
+    distill = [] if "--kd-weight" in extra and "--init-from" in extra else ["--distill-from", str(ensemble)]
+    flags = ["train", "--data", str(demo_data), "--out", str(student), *STUDENT, *distill]
     assert main([*flags, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err

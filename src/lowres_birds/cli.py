@@ -326,12 +326,13 @@ def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
 def _resolve_ensemble(sources: list[Path], args) -> tuple[list[Path], list[float] | None, str]:
     """The models to average, their weights and the TTA (the flags, else what one ensemble folder records),
     announced in one line when there is more than a single model."""
-    from lowres_birds.predict.classifier import describe_ensemble, recorded, resolve_ensemble
+    from lowres_birds.predict.classifier import describe_ensemble, resolve_ensemble
+    from lowres_birds.run_dir import recorded_prediction
 
     members, weights = resolve_ensemble(sources, args.ensemble)
     if len(members) > 1 or weights is not None:
         print(describe_ensemble(members, weights))
-    return members, weights, args.tta or recorded(sources)["tta"]
+    return members, weights, args.tta or recorded_prediction(sources)["tta"]
 
 
 def run_predict(args) -> int:
@@ -831,12 +832,18 @@ def add_calibrate(sub) -> None:
         help="the unknown score: max_softmax, max_logit, energy, mahalanobis or knn (default: mahalanobis, chosen on "
         "the open-set benchmark; energy for models without pooled features)",
     )
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        help="fit on the outputs of this test-time augmentation (flip: each image averaged with its mirror); default: "
+        "what an ensemble recipe's folder records, else none",
+    )
 
 
 def run_calibrate(args) -> int:
     from lowres_birds.predict.calibrate import calibrate, describe
 
-    for run, calibration in calibrate(args.run, args.data, args.score):
+    for run, calibration in calibrate(args.run, args.data, args.score, args.tta):
         print(describe(run, calibration))
     return 0
 

@@ -589,12 +589,14 @@ class RunDir:
             or not calibration["temperature"] > 0
             or calibration.get("score") not in scores
             or not _is_number(calibration.get("threshold"))
+            or calibration.get("tta", "none") not in TTA_MODES
             or not _is_number(calibration.get("temperature_folded", 1))
             or not calibration.get("temperature_folded", 1) > 0
         ):
             raise UserError(
                 f"{path} must give 'temperature' (a positive number), 'score' (one of {', '.join(scores)}) and "
-                f"'threshold' (a number), and 'temperature_folded' if any (a positive number); {damaged}"
+                f"'threshold' (a number), and if any 'temperature_folded' (a positive number) and 'tta' (one of "
+                f"{', '.join(TTA_MODES)}); {damaged}"
             )
         needed = statistics.get(calibration["score"], ())
         if not needed:
@@ -733,6 +735,15 @@ class MembersDir(RunGroup):
                 f"lowres-birds train --resume {self.path}"
             )
         return [self.member(name) for name in summary["members"]]
+
+
+def recorded_prediction(sources: list[Path]) -> dict[str, str]:
+    """How a single ensemble recipe's folder predicts ({"ensemble": mean|f1, "tta": none|flip}, from its
+    ensemble.json); anything else (a run, a folds folder, several sources): mean, none."""
+    if len(sources) == 1 and MembersDir(sources[0]).is_group():
+        summary = MembersDir(sources[0]).summary()
+        return {"ensemble": summary["ensemble"], "tta": summary["tta"]}
+    return {"ensemble": "mean", "tta": "none"}
 
 
 def model_folders(source: Path | str) -> list[Path]:

@@ -35,16 +35,24 @@ ECE_BINS = 15
 STATISTICS = {"mahalanobis": ("means", "precision"), "knn": ("bank",)}  # the tensors each feature score needs
 
 
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """The temperature minimising the NLL of ``softmax(logits / T)`` on ``targets`` (LBFGS on log T, so T > 0).
-    Log-probabilities work as well as logits: softmax is unchanged by a per-row shift."""
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, mirrored: torch.Tensor | None = None) -> float:
+    """The temperature minimising the NLL of ``softmax(logits / T)`` on ``targets`` (LBFGS on log T, so T > 0);
+    with ``mirrored`` (the logits of the mirror images), of the flip-TTA answer ``(softmax(logits / T) +
+    softmax(mirrored / T)) / 2``, which is what a model predicting with flip TTA gives. Log-probabilities work as well
+    as logits: softmax is unchanged by a per-row shift."""
     logits, targets = logits.detach().double(), torch.as_tensor(targets, dtype=torch.long)
+    mirrored = None if mirrored is None else mirrored.detach().double()
     log_temperature = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_temperature], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_temperature.exp(), targets)
+        temperature = log_temperature.exp()
+        if mirrored is None:
+            loss = F.cross_entropy(logits / temperature, targets)
+        else:
+            probs = ((logits / temperature).softmax(-1) + (mirrored / temperature).softmax(-1)) / 2
+            loss = F.nll_loss(probs.clamp_min(1e-300).log(), targets)
         loss.backward()
         return loss
 

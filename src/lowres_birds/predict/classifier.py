@@ -39,7 +39,7 @@ from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.calibrate import load_head
 from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
-from lowres_birds.run_dir import FoldsDir, MembersDir, check_labels, model_folders
+from lowres_birds.run_dir import FoldsDir, MembersDir, check_labels, model_folders, recorded_prediction
 
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
 RUNTIME_VARIABLE = "LOWRES_BIRDS_ONNX_RUNTIME"
@@ -105,7 +105,7 @@ class Classifier:
         elif MembersDir(source).is_group() or FoldsDir(source).is_group():
             members, weights = resolve_ensemble([source])
             classifier = cls.combine([cls.load(member, device) for member in members], weights, str(source))
-            classifier.tta = recorded([source])["tta"]
+            classifier.tta = recorded_prediction([source])["tta"]
         else:
             hf = is_hf_folder(source)
             model, labels = load_hf_folder(source, device) if hf else load_run_model(source, device)
@@ -405,7 +405,7 @@ def resolve_ensemble(sources: list[Path], mode: str | None = None) -> tuple[list
     validation macro-F1, normalised, as the competition's 1st place weighted its fold ensemble; None: what one
     ensemble folder records (``ensemble.json``), else mean."""
     if mode is None:
-        mode = recorded(sources)["ensemble"]
+        mode = recorded_prediction(sources)["ensemble"]
     if mode not in ENSEMBLE_MODES:
         raise UserError(f"unknown ensemble {mode!r}: use one of {', '.join(ENSEMBLE_MODES)}")
     members = [run for source in sources for run in model_folders(source)]
@@ -414,15 +414,6 @@ def resolve_ensemble(sources: list[Path], mode: str | None = None) -> tuple[list
     for member in members:
         refuse_without_metrics(member)
     return members, f1_weights(members, "--ensemble f1", "use --ensemble mean")
-
-
-def recorded(sources: list[Path]) -> dict[str, str]:
-    """How a single ensemble recipe's folder predicts ({"ensemble": mean|f1, "tta": none|flip}, from its
-    ensemble.json); anything else (a run, a folds folder, several sources): mean, none."""
-    if len(sources) == 1 and MembersDir(sources[0]).is_group():
-        summary = MembersDir(sources[0]).summary()
-        return {"ensemble": summary["ensemble"], "tta": summary["tta"]}
-    return {"ensemble": "mean", "tta": "none"}
 
 
 def refuse_without_metrics(source: Path) -> None:

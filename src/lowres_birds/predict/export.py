@@ -40,7 +40,7 @@ from lowres_birds.model.ensemble import combine_outputs
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import BirdNet
 from lowres_birds.predict.calibrate import load_head
-from lowres_birds.run_dir import RunDir, atomic_write
+from lowres_birds.run_dir import RunDir, atomic_write, recorded_prediction
 
 LAYOUTS = ("nhwc", "nchw")
 CALIBRATION_IMAGES = 256
@@ -124,14 +124,14 @@ def export_onnx(
     ``fallback_margin``; None: calibrated on the (first) run's validation split, :func:`calibrated_margin`) are run
     again by the float graph inside the same file (:func:`with_float_fallback`); 0: int8 alone.
     """
-    from lowres_birds.predict.classifier import recorded, resolve_ensemble
+    from lowres_birds.predict.classifier import resolve_ensemble
 
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if out.suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx (predict --onnx and Classifier.load recognise the suffix)")
     runs, weights = resolve_ensemble([run_dir])
-    tta = tta or recorded([run_dir])["tta"]
+    tta = tta or recorded_prediction([run_dir])["tta"]
     parts, thresholds, labels = [], [], None
     for run in runs:
         model, run_labels = load_run_model(run)
@@ -270,14 +270,16 @@ def quantize_int8(
         CalibrationMethod,
         QuantFormat,
         QuantType,
+        create_calibrator,
         quantize_static,
     )
+    from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Batches(CalibrationDataReader):
-        def __init__(self, images: np.ndarray):
-            pixels = images if layout == "nhwc" else images.transpose(0, 3, 1, 2)
-            self.batches = iter(np.ascontiguousarray(pixels[start : start + 32]) for start in range(0, len(pixels), 32))
+    class Batch(CalibrationDataReader):
+        def __init__(self, pixels: np.ndarray):
+            self.batches = iter([np.ascontiguousarray(pixels)])
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -291,19 +293,35 @@ def quantize_int8(
         kept_float = [node.name for node in before_and_first_convolutions(nodes)] + [
             node.name for node in nodes if node.op_type in ("Gemm", "MatMul", "Softmax")
         ]
-
+        # The ranges, one batch at a time (onnxruntime's calibrator keeps every batch's activations until the end:
+        # 24 GB and more for an ensemble of three networks with flip TTA), into the cache quantize_static reads.
+        calibrator = create_calibrator(
+            prepared,
+            sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),  # quantize_static's default op types
+            augmented_model_path=str(Path(work) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.Percentile,
+            extra_options={"percentile": 99.999},
+        )
+        pixels = images if layout == "nhwc" else images.transpose(0, 3, 1, 2)
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
+            for start in range(0, len(pixels), 32):
+                calibrator.collect_data(Batch(pixels[start : start + 32]))
+                calibrator.intermediate_outputs.clear()
+            ranges = Path(work) / "ranges.json"
+            save_tensors_data(calibrator.compute_data(), ranges)
+            del calibrator
             quantize_static(
                 str(prepared),
                 str(out),
-                Batches(images),
+                None,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=kept_float,
                 calibrate_method=CalibrationMethod.Percentile,
-                extra_options={"CalibPercentile": 99.999, "TensorQuantOverrides": tensor_overrides or {}},
+                extra_options={"TensorQuantOverrides": tensor_overrides or {}},
+                calibration_cache_path=ranges,
             )
     quantized = onnx.load(str(out))
     set_metadata(quantized, {p.key: p.value for p in model.metadata_props})

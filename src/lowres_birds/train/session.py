@@ -91,7 +91,11 @@ def open_run(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = Fa
     model = build_model(cfg, labels)
     check_teacher(cfg, model, labels)
     if cfg.init_from and not resume:  # a resumed run's checkpoint holds its weights
-        start = RunDir(cfg.init_from).require()
+        start = RunDir(cfg.init_from)
+        if not (start / RunDir.WEIGHTS).is_file():
+            raise UserError(
+                f"init_from {start}: no {RunDir.WEIGHTS} there; pass a run folder written by lowres-birds train"
+            )
         if start.labels() != labels:
             raise UserError(f"init_from {start} was trained on other classes than this data's: start from one of them")
         start_from(model, start.path, "init_from needs a run of the same model and input size")
