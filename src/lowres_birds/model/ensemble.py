@@ -37,6 +37,20 @@ def member_runs(source: Path) -> tuple[list[Path], list[float]]:
     return members, f1_weights(members, f"--distill-from {source}", "nothing to weigh them by")
 
 
+def member_shares(weights: list[float] | None, count: int) -> list[float]:
+    """Each of ``count`` models' share of an ensemble: ``weights`` (summing to 1), or None for a plain mean."""
+    return list(weights) if weights else [1 / count] * count
+
+
+def combined_calibration(
+    shares: list[float], temperatures: list[float], thresholds: list[float | None]
+) -> tuple[float, float | None]:
+    """An ensemble's temperature and unknown threshold (what ``combine_outputs`` uses and flags against): the
+    members' weighted means; no threshold unless every member has one."""
+    temperature = float(np.average(temperatures, weights=shares))
+    return temperature, None if None in thresholds else float(np.average(thresholds, weights=shares))
+
+
 def combine_outputs(
     outputs: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, temperatures: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

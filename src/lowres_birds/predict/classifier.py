@@ -34,7 +34,7 @@ from lowres_birds.errors import UserError
 from lowres_birds.extras import missing as missing_extra
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.calibration import CalibratedHead
-from lowres_birds.model.ensemble import combine_outputs, f1_weights
+from lowres_birds.model.ensemble import combine_outputs, combined_calibration, f1_weights, member_shares
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.calibrate import load_head
@@ -133,16 +133,16 @@ class Classifier:
                 raise UserError(
                     f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average"
                 )
-        shares = torch.tensor(weights or [1 / len(classifiers)] * len(classifiers), dtype=torch.float32)
+        shares = member_shares(weights, len(classifiers))
+        temperature, threshold = combined_calibration(
+            shares, [c.temperature for c in classifiers], [c.unknown_threshold for c in classifiers]
+        )
+        share_tensor = torch.tensor(shares, dtype=torch.float32)
         temperatures = torch.tensor([c.temperature for c in classifiers], dtype=torch.float32)
 
         def predict_fn(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return combine_outputs([c.scores(images) for c in classifiers], shares, temperatures)
+            return combine_outputs([c.scores(images) for c in classifiers], share_tensor, temperatures)
 
-        calibrated = all(c.unknown_threshold is not None for c in classifiers)
-        threshold = (
-            float(np.average([c.unknown_threshold for c in classifiers], weights=shares)) if calibrated else None
-        )
         return cls(
             labels,
             predict_fn,
@@ -150,7 +150,7 @@ class Classifier:
             max(c.input_size for c in classifiers),
             "+".join(sorted({c.runtime for c in classifiers})),
             threshold,
-            float((shares * temperatures).sum()),
+            temperature,
         )
 
     def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +429,7 @@ def refuse_without_metrics(source: Path) -> None:
 
 def describe_ensemble(members: list[Path], weights: list[float] | None) -> str:
     """One line: every member and its weight."""
-    shares = weights or [1 / len(members)] * len(members)
+    shares = member_shares(weights, len(members))
     how = "weighted by validation macro-F1" if weights else "plain mean"
     return f"ensemble of {len(members)} ({how}): " + ", ".join(
         f"{member} {share:.3f}" for member, share in zip(members, shares)

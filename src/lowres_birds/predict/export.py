@@ -36,7 +36,7 @@ from onnx import numpy_helper
 from lowres_birds.config import LR_SIZE
 from lowres_birds.errors import UserError
 from lowres_birds.model.calibration import CalibratedHead
-from lowres_birds.model.ensemble import combine_outputs
+from lowres_birds.model.ensemble import combine_outputs, combined_calibration, member_shares
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import BirdNet
 from lowres_birds.predict.calibrate import load_head
@@ -66,7 +66,7 @@ def network_graph(
     ``combine_outputs``, ``weights`` None: a plain mean), averaged with the mirror image when ``tta`` is flip (as
     ``Classifier.predict_scores`` does)."""
     heads = [head or CalibratedHead(1.0, "max_softmax", {}) for _, head in parts]
-    shares = weights or [1 / len(parts)] * len(parts)
+    shares = member_shares(weights, len(parts))
 
     class Network(torch.nn.Module):
         def __init__(self, model: BirdNet, head: CalibratedHead):
@@ -141,7 +141,8 @@ def export_onnx(
         head, threshold, _ = load_head(run, model, labels, f"calibrate it first: lowres-birds calibrate --run {run}")
         parts.append((model, head))
         thresholds.append(threshold)
-    threshold = None if None in thresholds else float(np.average(thresholds, weights=weights))
+    shares = member_shares(weights, len(parts))
+    _, threshold = combined_calibration(shares, [head.temperature for _, head in parts], thresholds)
     program = onnx_program(parts, labels, layout, "int8" if int8 else "fp32", threshold, weights, tta, str(run_dir))
     if not int8:
         return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))
@@ -207,8 +208,8 @@ def onnx_program(
             "tta": tta,
         }
     )
+    shares = member_shares(weights, len(parts))
     if len(parts) > 1:
-        shares = weights or [1 / len(parts)] * len(parts)
         members = [
             {"source": spec.source, "input_size": spec.input_size, "upscale_filter": spec.upscale_filter, "weight": w}
             for spec, w in zip(specs, shares)
@@ -216,10 +217,10 @@ def onnx_program(
         program.model.metadata_props["members"] = json.dumps(members)
     if unknown_threshold is not None:
         heads = [head for _, head in parts]
-        shares = weights or [1 / len(parts)] * len(parts)
+        temperature, _ = combined_calibration(shares, [h.temperature for h in heads], [unknown_threshold] * len(heads))
         program.model.metadata_props.update(
             {
-                "temperature": repr(float(np.average([h.temperature for h in heads], weights=shares))),
+                "temperature": repr(temperature),
                 "unknown_score_kind": "+".join(dict.fromkeys(h.score for h in heads)),
                 "unknown_threshold": repr(unknown_threshold),
             }

@@ -37,7 +37,7 @@ from lowres_birds.train.optim import (
     start_processes,
 )
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
-from lowres_birds.train.teacher import check_teacher, start_from, start_from_teacher, without_unusable_start
+from lowres_birds.train.teacher import check_teacher, start_from_run, start_from_teacher, without_unusable_start
 from lowres_birds.train.validation import TrainingMeter, Validator
 
 
@@ -91,14 +91,7 @@ def open_run(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = Fa
     model = build_model(cfg, labels)
     check_teacher(cfg, model, labels)
     if cfg.init_from and not resume:  # a resumed run's checkpoint holds its weights
-        start = RunDir(cfg.init_from)
-        if not (start / RunDir.WEIGHTS).is_file():
-            raise UserError(
-                f"init_from {start}: no {RunDir.WEIGHTS} there; pass a run folder written by lowres-birds train"
-            )
-        if start.labels() != labels:
-            raise UserError(f"init_from {start} was trained on other classes than this data's: start from one of them")
-        start_from(model, start.path, "init_from needs a run of the same model and input size")
+        start_from_run(model, Path(cfg.init_from), labels)
     if not resume:  # the old folder goes only now that data and model are known good, once every process checked it
         replace_folder(run.path, force, create=False)
         processes.wait_for_everyone()

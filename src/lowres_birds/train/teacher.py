@@ -265,6 +265,17 @@ def start_from_teacher(student: BirdNet, run: RunDir) -> None:
     )
 
 
+def start_from_run(student: BirdNet, folder: Path, labels: list[str]) -> None:
+    """``init_from``: another trained run's best weights as the start, refused in one line when the folder has none
+    or was trained on other classes than ``labels``."""
+    run = RunDir(folder)
+    if not (run / RunDir.WEIGHTS).is_file():
+        raise UserError(f"init_from {run}: no {RunDir.WEIGHTS} there; pass a run folder written by lowres-birds train")
+    if run.labels() != labels:
+        raise UserError(f"init_from {run} was trained on other classes than this data's: start from one of them")
+    start_from(student, run.path, "init_from needs a run of the same model and input size")
+
+
 def start_from(student: BirdNet, folder: Path, remedy: str) -> None:
     """Load a trained run folder's best weights into the student (refused in one line naming the file when they do
     not fit)."""
