@@ -150,7 +150,7 @@ def test_bad_families_are_refused_in_one_line(value, fragment):
 
 def test_a_family_without_views_is_refused():
     with pytest.raises(UserError, match="set --hr-view-ratio above 0"):
-        load_config("cpu", {"degradations": "default", "hr_view_ratio": 0})
+        load_config("cpu", {"degradations": "default"})
     assert load_config("cpu", {"degradations": "light", "hr_view_ratio": 0.3}).degradations == "light"
 
 
