@@ -106,8 +106,7 @@ def main() -> None:
             low, high = ece_interval(calibrated, np.asarray(targets))
             lines.append(
                 f"| {name} | {ece[0]:.4f} | {ece[1]:.4f} | {low:.3f}-{high:.3f} | {nll[0]:.4f} | {nll[1]:.4f} | "
-                f"{f1_before['macro_f1']:.4f} | "
-                f"{f1_after['macro_f1']:.4f} | {f1_after['accuracy']:.4f} |"
+                f"{f1_before['macro_f1']:.4f} | {f1_after['macro_f1']:.4f} | {f1_after['accuracy']:.4f} |"
             )
     print("\n".join(lines))
     record(args, "Calibration on the public test labels (benchmarks/calibration.py)", describe_machine(), load, lines)
