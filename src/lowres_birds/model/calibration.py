@@ -64,7 +64,11 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
     """ECE with equal-width confidence bins (Guo et al. 2017): the share-weighted mean of |accuracy - confidence|
     over the bins of the top probability. No well-kept library at hand computes it (torchmetrics is not a
     dependency)."""
-    confidence, correct = probs.max(1), probs.argmax(1) == np.asarray(targets)
+    return binned_calibration_gap(probs.max(1), probs.argmax(1) == np.asarray(targets), bins)
+
+
+def binned_calibration_gap(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE from each answer's confidence and whether it was right (what ``expected_calibration_error`` bins)."""
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     total = 0.0
     for b in range(bins):
