@@ -1,5 +1,6 @@
 """Distillation from trained models (--distill-from): the ensemble's flip-TTA probabilities on every training image,
-computed once into the student's run folder, validated when read back, reused on resume."""
+computed once into the student's run folder, validated when read back, reused on resume; or (--distill-targets
+online) the models' answers on every augmented batch the student sees."""
 
 from __future__ import annotations
 
@@ -53,13 +54,10 @@ def test_the_soft_targets_are_the_ensembles_flip_tta_probabilities_on_every_trai
         assert f"distilled from {ensemble}: 2 run(s)" in text and "this student " in text, page
 
 
-def test_an_interrupted_distillation_resumes_with_its_cached_targets(ensemble, demo_data, tmp_path, monkeypatch):
-    import lowres_birds.train.teacher as teacher
+def interrupted_after_epoch_1(monkeypatch, flags: list[str]) -> int:
+    """``main(flags)`` stopped by Ctrl-C right after epoch 1's checkpoint: its exit code."""
     from lowres_birds.train.state import Checkpointer
 
-    computed = []
-    probabilities = teacher.ensemble_probabilities
-    monkeypatch.setattr(teacher, "ensemble_probabilities", lambda *a, **k: computed.append(1) or probabilities(*a, **k))
     save = Checkpointer.save
 
     def save_then_interrupt(self, state):
@@ -67,11 +65,20 @@ def test_an_interrupted_distillation_resumes_with_its_cached_targets(ensemble, d
         if state.epoch == 1:
             raise KeyboardInterrupt
 
-    student = tmp_path / "student"
-    flags = ["train", "--data", str(demo_data), "--out", str(student), *STUDENT, "--distill-from", str(ensemble)]
     with monkeypatch.context() as patch:
         patch.setattr(Checkpointer, "save", save_then_interrupt)
-        assert main(flags) == 130
+        return main(flags)
+
+
+def test_an_interrupted_distillation_resumes_with_its_cached_targets(ensemble, demo_data, tmp_path, monkeypatch):
+    import lowres_birds.train.teacher as teacher
+
+    computed = []
+    probabilities = teacher.ensemble_probabilities
+    monkeypatch.setattr(teacher, "ensemble_probabilities", lambda *a, **k: computed.append(1) or probabilities(*a, **k))
+    student = tmp_path / "student"
+    flags = ["train", "--data", str(demo_data), "--out", str(student), *STUDENT, "--distill-from", str(ensemble)]
+    assert interrupted_after_epoch_1(monkeypatch, flags) == 130
     targets = (student / RunDir.DISTILL_TARGETS).read_bytes()
     assert main(["train", "--resume", str(student)]) == 0
     assert computed == [1]  # computed once: the resumed run read them back
@@ -120,6 +127,8 @@ def test_a_damaged_targets_cache_is_refused_in_one_line_on_resume(
     [
         (["--distill-from", "no/such/folder"], "no/such/folder is not a trained run folder"),
         (["--kd-weight", "0"], "set kd_weight above 0 and feature_kd_weight 0"),
+        (["--distill-targets", "online", "--distill-from", ""], "distill_targets online needs distill_from"),
+        (["--distill-targets", "sometimes"], "sometimes"),
         (["--feature-kd-weight", "0.5"], "set kd_weight above 0 and feature_kd_weight 0"),
         (["--init-from", "no/such/run", "--no-student-from-teacher"], "init_from no/such/run: no model.safetensors"),
         (["--init-from", "{ensemble}/a", "--student-from-teacher"], "both choose the start weights"),
@@ -132,6 +141,8 @@ def test_a_damaged_targets_cache_is_refused_in_one_line_on_resume(
     ids=[
         "no such folder",
         "no kd weight",
+        "online without models",
+        "no such mode",
         "feature kd",
         "no start run",
         "two starts",
@@ -157,3 +168,42 @@ def test_bad_distillation_settings_are_one_line_before_anything_trains(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not student.exists()
+
+
+def test_online_targets_are_the_models_answers_on_the_very_batch_the_student_gets():
+    from lowres_birds.config import load_config
+    from lowres_birds.train.data import HRSupport, TeacherTargets, training_batch
+
+    seen = []
+
+    def answer(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(batch.clone())
+        return torch.tensor([0.7, 0.2, 0.1]).repeat(len(batch), 1)
+
+    cfg = load_config(
+        "cpu", {"mixup_alpha": 0.4, "kd_temperature": 2.0, "distill_from": "x", "distill_targets": "online"}
+    )
+    teacher = TeacherTargets(None, None, 0.9, "distilled", "stub", 0.0, answer=answer)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    batch, targets = training_batch(
+        images, torch.tensor([0, 1, 2, 0]), torch.arange(4), 3, cfg, generator, HRSupport(teacher=teacher)
+    )
+    assert len(seen) == 1 and torch.equal(seen[0], batch)  # after crop, flip and MixUp: what the student sees
+    assert not torch.equal(batch, images)
+    expected = torch.tensor([0.7, 0.2, 0.1]).log().div(2.0).softmax(-1).repeat(4, 1)
+    torch.testing.assert_close(targets.teacher_probs, expected)
+    assert targets.labels.shape == (4, 3) and targets.teacher_features is None
+
+
+def test_online_distillation_caches_nothing_says_so_and_resumes(ensemble, demo_data, tmp_path, monkeypatch, capsys):
+    student = tmp_path / "student"
+    flags = ["--data", str(demo_data), "--out", str(student), *STUDENT, "--distill-from", str(ensemble)]
+    assert interrupted_after_epoch_1(monkeypatch, ["train", *flags, "--distill-targets", "online"]) == 130
+    assert f"distilling from {ensemble} (2 runs, online on every augmented batch" in capsys.readouterr().out
+    assert main(["train", "--resume", str(student)]) == 0
+    assert not (student / RunDir.DISTILL_TARGETS).exists()
+    assert RunDir(student).config().distill_targets == "online"
+    assert [json.loads(line)["epoch"] for line in (student / RunDir.METRICS).read_text().splitlines()] == [1, 2]
+    card = (student / "hf" / "README.md").read_text(encoding="utf-8")
+    assert f"distilled from {ensemble}: 2 run(s) (online, weighted by validation macro-F1)" in card

@@ -350,6 +350,14 @@ class RunConfig:
         "soft targets (with --kd-weight) instead of an HR teacher's; computed once into RUN/distill_targets",
         student_only=True,
     )
+    distill_targets: str = setting(
+        "cached",
+        "what --distill-from's models answer: cached (each training image once, with flip TTA, into "
+        "RUN/distill_targets) or online (every augmented batch the student sees, as it sees it: consistent teaching, "
+        "Beyer et al. 2022; a forward pass of each model per step instead of once)",
+        choices=("cached", "online"),
+        student_only=True,
+    )
     init_from: str = setting(
         "",
         "start from this trained run folder's best weights (the same model and input size, e.g. an ensemble member's "
@@ -406,6 +414,11 @@ class RunConfig:
             raise UserError(
                 f"distill_from {self.distill_from}: the distilled models give soft targets only: set kd_weight above 0 "
                 f"and feature_kd_weight 0 (got {self.kd_weight:g} and {self.feature_kd_weight:g})"
+            )
+        if self.distill_targets == "online" and not self.distill_from:
+            raise UserError(
+                "distill_targets online needs distill_from (the models that answer each batch); drop it or set "
+                "--distill-from"
             )
         if self.init_from and self.student_from_teacher:
             raise UserError(

@@ -179,7 +179,7 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
         f"{scores['accuracy']:.4f}  "
         f"errors {n_wrong}\nworst classes: {worst}"
     )
-    distilled = distillation_line(cfg.distill_from, scores["macro_f1"])
+    distilled = distillation_line(cfg, scores["macro_f1"])
     if distilled:
         summary += f"\n{distilled}"
     errors_items = [errors_png] if errors_png else ["no validation errors"]

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowres_birds.config import RunConfig
 from lowres_birds.errors import UserError
 from lowres_birds.model.factory import load_run_model
-from lowres_birds.model.wrapper import in_batches
+from lowres_birds.model.wrapper import BirdNet, in_batches
 from lowres_birds.run_dir import RunDir, model_folders
 
 
@@ -72,31 +73,45 @@ def combine_outputs(
     return probs, unknown
 
 
-def ensemble_probabilities(
-    members: list[Path], weights: list[float], images: np.ndarray, labels: list[str], device: str = "cpu"
-) -> np.ndarray:
-    """The members' weighted mean probabilities with flip TTA on uint8 N x 64 x 64 x 3 ``images`` (what ``predict
-    --run SOURCE --ensemble f1 --tta flip`` computes); every member must know exactly ``labels``."""
-    total = np.zeros((len(images), len(labels)), np.float32)
-    for member, weight in zip(members, weights):
+def member_models(members: list[Path], labels: list[str], device: str = "cpu") -> list[BirdNet]:
+    """Each run's best weights, in eval mode on ``device``; every run must know exactly ``labels``."""
+    models = []
+    for member in members:
         model, member_labels = load_run_model(member, device)
         if member_labels != labels:
             raise UserError(
                 f"{member} was trained on other classes than this data's ({len(member_labels)} vs {len(labels)}); "
                 "distil from models of the same species"
             )
-
-        def flip_averaged(batch: torch.Tensor, model=model) -> torch.Tensor:
-            batch = batch.to(device)
-            return (model(batch).float().softmax(-1) + model(batch.flip(-1)).float().softmax(-1)) / 2
-
-        total += weight * in_batches(flip_averaged, images, desc=f"soft targets of {member}")
-    return total
+        models.append(model.eval())
+    return models
 
 
-def distillation_line(distill_from: str, student_f1: float) -> str | None:
-    """One line for a distilled student's report and model card: the models it learned from, with each one's
-    validation macro-F1 (on its own split), and the student's; None for a run that was not distilled."""
+@torch.no_grad()
+def mean_probabilities(models: list[BirdNet], weights: list[float], batch: torch.Tensor, flip: bool) -> torch.Tensor:
+    """The models' weighted mean softmax on a uint8 NCHW ``batch`` (with ``flip``: averaged with the mirrored
+    batch's), as ``predict --ensemble f1`` weighs them."""
+    views = (batch, batch.flip(-1)) if flip else (batch,)
+    total = sum(weight * model(view).float().softmax(-1) for model, weight in zip(models, weights) for view in views)
+    return total / len(views)
+
+
+def ensemble_probabilities(
+    members: list[Path], weights: list[float], images: np.ndarray, labels: list[str], device: str = "cpu"
+) -> np.ndarray:
+    """The members' weighted mean probabilities with flip TTA on uint8 N x 64 x 64 x 3 ``images`` (what ``predict
+    --run SOURCE --ensemble f1 --tta flip`` computes); every member must know exactly ``labels``."""
+    models = member_models(members, labels, device)
+    return in_batches(
+        lambda batch: mean_probabilities(models, weights, batch.to(device), flip=True), images, desc="soft targets"
+    )
+
+
+def distillation_line(cfg: RunConfig, student_f1: float) -> str | None:
+    """One line for a distilled student's report and model card: the models it learned from (and how: once with
+    flip TTA, or online), with each one's validation macro-F1 (on its own split), and the student's; None for a run
+    that was not distilled."""
+    distill_from, how = cfg.distill_from, "online" if cfg.distill_targets == "online" else "flip TTA"
     if not distill_from:
         return None
     try:
@@ -105,6 +120,6 @@ def distillation_line(distill_from: str, student_f1: float) -> str | None:
     except UserError:  # moved or removed since: the student is still described
         return f"distilled from {distill_from} (no longer readable); its validation macro-F1 {student_f1:.4f}"
     return (
-        f"distilled from {distill_from}: {len(members)} run(s) (flip TTA, weighted by validation macro-F1) with "
+        f"distilled from {distill_from}: {len(members)} run(s) ({how}, weighted by validation macro-F1) with "
         f"validation macro-F1 {scores} on their own splits; this student {student_f1:.4f} on its split"
     )

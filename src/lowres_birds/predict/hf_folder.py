@@ -218,7 +218,7 @@ def model_card(
         )
     else:
         metrics = "No finished epoch is recorded in the run folder."
-    line = distillation_line(cfg.distill_from, best["val_macro_f1"]) if best is not None else None
+    line = distillation_line(cfg, best["val_macro_f1"]) if best is not None else None
     distilled = f"- Teacher: {line}.\n" if line else ""
     name, where = run.path.resolve().name, str(out)
     loaders = {

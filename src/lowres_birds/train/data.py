@@ -4,6 +4,7 @@ step from a gathered batch to augmented images with their named targets."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,7 @@ class TeacherTargets:
     them)."""
 
     features: torch.Tensor | None  # N x D pooled features (None: a teacher without them, distilled models)
-    logits: torch.Tensor  # N x C
+    logits: torch.Tensor | None  # N x C (None: models answering online)
     val_macro_f1: float  # the teacher's own score on the validation rows' HR twins
     kind: str  # RunConfig.teacher (frozen or finetuned), or "distilled" (the models of --distill-from)
     description: str  # what the teacher is, for the train header
@@ -96,6 +97,7 @@ class TeacherTargets:
     shared_from: Path | None = (
         None  # copied from another run's teacher (an earlier ensemble member): not this run's time
     )
+    answer: Callable[[torch.Tensor], torch.Tensor] | None = None  # online: a uint8 NCHW batch -> probabilities
 
 
 @dataclass
@@ -146,11 +148,15 @@ def training_batch(
                 )
             images[chosen.to(images.device)] = views.to(images.device)
     targets = Targets(F.one_hot(labels, num_classes).float())
-    if hr.teacher is not None:
-        rows = indices.to(hr.teacher.logits.device)
-        targets.teacher_probs = F.softmax(hr.teacher.logits[rows] / cfg.kd_temperature, dim=-1).to(images.device)
-        if hr.teacher.features is not None:
-            targets.teacher_features = hr.teacher.features[rows].to(images.device)
+    teacher = hr.teacher
+    if teacher is not None and teacher.logits is not None:
+        rows = indices.to(teacher.logits.device)
+        targets.teacher_probs = F.softmax(teacher.logits[rows] / cfg.kd_temperature, dim=-1).to(images.device)
+        if teacher.features is not None:
+            targets.teacher_features = teacher.features[rows].to(images.device)
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
         images, targets = mix_batch(images, targets, cfg.mixup_alpha, cfg.cutmix_alpha, generator)
+    if teacher is not None and teacher.answer is not None:  # online: the models see exactly what the student sees
+        probs = teacher.answer(images).float().clamp_min(1e-8)
+        targets.teacher_probs = F.softmax(probs.log() / cfg.kd_temperature, dim=-1)
     return images, targets

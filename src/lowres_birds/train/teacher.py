@@ -24,7 +24,7 @@ from lowres_birds.config import STUDENT_ONLY, RunConfig
 from lowres_birds.data.images import cache_dir
 from lowres_birds.errors import UserError
 from lowres_birds.metrics import score
-from lowres_birds.model.ensemble import ensemble_probabilities, member_runs
+from lowres_birds.model.ensemble import ensemble_probabilities, mean_probabilities, member_models, member_runs
 from lowres_birds.model.factory import create_model, load_run_model
 from lowres_birds.model.wrapper import BirdNet, in_batches, pooled_outputs
 from lowres_birds.run_dir import RunDir, model_folders, save_torch
@@ -226,19 +226,40 @@ def teacher_finished(folder: Path, epochs: int) -> bool:
 
 
 def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> TeacherTargets:
-    """The models of ``distill_from`` as the teacher: their weighted mean probabilities with flip TTA on every
-    training row's LR image, computed once by the main process into RUN/distill_targets (a resumed run reads them
-    back; a damaged file is refused), stored as log-probabilities (the loss softens them by kd_temperature)."""
+    """The models of ``distill_from`` as the teacher, weighted by validation macro-F1. ``distill_targets`` cached:
+    their mean probabilities with flip TTA on every training row's LR image, computed once by the main process into
+    RUN/distill_targets (a resumed run reads them back; a damaged file is refused), stored as log-probabilities (the
+    loss softens them by kd_temperature). online: the models themselves, answering each augmented batch (nothing
+    cached; each process loads them)."""
     from accelerate import PartialState
 
     processes = PartialState()
-    rows, classes, path = len(data.targets), len(data.label_map.classes), run / RunDir.DISTILL_TARGETS
-    source = Path(cfg.distill_from)
+    source, labels = Path(cfg.distill_from), list(data.label_map.classes)
+    runs = len(model_folders(source))
+    if cfg.distill_targets == "online":
+        started = time.perf_counter()
+        members, weights = member_runs(source)
+        models = member_models(members, labels, str(processes.device))
+        val = in_batches(
+            lambda batch: mean_probabilities(models, weights, batch.to(processes.device), flip=False),
+            data.lr_images[data.val_idx],
+        )
+        val_f1 = score(data.targets[data.val_idx], val.argmax(1))["macro_f1"]
+        return TeacherTargets(
+            None,
+            None,
+            val_f1,
+            "distilled",
+            f"{source} ({runs} run{'s' * (runs > 1)}, online on every augmented batch, weighted by validation "
+            "macro-F1)",
+            time.perf_counter() - started,
+            answer=lambda batch: mean_probabilities(models, weights, batch, flip=False),
+        )
+    rows, classes, path = len(data.targets), len(labels), run / RunDir.DISTILL_TARGETS
     reused = path.is_file()
     if not reused and processes.is_main_process:
         started = time.perf_counter()
         members, weights = member_runs(source)
-        labels = list(data.label_map.classes)
         probs = ensemble_probabilities(members, weights, data.lr_images, labels, str(processes.device))
         logits = torch.from_numpy(np.log(np.clip(probs, 1e-8, None)))
         run.save_teacher_targets(
@@ -247,7 +268,6 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
     processes.wait_for_everyone()
     damaged = "remove it and resume (it is computed again)"
     saved = run.teacher_targets(rows, classes, damaged, name=RunDir.DISTILL_TARGETS, features=False)
-    runs = len(model_folders(source))
     description = f"{source} ({runs} run{'s' * (runs > 1)}, flip TTA, weighted by validation macro-F1), {path}"
     return TeacherTargets(
         None, saved["logits"], saved["val_macro_f1"], "distilled", description, saved["seconds"], reused=reused
