@@ -158,5 +158,5 @@ def training_batch(
         images, targets = mix_batch(images, targets, cfg.mixup_alpha, cfg.cutmix_alpha, generator)
     if teacher is not None and teacher.answer is not None:  # online: the models see exactly what the student sees
         probs = teacher.answer(images).float().clamp_min(1e-8)
-        targets.teacher_probs = F.softmax(probs.log() / cfg.kd_temperature, dim=-1)
+        targets.teacher_probs = F.softmax(probs.log() / cfg.kd_temperature, dim=-1).to(images.device)
     return images, targets

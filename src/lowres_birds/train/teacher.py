@@ -253,7 +253,7 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
             f"{source} ({runs} run{'s' * (runs > 1)}, online on every augmented batch, weighted by validation "
             "macro-F1)",
             time.perf_counter() - started,
-            answer=lambda batch: mean_probabilities(models, weights, batch, flip=False),
+            answer=lambda batch: mean_probabilities(models, weights, batch.to(processes.device), flip=False),
         )
     rows, classes, path = len(data.targets), len(labels), run / RunDir.DISTILL_TARGETS
     reused = path.is_file()
