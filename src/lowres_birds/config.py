@@ -347,7 +347,8 @@ class RunConfig:
         "",
         "distil from this trained folder (a run, an ensemble recipe's folder or a folds folder, as predict --run "
         "takes): its probabilities with flip TTA, weighted by validation macro-F1, on every training image are the "
-        "soft targets (with --kd-weight) instead of an HR teacher's; computed once into RUN/distill_targets",
+        "soft targets (with --kd-weight) instead of an HR teacher's; computed once into RUN/distill_targets (see "
+        "--distill-targets)",
         student_only=True,
     )
     distill_targets: str = setting(

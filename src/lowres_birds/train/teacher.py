@@ -236,25 +236,19 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
     processes = PartialState()
     source, labels = Path(cfg.distill_from), list(data.label_map.classes)
     runs = len(model_folders(source))
+    how = "online on every augmented batch" if cfg.distill_targets == "online" else "flip TTA"
+    description = f"{source} ({runs} run{'s' * (runs > 1)}, {how}, weighted by validation macro-F1)"
     if cfg.distill_targets == "online":
         started = time.perf_counter()
         members, weights = member_runs(source)
         models = member_models(members, labels, str(processes.device))
-        val = in_batches(
-            lambda batch: mean_probabilities(models, weights, batch.to(processes.device), flip=False),
-            data.lr_images[data.val_idx],
-        )
-        val_f1 = score(data.targets[data.val_idx], val.argmax(1))["macro_f1"]
-        return TeacherTargets(
-            None,
-            None,
-            val_f1,
-            "distilled",
-            f"{source} ({runs} run{'s' * (runs > 1)}, online on every augmented batch, weighted by validation "
-            "macro-F1)",
-            time.perf_counter() - started,
-            answer=lambda batch: mean_probabilities(models, weights, batch.to(processes.device), flip=False),
-        )
+
+        def answer(batch: torch.Tensor) -> torch.Tensor:
+            return mean_probabilities(models, weights, batch.to(processes.device), flip=False)
+
+        val_f1 = score(data.targets[data.val_idx], in_batches(answer, data.lr_images[data.val_idx]).argmax(1))
+        seconds = time.perf_counter() - started
+        return TeacherTargets(None, None, val_f1["macro_f1"], "distilled", description, seconds, answer=answer)
     rows, classes, path = len(data.targets), len(labels), run / RunDir.DISTILL_TARGETS
     reused = path.is_file()
     if not reused and processes.is_main_process:
@@ -268,9 +262,14 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
     processes.wait_for_everyone()
     damaged = "remove it and resume (it is computed again)"
     saved = run.teacher_targets(rows, classes, damaged, name=RunDir.DISTILL_TARGETS, features=False)
-    description = f"{source} ({runs} run{'s' * (runs > 1)}, flip TTA, weighted by validation macro-F1), {path}"
     return TeacherTargets(
-        None, saved["logits"], saved["val_macro_f1"], "distilled", description, saved["seconds"], reused=reused
+        None,
+        saved["logits"],
+        saved["val_macro_f1"],
+        "distilled",
+        f"{description}, {path}",
+        saved["seconds"],
+        reused=reused,
     )
 
 
