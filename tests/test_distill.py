@@ -5,6 +5,7 @@ online) the models' answers on every augmented batch the student sees."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -137,6 +138,8 @@ def test_a_damaged_targets_cache_is_refused_in_one_line_on_resume(
             ["--init-from", "{ensemble}/a", "--no-student-from-teacher", "--kd-weight", "0", "--data", "{other}"],
             "trained on other classes",
         ),
+        (["--init-from", "{ensemble}/a,no/such/run", "--no-student-from-teacher"], "init_from no/such/run: no model"),
+        (["--init-from", "{ensemble}/a,{misfit}", "--no-student-from-teacher"], "holds another model than"),
     ],
     ids=[
         "no such folder",
@@ -148,6 +151,8 @@ def test_a_damaged_targets_cache_is_refused_in_one_line_on_resume(
         "two starts",
         "start misfits",
         "start classes",
+        "soup: no such run",
+        "soup: another model",
     ],
 )
 def test_bad_distillation_settings_are_one_line_before_anything_trains(
@@ -161,13 +166,32 @@ def test_bad_distillation_settings_are_one_line_before_anything_trains(
         if "{other}" in extra
         else ""
     )
-    extra = [part.format(ensemble=ensemble, other=other) for part in extra]
+    misfit = tmp_path / "misfit"
+    if any("{misfit}" in part for part in extra):  # a run of another model: one weight fewer
+        from safetensors.torch import save_file
+
+        shutil.copytree(ensemble / "a", misfit)
+        weights = RunDir(misfit).weights()
+        save_file(dict(list(weights.items())[1:]), str(misfit / RunDir.WEIGHTS))
+    extra = [part.format(ensemble=ensemble, other=other, misfit=misfit) for part in extra]
     distill = [] if "--kd-weight" in extra and "--init-from" in extra else ["--distill-from", str(ensemble)]
     flags = ["train", "--data", str(demo_data), "--out", str(student), *STUDENT, *distill]
     assert main([*flags, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not student.exists()
+
+
+def test_init_from_several_runs_starts_from_the_mean_of_their_weights(ensemble, demo_data, tmp_path):
+    student = tmp_path / "student"
+    flags = ["--distill-from", str(ensemble), "--init-from", f"{ensemble / 'a'}, {ensemble / 'b'}", "--lr", "1e-9"]
+    args = ["train", "--data", str(demo_data), "--out", str(student), *STUDENT, "--no-student-from-teacher", *flags]
+    assert main(args) == 0
+    first, second = RunDir(ensemble / "a").weights(), RunDir(ensemble / "b").weights()
+    learned = {k: v for k, v in RunDir(student).weights().items() if v.is_floating_point() and "bn" not in k}
+    assert learned and not torch.allclose(first["backbone.conv_stem.weight"], second["backbone.conv_stem.weight"])
+    for name, value in learned.items():  # lr 1e-9: still the mean of the two runs' weights (a model soup)
+        torch.testing.assert_close(value, (first[name] + second[name]) / 2, atol=1e-5, rtol=0)
 
 
 def test_online_targets_are_the_models_answers_on_the_very_batch_the_student_gets():

@@ -186,3 +186,43 @@ def test_grad_checkpointing_on_a_model_without_it_is_one_line(demo_data, tmp_pat
     assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "run"), *args]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "timm:inception_v3 supports no gradient checkpointing" in error
+
+
+def test_recompute_batchnorm_averages_the_images_and_their_mirrors_and_keeps_frozen_layers():
+    from lowres_birds.model.wrapper import recompute_batchnorm
+
+    model = create_model("timm:test_efficientnet", ["a", "b", "c"], 64, pretrained=False)
+    model.freeze_early_layers(1)
+    frozen, trained = model.backbone.bn1, model.backbone.bn2
+    frozen_mean = frozen.running_mean.clone()
+    seen = []
+    trained.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().mean((0, 2, 3))))
+    images = np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+    recompute_batchnorm(model, images, "cpu", batch_size=4)
+    assert len(seen) == 6  # three batches, each as given and mirrored
+    torch.testing.assert_close(trained.running_mean, torch.stack(seen).mean(0))
+    assert torch.equal(frozen.running_mean, frozen_mean) and not model.training
+    assert trained.momentum == 0.1  # the layers train as before afterwards
+
+
+def test_train_recompute_batchnorm_saves_the_recomputed_weights_and_their_validation(demo_data, tmp_path, capsys):
+    from conftest import FAST_TRAIN
+
+    from lowres_birds.model.factory import load_run_model
+    from lowres_birds.model.wrapper import in_batches, recompute_batchnorm
+    from lowres_birds.run_dir import RunDir
+    from lowres_birds.train.data import load_training_data
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_data), "--out", str(run), *FAST_TRAIN, "--recompute-batchnorm"]) == 0
+    assert "BatchNorm statistics recomputed on the" in capsys.readouterr().out
+    model, _ = load_run_model(run, "cpu")
+    cfg = RunDir(run).config()
+    data = load_training_data(demo_data, cfg)
+    model.freeze_early_layers(cfg.freeze_blocks)  # as it trained: its frozen layers keep their statistics
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    recompute_batchnorm(model, data.lr_images[data.train_idx], "cpu")  # once more: the same statistics
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[name], atol=1e-5, rtol=1e-4)
+    probs = in_batches(lambda batch: model(batch).softmax(-1), data.lr_images[data.val_idx])
+    np.testing.assert_allclose(RunDir(run).val_predictions()["probs"], probs, atol=1e-5)

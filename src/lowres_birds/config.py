@@ -362,7 +362,9 @@ class RunConfig:
     init_from: str = setting(
         "",
         "start from this trained run folder's best weights (the same model and input size, e.g. an ensemble member's "
-        "HR teacher) instead of the pretrained ones, as timm's --initial-checkpoint",
+        "HR teacher) instead of the pretrained ones, as timm's --initial-checkpoint; several folders, comma-separated "
+        "(runs of one model fine-tuned from one start, e.g. an ensemble's members): the mean of their weights, a "
+        "model soup (Wortsman et al. 2022)",
         student_only=True,
     )
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0, student_only=True)
@@ -389,6 +391,13 @@ class RunConfig:
     )
     ema_decay: float = setting(
         0.0, "EMA of the weights, evaluated and saved instead of them (0 = off)", low=0, high=1, high_open=True
+    )
+    recompute_batchnorm: bool = setting(
+        False,
+        "after training, recompute the best weights' BatchNorm statistics on the training images as predict sees them "
+        "(no augmentation, and their mirrors), then validate and save them: training leaves the statistics of its last "
+        "augmented batches, a soup start (several --init-from runs) those of none of its runs",
+        student_only=True,
     )
     layer_decay: float = setting(0.0, "layer-wise learning-rate decay for ViTs (0 = off)", low=0)
     early_stop_patience: int = setting(
@@ -437,6 +446,11 @@ class RunConfig:
                 f"fold={self.fold})"
             )
         return self
+
+    @property
+    def init_runs(self) -> list[str]:
+        """The run folders ``init_from`` names (none, one, or several whose weights are averaged)."""
+        return [part.strip() for part in self.init_from.split(",") if part.strip()]
 
     @property
     def split_seed_used(self) -> int:

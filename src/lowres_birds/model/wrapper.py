@@ -218,6 +218,27 @@ def in_batches(
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
+def recompute_batchnorm(model: BirdNet, images: np.ndarray, device: torch.device | str, batch_size: int = 128) -> None:
+    """The BatchNorm statistics of ``model``'s training layers (frozen ones keep theirs) recomputed as plain averages
+    over uint8 N x H x W x 3 ``images`` and their mirrors, as torch's ``swa_utils.update_bn`` does for averaged
+    weights: training leaves the running statistics of its last augmented batches, and a mean of several runs' weights
+    (a soup) those of none of its networks. Leaves the model in eval mode."""
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over every batch, not an exponential one
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = to_nchw(images[start : start + batch_size]).to(device)
+            model(batch)
+            model(batch.flip(-1))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
+
+
 def pooled_outputs(
     model: BirdNet, images: np.ndarray, progress: str | None = None, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor | None, torch.Tensor]:

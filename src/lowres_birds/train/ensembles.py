@@ -42,8 +42,8 @@ def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = Fal
 
 def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: bool = False) -> dict:
     """An ensemble recipe: each member (one run, or its folds) trained into OUT/<name>, in recipe order, then its
-    student (if any) into OUT/student, distilled from the members (``distill_from`` OUT; a relative ``init_from`` is
-    inside OUT).
+    student (if any) into OUT/student, distilled from the members (``distill_from`` OUT; relative ``init_from`` runs
+    are inside OUT).
 
     OUT/ensemble.json records the configs at the start, how the ensemble predicts, and each validation macro-F1 as
     its run finishes, so :func:`resume_members` continues an interrupted ensemble; ``predict --run OUT`` averages the
@@ -59,7 +59,7 @@ def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: 
         "tta": recipe.tta,
     }
     if recipe.student is not None:
-        start = recipe.student.init_from and str((out.path / recipe.student.init_from).resolve())
+        start = ",".join(str((out.path / run).resolve()) for run in recipe.student.init_runs)
         student = dataclasses.replace(recipe.student, distill_from=str(out.path.resolve()), init_from=start)
         summary["student"] = student.validate().to_dict()
     out.write_summary(summary)

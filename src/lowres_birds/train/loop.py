@@ -49,6 +49,8 @@ def train(
         while not session.finished:
             train_one_epoch(session, session.epoch_loader())
             session.end_epoch()
+    if session.cfg.recompute_batchnorm:
+        session.recompute_batchnorm()
     return session.close()
 
 

@@ -17,7 +17,7 @@ import torch
 from lowres_birds.config import RunConfig, parse_strategy
 from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.model.factory import create_model, save_architecture
-from lowres_birds.model.wrapper import BirdNet
+from lowres_birds.model.wrapper import BirdNet, recompute_batchnorm
 from lowres_birds.run_dir import RunDir, replace_folder
 from lowres_birds.train.batches import make_loader
 from lowres_birds.train.budget import BudgetPlanner
@@ -37,7 +37,7 @@ from lowres_birds.train.optim import (
     start_processes,
 )
 from lowres_birds.train.state import Checkpointer, StopFlag, Trainee, TrainState
-from lowres_birds.train.teacher import check_teacher, start_from_run, start_from_teacher, without_unusable_start
+from lowres_birds.train.teacher import check_teacher, start_from_runs, start_from_teacher, without_unusable_start
 from lowres_birds.train.validation import TrainingMeter, Validator
 
 
@@ -91,7 +91,7 @@ def open_run(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = Fa
     model = build_model(cfg, labels)
     check_teacher(cfg, model, labels)
     if cfg.init_from and not resume:  # a resumed run's checkpoint holds its weights
-        start_from_run(model, Path(cfg.init_from), labels)
+        start_from_runs(model, [Path(run) for run in cfg.init_runs], labels)
     if not resume:  # the old folder goes only now that data and model are known good, once every process checked it
         replace_folder(run.path, force, create=False)
         processes.wait_for_everyone()
@@ -297,6 +297,25 @@ class RunSession:
             say(f"no better validation macro-F1 for {cfg.early_stop_patience} validations; stopping early")
             return "patience"
         return None
+
+    def recompute_batchnorm(self) -> None:
+        """``recompute_batchnorm``: the best weights' BatchNorm statistics over the clean training images, validated
+        again and saved as the run's weights (a resume redoes it from them: the same statistics)."""
+        accelerator, state = self.parts.accelerator, self.state
+        model = accelerator.unwrap_model(self.parts.model)
+        model.load_state_dict(self.run.weights())
+        images = self.data.lr_images[self.data.train_idx]
+        recompute_batchnorm(model, images, accelerator.device)
+        before = state.best_f1
+        val_stats, val_probs = self.validator.score(model, accelerator.device)
+        state.best_f1 = val_stats["macro_f1"]
+        if accelerator.is_main_process:
+            self.run.save_weights(model.state_dict())
+            self.run.save_val_predictions(self.validator.val_idx, self.validator.targets, val_probs)
+        accelerator.print(
+            f"BatchNorm statistics recomputed on the {len(images)} training images and their mirrors: val macro-F1 "
+            f"{before:.4f} -> {state.best_f1:.4f}"
+        )
 
     def close(self) -> dict:
         """End the tracker and return the run's result."""
