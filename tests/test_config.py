@@ -40,10 +40,14 @@ def test_cpu_best_is_an_ensemble_of_cpu_runs_on_two_backbones_and_two_sizes_and_
     assert len({shared_teacher_key(cfg) for cfg in lite0}) == len(lite0)
     assert shared_teacher_key(members["lite1"]) == shared_teacher_key(members["lite0-160"])
     assert all(cfg.teacher == "finetuned" and cfg.kd_weight > 0 and cfg.budget_minutes > 0 for cfg in members.values())
-    # the student: the first member's split, started from that member's weights; the whole recipe within 50 minutes
+    # the student: the first member's split, started from the lite0 members' mean weights (a soup of one model and
+    # input size), BatchNorm recomputed at the end; the whole recipe within 50 minutes
     student, first = recipe.student, members["lite0-160"]
     assert (student.seed, student.model, student.strategy) == (first.seed, first.model, first.strategy)
-    assert student.init_from == "lite0-160" and student.kd_weight > 0
+    assert student.init_runs == ["lite0-160", "lite0-160-b"] and student.kd_weight > 0 and student.recompute_batchnorm
+    assert all(
+        (members[name].model, members[name].strategy) == (first.model, first.strategy) for name in student.init_runs
+    )
     assert (recipe.ensemble, recipe.tta) == ("f1", "flip")
     assert sum(cfg.budget_minutes for cfg in [*members.values(), student]) <= 50
     for name, cfg in members.items():
