@@ -17,7 +17,7 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
                        --min-confidence, serve --port / --max-upload-mb /
                        --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr, export
                        --fallback-margin
-    run-folder files  273 cases, 257 refused / 16 accepted: each file a command reads x (missing, empty, truncated,
+    run-folder files  281 cases, 264 refused / 17 accepted: each file a command reads x (missing, empty, truncated,
                        garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report,
                        calibrate and train --resume, plus one case per command where every file it does not read
                        is garbage
@@ -618,7 +618,7 @@ READS = {  # what each command reads from a run folder; every other file may be 
     "serve": MODEL_FILES,
     "report": ("config.yaml", *MODEL_FILES, "split.json", "metrics.jsonl"),
     "train --resume": ("config.yaml", "labels.json", "split.json", "checkpoint.pt", "metrics.jsonl"),
-    "calibrate": (*MODEL_FILES[:3], "split.json"),  # and writes calibration.json, unknown.safetensors
+    "calibrate": (*MODEL_FILES[:3], "split.json", "config.yaml"),  # and writes calibration.json, unknown.safetensors
 }
 RUN_FILES = (
     "config.yaml",
@@ -640,6 +640,7 @@ NOT_AN_ERROR = {
     *((command, "calibration.json", "missing") for command in MODEL_READERS),
     ("report", "split.json", "other fingerprint"),
     ("calibrate", "split.json", "other fingerprint"),
+    ("calibrate", "config.yaml", "missing"),  # a folder from before config.yaml was saved: it started from nothing
     ("train --resume", "metrics.jsonl", "missing"),
     ("train --resume", "metrics.jsonl", "empty"),
 }

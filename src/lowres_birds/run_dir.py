@@ -321,11 +321,7 @@ class RunDir:
         path = self.require() / self.CONFIG
         if not path.is_file():
             raise UserError(f"{path} not found; {self.path} is not a run folder written by lowres-birds train")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text; the run folder is damaged") from None
-        data = parse_yaml_mapping(text, str(path))
+        data = self._config_mapping()
         missing = [name for name in FIELDS if name not in data]  # a recipe may leave keys out, a run's config holds all
         if missing:
             raise UserError(
@@ -334,6 +330,25 @@ class RunDir:
                 "or older than this version: retrain it"
             )
         return config_from_mapping(data, str(path))
+
+    def started_from(self) -> list[Path]:
+        """The runs whose weights this one started from (config.yaml's ``init_from``). The config is checked, but a
+        run older than some key still answers (the key takes its default); none for a folder without config.yaml."""
+        path = self / self.CONFIG
+        if not path.is_file():
+            return []
+        data = self._config_mapping()
+        if not data:
+            raise UserError(f"{path} is empty; the run folder is damaged")
+        return [Path(run) for run in config_from_mapping(data, str(path)).init_runs]
+
+    def _config_mapping(self) -> dict[str, Any]:
+        path = self / self.CONFIG
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; the run folder is damaged") from None
+        return parse_yaml_mapping(text, str(path))
 
     def write_labels(self, labels: list[str]) -> None:
         write_json(self / self.LABELS, list(labels))

@@ -217,12 +217,19 @@ def calibration_section(
     scores = torch.from_numpy(logits)
     before, after = scores.softmax(-1).numpy(), (scores / calibration["temperature"]).softmax(-1).numpy()
     where = "validation split (where T was fitted: test-set figures in BENCHMARKS.md)"
+    fitted = f"fitted by NLL on the {len(truth)} validation images"
+    if starts := calibration.get("temperature_from"):
+        where = "validation split (trained on by the runs it started from: test-set figures in BENCHMARKS.md)"
+        fitted = (
+            f"the mean of its starting runs' ({', '.join(starts)}), each fitted on its own validation split: they "
+            f"trained on this run's; on its {len(truth)} validation images"
+        )
     ece = [expected_calibration_error(probs, truth) for probs in (before, after)]
     nll = [negative_log_likelihood(probs, truth) for probs in (before, after)]
     return Section(
         "Calibration and abstaining",
         [
-            f"Temperature {calibration['temperature']:.3f}, fitted by NLL on the {len(truth)} validation images: ECE "
+            f"Temperature {calibration['temperature']:.3f}, {fitted}: ECE "
             f"(15 bins) {ece[0]:.4f} -> {ece[1]:.4f}, NLL {nll[0]:.4f} -> {nll[1]:.4f}. "
             f"Unknown: {calibration['score']} score above {calibration['threshold']:.6g} (the threshold that keeps "
             "95 % of the validation images as known).",

@@ -2,7 +2,10 @@
 every ``train``): the temperature by NLL on the validation split, the unknown score's statistics on the pooled
 features of the training split, and its threshold on the validation split (``KEEP_KNOWN`` of its images known).
 An ensemble (members or folds folder) is calibrated member by member: each run's own temperature and threshold on its
-own held-out split, fitted on the answers of the TTA the folder records; ``Classifier.combine`` then combines them."""
+own held-out split, fitted on the answers of the TTA the folder records; ``Classifier.combine`` then combines them.
+A run started from other runs (``init_from``, e.g. cpu-best's soup student) whose validation images they trained on
+cannot fit its temperature there (its answers on them are those of a network that saw them): it takes the mean of
+its starting runs' temperatures, each fitted on that run's own held-out split."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lowres_birds.data.splits import run_split
+from lowres_birds.data.splits import RunSplit, run_split
 from lowres_birds.data.tables import LabelMap
 from lowres_birds.errors import UserError
 from lowres_birds.model.calibration import (
@@ -32,6 +35,7 @@ from lowres_birds.model.wrapper import BirdNet, pooled_outputs
 from lowres_birds.run_dir import RunDir, model_folders, recorded_prediction
 
 _TOLD_UNCALIBRATED: set[str] = set()  # runs whose missing calibration was already reported
+HELD_OUT_SHARE = 0.9  # of a run's validation images its starting runs must not have trained on to fit its temperature
 
 
 def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = None, tta: str = "none") -> dict:
@@ -51,17 +55,17 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
     encode = LabelMap(tuple(labels)).encode
     train_targets = torch.as_tensor(encode([split.table.labels[i] for i in split.train_rows]))
     val_targets = split.val_targets(labels)
+    starts = starting_runs_trained_on_validation(run, split)
     with torch.no_grad():
-        val_images = split.lr_images(split.val_rows)
-        val_features, val_logits = pooled_outputs(model, val_images, "calibrating: validation")
-        views = [(val_features, val_logits)]
-        if tta == "flip":
-            views.append(pooled_outputs(model, val_images[:, :, ::-1].copy(), "calibrating: mirrored validation"))
+        views = validation_views(model, split, tta)
         statistics = {}
         if score in STATISTICS:
             train_features, _ = pooled_outputs(model, split.lr_images(split.train_rows), "calibrating: training")
             statistics = feature_statistics(score, train_features, train_targets, len(labels))
-        temperature = fit_temperature(val_logits, torch.as_tensor(val_targets), views[1][1] if tta == "flip" else None)
+        if starts:
+            temperature = sum(own_temperature(start, data_dir, tta) for start in starts) / len(starts)
+        else:
+            temperature = views_temperature(views, val_targets)
         head = CalibratedHead(temperature, score, statistics)
         before = sum(logits.softmax(-1) for _, logits in views).numpy() / len(views)
         answers = [head(features, logits) for features, logits in views]
@@ -72,6 +76,7 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
         "score": score,
         "threshold": threshold_keeping(unknown, KEEP_KNOWN),
         "keep_known": KEEP_KNOWN,
+        **({"temperature_from": [str(start.path) for start in starts]} if starts else {}),
         "validation": {
             "images": len(val_targets),
             "ece_before": expected_calibration_error(before, val_targets),
@@ -82,6 +87,49 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
     }
     run.write_calibration(calibration, statistics)
     return calibration
+
+
+def validation_views(model: BirdNet, split: RunSplit, tta: str) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """(pooled features, logits) of the validation images, then of their mirrors with ``tta`` flip."""
+    images = split.lr_images(split.val_rows)
+    views = [pooled_outputs(model, images, "calibrating: validation")]
+    if tta == "flip":
+        views.append(pooled_outputs(model, images[:, :, ::-1].copy(), "calibrating: mirrored validation"))
+    return views
+
+
+def views_temperature(views: list[tuple[torch.Tensor | None, torch.Tensor]], targets) -> float:
+    """The temperature of least NLL on these validation views (the mirrored one averaged in when there is one)."""
+    return fit_temperature(views[0][1], torch.as_tensor(targets), views[1][1] if len(views) > 1 else None)
+
+
+def own_temperature(run: RunDir, data_dir: Path | None, tta: str) -> float:
+    """``run``'s temperature fitted on its own held-out split, with ``tta``'s answers (not saved)."""
+    model, labels = load_run_model(run.path)
+    split = run_split(run, data_dir)
+    with torch.no_grad():
+        return views_temperature(validation_views(model, split, tta), split.val_targets(labels))
+
+
+def starting_runs_trained_on_validation(run: RunDir, split: RunSplit) -> list[RunDir]:
+    """The runs ``run`` started from (``init_from``) when they trained on more than ``1 - HELD_OUT_SHARE`` of its
+    validation images, else none: its temperature is then theirs, its own validation answers being those of a
+    network that saw the images. Starting runs no longer found cannot be checked: said on stderr, none returned."""
+    starts = [RunDir(path) for path in run.started_from()]
+    if not starts:
+        return []
+    missing = [start for start in starts if not (start / RunDir.SPLIT).is_file()]
+    if missing:
+        print(
+            f"note: {run.path} started from {missing[0].path}, which is not found: its temperature is fitted on its "
+            "own validation split, which that run may have trained on",
+            file=sys.stderr,
+        )
+        return []
+    held_out = {split.table.ids[i] for i in split.val_rows}
+    for start in starts:
+        held_out &= set(start.split()["val_ids"])
+    return starts if len(held_out) < HELD_OUT_SHARE * len(split.val_rows) else []
 
 
 def calibrate(
@@ -96,8 +144,12 @@ def calibrate(
 def describe(run: Path, calibration: dict) -> str:
     """One line: the temperature, ECE and NLL before/after on the validation split, the unknown score's threshold."""
     val, tta = calibration["validation"], calibration.get("tta", "none")
+    starts = calibration.get("temperature_from")
+    fitted = "fitted"
+    if starts:
+        fitted = f"the mean of its starting runs', which trained on its validation images: {', '.join(starts)}"
     return (
-        f"{run}: temperature {calibration['temperature']:.3f} (fitted with {tta} TTA); validation ({val['images']} "
+        f"{run}: temperature {calibration['temperature']:.3f} ({fitted}, with {tta} TTA); validation ({val['images']} "
         "images) ECE "
         f"{val['ece_before']:.4f} -> {val['ece_after']:.4f}, NLL {val['nll_before']:.4f} -> {val['nll_after']:.4f}; "
         f"unknown: {calibration['score']} > {calibration['threshold']:.4g} (keeps {calibration['keep_known']:.0%} of "
