@@ -10,7 +10,9 @@ ECE on a few hundred images moves by itself: each "after" figure comes with a bo
 resamples of the labelled images, as many as there are). ECE is a sum of absolute gaps, so resampling adds to it:
 the interval sits above the figure itself and reads as what another sample of the same size could show. Beside it,
 the floor: the ECE a perfectly calibrated model with the same confidences would read on as many images (its mean,
-95th percentile and how often it passes 0.03), since chance alone keeps an ECE on ~900 images near 0.02.
+95th percentile and how often it passes 0.03), since chance alone keeps an ECE on ~900 images near 0.02. The
+last column: the share of these photos (all of known species) flagged unknown at the run's threshold, which keeps
+95 % of known photos it did not train on (so ~5 % by design).
 
     python benchmarks/calibration.py --run /work/runs/cal-base-s42 --run /work/runs/cal-base-s43 \
         --labels ../shared/data/cub100-lr/test_public_labels.csv
@@ -85,7 +87,7 @@ def main() -> None:
         paths = [table.lr_paths[position[i]] for i in truth["id"]]
         images = np.asarray(load_images(paths, LR_SIZE))
         runs, weights = resolve_ensemble(args.run)
-        before, after, temperatures, classifiers = [], [], [], []
+        before, after, temperatures, classifiers, flagged = [], [], [], [], []
         for run in runs:
             classifier = Classifier.load(run)
             classifiers.append(classifier)
@@ -93,28 +95,32 @@ def main() -> None:
             if saved is None:
                 raise SystemExit(f"{run} is not calibrated: run lowres-birds calibrate --run {run}")
             temperatures.append(saved[0]["temperature"])
-            probs = classifier.predict_arrays(images, tta=args.tta)
+            probs, unknown = classifier.predict_scores(images, tta=args.tta)
+            flagged.append(classifier.is_unknown(unknown))
             after.append(probs)
             logits = torch.from_numpy(np.log(np.clip(probs, 1e-30, None)).astype(np.float64)) * temperatures[-1]
             before.append(logits.softmax(-1).numpy())
         labels = classifier.labels
         targets = LabelMap(tuple(labels)).encode(truth["label"].tolist())
-        rows = [(f"`{run}` (T = {t:.3f})", b, a) for run, t, b, a in zip(runs, temperatures, before, after)]
+        rows = [
+            (f"`{run}` (T = {t:.3f})", b, a, f) for run, t, b, a, f in zip(runs, temperatures, before, after, flagged)
+        ]
         if len(runs) > 1:
-            combined = average_predictions(classifiers, images, args.tta, weights).probs
+            combined = average_predictions(classifiers, images, args.tta, weights)
             plain = np.average(before, axis=0, weights=weights)
             how = "weighted by validation macro-F1" if weights else "plain mean"
-            rows.append((f"ensemble of the {len(runs)}, {how} (as predict combines them)", plain, combined))
+            name = f"ensemble of the {len(runs)}, {how} (as predict combines them)"
+            rows.append((name, plain, combined.probs, combined.unknown))
             calibrated_mean = np.average(after, axis=0, weights=weights)
-            rows.append(("the same, mean of the calibrated members (not used)", plain, calibrated_mean))
+            rows.append(("the same, mean of the calibrated members (not used)", plain, calibrated_mean, None))
         lines = [
             f"{len(targets)} labelled test images ({args.labels}), TTA {args.tta}.",
             "",
             "| model | ECE before | ECE after | after: bootstrap 90 % | perfectly calibrated: mean, 95th pct, "
-            f"> {TARGET} | NLL before | NLL after | macro-F1 before | macro-F1 after | accuracy |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"> {TARGET} | NLL before | NLL after | macro-F1 before | macro-F1 after | accuracy | flagged unknown |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, plain, calibrated in rows:
+        for name, plain, calibrated, unknown in rows:
             f1_before = score([labels[i] for i in targets], [labels[i] for i in plain.argmax(1)])
             f1_after = score([labels[i] for i in targets], [labels[i] for i in calibrated.argmax(1)])
             ece = [expected_calibration_error(p, targets) for p in (plain, calibrated)]
@@ -124,7 +130,8 @@ def main() -> None:
             lines.append(
                 f"| {name} | {ece[0]:.4f} | {ece[1]:.4f} | {low:.3f}-{high:.3f} | {floor:.3f}, {floor_high:.3f}, "
                 f"{above:.0%} | {nll[0]:.4f} | {nll[1]:.4f} | "
-                f"{f1_before['macro_f1']:.4f} | {f1_after['macro_f1']:.4f} | {f1_after['accuracy']:.4f} |"
+                f"{f1_before['macro_f1']:.4f} | {f1_after['macro_f1']:.4f} | {f1_after['accuracy']:.4f} | "
+                f"{'' if unknown is None else f'{unknown.mean():.1%}'} |"
             )
     print("\n".join(lines))
     record(args, "Calibration on the public test labels (benchmarks/calibration.py)", describe_machine(), load, lines)

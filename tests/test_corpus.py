@@ -600,6 +600,7 @@ TAMPERED = {
         "temperature 0": edit_json(lambda calibration: {**calibration, "temperature": 0}),
         "score bogus": edit_json(lambda calibration: {**calibration, "score": "bogus"}),
         "threshold text": edit_json(lambda calibration: {**calibration, "threshold": "high"}),
+        "keep_known above 1": edit_json(lambda calibration: {**calibration, "keep_known": 2}),
     },
     "unknown.safetensors": {"other tensors": other_tensors, "other width": other_width},
     "metrics.jsonl": {

@@ -13,7 +13,9 @@ import torch
 from conftest import FAST_TRAIN
 
 from lowres_birds.cli import main
-from lowres_birds.predict.calibrate import own_temperature
+from lowres_birds.data.splits import run_split
+from lowres_birds.model.calibration import KEEP_KNOWN
+from lowres_birds.predict.calibrate import held_out_fit
 from lowres_birds.run_dir import RunDir
 
 STUDENT = [*FAST_TRAIN[: FAST_TRAIN.index("--kd-weight")], "--kd-weight", "0.7", "--epochs", "2", "--device", "cpu"]
@@ -193,12 +195,17 @@ def test_init_from_several_runs_starts_from_the_mean_of_their_weights(ensemble, 
     assert learned and not torch.allclose(first["backbone.conv_stem.weight"], second["backbone.conv_stem.weight"])
     for name, value in learned.items():  # lr 1e-9: still the mean of the two runs' weights (a model soup)
         torch.testing.assert_close(value, (first[name] + second[name]) / 2, atol=1e-5, rtol=0)
-    # a and b trained on most of the student's validation images: its temperature is the mean of theirs
+    # a and b trained on most of the student's validation images: its temperature is the mean of theirs, and its
+    # threshold keeps as many of them as a and b keep at the thresholds each sets on its own split
     calibration = json.loads((student / "calibration.json").read_text())
     starts = [ensemble / "a", ensemble / "b"]
     assert calibration["temperature_from"] == [str(run) for run in starts]
-    own = [own_temperature(RunDir(run), None, "none") for run in starts]
-    assert calibration["temperature"] == pytest.approx(sum(own) / 2) and own[0] != pytest.approx(own[1])
+    split = run_split(RunDir(student))
+    images = split.lr_images(split.val_rows)
+    fits = [held_out_fit(RunDir(run), None, "none", "mahalanobis", images) for run in starts]
+    assert calibration["temperature"] == pytest.approx(sum(t for t, _ in fits) / 2) and fits[0][0] != fits[1][0]
+    assert calibration["keep_known"] == pytest.approx(sum(kept for _, kept in fits) / 2)
+    assert all(0 < kept <= 1 for _, kept in fits) and calibration["keep_known"] != pytest.approx(KEEP_KNOWN)
     # starting runs no longer found cannot be checked: said in one line, the temperature fitted on its own split
     moved = tmp_path / "moved"
     shutil.copytree(student, moved)
@@ -215,8 +222,12 @@ def test_a_run_started_from_one_on_its_own_split_fits_its_own_temperature(ensemb
     flags = ["--init-from", str(ensemble / "a"), "--seed", "1", "--no-student-from-teacher"]  # a's seed: a's split
     assert main(["train", "--data", str(demo_data), "--out", str(student), *STUDENT, *flags]) == 0
     calibration = json.loads((student / "calibration.json").read_text())
-    assert "temperature_from" not in calibration
-    assert calibration["temperature"] == pytest.approx(own_temperature(RunDir(student), None, "none"))
+    assert "temperature_from" not in calibration and calibration["keep_known"] == KEEP_KNOWN
+    split = run_split(RunDir(student))
+    images = split.lr_images(split.val_rows)
+    temperature, kept = held_out_fit(RunDir(student), None, "none", "mahalanobis", images)
+    assert calibration["temperature"] == pytest.approx(temperature)
+    assert kept == pytest.approx(KEEP_KNOWN, abs=1 / len(images))  # its own threshold keeps 95 % of its own split
 
 
 def test_online_targets_are_the_models_answers_on_the_very_batch_the_student_gets():

@@ -607,11 +607,13 @@ class RunDir:
             or calibration.get("tta", "none") not in TTA_MODES
             or not _is_number(calibration.get("temperature_folded", 1))
             or not calibration.get("temperature_folded", 1) > 0
+            or not _is_number(calibration.get("keep_known", 1))
+            or not 0 < calibration.get("keep_known", 1) <= 1
         ):
             raise UserError(
                 f"{path} must give 'temperature' (a positive number), 'score' (one of {', '.join(scores)}) and "
-                f"'threshold' (a number), and if any 'temperature_folded' (a positive number) and 'tta' (one of "
-                f"{', '.join(TTA_MODES)}); {damaged}"
+                f"'threshold' (a number), and if any 'temperature_folded' (a positive number), 'keep_known' (a share "
+                f"above 0, at most 1) and 'tta' (one of {', '.join(TTA_MODES)}); {damaged}"
             )
         needed = statistics.get(calibration["score"], ())
         if not needed:

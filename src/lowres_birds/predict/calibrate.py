@@ -4,14 +4,17 @@ features of the training split, and its threshold on the validation split (``KEE
 An ensemble (members or folds folder) is calibrated member by member: each run's own temperature and threshold on its
 own held-out split, fitted on the answers of the TTA the folder records; ``Classifier.combine`` then combines them.
 A run started from other runs (``init_from``, e.g. cpu-best's soup student) whose validation images they trained on
-cannot fit its temperature there (its answers on them are those of a network that saw them): it takes the mean of
-its starting runs' temperatures, each fitted on that run's own held-out split."""
+cannot fit its calibration there (its answers on them are those of a network that saw them): it takes the mean of
+its starting runs' temperatures, each fitted on that run's own held-out split, and sets its unknown threshold to keep
+the share of its validation images that they keep at their own thresholds (more than ``KEEP_KNOWN``: seen images
+look familiar), so that photos it never saw are flagged about as often as ``1 - KEEP_KNOWN``."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowres_birds.data.splits import RunSplit, run_split
@@ -35,7 +38,8 @@ from lowres_birds.model.wrapper import BirdNet, pooled_outputs
 from lowres_birds.run_dir import RunDir, model_folders, recorded_prediction
 
 _TOLD_UNCALIBRATED: set[str] = set()  # runs whose missing calibration was already reported
-HELD_OUT_SHARE = 0.9  # of a run's validation images its starting runs must not have trained on to fit its temperature
+Views = list[tuple[torch.Tensor | None, torch.Tensor]]  # (pooled features, logits) of images, then of their mirrors
+HELD_OUT_SHARE = 0.9  # of a run's validation images its starting runs must not have trained on to fit its calibration
 
 
 def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = None, tta: str = "none") -> dict:
@@ -52,30 +56,28 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
     if score in STATISTICS and model.feature_width is None:
         raise UserError(f"the score {score} needs pooled features, which {model.spec.source} does not give; use energy")
     split = run_split(run, data_dir)
-    encode = LabelMap(tuple(labels)).encode
-    train_targets = torch.as_tensor(encode([split.table.labels[i] for i in split.train_rows]))
     val_targets = split.val_targets(labels)
     starts = starting_runs_trained_on_validation(run, split)
+    keep = KEEP_KNOWN
     with torch.no_grad():
         views = validation_views(model, split, tta)
-        statistics = {}
-        if score in STATISTICS:
-            train_features, _ = pooled_outputs(model, split.lr_images(split.train_rows), "calibrating: training")
-            statistics = feature_statistics(score, train_features, train_targets, len(labels))
+        statistics = training_statistics(model, split, labels, score)
         if starts:
-            temperature = sum(own_temperature(start, data_dir, tta) for start in starts) / len(starts)
+            images = split.lr_images(split.val_rows)
+            fits = [held_out_fit(start, data_dir, tta, score, images) for start in starts]
+            temperature = sum(fitted for fitted, _ in fits) / len(fits)
+            keep = sum(kept for _, kept in fits) / len(fits)
         else:
             temperature = views_temperature(views, val_targets)
         head = CalibratedHead(temperature, score, statistics)
         before = sum(logits.softmax(-1) for _, logits in views).numpy() / len(views)
-        answers = [head(features, logits) for features, logits in views]
-        after, unknown = (sum(parts).numpy() / len(views) for parts in zip(*answers))
+        after, unknown = answers(head, views)
     calibration = {
         "temperature": temperature,
         "tta": tta,
         "score": score,
-        "threshold": threshold_keeping(unknown, KEEP_KNOWN),
-        "keep_known": KEEP_KNOWN,
+        "threshold": threshold_keeping(unknown, keep),
+        "keep_known": keep,
         **({"temperature_from": [str(start.path) for start in starts]} if starts else {}),
         "validation": {
             "images": len(val_targets),
@@ -89,40 +91,69 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
     return calibration
 
 
-def validation_views(model: BirdNet, split: RunSplit, tta: str) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+def validation_views(model: BirdNet, split: RunSplit, tta: str) -> Views:
     """(pooled features, logits) of the validation images, then of their mirrors with ``tta`` flip."""
-    images = split.lr_images(split.val_rows)
-    views = [pooled_outputs(model, images, "calibrating: validation")]
+    return image_views(model, split.lr_images(split.val_rows), tta, "validation")
+
+
+def image_views(model: BirdNet, images: np.ndarray, tta: str, name: str) -> Views:
+    """(pooled features, logits) of ``images`` (uint8 N x 64 x 64 x 3), then of their mirrors with ``tta`` flip."""
+    views = [pooled_outputs(model, images, f"calibrating: {name}")]
     if tta == "flip":
-        views.append(pooled_outputs(model, images[:, :, ::-1].copy(), "calibrating: mirrored validation"))
+        views.append(pooled_outputs(model, images[:, :, ::-1].copy(), f"calibrating: mirrored {name}"))
     return views
 
 
-def views_temperature(views: list[tuple[torch.Tensor | None, torch.Tensor]], targets) -> float:
+def training_statistics(model: BirdNet, split: RunSplit, labels: list[str], score: str) -> dict:
+    """What ``score`` needs from the pooled features of the training split (nothing for the logit scores)."""
+    if score not in STATISTICS:
+        return {}
+    targets = torch.as_tensor(LabelMap(tuple(labels)).encode([split.table.labels[i] for i in split.train_rows]))
+    features, _ = pooled_outputs(model, split.lr_images(split.train_rows), "calibrating: training")
+    return feature_statistics(score, features, targets, len(labels))
+
+
+def answers(head: CalibratedHead, views: Views) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrated probabilities, unknown scores) of ``views`` through ``head``, averaged over the views (the TTA)."""
+    parts = [head(features, logits) for features, logits in views]
+    probs, unknown = (sum(part).numpy() / len(views) for part in zip(*parts))
+    return probs, unknown
+
+
+def views_temperature(views: Views, targets) -> float:
     """The temperature of least NLL on these validation views (the mirrored one averaged in when there is one)."""
     return fit_temperature(views[0][1], torch.as_tensor(targets), views[1][1] if len(views) > 1 else None)
 
 
-def own_temperature(run: RunDir, data_dir: Path | None, tta: str) -> float:
-    """``run``'s temperature fitted on its own held-out split, with ``tta``'s answers (not saved)."""
+def held_out_fit(run: RunDir, data_dir: Path | None, tta: str, score: str, images: np.ndarray) -> tuple[float, float]:
+    """``run``'s calibration fitted on its own held-out split with ``tta``'s answers, not saved: (its temperature, the
+    share of ``images`` its unknown score keeps as known at the threshold that keeps ``KEEP_KNOWN`` of that split).
+    For a run started from ``run`` whose validation ``images`` ``run`` trained on, that share says how much more
+    familiar seen images look than unseen ones (0.95 for images ``run`` did not see, up to ~1 for seen ones)."""
     model, labels = load_run_model(run.path)
     split = run_split(run, data_dir)
     with torch.no_grad():
-        return views_temperature(validation_views(model, split, tta), split.val_targets(labels))
+        views = validation_views(model, split, tta)
+        temperature = views_temperature(views, split.val_targets(labels))
+        head = CalibratedHead(temperature, score, training_statistics(model, split, labels, score))
+        threshold = threshold_keeping(answers(head, views)[1], KEEP_KNOWN)
+        kept = float((answers(head, image_views(model, images, tta, "its validation images"))[1] <= threshold).mean())
+    return temperature, kept
 
 
 def starting_runs_trained_on_validation(run: RunDir, split: RunSplit) -> list[RunDir]:
     """The runs ``run`` started from (``init_from``) when they trained on more than ``1 - HELD_OUT_SHARE`` of its
-    validation images, else none: its temperature is then theirs, its own validation answers being those of a
-    network that saw the images. Starting runs no longer found cannot be checked: said on stderr, none returned."""
+    validation images, else none: its temperature and the share its threshold keeps are then theirs, its own
+    validation answers being those of a network that saw the images. Starting runs no longer found cannot be
+    checked: said on stderr, none returned."""
     starts = [RunDir(path) for path in run.started_from()]
     if not starts:
         return []
     missing = [start for start in starts if not (start / RunDir.SPLIT).is_file()]
     if missing:
         print(
-            f"note: {run.path} started from {missing[0].path}, which is not found: its temperature is fitted on its "
-            "own validation split, which that run may have trained on",
+            f"note: {run.path} started from {missing[0].path}, which is not found: its temperature and threshold are "
+            "fitted on its own validation split, which that run may have trained on",
             file=sys.stderr,
         )
         return []
@@ -145,15 +176,16 @@ def describe(run: Path, calibration: dict) -> str:
     """One line: the temperature, ECE and NLL before/after on the validation split, the unknown score's threshold."""
     val, tta = calibration["validation"], calibration.get("tta", "none")
     starts = calibration.get("temperature_from")
-    fitted = "fitted"
+    fitted, kept = "fitted", ""
     if starts:
         fitted = f"the mean of its starting runs', which trained on its validation images: {', '.join(starts)}"
+        kept = ", the share its starting runs keep at their own thresholds"
     return (
         f"{run}: temperature {calibration['temperature']:.3f} ({fitted}, with {tta} TTA); validation ({val['images']} "
         "images) ECE "
         f"{val['ece_before']:.4f} -> {val['ece_after']:.4f}, NLL {val['nll_before']:.4f} -> {val['nll_after']:.4f}; "
-        f"unknown: {calibration['score']} > {calibration['threshold']:.4g} (keeps {calibration['keep_known']:.0%} of "
-        "the validation images)"
+        f"unknown: {calibration['score']} > {calibration['threshold']:.4g} (keeps {calibration['keep_known']:.1%} of "
+        f"the validation images{kept})"
     )
 
 
