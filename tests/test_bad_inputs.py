@@ -307,7 +307,10 @@ BAD_OPTIONS = {
         ["--degradations", "jpeg=0:90", "--hr-view-ratio", "0.3"],
         ["jpeg=0:90 must lie between 1 and 100"],
     ),
-    "degradations-without-hr-views": (["--degradations", "default"], ["set --hr-view-ratio above 0"]),
+    "degradations-without-hr-views": (
+        ["--degradations", "default", "--hr-view-ratio", "0"],
+        ["set --hr-view-ratio above 0"],
+    ),
     "unknown-option": (["--bogus", "1"], ["unrecognized arguments: --bogus"]),
     "unknown-recipe": (["--recipe", "turbo"], ["unknown recipe 'turbo'"]),
     "unknown-model-source": (["--model", "resnet50"], ["unknown model 'resnet50'"]),

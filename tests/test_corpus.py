@@ -17,7 +17,7 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
                        --min-confidence, serve --port / --max-upload-mb /
                        --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr, export
                        --fallback-margin
-    run-folder files  281 cases, 264 refused / 17 accepted: each file a command reads x (missing, empty, truncated,
+    run-folder files  286 cases, 269 refused / 17 accepted: each file a command reads x (missing, empty, truncated,
                        garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report,
                        calibrate and train --resume, plus one case per command where every file it does not read
                        is garbage

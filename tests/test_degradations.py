@@ -150,8 +150,15 @@ def test_bad_families_are_refused_in_one_line(value, fragment):
 
 def test_a_family_without_views_is_refused():
     with pytest.raises(UserError, match="set --hr-view-ratio above 0"):
-        load_config("cpu", {"degradations": "default"})
+        load_config("cpu", {"degradations": "default", "hr_view_ratio": 0})
     assert load_config("cpu", {"degradations": "light", "hr_view_ratio": 0.3}).degradations == "light"
+
+
+def test_the_cpu_recipe_trains_on_degraded_hr_views_and_one_flag_turns_them_off():
+    cpu = load_config("cpu")
+    assert (cpu.hr_view_ratio, cpu.degradations) == (0.3, "default")
+    off = load_config("cpu", {"hr_view_ratio": 0})
+    assert (off.hr_view_ratio, off.degradations) == (0, "none")
 
 
 def test_training_with_the_family_and_the_lr_only_fallback(demo_data, tmp_path, capsys):

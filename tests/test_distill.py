@@ -206,6 +206,9 @@ def test_init_from_several_runs_starts_from_the_mean_of_their_weights(ensemble, 
     assert calibration["temperature"] == pytest.approx(sum(t for t, _ in fits) / 2) and fits[0][0] != fits[1][0]
     assert calibration["keep_known"] == pytest.approx(sum(kept for _, kept in fits) / 2)
     assert all(0 < kept <= 1 for _, kept in fits) and calibration["keep_known"] != pytest.approx(KEEP_KNOWN)
+    report = (student / "report" / "report.html").read_text()
+    assert f"keeps {calibration['keep_known']:.1%} of the validation images" in report
+    assert "the share its starting runs keep at their own" in report
     # starting runs no longer found cannot be checked: said in one line, the temperature fitted on its own split
     moved = tmp_path / "moved"
     shutil.copytree(student, moved)

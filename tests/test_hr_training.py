@@ -104,6 +104,8 @@ def test_hr_techniques_and_folds_end_to_end(demo_data, tmp_path, capsys):
         "8",
         "--hr-view-ratio",
         "0.5",
+        "--degradations",
+        "none",  # the HR views through the one chain fitted to the pairs
         "--randaugment-ops",
         "1",
         "--kd-weight",

@@ -225,7 +225,7 @@ def calibration_section(
     where = "validation split (where T was fitted: test-set figures in BENCHMARKS.md)"
     fitted, kept = f"fitted by NLL on the {len(truth)} validation images", ""
     if starts := calibration.get("temperature_from"):
-        kept = ": the share its starting runs keep at their own thresholds, so that unseen photos are flagged ~5 %"
+        kept = f": the share its starting runs keep at their own, so ~{1 - KEEP_KNOWN:.0%} of new photos are flagged"
         where = "validation split (trained on by the runs it started from: test-set figures in BENCHMARKS.md)"
         fitted = (
             f"the mean of its starting runs' ({', '.join(starts)}), each fitted on its own validation split: they "
