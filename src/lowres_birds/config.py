@@ -600,8 +600,8 @@ def _with_overrides(data: dict[str, Any], source: str, overrides: dict[str, Any]
             flag = f"--{key.replace('_', '-')}"
             data[key] = coerce(key, value, flag)
             check_value(key, data[key], flag)  # a bad flag names the flag, not the recipe
-    turned_off = (overrides or {}).get("hr_view_ratio") is not None and data["hr_view_ratio"] == 0
-    if turned_off and (overrides or {}).get("degradations") is None:
+    given = overrides or {}
+    if given.get("hr_view_ratio") is not None and data["hr_view_ratio"] == 0 and given.get("degradations") is None:
         data["degradations"] = "none"  # --hr-view-ratio 0 turns a recipe's HR views off, their degradations with them
     return config_from_mapping(data, f"{source} with the given flags")
 

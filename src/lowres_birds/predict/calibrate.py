@@ -132,10 +132,15 @@ def held_out_fit(run: RunDir, data_dir: Path | None, tta: str, score: str, image
     familiar seen images look than unseen ones (0.95 for images ``run`` did not see, up to ~1 for seen ones)."""
     model, labels = load_run_model(run.path)
     split = run_split(run, data_dir)
+    saved = run.calibration(SCORES, STATISTICS, len(labels), model.feature_width)
     with torch.no_grad():
         views = validation_views(model, split, tta)
         temperature = views_temperature(views, split.val_targets(labels))
-        head = CalibratedHead(temperature, score, training_statistics(model, split, labels, score))
+        if saved is not None and saved[0]["score"] == score:  # its own calibrate stored them: no pass over training
+            statistics = saved[1]
+        else:
+            statistics = training_statistics(model, split, labels, score)
+        head = CalibratedHead(temperature, score, statistics)
         threshold = threshold_keeping(answers(head, views)[1], KEEP_KNOWN)
         kept = float((answers(head, image_views(model, images, tta, "its validation images"))[1] <= threshold).mean())
     return temperature, kept
