@@ -45,8 +45,37 @@ def test_members_take_base_then_shared_keys_then_their_own_then_the_flags(tmp_pa
     assert members["a"].epochs == members["b"].epochs == 3 and members["a"].lr == 0.002  # shared keys over the base
     # the member's own keys over the shared ones
     assert members["b"].model == "efficientnet_lite2" and members["b"].lr == 0.003
-    assert members["a"].seed == members["b"].seed == 5  # flags over everything
+    assert members["a"].seed == members["b"].seed == 5  # flags over everything (neither member sets a seed)
     assert load_members("cpu") is None
+
+
+def test_a_seed_flag_moves_every_seed_of_an_ensemble_recipe_by_one_amount():
+    """``--seed`` draws the whole recipe again: cpu-best's members keep distinct seeds, lite1 keeps the first
+    member's split (and so its teacher), the student its split; without the flag the recipe's own seeds."""
+    recipe = load_members("cpu-best")
+    moved = load_members("cpu-best", {"seed": "7"})
+    seeds = {name: (cfg.seed, cfg.split_seed_used) for name, cfg in moved.members.items()}
+    assert {name: (cfg.seed, cfg.split_seed_used) for name, cfg in recipe.members.items()} == {
+        "lite0-160": (42, 42),
+        "lite0-160-b": (43, 43),
+        "lite1": (45, 42),
+    }
+    assert seeds == {"lite0-160": (7, 7), "lite0-160-b": (8, 8), "lite1": (10, 7)}
+    assert (recipe.student.seed, moved.student.seed, moved.student.split_seed_used) == (42, 7, 7)
+    assert moved.members["lite1"].epochs == recipe.members["lite1"].epochs  # nothing else moves
+    with pytest.raises(UserError, match="--seed must be at least 0"):
+        load_members("cpu-best", {"seed": -1})
+
+
+def test_a_seed_flag_that_would_move_a_members_seed_below_0_is_one_line(tmp_path):
+    path = write_recipe(tmp_path, "members:\n  a: {base: cpu}\n  b: {base: cpu, seed: 7}\n")
+    with pytest.raises(UserError) as refused:
+        load_members(str(path), {"seed": 5})
+    assert str(refused.value) == (
+        f"--seed 5 moves recipe {path}, member b's seeds below 0 (each keeps its distance from the first member's 42); "
+        "pass --seed 35 or more"
+    )
+    assert {name: cfg.seed for name, cfg in load_members(str(path), {"seed": 35}).members.items()} == {"a": 35, "b": 0}
 
 
 @pytest.mark.parametrize(

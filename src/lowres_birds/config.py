@@ -622,15 +622,43 @@ class EnsembleRecipe:
     tta: str = "none"
 
 
+def _seed_of(keys: dict, source: str) -> int:
+    return coerce("seed", keys.get("seed", FIELDS["seed"].default), source)
+
+
+def _moved_seeds(keys: dict, seed: int, first_seed: int, source: str) -> dict:
+    """A run's recipe keys with its seed, and its split seed when the recipe sets one, moved by ``seed -
+    first_seed`` (``--seed`` on an ensemble recipe whose first member's seed is ``first_seed``)."""
+    shift = seed - first_seed
+    moved = {**keys, "seed": _seed_of(keys, source) + shift}
+    split_seed = coerce("split_seed", keys.get("split_seed", -1), source)
+    if split_seed >= 0:
+        moved["split_seed"] = split_seed + shift
+    lowest = min(moved["seed"], moved.get("split_seed", 0))
+    if lowest < 0:
+        raise UserError(
+            f"--seed {seed} moves {source}'s seeds below 0 (each keeps its distance from the first member's "
+            f"{first_seed}); pass --seed {seed - lowest} or more"
+        )
+    return moved
+
+
 def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> EnsembleRecipe | None:
     """An ensemble recipe, None for a one-model recipe.
 
     ``members:`` maps a name (the member's folder) to its keys, optionally with its own ``base:``; ``student:`` (keys
     the same way) is one run distilled from the members, whose ``init_from`` is a path inside the ensemble folder;
     ``ensemble`` and ``tta`` say how the folder predicts. The recipe's other keys are shared: member base < shared
-    keys < the member's keys < command-line flags.
+    keys < the member's keys < command-line flags, except ``--seed``: it moves every run's seed (and every split
+    seed the recipe sets) by one amount, so that the first member's is the one given. The members keep their own
+    seeds and the splits they share: another draw of the whole recipe, not one seed for all.
     """
     data = read_recipe(recipe)
+    overrides = dict(overrides or {})
+    seed = overrides.pop("seed", None)
+    if seed is not None:
+        seed = coerce("seed", seed, "--seed")
+        check_value("seed", seed, "--seed")
     members = data.pop(MEMBERS, None)
     if members is None:
         return None
@@ -651,11 +679,17 @@ def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> Ensemb
             "from the ensemble's own folder)"
         )
 
-    def member_config(name: str, keys: dict) -> RunConfig:
+    def merged_keys(keys: dict) -> dict:
         keys = dict(keys)
         base = keys.pop("base", None)
-        merged = {**(read_recipe(str(base)) if base is not None else {}), **data, **keys}
-        return _with_overrides(merged, f"recipe {recipe}, {name}", overrides)
+        return {**(read_recipe(str(base)) if base is not None else {}), **data, **keys}
+
+    def member_config(name: str, keys: dict) -> RunConfig:
+        merged, source = merged_keys(keys), f"recipe {recipe}, {name}"
+        if seed is not None:
+            first_seed = _seed_of(merged_keys(next(iter(members.values()))), f"recipe {recipe}")
+            merged = _moved_seeds(merged, seed, first_seed, source)
+        return _with_overrides(merged, source, overrides)
 
     configs = {}
     for name, keys in members.items():
