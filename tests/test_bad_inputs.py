@@ -311,6 +311,11 @@ BAD_OPTIONS = {
         ["--degradations", "default", "--hr-view-ratio", "0"],
         ["set --hr-view-ratio above 0"],
     ),
+    "unknown-keep": (["--keep", "newest"], ["keep must be one of best, last"]),
+    "keep-last-with-patience": (
+        ["--keep", "last", "--early-stop-patience", "2"],
+        ["keep last with early_stop_patience 2", "drop one of them"],
+    ),
     "unknown-option": (["--bogus", "1"], ["unrecognized arguments: --bogus"]),
     "unknown-recipe": (["--recipe", "turbo"], ["unknown recipe 'turbo'"]),
     "unknown-model-source": (["--model", "resnet50"], ["unknown model 'resnet50'"]),

@@ -83,7 +83,7 @@ def test_rank_0_alone_writes_the_run(two_process_run):
     assert [record["epoch"] for record in metrics(run)] == list(range(1, EPOCHS + 1))
     assert (run / "checkpoint.pt").is_file() and (run / "model.safetensors").is_file()
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
-    assert result.stdout.count("best validation macro-F1") == 1
+    assert result.stdout.count("weights: validation macro-F1") == 1
 
 
 def test_validation_macro_f1_equals_one_process_scoring_the_best_weights(two_process_run, demo_data):

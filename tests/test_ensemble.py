@@ -1,4 +1,4 @@
-"""Ensembles: probabilities averaged over models, or weighted by each run's best validation macro-F1 (--ensemble f1);
+"""Ensembles: probabilities averaged over models, or weighted by each run's validation macro-F1 (--ensemble f1);
 a folds folder (train --folds) stands for its fold runs."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from conftest import FAST_TRAIN
 
 from lowres_birds.cli import main
+from lowres_birds.config import load_config
 from lowres_birds.predict.classifier import Classifier, average_probabilities, describe_ensemble, resolve_ensemble
 from lowres_birds.run_dir import FoldsDir, RunDir
 
@@ -28,9 +29,10 @@ def _record(epoch: int, f1: float) -> dict:
     }
 
 
-def _run_with_scores(folder, *f1s: float):
+def _run_with_scores(folder, *f1s: float, keep: str = "best"):
     run = RunDir(folder)
     run.path.mkdir(parents=True)
+    run.write_config(load_config("cpu", {"keep": keep}))
     for epoch, f1 in enumerate(f1s, start=1):
         run.append_metrics(_record(epoch, f1))
     return run.path
@@ -48,6 +50,8 @@ def test_weights_are_best_validation_f1_normalised_and_weigh_the_probabilities(t
     members, weights = resolve_ensemble([good, poor], "f1")
     assert members == [good, poor]
     np.testing.assert_allclose(weights, [0.75, 0.25])  # 0.6 (its best epoch) and 0.2
+    last = _run_with_scores(tmp_path / "last", 0.3, 0.6, 0.2, keep="last")
+    np.testing.assert_allclose(resolve_ensemble([good, last], "f1")[1], [0.75, 0.25])  # it kept the last: 0.2
     assert (
         describe_ensemble(members, weights)
         == f"ensemble of 2 (weighted by validation macro-F1): {good} 0.750, {poor} 0.250"
@@ -89,7 +93,7 @@ def test_a_folds_folder_expands_to_its_fold_runs(tmp_path):
         ("onnx", "is an ONNX file, which records none: pass its run folder or use --ensemble mean"),
         ("hf-folder", "is an exported Hugging Face folder, which records none"),
         ("no-metrics", "has no metrics.jsonl with a validation"),
-        ("all-zero", "every model's best validation macro-F1 is 0"),
+        ("all-zero", "every model's validation macro-F1 is 0"),
         ("missing-fold", "counts 3 folds but"),
     ],
 )

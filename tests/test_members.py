@@ -63,6 +63,9 @@ def test_a_seed_flag_moves_every_seed_of_an_ensemble_recipe_by_one_amount():
     assert seeds == {"lite0-160": (7, 7), "lite0-160-b": (8, 8), "lite1": (10, 7)}
     assert (recipe.student.seed, moved.student.seed, moved.student.split_seed_used) == (42, 7, 7)
     assert moved.members["lite1"].epochs == recipe.members["lite1"].epochs  # nothing else moves
+    # cpu-best's runs keep their best validation's weights, as it was measured; cpu its last epoch's
+    assert {cfg.keep for cfg in [*recipe.members.values(), recipe.student]} == {"best"}
+    assert load_config("cpu").keep == "last"
     with pytest.raises(UserError, match="--seed must be at least 0"):
         load_members("cpu-best", {"seed": -1})
 

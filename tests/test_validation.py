@@ -177,7 +177,74 @@ def test_patience_counts_validations_and_can_stop_within_an_epoch(demo_data, tmp
     assert records(run)[-1]["epoch"] == 2 + 4 / 7
     out = capsys.readouterr().out
     assert "no better validation macro-F1 for 3 validations; stopping early" in out
-    assert "best validation macro-F1 0.6000 (epoch 1)" in out
+    assert "kept the best weights: validation macro-F1 0.6000 (epoch 1)" in out
+
+
+# --------------------------------------------------------------------------- which weights the run keeps
+
+
+@pytest.fixture
+def scripted_scores(monkeypatch):
+    """Validation macro-F1 read 0.5, 0.9, 0.4, 0.3 (the best is the 2nd of 4, epoch 1); training is unchanged."""
+    import lowres_birds.train.validation as validation
+
+    evaluate = validation.evaluate
+
+    def install():
+        scores = iter([0.5, 0.9, 0.4, 0.3])
+
+        def scripted(*args):
+            stats, probs = evaluate(*args)
+            return {**stats, "macro_f1": next(scores)}, probs
+
+        monkeypatch.setattr(validation, "evaluate", scripted)
+
+    return install
+
+
+def test_keep_changes_which_weights_are_saved_not_how_the_run_trains(
+    straight_run, scripted_scores, demo_data, tmp_path, capsys
+):
+    final_weights = {}
+    for keep in ("best", "last"):
+        scripted_scores()
+        run = tmp_path / keep
+        assert main(["train", "--data", str(demo_data), "--out", str(run), *RUN, "--keep", keep]) == 0
+        assert [r["val_macro_f1"] for r in records(run)] == [0.5, 0.9, 0.4, 0.3]
+        assert [r["train_loss"] for r in records(run)] == [r["train_loss"] for r in records(straight_run)]
+        last = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+        kept = RunDir(run).weights()
+        final_weights[keep] = all(torch.equal(kept[name], last[name]) for name in last)
+        assert RunDir(run).kept_val_macro_f1() == {"best": 0.9, "last": 0.3}[keep]
+        expected = {"best": "0.9000 (epoch 1)", "last": "0.3000 (epoch 2)"}[keep]
+        assert f"kept the {keep} weights: validation macro-F1 {expected}" in capsys.readouterr().out
+    assert final_weights == {"best": False, "last": True}
+
+
+def test_a_checkpoint_written_before_keep_resumes_with_its_best_weights_kept(
+    scripted_scores, demo_data, tmp_path, monkeypatch, capsys
+):
+    from lowres_birds.train.state import Checkpointer
+
+    scripted_scores()
+    stopped = tmp_path / "stopped"
+    save = Checkpointer.save
+
+    def save_then_interrupt(self, state):
+        save(self, state)
+        if (state.epoch, state.step_in_epoch) == (1, 0):  # after the 2nd validation, the best
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_interrupt)
+    assert main(["train", "--data", str(demo_data), "--out", str(stopped), *RUN]) == 130
+    monkeypatch.setattr(Checkpointer, "save", save)
+    checkpoint = torch.load(stopped / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for key in ("kept_f1", "kept_epoch"):  # as an older version wrote it
+        del checkpoint["state"][key]
+    torch.save(checkpoint, stopped / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(stopped)]) == 0
+    assert "kept the best weights: validation macro-F1 0.9000 (epoch 1)" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- readers of metrics.jsonl

@@ -239,7 +239,8 @@ def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float
     if not PartialState().is_main_process:  # under torchrun / accelerate launch, rank 0 reports
         return 0
     print(
-        f"best validation macro-F1 {result['best_val_macro_f1']:.4f} (epoch {result['best_epoch']:g}), "
+        f"kept the {result['keep']} weights: validation macro-F1 {result['val_macro_f1']:.4f} (epoch "
+        f"{result['kept_epoch']:g}), "
         f"{time.perf_counter() - started:.0f}s; run folder: {run_dir}"
     )
     after_training(run_dir, data_dir)

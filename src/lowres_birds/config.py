@@ -361,7 +361,7 @@ class RunConfig:
     )
     init_from: str = setting(
         "",
-        "start from this trained run folder's best weights (the same model and input size, e.g. an ensemble member's "
+        "start from this trained run folder's kept weights (the same model and input size, e.g. an ensemble member's "
         "HR teacher) instead of the pretrained ones, as timm's --initial-checkpoint; several folders, comma-separated "
         "(runs of one model fine-tuned from one start, e.g. an ensemble's members): the mean of their weights, a "
         "model soup (Wortsman et al. 2022)",
@@ -394,9 +394,17 @@ class RunConfig:
     )
     recompute_batchnorm: bool = setting(
         False,
-        "after training, recompute the best weights' BatchNorm statistics on the training images as predict sees them "
+        "after training, recompute the kept weights' BatchNorm statistics on the training images as predict sees them "
         "(no augmentation, and their mirrors), then validate and save them: training leaves the statistics of its last "
         "augmented batches, a soup start (several --init-from runs) those of none of its runs",
+        student_only=True,
+    )
+    keep: str = setting(
+        "best",
+        "which weights the run keeps: those of its best validation macro-F1, or of its last validation (the end of "
+        "the schedule: the split that calibrates the scores and sets the unknown threshold then did not also pick "
+        "the weights)",
+        choices=("best", "last"),
         student_only=True,
     )
     layer_decay: float = setting(0.0, "layer-wise learning-rate decay for ViTs (0 = off)", low=0)
@@ -439,6 +447,11 @@ class RunConfig:
             raise UserError(
                 f"degradations {self.degradations!r} makes the HR views: set --hr-view-ratio above 0 (the share of "
                 "each batch they replace), e.g. 0.5"
+            )
+        if self.keep == "last" and self.early_stop_patience:
+            raise UserError(
+                f"keep last with early_stop_patience {self.early_stop_patience}: the run would stop for want of a "
+                "better validation and keep the worse weights of its last one; drop one of them"
             )
         if self.folds == 1 or (self.folds and self.fold >= self.folds):
             raise UserError(

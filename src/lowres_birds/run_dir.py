@@ -4,11 +4,11 @@ A run folder holds::
 
     config.yaml          the resolved RunConfig            labels.json      class names, output order
     model_spec.json      what rebuilds the model offline   hf_config/       Hugging Face config (hf: models)
-    split.json           data folder, fingerprint, ids     model.safetensors  the best weights
+    split.json           data folder, fingerprint, ids     model.safetensors  the kept weights
     metrics.jsonl        one record per validation         checkpoint.pt    resumable state (tensors + plain types)
-    val_predictions.npz  the best model's validation probabilities (out-of-fold scoring)
+    val_predictions.npz  the kept weights' validation probabilities (out-of-fold scoring)
     calibration.json     the temperature, the unknown score and its threshold   unknown.safetensors  its statistics
-    report/              figures and report.html          hf/              the best weights as a Hugging Face folder
+    report/              figures and report.html          hf/              the kept weights as a Hugging Face folder
     teacher/             the fine-tuned HR teacher: a run folder of its own, plus targets.safetensors (its logits
                          and pooled features on every training row's HR twin, the distillation targets)
 
@@ -292,7 +292,7 @@ class RunDir:
     # In every metrics.jsonl record; "epoch" counts the epochs trained (fractional for a validation within an epoch).
     # Records also hold "step" (the optimizer step; absent before validations within an epoch existed) and "lr".
     METRIC_KEYS = ("epoch", "train_loss", "train_images_per_s", "val_macro_f1", "val_accuracy", "elapsed_s")
-    HF = "hf"  # the best weights as a Hugging Face folder (export --format hf)
+    HF = "hf"  # the kept weights as a Hugging Face folder (export --format hf)
     CALIBRATION = "calibration.json"  # lowres-birds calibrate (and the end of train); absent in older runs
     UNKNOWN_STATISTICS = "unknown.safetensors"  # the feature statistics of the unknown score (feature scores only)
 
@@ -449,9 +449,17 @@ class RunDir:
                 )
         return records
 
-    def best_val_macro_f1(self) -> float:
-        """The best macro-F1 of any validation (a fold run's is its out-of-fold score)."""
-        return max(record["val_macro_f1"] for record in self.metrics())
+    def kept_record(self) -> dict:
+        """The metrics record of the validation whose weights the run kept (config ``keep``): its best one (the first
+        of equals, as training keeps it), or its last one."""
+        records = self.metrics()
+        if self.config().keep == "last":
+            return records[-1]
+        return max(records, key=lambda record: record["val_macro_f1"])
+
+    def kept_val_macro_f1(self) -> float:
+        """The validation macro-F1 of the weights the run kept (a fold run's is its out-of-fold score)."""
+        return self.kept_record()["val_macro_f1"]
 
     def save_checkpoint(self, checkpoint: dict) -> None:
         """torch.save of tensors and plain types, refused up front when the disk is clearly too full."""

@@ -1,7 +1,7 @@
 """Look after training: curves, confusion matrix, per-class F1, the most confidently wrong validation
 images with Grad-CAM, the resolved config and timings, as PNGs plus one offline HTML page in RUN/report/.
 
-The validation images are the run's own held-out split (split.json), scored with its best weights, so
+The validation images are the run's own held-out split (split.json), scored with its kept weights, so
 the page shows the model that ``predict`` would use.
 """
 
@@ -175,13 +175,13 @@ def write_report(run_dir: Path, data_dir: Path, out_dir: Path | None = None) -> 
         )
     config = pd.DataFrame([(k, str(v)) for k, v in cfg.to_dict().items()], columns=["key", "value"])
     timings = metrics.assign(since_previous_s=metrics["elapsed_s"].diff().fillna(metrics["elapsed_s"]))
-    best = metrics.loc[metrics["val_macro_f1"].idxmax()]
+    kept = run.kept_record()
     worst = ", ".join(f"{r.label} {r.f1:.2f}" for r in per_class.head(5).itertuples())
     summary = (
         f"run {run_dir}: {metrics['epoch'].iloc[-1]:g} epoch(s) in {metrics['elapsed_s'].iloc[-1]:.0f}s "
         f"({len(metrics)} validations), "
-        f"best at epoch {best['epoch']:g}\n"
-        f"validation ({len(ids)} images, best weights): macro-F1 {scores['macro_f1']:.4f}  accuracy "
+        f"kept the {cfg.keep} weights (epoch {kept['epoch']:g})\n"
+        f"validation ({len(ids)} images, kept weights): macro-F1 {scores['macro_f1']:.4f}  accuracy "
         f"{scores['accuracy']:.4f}  "
         f"errors {n_wrong}\nworst classes: {worst}"
     )

@@ -16,12 +16,12 @@ from lowres_birds.run_dir import RunDir, model_folders
 
 
 def f1_weights(members: list[Path], what: str, remedy: str) -> list[float]:
-    """Each run's best validation macro-F1, normalised to sum 1 (as the competition's 1st place weighted its fold
-    ensemble); ``what`` and ``remedy`` frame the one-line refusal when every score is 0."""
-    scores = [RunDir(member).require().best_val_macro_f1() for member in members]
+    """Each run's validation macro-F1 (of the weights it kept), normalised to sum 1 (as the competition's 1st place
+    weighted its fold ensemble); ``what`` and ``remedy`` frame the one-line refusal when every score is 0."""
+    scores = [RunDir(member).require().kept_val_macro_f1() for member in members]
     if sum(scores) <= 0:
         runs = ", ".join(map(str, members))
-        raise UserError(f"{what}: every model's best validation macro-F1 is 0 ({runs}); {remedy}")
+        raise UserError(f"{what}: every model's validation macro-F1 is 0 ({runs}); {remedy}")
     return [score / sum(scores) for score in scores]
 
 
@@ -74,7 +74,7 @@ def combine_outputs(
 
 
 def member_models(members: list[Path], labels: list[str], device: str = "cpu") -> list[BirdNet]:
-    """Each run's best weights, in eval mode on ``device``; every run must know exactly ``labels``."""
+    """Each run's kept weights, in eval mode on ``device``; every run must know exactly ``labels``."""
     models = []
     for member in members:
         model, member_labels = load_run_model(member, device)
@@ -116,7 +116,7 @@ def distillation_line(cfg: RunConfig, student_f1: float) -> str | None:
         return None
     try:
         members, _ = member_runs(Path(distill_from))
-        scores = " / ".join(f"{RunDir(member).best_val_macro_f1():.4f}" for member in members)
+        scores = " / ".join(f"{RunDir(member).kept_val_macro_f1():.4f}" for member in members)
     except UserError:  # moved or removed since: the student is still described
         return f"distilled from {distill_from} (no longer readable); its validation macro-F1 {student_f1:.4f}"
     return (

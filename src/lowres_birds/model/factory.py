@@ -231,7 +231,7 @@ def check_device(device: str) -> None:
 
 
 def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[BirdNet, list[str]]:
-    """(BirdNet in eval mode with the run's best weights, label names); every file checked on the way."""
+    """(BirdNet in eval mode with the run's kept weights, label names); every file checked on the way."""
     check_device(device)
     run = RunDir(run_dir).require()
     labels = run.labels()

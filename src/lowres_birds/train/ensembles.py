@@ -25,7 +25,7 @@ def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = Fal
     out = FoldsDir(out_dir)
     replace_folder(out.path, force)
     folds = [
-        train(dataclasses.replace(cfg, fold=k), data_dir, out.fold(k), force=force)["best_val_macro_f1"]
+        train(dataclasses.replace(cfg, fold=k), data_dir, out.fold(k), force=force)["val_macro_f1"]
         for k in range(cfg.folds)
     ]
     predictions = [RunDir(out.fold(k)).val_predictions() for k in range(cfg.folds)]
@@ -102,7 +102,7 @@ def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Pat
                         or (folder / RunDir.TEACHER / RunDir.CHECKPOINT).is_file()
                     )
                     score = train(cfg, data_dir, folder, resume=stopped, force=True, shared_teacher=teachers.get(key))[
-                        "best_val_macro_f1"
+                        "val_macro_f1"
                     ]
             summary["val_macro_f1"][name] = score
             out.write_summary(summary)
@@ -117,7 +117,7 @@ def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Pat
         stopped = resume and any((out.student / name).is_file() for name in (RunDir.CHECKPOINT, RunDir.DISTILL_TARGETS))
         with _named_stop("the ensemble's student", out):
             summary["student_val_macro_f1"] = train(cfg, data_dir, out.student, resume=stopped, force=True)[
-                "best_val_macro_f1"
+                "val_macro_f1"
             ]
         out.write_summary(summary)
     return summary

@@ -242,8 +242,9 @@ class RunSession:
             self.validate(epoch_end=True)
 
     def validate(self, epoch_end: bool = False) -> None:
-        """Score the model (its EMA if kept) on the validation split: one metrics.jsonl record, the best weights and
-        predictions, the checkpoint (a resume never redoes it) and the stop decision."""
+        """Score the model (its EMA if kept) on the validation split: one metrics.jsonl record, the kept weights (the
+        best so far, or every validation's with ``keep: last``) and predictions, the checkpoint (a resume never redoes
+        it) and the stop decision."""
         from accelerate.utils import gather_object
 
         cfg, parts, state, accelerator = self.cfg, self.parts, self.state, self.parts.accelerator
@@ -267,8 +268,11 @@ class RunSession:
         state.validations += 1
         if cfg.log != "none":  # the tracker's step counts validations: the epoch when validating once per epoch
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.validations)
-        if val_stats["macro_f1"] > state.best_f1:
+        better = val_stats["macro_f1"] > state.best_f1
+        if better:
             state.best_f1, state.best_epoch, state.best_validation = val_stats["macro_f1"], epoch, state.validations
+        if better or cfg.keep == "last":
+            state.kept_f1, state.kept_epoch = val_stats["macro_f1"], epoch
             if accelerator.is_main_process:
                 self.run.save_weights(accelerator.unwrap_model(evaluated).state_dict())
                 self.run.save_val_predictions(self.validator.val_idx, self.validator.targets, val_probs)
@@ -299,22 +303,22 @@ class RunSession:
         return None
 
     def recompute_batchnorm(self) -> None:
-        """``recompute_batchnorm``: the best weights' BatchNorm statistics over the clean training images, validated
+        """``recompute_batchnorm``: the kept weights' BatchNorm statistics over the clean training images, validated
         again and saved as the run's weights (a resume redoes it from them: the same statistics)."""
         accelerator, state = self.parts.accelerator, self.state
         model = accelerator.unwrap_model(self.parts.model)
         model.load_state_dict(self.run.weights())
         images = self.data.lr_images[self.data.train_idx]
         recompute_batchnorm(model, images, accelerator.device)
-        before = state.best_f1
+        before = state.kept_f1
         val_stats, val_probs = self.validator.score(model, accelerator.device)
-        state.best_f1 = val_stats["macro_f1"]
+        state.kept_f1 = val_stats["macro_f1"]
         if accelerator.is_main_process:
             self.run.save_weights(model.state_dict())
             self.run.save_val_predictions(self.validator.val_idx, self.validator.targets, val_probs)
         accelerator.print(
             f"BatchNorm statistics recomputed on the {len(images)} training images and their mirrors: val macro-F1 "
-            f"{before:.4f} -> {state.best_f1:.4f}"
+            f"{before:.4f} -> {state.kept_f1:.4f}"
         )
 
     def close(self) -> dict:
@@ -324,8 +328,9 @@ class RunSession:
             accelerator.end_training()
         accelerator.wait_for_everyone()
         return {
-            "best_val_macro_f1": state.best_f1,
-            "best_epoch": state.best_epoch,
+            "val_macro_f1": state.kept_f1,  # of the kept weights
+            "kept_epoch": state.kept_epoch,
+            "keep": self.cfg.keep,
             "epochs_run": state.epoch,
             "elapsed_s": state.elapsed_s,
         }

@@ -26,6 +26,8 @@ class TrainState:
     best_epoch: float = -1  # the best validation's epoch (fractional within an epoch)
     validations: int = 0  # validations done (early_stop_patience counts them)
     best_validation: int = 0  # which of them was the best (1-based)
+    kept_f1: float = -1.0  # the validation macro-F1 of the weights saved in the run folder (config keep: best or last)
+    kept_epoch: float = -1
     elapsed_s: float = 0.0
     planned_epochs: int = 0  # set once by the time-budget planner (0: no budget, or not planned yet)
 
@@ -119,6 +121,8 @@ class Checkpointer:
             if parts.ema is not None:
                 parts.ema.load_state_dict(checkpoint["ema"])
             state = TrainState(**checkpoint["state"])
+            if "kept_f1" not in checkpoint["state"]:  # a checkpoint of a version that kept the best weights alone
+                state.kept_f1, state.kept_epoch = state.best_f1, state.best_epoch
             rng = checkpoint["rng"]
             restore_rng(rng[min(parts.accelerator.process_index, len(rng) - 1)], parts.generator)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:

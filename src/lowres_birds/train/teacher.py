@@ -285,7 +285,7 @@ def start_from_teacher(student: BirdNet, run: RunDir) -> None:
 
 
 def start_from_runs(student: BirdNet, folders: list[Path], labels: list[str]) -> None:
-    """``init_from``: other trained runs' best weights as the start, refused in one line when a folder has none or
+    """``init_from``: other trained runs' kept weights as the start, refused in one line when a folder has none or
     was trained on other classes than ``labels``. Several runs start the student from the mean of their weights, a
     uniform model soup (Wortsman et al. 2022): runs of one model fine-tuned from one start (cpu-best's two lite0
     members) lie near one basin, so their mean is a working network; whether it beats each run depends on the pair
@@ -315,7 +315,7 @@ def start_from_runs(student: BirdNet, folders: list[Path], labels: list[str]) ->
 
 
 def start_from(student: BirdNet, folder: Path, remedy: str) -> None:
-    """Load a trained run folder's best weights into the student (refused in one line naming the file when they do
+    """Load a trained run folder's kept weights into the student (refused in one line naming the file when they do
     not fit)."""
     run = RunDir(folder).require()
     load_start(student, run.weights(), str(run / RunDir.WEIGHTS), remedy)
