@@ -168,7 +168,20 @@ def test_patience_counts_validations_and_can_stop_within_an_epoch(demo_data, tmp
     run = tmp_path / "run"
     assert (
         main(
-            ["train", "--data", str(demo_data), "--out", str(run), *RUN, "--epochs", "3", "--early-stop-patience", "3"]
+            [
+                "train",
+                "--data",
+                str(demo_data),
+                "--out",
+                str(run),
+                *RUN,
+                "--epochs",
+                "3",
+                "--early-stop-patience",
+                "3",
+                "--keep",
+                "best",
+            ]
         )
         == 0
     )
@@ -236,7 +249,7 @@ def test_a_checkpoint_written_before_keep_resumes_with_its_best_weights_kept(
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Checkpointer, "save", save_then_interrupt)
-    assert main(["train", "--data", str(demo_data), "--out", str(stopped), *RUN]) == 130
+    assert main(["train", "--data", str(demo_data), "--out", str(stopped), *RUN, "--keep", "best"]) == 130
     monkeypatch.setattr(Checkpointer, "save", save)
     checkpoint = torch.load(stopped / "checkpoint.pt", map_location="cpu", weights_only=True)
     for key in ("kept_f1", "kept_epoch"):  # as an older version wrote it
