@@ -166,25 +166,8 @@ def test_patience_counts_validations_and_can_stop_within_an_epoch(demo_data, tmp
 
     monkeypatch.setattr(validation, "evaluate", scripted)
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(demo_data),
-                "--out",
-                str(run),
-                *RUN,
-                "--epochs",
-                "3",
-                "--early-stop-patience",
-                "3",
-                "--keep",
-                "best",
-            ]
-        )
-        == 0
-    )
+    patience = ["--epochs", "3", "--early-stop-patience", "3", "--keep", "best"]
+    assert main(["train", "--data", str(demo_data), "--out", str(run), *RUN, *patience]) == 0
     # Best at the 2nd validation (epoch 1); the 3rd, 4th and 5th are not better: stop at the 5th, within epoch 3.
     assert [r["step"] for r in records(run)] == [4, 7, 11, 14, 18]
     assert records(run)[-1]["epoch"] == 2 + 4 / 7
