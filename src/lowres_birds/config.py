@@ -697,10 +697,11 @@ def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> Ensemb
         base = keys.pop("base", None)
         return {**(read_recipe(str(base)) if base is not None else {}), **data, **keys}
 
+    first_seed = None if seed is None else _seed_of(merged_keys(next(iter(members.values()))), f"recipe {recipe}")
+
     def member_config(name: str, keys: dict) -> RunConfig:
         merged, source = merged_keys(keys), f"recipe {recipe}, {name}"
-        if seed is not None:
-            first_seed = _seed_of(merged_keys(next(iter(members.values()))), f"recipe {recipe}")
+        if first_seed is not None:
             merged = _moved_seeds(merged, seed, first_seed, source)
         return _with_overrides(merged, source, overrides)
 
