@@ -214,6 +214,9 @@ def test_keep_changes_which_weights_are_saved_not_how_the_run_trains(
         assert RunDir(run).kept_val_macro_f1() == {"best": 0.9, "last": 0.3}[keep]
         expected = {"best": "0.9000 (epoch 1)", "last": "0.3000 (epoch 2)"}[keep]
         assert f"kept the {keep} weights: validation macro-F1 {expected}" in capsys.readouterr().out
+        card = (run / RunDir.HF / "README.md").read_text(encoding="utf-8")  # the model card names the same weights
+        figure, epoch = {"best": ("0.9000", 1), "last": ("0.3000", 2)}[keep]
+        assert f"kept epoch {epoch})" in card and f"| {figure} |" in card and f"`keep: {keep}`" in card
     assert final_weights == {"best": False, "last": True}
 
 

@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
 def train_run(cfg, data_dir, run_dir, **options) -> dict:
     """Train a run as ``lowres-birds train`` does: the run folder (``options``: ``resume``, ``force``), then its
-    Hugging Face folder RUN/hf and its report; returns the best validation scores."""
+    Hugging Face folder RUN/hf and its report; returns the kept weights' validation scores."""
     from pathlib import Path
 
     from lowres_birds.inspect.report import after_training

@@ -313,8 +313,8 @@ def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ensemble",
         choices=("mean", "f1"),
-        help="how several models' probabilities are averaged: mean, or f1: weighted by each run's best validation "
-        "macro-F1 (run folders only); default: what an ensemble recipe's folder records, else mean",
+        help="how several models' probabilities are averaged: mean, or f1: weighted by each run's kept "
+        "weights' validation macro-F1 (run folders only); default: what an ensemble recipe's folder records, else mean",
     )
     parser.add_argument(
         "--tta",

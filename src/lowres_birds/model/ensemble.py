@@ -26,8 +26,8 @@ def f1_weights(members: list[Path], what: str, remedy: str) -> list[float]:
 
 
 def member_runs(source: Path) -> tuple[list[Path], list[float]]:
-    """(run folders, weights): every run ``source`` stands for, weighted by its best validation macro-F1 (normalised,
-    as ``predict --ensemble f1``), refused in one line where one is not a trained run folder."""
+    """(run folders, weights): every run ``source`` stands for, weighted by its kept weights' validation
+    macro-F1 (normalised, as ``predict --ensemble f1``), refused in one line where one is not a trained run folder."""
     members = model_folders(source)
     for member in members:
         if not (Path(member) / RunDir.METRICS).is_file():

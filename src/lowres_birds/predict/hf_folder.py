@@ -72,7 +72,7 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
-    """Write the run's best weights as a Hugging Face folder at ``out``; returns ``out``."""
+    """Write the run's kept weights as a Hugging Face folder at ``out``; returns ``out``."""
     run = RunDir(run_dir).require()
     model, labels = load_run_model(run.path)
     cfg = run.config()
@@ -196,7 +196,7 @@ def model_card(
     data_name = Path(split["data"]).name or split["data"]
     val_count = len(split["val_ids"])
     records = run.metrics(missing_ok=True)
-    best = max(records, key=lambda r: r["val_macro_f1"], default=None)
+    kept = run.kept_record() if records else None
     epochs_run = records[-1]["epoch"] if records else 0  # fractional after an early stop within an epoch
     trained_on = datetime.fromtimestamp((run / RunDir.WEIGHTS).stat().st_mtime, timezone.utc).date().isoformat()
     seen = {
@@ -205,20 +205,22 @@ def model_card(
         "hr-downscale": f"the photo resized to {strategy.input_size}x{strategy.input_size}; trained on the 256x256 "
         "twins shrunk to that size",
     }[strategy.kind]
-    if best is not None:
+    if kept is not None:
+        which = "best validation macro-F1" if cfg.keep == "best" else "last validation"
         metrics = (
             "| data | images | macro-F1 | accuracy |\n|---|---|---|---|\n"
             f"| validation split of `{data_name}` (held out of training: {cfg.val_fraction:.0%}, seed "
-            f"{cfg.split_seed_used}; best epoch {best['epoch']:g}) "
-            f"| {val_count} | {best['val_macro_f1']:.4f} | {best.get('val_accuracy', math.nan):.4f} |\n\n"
+            f"{cfg.split_seed_used}; kept epoch {kept['epoch']:g}) "
+            f"| {val_count} | {kept['val_macro_f1']:.4f} | {kept.get('val_accuracy', math.nan):.4f} |\n\n"
             "The validation images come from the same collection as the training images; the weights are those of the "
-            "epoch with the best validation macro-F1, so this figure is slightly optimistic. Score a test set with "
+            f"{which} (`keep: {cfg.keep}`), so this figure "
+            f"{'is slightly optimistic' if cfg.keep == 'best' else 'was not chosen on these images'}. Score a test set with "
             "`lowres-birds evaluate --run RUN --data IMAGEFOLDER` (labelled folders) or `lowres-birds predict` + "
             "`lowres-birds evaluate --submission` (competition layout)."
         )
     else:
         metrics = "No finished epoch is recorded in the run folder."
-    line = distillation_line(cfg, best["val_macro_f1"]) if best is not None else None
+    line = distillation_line(cfg, kept["val_macro_f1"]) if kept is not None else None
     distilled = f"- Teacher: {line}.\n" if line else ""
     name, where = run.path.resolve().name, str(out)
     loaders = {

@@ -40,7 +40,7 @@ def train(
     force: bool = False,
     shared_teacher: Path | None = None,
 ) -> dict:
-    """Train one run (or continue it: ``resume``), returning the best validation metrics; ``shared_teacher``: a
+    """Train one run (or continue it: ``resume``), returning the kept weights' validation metrics; ``shared_teacher``: a
     finished fine-tuned teacher folder of the same ``shared_teacher_key`` (an earlier ensemble member's) to copy."""
     opened = open_run(cfg, data_dir, run_dir, resume=resume, force=force)
     session = RunSession.create(opened, hr_teacher(opened, shared_teacher))
