@@ -401,8 +401,8 @@ def to_model_input(image) -> np.ndarray:
 
 def resolve_ensemble(sources: list[Path], mode: str | None = None) -> tuple[list[Path], list[float] | None]:
     """(members, weights): a folds folder (``train --folds``) stands for its fold runs and an ensemble recipe's folder
-    for its members' runs; ``mode`` ``mean`` gives no weights (a plain mean), ``f1`` weighs each member by its best
-    validation macro-F1, normalised, as the competition's 1st place weighted its fold ensemble; None: what one
+    for its members' runs; ``mode`` ``mean`` gives no weights (a plain mean), ``f1`` weighs each member by its kept
+    weights' validation macro-F1, normalised, as the competition's 1st place weighted its fold ensemble; None: what one
     ensemble folder records (``ensemble.json``), else mean."""
     if mode is None:
         mode = recorded_prediction(sources)["ensemble"]

@@ -115,7 +115,7 @@ def export_onnx(
     fallback_margin: float | None = None,
     tta: str | None = None,
 ) -> Path:
-    """Write ``out`` (one .onnx file, weights inside) for the run's best weights, or every run of an ensemble or folds
+    """Write ``out`` (one .onnx file, weights inside) for the run's kept weights, or every run of an ensemble or folds
     folder (weighted as the folder records); returns ``out``. ``tta``: flip puts the mirror average inside the graph
     (None: what the folder records, else none), recorded in the file.
 
