@@ -80,8 +80,8 @@ def run_or_reuse(run: StudyRun, data_dir: Path, force: bool) -> dict:
 def result_row(run: StudyRun) -> dict:
     """One table row from the run's metrics.jsonl: the scores of the validation whose weights it kept, time and
     throughput."""
-    metrics = read_metrics(RunDir(run.run_dir))
-    kept = RunDir(run.run_dir).kept_record()
+    folder = RunDir(run.run_dir)
+    metrics, kept = read_metrics(folder), folder.kept_record()
     strategy = parse_strategy(run.cfg.strategy)
     return {
         "recipe": Path(run.recipe).stem,

@@ -206,15 +206,17 @@ def model_card(
         "twins shrunk to that size",
     }[strategy.kind]
     if kept is not None:
-        which = "best validation macro-F1" if cfg.keep == "best" else "last validation"
+        which, figure = {
+            "best": ("best validation macro-F1", "is slightly optimistic"),
+            "last": ("last validation", "was not chosen on these images"),
+        }[cfg.keep]
         metrics = (
             "| data | images | macro-F1 | accuracy |\n|---|---|---|---|\n"
             f"| validation split of `{data_name}` (held out of training: {cfg.val_fraction:.0%}, seed "
             f"{cfg.split_seed_used}; kept epoch {kept['epoch']:g}) "
             f"| {val_count} | {kept['val_macro_f1']:.4f} | {kept.get('val_accuracy', math.nan):.4f} |\n\n"
             "The validation images come from the same collection as the training images; the weights are those of the "
-            f"{which} (`keep: {cfg.keep}`), so this figure "
-            f"{'is slightly optimistic' if cfg.keep == 'best' else 'was not chosen on these images'}. Score a test set with "
+            f"{which} (`keep: {cfg.keep}`), so this figure {figure}. Score a test set with "
             "`lowres-birds evaluate --run RUN --data IMAGEFOLDER` (labelled folders) or `lowres-birds predict` + "
             "`lowres-birds evaluate --submission` (competition layout)."
         )
