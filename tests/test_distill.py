@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from conftest import FAST_TRAIN
 
 from lowres_birds.cli import main
 from lowres_birds.data.splits import run_split
+from lowres_birds.errors import UserError
 from lowres_birds.model.calibration import KEEP_KNOWN
 from lowres_birds.predict.calibrate import held_out_fit
 from lowres_birds.run_dir import RunDir
@@ -56,6 +58,50 @@ def test_the_soft_targets_are_the_ensembles_flip_tta_probabilities_on_every_trai
     for page in (student / "hf" / "README.md", student / "report" / "report.html"):
         text = page.read_text(encoding="utf-8")
         assert f"distilled from {ensemble}: 2 run(s)" in text and "this student " in text, page
+
+
+def test_unlabelled_photos_train_with_the_models_answers_as_targets_and_labels(
+    ensemble, demo_data, tmp_path, monkeypatch, capsys
+):
+    import lowres_birds.train.session as session
+    from lowres_birds.data.images import load_images
+    from lowres_birds.data.tables import find_images
+    from lowres_birds.predict.classifier import Classifier, average_probabilities, resolve_ensemble
+
+    photos = find_images(demo_data / "test")  # 18 photos without labels
+    trained_on = []
+    make_loader = session.make_loader
+    monkeypatch.setattr(
+        session, "make_loader", lambda *a, **k: trained_on.append((a[1].copy(), a[2].copy())) or make_loader(*a, **k)
+    )
+    student = tmp_path / "student"
+    flags = [*STUDENT, "--distill-from", str(ensemble), "--distill-images", str(demo_data / "test")]
+    assert main(["train", "--data", str(demo_data), "--out", str(student), *flags]) == 0
+    assert f"{27 + len(photos)} training ({len(photos)} of them unlabelled photos) / 3 validation" in (
+        capsys.readouterr().out
+    )
+    saved = RunDir(student).teacher_targets(30 + len(photos), 3, "x", name=RunDir.DISTILL_TARGETS, features=False)
+    members, weights = resolve_ensemble([ensemble], "f1")
+    _, expected = average_probabilities([Classifier.load(m) for m in members], load_images(photos, 64), "flip", weights)
+    np.testing.assert_allclose(saved["logits"][30:].exp().numpy(), expected, atol=1e-5)  # their soft targets
+    (labels, rows), validation = trained_on[0], run_split(RunDir(student)).val_rows
+    assert list(rows[-len(photos) :]) == list(range(30, 30 + len(photos)))  # in training, never in validation
+    assert np.array_equal(labels[30:], expected.argmax(1)) and len(validation) == 3  # the models' top class
+    card = (student / "hf" / "README.md").read_text(encoding="utf-8")
+    assert f"2 run(s) (flip TTA; also on the unlabelled photos of {demo_data / 'test'}," in card
+
+
+def test_distill_images_on_an_ensemble_recipe_goes_to_its_student_alone(tmp_path):
+    from lowres_birds.config import load_members
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("members:\n  a: {epochs: 1}\nstudent: {epochs: 1}\n")
+    members = load_members(str(recipe), {"distill_images": "photos"})
+    assert members.members["a"].distill_images == ""
+    assert members.student.distill_images == str((Path.cwd() / "photos").absolute())
+    recipe.write_text("members:\n  a: {epochs: 1}\n")
+    with pytest.raises(UserError, match="has no student to distil"):
+        load_members(str(recipe), {"distill_images": "photos"})
 
 
 def interrupted_after_epoch_1(monkeypatch, flags: list[str]) -> int:
@@ -143,6 +189,11 @@ def test_a_damaged_targets_cache_is_refused_in_one_line_on_resume(
         ),
         (["--init-from", "{ensemble}/a,no/such/run", "--no-student-from-teacher"], "init_from no/such/run: no model"),
         (["--init-from", "{ensemble}/a,{misfit}", "--no-student-from-teacher"], "holds another model than"),
+        (["--distill-images", "no/such/photos"], "no/such/photos not found"),
+        (["--distill-images", "{empty}"], "no images"),
+        (["--distill-images", "{broken}"], "broken.jpg"),
+        (["--distill-images", "{photos}", "--distill-from", ""], "set --distill-from, or drop --distill-images"),
+        (["--distill-images", "{photos}", "--strategy", "hr-downscale:64"], "those photos have no high-res twins"),
     ],
     ids=[
         "no such folder",
@@ -156,6 +207,11 @@ def test_a_damaged_targets_cache_is_refused_in_one_line_on_resume(
         "start classes",
         "soup: no such run",
         "soup: another model",
+        "unlabelled: no such folder",
+        "unlabelled: no images",
+        "unlabelled: a broken image",
+        "unlabelled: no models",
+        "unlabelled: HR strategy",
     ],
 )
 def test_bad_distillation_settings_are_one_line_before_anything_trains(
@@ -176,7 +232,11 @@ def test_bad_distillation_settings_are_one_line_before_anything_trains(
         shutil.copytree(ensemble / "a", misfit)
         weights = RunDir(misfit).weights()
         save_file(dict(list(weights.items())[1:]), str(misfit / RunDir.WEIGHTS))
-    extra = [part.format(ensemble=ensemble, other=other, misfit=misfit) for part in extra]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "broken.jpg").write_bytes(b"not a jpeg")
+    places = {"empty": tmp_path / "empty", "broken": tmp_path / "broken", "photos": demo_data / "test"}
+    extra = [part.format(ensemble=ensemble, other=other, misfit=misfit, **places) for part in extra]
     distill = [] if "--kd-weight" in extra and "--init-from" in extra else ["--distill-from", str(ensemble)]
     flags = ["train", "--data", str(demo_data), "--out", str(student), *STUDENT, *distill]
     assert main([*flags, *extra]) == 2
@@ -270,3 +330,16 @@ def test_online_distillation_caches_nothing_says_so_and_resumes(ensemble, demo_d
     assert [json.loads(line)["epoch"] for line in (student / RunDir.METRICS).read_text().splitlines()] == [1, 2]
     card = (student / "hf" / "README.md").read_text(encoding="utf-8")
     assert f"distilled from {ensemble}: 2 run(s) (online, weighted by validation macro-F1)" in card
+
+
+def test_a_run_written_before_distill_images_existed_still_loads(ensemble, tmp_path):
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(ensemble / "a", old)
+    config = yaml.safe_load((old / RunDir.CONFIG).read_text())
+    (old / RunDir.CONFIG).write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "distill_images"}))
+    assert RunDir(old).config().distill_images == ""  # what it did: no unlabelled photos
+    (old / RunDir.CONFIG).write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "seed"}))
+    with pytest.raises(UserError, match="lacks 1 of its .* keys \\(first: seed\\); the run folder is damaged"):
+        RunDir(old).config()

@@ -359,6 +359,14 @@ class RunConfig:
         choices=("cached", "online"),
         student_only=True,
     )
+    distill_images: str = setting(
+        "",
+        "unlabelled photos the student also learns from (a folder, a quoted glob pattern or one image, as predict "
+        "--images takes; with --distill-from, at the training split's side, never in validation): the distilled "
+        "models' answers are their soft targets and their top class the label. Photos of where the model will be "
+        "used teach what the training images, which the models have already fit, cannot",
+        student_only=True,
+    )
     init_from: str = setting(
         "",
         "start from this trained run folder's kept weights (the same model and input size, e.g. an ensemble member's "
@@ -438,6 +446,16 @@ class RunConfig:
                 "distill_targets online needs distill_from (the models that answer each batch); drop it or set "
                 "--distill-from"
             )
+        if self.distill_images and not self.distill_from:
+            raise UserError(
+                f"distill_images {self.distill_images}: unlabelled photos are labelled by the models of distill_from; "
+                "set --distill-from, or drop --distill-images"
+            )
+        if self.distill_images and parse_strategy(self.strategy).train_source == "hr":
+            raise UserError(
+                f"distill_images {self.distill_images}: those photos have no high-res twins to train on; choose a "
+                f"strategy that trains on the low-res images (got {self.strategy})"
+            )
         if self.init_from and self.student_from_teacher:
             raise UserError(
                 f"init_from {self.init_from} and student_from_teacher both choose the start weights: set "
@@ -478,6 +496,9 @@ class RunConfig:
 
 
 FIELDS = {spec.name: spec for spec in dataclasses.fields(RunConfig)}
+# Keys added after run folders were written: an older run's config.yaml lacks them and reads their defaults (which
+# keep what it did); any other missing key means a damaged config.
+KEYS_ADDED_LATER = ("distill_images",)  # 2026-12-07
 # What a fine-tuned HR teacher does not take from the student's config: it learns from the HR labels alone, for its
 # own epochs, untracked (the student's tracker run is the one that is logged).
 STUDENT_ONLY = tuple(spec for spec in FIELDS.values() if spec.metadata["student_only"])
@@ -669,6 +690,7 @@ def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> Ensemb
     data = read_recipe(recipe)
     overrides = dict(overrides or {})
     seed = overrides.pop("seed", None)
+    unlabelled = overrides.pop("distill_images", None)  # the student's alone: the members distil nothing
     if seed is not None:
         seed = coerce("seed", seed, "--seed")
         check_value("seed", seed, "--seed")
@@ -713,6 +735,11 @@ def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> Ensemb
                 f"than {STUDENT}"
             )
         configs[str(name)] = member_config(f"member {name}", keys)
-    return EnsembleRecipe(
-        configs, None if student is None else member_config(STUDENT, student), how["ensemble"], how["tta"]
-    )
+    student_config = None if student is None else member_config(STUDENT, student)
+    if unlabelled:
+        if student_config is None:
+            raise UserError(
+                f"--distill-images: recipe {recipe} has no student to distil (its {STUDENT}: key); drop the flag"
+            )
+        student_config = dataclasses.replace(student_config, distill_images=str(Path(unlabelled).absolute()))
+    return EnsembleRecipe(configs, student_config, how["ensemble"], how["tta"])

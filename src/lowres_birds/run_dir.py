@@ -35,6 +35,7 @@ from typing import Any
 from lowres_birds.config import (
     ENSEMBLE_MODES,
     FIELDS,
+    KEYS_ADDED_LATER,
     STUDENT,
     TTA_MODES,
     RunConfig,
@@ -322,7 +323,8 @@ class RunDir:
         if not path.is_file():
             raise UserError(f"{path} not found; {self.path} is not a run folder written by lowres-birds train")
         data = self._config_mapping()
-        missing = [name for name in FIELDS if name not in data]  # a recipe may leave keys out, a run's config holds all
+        # a recipe may leave keys out, a run's config holds all but those added since it was written
+        missing = [name for name in FIELDS if name not in data and name not in KEYS_ADDED_LATER]
         if missing:
             raise UserError(
                 f"{path} lacks {len(missing)} of its {len(FIELDS)} keys (first: {missing[0]}); the run folder is "

@@ -112,6 +112,8 @@ def distillation_line(cfg: RunConfig, student_f1: float) -> str | None:
     flip TTA, or online), with each one's validation macro-F1 (on its own split), and the student's; None for a run
     that was not distilled."""
     distill_from, how = cfg.distill_from, "online" if cfg.distill_targets == "online" else "flip TTA"
+    if cfg.distill_images:
+        how += f"; also on the unlabelled photos of {cfg.distill_images}"
     if not distill_from:
         return None
     try:

@@ -16,7 +16,7 @@ from lowres_birds.config import HR_SIZE, LR_SIZE, DegradationFamily, RunConfig, 
 from lowres_birds.data.degradations import LR_ONLY_FAMILY, degrade_randomly
 from lowres_birds.data.images import load_images
 from lowres_birds.data.splits import fold_indices, stratified_split
-from lowres_birds.data.tables import ImageTable, LabelMap, load_train_table
+from lowres_birds.data.tables import ImageTable, LabelMap, find_images, load_train_table
 from lowres_birds.errors import UserError
 from lowres_birds.model.resolution import gather_nchw
 from lowres_birds.train.batches import Targets, hr_views, mix_batch, random_crop_flip, trivial_augment_and_erase
@@ -35,6 +35,8 @@ class TrainingData:
     train_idx: np.ndarray
     val_idx: np.ndarray
     hr_images: np.ndarray | None  # the 256x256 twins, when the strategy or the HR techniques need them
+    # rows after the table's: --distill-images' photos, in training only, labelled by the distilled models (-1 before)
+    unlabelled_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def uses_teacher(cfg: RunConfig) -> bool:
@@ -78,8 +80,17 @@ def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
         raise UserError(f"{cfg.strategy} trains on the high-res twins, but {table.hr_missing}")
     if (strategy.train_source == "hr" or uses_hr_twins(cfg)) and table.hr_paths is not None:
         hr_images = load_images(table.hr_paths, HR_SIZE)
+    unlabelled_idx = np.zeros(0, dtype=np.int64)
+    if cfg.distill_images:  # low-res strategies only (RunConfig.validate): these photos have no twins
+        photos = load_images(find_images(cfg.distill_images), LR_SIZE)
+        unlabelled_idx = np.arange(len(lr_images), len(lr_images) + len(photos))
+        lr_images = np.concatenate([lr_images, photos])
+        targets = np.concatenate([targets, np.full(len(photos), -1, dtype=targets.dtype)])
+        train_idx = np.concatenate([train_idx, unlabelled_idx])
     train_images = hr_images if strategy.train_source == "hr" else lr_images
-    return TrainingData(table, label_map, targets, lr_images, train_images, train_idx, val_idx, hr_images)
+    return TrainingData(
+        table, label_map, targets, lr_images, train_images, train_idx, val_idx, hr_images, unlabelled_idx
+    )
 
 
 @dataclass
@@ -137,6 +148,8 @@ def training_batch(
     images = trivial_augment_and_erase(images, generator, cfg.trivial_augment, cfg.random_erasing)
     if hr.degradation is not None or hr.family is not None:
         chosen = torch.rand(len(images), generator=generator) < cfg.hr_view_ratio
+        if hr.hr_images is not None:
+            chosen &= indices < len(hr.hr_images)  # --distill-images' photos have no twins: they stay as they are
         if chosen.any():
             images = images.clone()
             if hr.hr_images is None:  # no twins: the chosen LR images themselves, mildly degraded

@@ -345,9 +345,11 @@ class RunSession:
             if cfg.budget_minutes
             else ""
         )
+        unlabelled = f" ({len(data.unlabelled_idx)} of them unlabelled photos)" if len(data.unlabelled_idx) else ""
         accelerator.print(
             f"train {cfg.model} ({cfg.strategy}) on {accelerator.device} x{accelerator.num_processes}: "
-            f"{len(data.train_idx)} training / {len(data.val_idx)} validation images, {len(data.label_map.classes)} "
+            f"{len(data.train_idx)} training{unlabelled} / {len(data.val_idx)} validation images, "
+            f"{len(data.label_map.classes)} "
             f"classes; {cfg.epochs} epochs{budget}; run folder {self.run}"
         )
         if self.state.global_step:

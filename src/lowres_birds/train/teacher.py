@@ -227,7 +227,8 @@ def teacher_finished(folder: Path, epochs: int) -> bool:
 
 def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> TeacherTargets:
     """The models of ``distill_from`` as the teacher, weighted by validation macro-F1. ``distill_targets`` cached:
-    their mean probabilities with flip TTA on every training row's LR image, computed once by the main process into
+    their mean probabilities with flip TTA on every training row's LR image (--distill-images' photos included),
+    computed once by the main process into
     RUN/distill_targets (a resumed run reads them back; a damaged file is refused), stored as log-probabilities (the
     loss softens them by kd_temperature). online: the models themselves, answering each augmented batch (nothing
     cached; each process loads them)."""
@@ -247,6 +248,8 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
             return mean_probabilities(models, weights, batch.to(processes.device), flip=False)
 
         val_f1 = score(data.targets[data.val_idx], in_batches(answer, data.lr_images[data.val_idx]).argmax(1))
+        if len(data.unlabelled_idx):
+            label_unlabelled(data, torch.from_numpy(in_batches(answer, data.lr_images[data.unlabelled_idx])))
         seconds = time.perf_counter() - started
         return TeacherTargets(None, None, val_f1["macro_f1"], "distilled", description, seconds, answer=answer)
     rows, classes, path = len(data.targets), len(labels), run / RunDir.DISTILL_TARGETS
@@ -262,6 +265,7 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
     processes.wait_for_everyone()
     damaged = "remove it and resume (it is computed again)"
     saved = run.teacher_targets(rows, classes, damaged, name=RunDir.DISTILL_TARGETS, features=False)
+    label_unlabelled(data, saved["logits"][data.unlabelled_idx])
     return TeacherTargets(
         None,
         saved["logits"],
@@ -271,6 +275,12 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
         saved["seconds"],
         reused=reused,
     )
+
+
+def label_unlabelled(data: TrainingData, scores: torch.Tensor) -> None:
+    """--distill-images' rows take the distilled models' top class (``scores``: theirs, one row per photo) as their
+    label: the cross-entropy then pulls the way the soft targets do (pseudo-labels, Lee 2013)."""
+    data.targets[data.unlabelled_idx] = scores.argmax(1).numpy()
 
 
 def start_from_teacher(student: BirdNet, run: RunDir) -> None:
