@@ -343,3 +343,18 @@ def test_a_run_written_before_distill_images_existed_still_loads(ensemble, tmp_p
     (old / RunDir.CONFIG).write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "seed"}))
     with pytest.raises(UserError, match="lacks 1 of its .* keys \\(first: seed\\); the run folder is damaged"):
         RunDir(old).config()
+
+
+def test_a_student_on_data_without_twins_keeps_its_distillation(ensemble, demo_data, tmp_path, capsys):
+    import pandas as pd
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data, ignore=shutil.ignore_patterns("upscale_train"))
+    pd.read_csv(demo_data / "train.csv").drop(columns=["upscale_img_path"]).to_csv(data / "train.csv", index=False)
+    student = tmp_path / "student"
+    flags = [*STUDENT, "--distill-from", str(ensemble), "--distill-images", str(data / "test")]
+    assert main(["train", "--data", str(data), "--out", str(student), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "no high-res twins (" in out and "HR teacher" not in out  # the distilled models need no twins
+    assert f"distilling from {ensemble} (2 runs" in out and "(18 of them unlabelled photos)" in out
+    assert RunDir(student).config().kd_weight == 0.7 and (student / RunDir.DISTILL_TARGETS).is_file()

@@ -50,17 +50,20 @@ def uses_hr_twins(cfg: RunConfig) -> bool:
 
 def without_missing_twins(cfg: RunConfig, data: TrainingData) -> tuple[RunConfig, str | None]:
     """(the config the data allows, a one-line notice or None): data without high-res twins (an ImageFolder, a
-    test-only copy) trains the recipe without its HR teacher and HR views rather than failing."""
+    test-only copy) trains the recipe without its HR teacher and HR views rather than failing. A student of
+    --distill-from keeps its teacher: the distilled models answer the low-res images."""
     if data.hr_images is not None or not uses_hr_twins(cfg):
         return cfg, None
+    no_teacher = {} if cfg.distill_from else {"teacher": "frozen", "kd_weight": 0.0, "feature_kd_weight": 0.0}
+    missing = f"no high-res twins ({data.table.hr_missing}): "
     if parse_degradations(cfg.degradations) is not None:
         notice = (
-            f"no high-res twins ({data.table.hr_missing}): training without the HR teacher; instead of HR views, "
+            f"{missing}{'' if cfg.distill_from else 'training without the HR teacher; '}instead of HR views, "
             f"{cfg.hr_view_ratio:g} of each batch are LR images mildly blurred or compressed ({LR_ONLY_FAMILY})"
         )
-        return dataclasses.replace(cfg, teacher="frozen", kd_weight=0.0, feature_kd_weight=0.0), notice
-    notice = f"no high-res twins ({data.table.hr_missing}): training without the HR teacher and HR views"
-    return dataclasses.replace(cfg, teacher="frozen", kd_weight=0.0, feature_kd_weight=0.0, hr_view_ratio=0.0), notice
+        return dataclasses.replace(cfg, **no_teacher), notice
+    notice = f"{missing}training without {'HR views' if cfg.distill_from else 'the HR teacher and HR views'}"
+    return dataclasses.replace(cfg, **no_teacher, hr_view_ratio=0.0), notice
 
 
 def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
