@@ -81,14 +81,13 @@ def main() -> int:
         rows = np.array([position[i] for i in truth["id"]])
         images = np.asarray(load_images([table.lr_paths[i] for i in rows], LR_SIZE))
 
-        def macro_f1(folder: Path, tta: str = "none") -> float:
-            model = Classifier.load(folder)
+        def macro_f1(model: Classifier, tta: str = "none") -> float:
             predicted = model.predict_arrays(images, tta=tta).argmax(1)
             return score(truth["label"].tolist(), [model.labels[i] for i in predicted])["macro_f1"]
 
-        ensemble = macro_f1(args.run, Classifier.load(args.run).tta)
-        ensemble_plain = macro_f1(args.run)
-        scores = {arm: macro_f1(folder) for arm, folder in students.items()}
+        members = Classifier.load(args.run)
+        ensemble, ensemble_plain = macro_f1(members, members.tta), macro_f1(members)
+        scores = {arm: macro_f1(Classifier.load(folder)) for arm, folder in students.items()}
     line = ensemble_plain - 0.01
     body = [
         f"`{args.run}`'s student (seed {seed}, split seed {split_seed}) with and without {len(table) - len(labelled)} "

@@ -35,8 +35,12 @@ class TrainingData:
     train_idx: np.ndarray
     val_idx: np.ndarray
     hr_images: np.ndarray | None  # the 256x256 twins, when the strategy or the HR techniques need them
-    # rows after the table's: --distill-images' photos, in training only, labelled by the distilled models (-1 before)
-    unlabelled_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def unlabelled_idx(self) -> np.ndarray:
+        """The rows after the table's: --distill-images' photos, in training only, labelled by the distilled models
+        (-1 until then)."""
+        return np.arange(len(self.table), len(self.targets))
 
 
 def uses_teacher(cfg: RunConfig) -> bool:
@@ -83,17 +87,13 @@ def load_training_data(data_dir: Path, cfg: RunConfig) -> TrainingData:
         raise UserError(f"{cfg.strategy} trains on the high-res twins, but {table.hr_missing}")
     if (strategy.train_source == "hr" or uses_hr_twins(cfg)) and table.hr_paths is not None:
         hr_images = load_images(table.hr_paths, HR_SIZE)
-    unlabelled_idx = np.zeros(0, dtype=np.int64)
     if cfg.distill_images:  # low-res strategies only (RunConfig.validate): these photos have no twins
         photos = load_images(find_images(cfg.distill_images), LR_SIZE)
-        unlabelled_idx = np.arange(len(lr_images), len(lr_images) + len(photos))
+        train_idx = np.concatenate([train_idx, np.arange(len(lr_images), len(lr_images) + len(photos))])
         lr_images = np.concatenate([lr_images, photos])
         targets = np.concatenate([targets, np.full(len(photos), -1, dtype=targets.dtype)])
-        train_idx = np.concatenate([train_idx, unlabelled_idx])
     train_images = hr_images if strategy.train_source == "hr" else lr_images
-    return TrainingData(
-        table, label_map, targets, lr_images, train_images, train_idx, val_idx, hr_images, unlabelled_idx
-    )
+    return TrainingData(table, label_map, targets, lr_images, train_images, train_idx, val_idx, hr_images)
 
 
 @dataclass

@@ -349,8 +349,7 @@ class RunSession:
         accelerator.print(
             f"train {cfg.model} ({cfg.strategy}) on {accelerator.device} x{accelerator.num_processes}: "
             f"{len(data.train_idx)} training{unlabelled} / {len(data.val_idx)} validation images, "
-            f"{len(data.label_map.classes)} "
-            f"classes; {cfg.epochs} epochs{budget}; run folder {self.run}"
+            f"{len(data.label_map.classes)} classes; {cfg.epochs} epochs{budget}; run folder {self.run}"
         )
         if self.state.global_step:
             accelerator.print(f"resumed {self.run} at epoch {self.state.epoch + 1}, step {self.state.step_in_epoch}")

@@ -228,10 +228,9 @@ def teacher_finished(folder: Path, epochs: int) -> bool:
 def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> TeacherTargets:
     """The models of ``distill_from`` as the teacher, weighted by validation macro-F1. ``distill_targets`` cached:
     their mean probabilities with flip TTA on every training row's LR image (--distill-images' photos included),
-    computed once by the main process into
-    RUN/distill_targets (a resumed run reads them back; a damaged file is refused), stored as log-probabilities (the
-    loss softens them by kd_temperature). online: the models themselves, answering each augmented batch (nothing
-    cached; each process loads them)."""
+    computed once by the main process into RUN/distill_targets (a resumed run reads them back; a damaged file is
+    refused), stored as log-probabilities (the loss softens them by kd_temperature). online: the models themselves,
+    answering each augmented batch (nothing cached; each process loads them)."""
     from accelerate import PartialState
 
     processes = PartialState()
