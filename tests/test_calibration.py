@@ -65,6 +65,33 @@ def test_temperature_is_recovered_from_overconfident_logits():
     )
 
 
+def test_an_error_free_validation_split_leaves_the_temperature_unfitted():
+    from lowres_birds.predict.calibrate import describe
+
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.arange(40) % 4
+    logits = torch.randn(40, 4, generator=generator) + 6 * torch.nn.functional.one_hot(targets, 4)
+    assert fit_temperature(logits, targets) == 1.0  # the NLL would fall all the way to T -> 0
+    assert fit_temperature(logits, targets, logits.clone()) == 1.0
+    wrong = logits.clone()
+    wrong[0] = wrong[0].roll(1)  # one image answered wrongly: a finite temperature of least NLL
+    for fitted in (fit_temperature(wrong, targets), fit_temperature(logits, targets, wrong)):  # wrong: mirrored only
+        assert 0.05 < fitted < 5 and fitted != 1.0
+    line = describe(
+        Path("run"),
+        {
+            "temperature": 1.0,
+            "tta": "none",
+            "score": "energy",
+            "threshold": 0.0,
+            "keep_known": 0.95,
+            "unfitted": True,
+            "validation": dict.fromkeys(("images", "ece_before", "ece_after", "nll_before", "nll_after"), 0),
+        },
+    )
+    assert "not fitted: no validation image is answered wrongly" in line
+
+
 def test_risk_coverage_answers_the_most_confident_first():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
     coverage, accuracy, threshold = risk_coverage(probs, np.array([0, 1, 1]))
@@ -173,11 +200,16 @@ def test_a_run_from_before_calibration_loads_uncalibrated_and_says_so_once(train
     np.testing.assert_allclose(rescaled, calibrated, atol=1e-4)  # softmax(logits / T); the labels are the same
 
 
+def _edit_json(path: Path, **values) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | values))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         (lambda run: (run / "calibration.json").write_text("{not json"), "calibration.json is not valid JSON"),
         (lambda run: (run / "calibration.json").write_text('{"temperature": -1}'), "must give 'temperature'"),
+        (lambda run: _edit_json(run / "calibration.json", unfitted="yes"), "'unfitted' (true or false)"),
         (lambda run: (run / "unknown.safetensors").write_bytes(b"garbage"), "not a readable safetensors file"),
         (lambda run: (run / "unknown.safetensors").unlink(), "unknown.safetensors not found"),
     ],

@@ -113,5 +113,8 @@ def test_demo_trains_the_cpu_recipe_with_its_teacher_and_scores_like_a_working_m
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
     assert "HR teacher finetuned" in printed  # the default recipe's teacher is part of the demo
+    # what train writes after training too: calibrated scores with an unknown flag, the HF folder, the report
+    assert (tmp_path / "demo/run/calibration.json").is_file() and (tmp_path / "demo/run/hf").is_dir()
+    assert "no calibration.json" not in capsys.readouterr().err + printed
     # 0.927 on 2026-11-30; a weak teacher gave 0.57
     assert float(re.search(r"^macro-F1 ([0-9.]+)", printed, re.M).group(1)) >= 0.8

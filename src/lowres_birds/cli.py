@@ -481,6 +481,7 @@ def add_demo(sub) -> None:
 def run_demo(args) -> int:
     from lowres_birds.config import load_config
     from lowres_birds.data.demo import make_demo_dataset
+    from lowres_birds.inspect.report import after_training
     from lowres_birds.run_dir import replace_folder
     from lowres_birds.train.loop import train
 
@@ -502,11 +503,15 @@ def run_demo(args) -> int:
     )
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
+    after_training(run_dir, data_dir)  # as train does: calibrated scores with an unknown flag, RUN/hf, the report
     submission = args.out / "submission.csv"
     _run(["predict", "--run", str(run_dir), "--data", str(data_dir), "--out", str(submission), "--tta", "flip"])
     _run(["evaluate", "--submission", str(submission), "--labels", str(data_dir / "test_labels.csv")])
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. Everything is in {args.out}/:")
-    print("  data/ (synthetic)  run/ (model, config, metrics)  submission.csv  confusion_matrix.png")
+    print(
+        "  data/ (synthetic)  run/ (model, config, metrics, calibration, hf/, report/)  submission.csv  "
+        "confusion_matrix.png"
+    )
     print("Real data: lowres-birds train --data DIR --recipe cpu --out runs/mine  (see README)")
     return 0
 

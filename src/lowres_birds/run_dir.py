@@ -619,11 +619,12 @@ class RunDir:
             or not calibration.get("temperature_folded", 1) > 0
             or not _is_number(calibration.get("keep_known", 1))
             or not 0 < calibration.get("keep_known", 1) <= 1
+            or not isinstance(calibration.get("unfitted", False), bool)
         ):
             raise UserError(
                 f"{path} must give 'temperature' (a positive number), 'score' (one of {', '.join(scores)}) and "
                 f"'threshold' (a number), and if any 'temperature_folded' (a positive number), 'keep_known' (a share "
-                f"above 0, at most 1) and 'tta' (one of {', '.join(TTA_MODES)}); {damaged}"
+                f"above 0, at most 1), 'tta' (one of {', '.join(TTA_MODES)}) and 'unfitted' (true or false); {damaged}"
             )
         needed = statistics.get(calibration["score"], ())
         if not needed:

@@ -34,6 +34,7 @@ from lowres_birds.model.calibration import (
     KEEP_KNOWN,
     SCORES,
     STATISTICS,
+    UNFITTED,
     expected_calibration_error,
     negative_log_likelihood,
 )
@@ -224,6 +225,8 @@ def calibration_section(
     before, after = scores.softmax(-1).numpy(), (scores / calibration["temperature"]).softmax(-1).numpy()
     where = "validation split (where T was fitted: test-set figures in BENCHMARKS.md)"
     fitted, kept = f"fitted by NLL on the {len(truth)} validation images", ""
+    if calibration.get("unfitted"):
+        fitted = f"not fitted ({UNFITTED})"
     if starts := calibration.get("temperature_from"):
         kept = f": the share its starting runs keep at their own, so ~{1 - KEEP_KNOWN:.0%} of new photos are flagged"
         where = "validation split (trained on by the runs it started from: test-set figures in BENCHMARKS.md)"

@@ -1,7 +1,8 @@
 """Calibrated scores and the "unknown" score, as one module every output path shares.
 
 ``fit_temperature``: one temperature T fitted by NLL on held-out logits (Guo et al. 2017, temperature scaling): the
-probabilities become ``softmax(logits / T)``; the ranking of classes, hence every label and macro-F1, is unchanged.
+probabilities become ``softmax(logits / T)``; the ranking of classes, hence every label and macro-F1, is unchanged
+(with flip TTA the two views' calibrated probabilities are averaged, which a close call can tip).
 
 ``CalibratedHead``: (pooled features, logits) -> (calibrated probabilities, unknown score), the module Classifier
 runs after the network and the ONNX export puts inside the graph. The unknown score is higher for images less like
@@ -32,14 +33,25 @@ LOGIT_DEFAULT_SCORE = "energy"  # for models without pooled features (Hugging Fa
 KEEP_KNOWN = 0.95  # the threshold keeps this share of the validation split (all known species) as known
 KNN_NEIGHBOURS = 5
 ECE_BINS = 15
+UNFITTED = "no validation image is answered wrongly, so no temperature is of least NLL; the scores stay as they are"
 STATISTICS = {"mahalanobis": ("means", "precision"), "knn": ("bank",)}  # the tensors each feature score needs
+
+
+def without_errors(targets: torch.Tensor, *views: torch.Tensor) -> bool:
+    """Whether the target is the top class of every row of every view (logits): then the NLL of ``softmax(logits /
+    T)`` keeps falling as T -> 0, so no temperature is of least NLL (a small or easy validation split)."""
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    return all(bool((view.argmax(1) == targets).all()) for view in views)
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, mirrored: torch.Tensor | None = None) -> float:
     """The temperature minimising the NLL of ``softmax(logits / T)`` on ``targets`` (LBFGS on log T, so T > 0);
     with ``mirrored`` (the logits of the mirror images), of the flip-TTA answer ``(softmax(logits / T) +
     softmax(mirrored / T)) / 2``, which is what a model predicting with flip TTA gives. Log-probabilities work as well
-    as logits: softmax is unchanged by a per-row shift."""
+    as logits: softmax is unchanged by a per-row shift. 1 (the scores as they are) when no answer is wrong: the fit
+    would run to T -> 0 and make every later answer certain (0.038 on the demo's 38 validation images)."""
+    if without_errors(targets, logits, *(() if mirrored is None else (mirrored,))):
+        return 1.0
     logits, targets = logits.detach().double(), torch.as_tensor(targets, dtype=torch.long)
     mirrored = None if mirrored is None else mirrored.detach().double()
     log_temperature = torch.zeros(1, dtype=torch.float64, requires_grad=True)

@@ -26,12 +26,14 @@ from lowres_birds.model.calibration import (
     LOGIT_DEFAULT_SCORE,
     SCORES,
     STATISTICS,
+    UNFITTED,
     CalibratedHead,
     expected_calibration_error,
     feature_statistics,
     fit_temperature,
     negative_log_likelihood,
     threshold_keeping,
+    without_errors,
 )
 from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import BirdNet, pooled_outputs
@@ -79,6 +81,7 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
         "threshold": threshold_keeping(unknown, keep),
         "keep_known": keep,
         **({"temperature_from": [str(start.path) for start in starts]} if starts else {}),
+        **({} if starts or not without_errors(val_targets, *(logits for _, logits in views)) else {"unfitted": True}),
         "validation": {
             "images": len(val_targets),
             "ece_before": expected_calibration_error(before, val_targets),
@@ -185,6 +188,8 @@ def describe(run: Path, calibration: dict) -> str:
     if starts:
         fitted = f"the mean of its starting runs', which trained on its validation images: {', '.join(starts)}"
         kept = ", the share its starting runs keep at their own thresholds"
+    elif calibration.get("unfitted"):
+        fitted = f"not fitted: {UNFITTED}"
     return (
         f"{run}: temperature {calibration['temperature']:.3f} ({fitted}, with {tta} TTA); validation ({val['images']} "
         "images) ECE "
@@ -206,8 +211,8 @@ def load_head(
         if str(run.path) not in _TOLD_UNCALIBRATED:
             _TOLD_UNCALIBRATED.add(str(run.path))
             print(
-                f"note: {run.path} has no {RunDir.CALIBRATION} (written before calibration existed): its scores are "
-                f"uncalibrated and carry no unknown flag; {remedy}",
+                f"note: {run.path} has no {RunDir.CALIBRATION} (written before calibration existed, or its "
+                f"calibration failed): its scores are uncalibrated and carry no unknown flag; {remedy}",
                 file=sys.stderr,
             )
         return CalibratedHead(1.0, "max_softmax", {}), None, 1.0
