@@ -227,6 +227,59 @@ def test_evaluate_run_without_out_dir_numbers_its_folder_and_refuses_mixed_modes
     assert main(["evaluate", "--submission", "s.csv"]) == 2
 
 
+def test_evaluate_scores_a_run_on_the_labelled_half_of_a_test_set_as_predict_then_evaluate(
+    trained_run, demo_data, tmp_path, capsys
+):
+    labels = tmp_path / "public.csv"
+    half = pd.read_csv(demo_data / "test_labels.csv", dtype=str).iloc[::2]
+    half.to_csv(labels, index=False)
+    argv = ["evaluate", "--run", str(trained_run), "--labels", str(labels), "--data", str(demo_data)]
+    assert main([*argv, "--out-dir", str(tmp_path / "direct")]) == 0
+    printed = capsys.readouterr().out
+    assert f"scored {len(half)} labelled images" in printed and (tmp_path / "direct" / "per_class.csv").is_file()
+    submission = tmp_path / "submission.csv"
+    assert main(["predict", "--run", str(trained_run), "--data", str(demo_data), "--out", str(submission)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--submission", str(submission), "--labels", str(labels), "--data", str(demo_data)]) == 0
+    assert _scores(capsys.readouterr().out) == _scores(printed)
+
+
+def _labels_with(change):
+    def write(demo_data: Path, path: Path) -> None:
+        frame = pd.read_csv(demo_data / "test_labels.csv", dtype=str).iloc[:6]
+        change(frame).to_csv(path, index=False)
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("labels", "beside", "fragment"),
+    [
+        (_labels_with(lambda f: pd.concat([f, f.iloc[:1].assign(id="NOPE")])), True, "1 id(s) not in"),
+        (_labels_with(lambda f: pd.concat([f, f.iloc[:1]])), True, "duplicate id"),
+        (_labels_with(lambda f: f.assign(label=[" "] + list(f["label"][1:]))), True, "row 2: empty label"),
+        (_labels_with(lambda f: f.iloc[:0]), True, "has a header but no rows"),
+        (lambda demo_data, path: path.write_bytes(b"\x00\xff\x00"), True, "public.csv"),
+        (_labels_with(lambda f: f), False, "no test.csv beside --labels"),
+    ],
+)
+def test_evaluate_run_on_test_labels_refuses_bad_labels_in_one_line(
+    labels, beside, fragment, trained_run, demo_data, tmp_path, capsys
+):
+    test_dir = tmp_path / "data"
+    test_dir.mkdir()
+    if beside:  # the labels in a test folder of the competition layout, found without --data
+        (test_dir / "test.csv").write_bytes((demo_data / "test.csv").read_bytes())
+        (test_dir / "test").symlink_to(demo_data / "test")
+    labels(demo_data, test_dir / "public.csv")
+    capsys.readouterr()
+    argv = ["evaluate", "--run", str(trained_run), "--labels", str(test_dir / "public.csv")]
+    assert main([*argv, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "per_class.csv").exists()
+
+
 # --------------------------------------------------------------------------- numbered run folders
 
 

@@ -382,10 +382,15 @@ def run_predict(args) -> int:
 
 def add_evaluate(sub) -> None:
     parser = sub.add_parser(
-        "evaluate", help="score a submission against labels, or a trained model on a labelled ImageFolder"
+        "evaluate",
+        help="score a submission against labels, or a trained model on a labelled ImageFolder or a labelled test set",
     )
     parser.add_argument("--submission", type=Path, help="CSV with id,label (with --labels)")
-    parser.add_argument("--labels", type=Path, help="CSV with id,label (may cover part of the test set)")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="CSV with id,label (may cover part of the test set): scores --submission, or --run on those test images",
+    )
     parser.add_argument(
         "--run",
         type=Path,
@@ -401,9 +406,9 @@ def add_evaluate(sub) -> None:
     parser.add_argument(
         "--data",
         type=Path,
-        help="with --run: a labelled ImageFolder (DIR/<class>/*.jpg) to predict and score; with --submission: the test "
-        "folder, "
-        "whose test.csv ids the submission must cover (default: the folder of --labels when it holds a test.csv)",
+        help="with --run: a labelled ImageFolder (DIR/<class>/*.jpg) to predict and score, or with --labels the test "
+        "folder they come from; with --submission: the test folder, whose test.csv ids the submission must cover "
+        "(with --labels, default: the folder of --labels when it holds a test.csv)",
     )
     parser.add_argument(
         "--degradations",
@@ -438,21 +443,30 @@ def run_evaluate(args) -> int:
             args.run[0], args.data, args.degradations, out_dir, args.force, args.tta or "none", args.device
         )
         return 0
+    beside_labels = args.labels is not None and (args.labels.parent / "test.csv").is_file()
+    test_dir = args.data or (args.labels.parent if beside_labels else None)
     if sources:
-        if args.submission is not None or args.labels is not None:
+        if args.submission is not None:
             raise UserError(
-                "evaluate: score either models (--run/--onnx with --data IMAGEFOLDER) or a submission (--submission "
-                "with --labels), not both"
+                "evaluate: score either models (--run/--onnx) or a submission (--submission with --labels), not both"
             )
-        if args.data is None:
-            raise UserError("evaluate: --run needs --data, a labelled ImageFolder (DIR/<class>/*.jpg) to score it on")
+        if test_dir is None and args.labels is not None:
+            raise UserError(
+                f"evaluate: no test.csv beside --labels {args.labels}; pass --data, the test folder they come from"
+            )
+        if test_dir is None:
+            raise UserError(
+                "evaluate: --run needs --data: a labelled ImageFolder (DIR/<class>/*.jpg), or a test folder in the "
+                "competition layout with --labels CSV"
+            )
         out_dir = args.out_dir or _default_out("evaluate")
         members, weights, tta = _resolve_ensemble(sources, args)
-        evaluate_models(members, weights, args.data, out_dir, args.force, tta, args.device)
+        evaluate_models(members, weights, test_dir, out_dir, args.force, tta, args.device, args.labels)
         return 0
     if args.submission is None or args.labels is None:
-        raise UserError("evaluate: pass --submission CSV --labels CSV, or --run RUN --data IMAGEFOLDER")
-    test_dir = args.data or (args.labels.parent if (args.labels.parent / "test.csv").is_file() else None)
+        raise UserError(
+            "evaluate: pass --submission CSV --labels CSV, or --run RUN with --data IMAGEFOLDER or --labels CSV"
+        )
     out_dir = args.out_dir or args.submission.parent
     check_output(out_dir, force=True, folder=True)  # a folder that may hold other files; its two files are checked next
     evaluate_submission(args.submission, args.labels, test_dir, out_dir, args.force)

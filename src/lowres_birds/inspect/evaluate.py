@@ -1,11 +1,13 @@
 """Scores: a submission against labels (which may cover part of the test set), or trained models on a
-labelled ImageFolder (as timm's validate.py or ``yolo val``). Both print and write the same things: macro-F1,
-accuracy, the per-class table and the confusion matrix."""
+labelled ImageFolder (as timm's validate.py or ``yolo val``) or on the labelled images of a competition-layout test
+set. All print and write the same things: macro-F1, accuracy, the per-class table and the confusion matrix."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+
+import pandas as pd
 
 from lowres_birds.data.tables import is_image_folder, load_image_folder, load_test_table, read_csv
 from lowres_birds.errors import UserError
@@ -23,17 +25,8 @@ def align_submission(
     The labels may cover only part of the test set (a public half), so submission ids without a label
     are fine as long as they belong to the test set: ``test_ids`` when given, else the labels' ids.
     """
-    submission = read_csv(Path(submission_path), ("id", "label"))
-    truth = read_csv(Path(labels_path), ("id", "label"))
-    for frame, path in ((submission, submission_path), (truth, labels_path)):
-        duplicated = frame["id"][frame["id"].duplicated()]
-        if len(duplicated):
-            raise UserError(f"{path}: duplicate id {duplicated.iloc[0]!r}; ids must be unique")
-    blank = truth.index[truth["label"] == ""]
-    if len(blank):
-        raise UserError(
-            f"{labels_path} row {blank[0] + 2}: empty label (blank or spaces only); give every labelled id its class"
-        )
+    submission = refuse_duplicate_ids(read_csv(Path(submission_path), ("id", "label")), submission_path)
+    truth = read_labels(labels_path)
     predicted = dict(zip(submission["id"], submission["label"]))
     known = set(test_ids) if test_ids is not None else set(truth["id"])
     missing = [i for i in truth["id"] if i not in predicted]
@@ -55,6 +48,24 @@ def align_submission(
     return truth["id"].tolist(), truth["label"].tolist(), [predicted[i] for i in truth["id"]]
 
 
+def refuse_duplicate_ids(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    duplicated = frame["id"][frame["id"].duplicated()]
+    if len(duplicated):
+        raise UserError(f"{path}: duplicate id {duplicated.iloc[0]!r}; ids must be unique")
+    return frame
+
+
+def read_labels(labels_path: Path) -> pd.DataFrame:
+    """The id,label table of the true labels: unique ids, every label given."""
+    truth = refuse_duplicate_ids(read_csv(Path(labels_path), ("id", "label")), labels_path)
+    blank = truth.index[truth["label"] == ""]
+    if len(blank):
+        raise UserError(
+            f"{labels_path} row {blank[0] + 2}: empty label (blank or spaces only); give every labelled id its class"
+        )
+    return truth
+
+
 def evaluate_submission(submission: Path, labels: Path, test_dir: Path | None, out_dir: Path, force: bool) -> dict:
     """Print the per-class table and scores; write per_class.csv and confusion_matrix.png into ``out_dir``."""
     table_path, png_path = out_dir / "per_class.csv", out_dir / "confusion_matrix.png"
@@ -68,36 +79,56 @@ def evaluate_submission(submission: Path, labels: Path, test_dir: Path | None, o
 def evaluate_models(
     sources: list[Path],
     weights: list[float] | None,
-    image_folder: Path,
+    data: Path,
     out_dir: Path,
     force: bool,
     tta: str = "none",
     device: str = "cpu",
+    labels_path: Path | None = None,
 ) -> dict:
-    """Predict every image of a labelled ImageFolder (DIR/<class>/*.jpg) with the models (averaged, or weighted by
-    ``weights``) and score them."""
-    if not is_image_folder(image_folder):
+    """Predict every image of a labelled ImageFolder (DIR/<class>/*.jpg), or with ``labels_path`` (id,label, which
+    may cover part of the test set) the labelled images of the competition-layout test folder ``data``, with the
+    models (averaged, or weighted by ``weights``) and score them."""
+    if labels_path is None and not is_image_folder(data):
         raise UserError(
-            f"{image_folder} is not a labelled ImageFolder (DIR/<class>/*.jpg without train.csv or test.csv); for a "
-            "test set in "
-            "the competition layout run lowres-birds predict --data DIR, then lowres-birds evaluate --submission CSV "
-            "--labels CSV"
+            f"{data} is not a labelled ImageFolder (DIR/<class>/*.jpg without train.csv or test.csv); for a test set "
+            "in the competition layout pass its labels too: --labels CSV"
         )
     for path in (out_dir / "per_class.csv", out_dir / "confusion_matrix.png"):
         # before minutes of predicting
-        check_output(path, force, others=[("--data", image_folder), *(("--run", source) for source in sources)])
-    table = load_image_folder(image_folder)
-    predictions = predict_files(sources, table.lr_paths, tta=tta, device=device, weights=weights)
+        inputs = [("--data", data), ("--labels", labels_path), *(("--run", source) for source in sources)]
+        check_output(path, force, others=[(flag, value) for flag, value in inputs if value is not None])
+    if labels_path is None:
+        table = load_image_folder(data)
+        ids, truth, paths = table.ids, table.labels, table.lr_paths
+    else:
+        ids, truth, paths = labelled_test_images(read_labels(labels_path), labels_path, data)
+    predictions = predict_files(sources, paths, tta=tta, device=device, weights=weights)
     labels, probs = predictions.labels, predictions.probs
-    unknown = sorted(set(table.labels) - set(labels))
+    unknown = sorted(set(truth) - set(labels))
     if unknown:
-        count = sum(label in unknown for label in table.labels)
+        count = sum(label in unknown for label in truth)
         warnings.warn(
             f"{count} image(s) of {len(unknown)} class(es) the model was not trained on (first: {unknown[0]!r}) count "
             "as errors",
             stacklevel=2,
         )
-    return report_scores(table.ids, table.labels, [labels[i] for i in probs.argmax(1)], out_dir)
+    return report_scores(ids, truth, [labels[i] for i in probs.argmax(1)], out_dir)
+
+
+def labelled_test_images(truth: pd.DataFrame, labels_path: Path, test_dir: Path) -> tuple[list, list, list]:
+    """(ids, true labels, image paths) of the labelled ids of the test folder ``test_dir``; ids it lacks are
+    refused."""
+    table = load_test_table(test_dir)
+    position = {image_id: row for row, image_id in enumerate(table.ids)}
+    outside = [image_id for image_id in truth["id"] if image_id not in position]
+    if outside:
+        raise UserError(
+            f"{labels_path}: {len(outside)} id(s) not in {Path(test_dir) / 'test.csv'} (first: {outside[0]}); pass "
+            "--data, the test folder these labels come from"
+        )
+    ids = truth["id"].tolist()
+    return ids, truth["label"].tolist(), [table.lr_paths[position[image_id]] for image_id in ids]
 
 
 def report_scores(ids: list[str], truth: list[str], predicted: list[str], out_dir: Path) -> dict:
