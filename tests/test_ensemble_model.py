@@ -175,6 +175,13 @@ def test_a_hugging_face_folder_of_an_ensemble_is_refused_naming_what_to_export(e
     assert "--tta applies to --format onnx" in capsys.readouterr().err
 
 
+def test_a_report_of_an_ensemble_folder_is_refused_naming_its_runs(ensemble, tmp_path, capsys):
+    assert main(["report", "--run", str(ensemble), "--out", str(tmp_path / "report")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "a report covers one" in error and str(ensemble / "a") in error and "\n" not in error
+    assert not (tmp_path / "report").exists()
+
+
 def test_an_onnx_file_with_a_bad_tta_record_is_refused_in_one_line(exported, tmp_path):
     from lowres_birds.errors import UserError
     from lowres_birds.predict.export import set_metadata

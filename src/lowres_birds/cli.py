@@ -826,8 +826,16 @@ def add_report(sub) -> None:
 
 def run_report(args) -> int:
     from lowres_birds.inspect.report import write_report
-    from lowres_birds.run_dir import RunDir, check_output
+    from lowres_birds.run_dir import MembersDir, RunDir, check_output, model_folders
 
+    runs = model_folders(args.run)
+    if runs != [args.run]:  # an ensemble or folds folder
+        student = MembersDir(args.run).student if MembersDir(args.run).is_group() else None
+        runs += [student] if student is not None and student.is_dir() else []
+        raise UserError(
+            f"report: {args.run} holds {len(runs)} runs and a report covers one: pass one of them with --run "
+            f"({', '.join(str(run) for run in runs)})"
+        )
     run = RunDir(args.run).require()
     out = args.out or run / RunDir.REPORT
     # a report is rewritten in place
