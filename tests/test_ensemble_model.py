@@ -175,11 +175,18 @@ def test_a_hugging_face_folder_of_an_ensemble_is_refused_naming_what_to_export(e
     assert "--tta applies to --format onnx" in capsys.readouterr().err
 
 
-def test_a_report_of_an_ensemble_folder_is_refused_naming_its_runs(ensemble, tmp_path, capsys):
-    assert main(["report", "--run", str(ensemble), "--out", str(tmp_path / "report")]) == 2
+@pytest.mark.parametrize(
+    ("command", "what"),
+    [
+        (["report", "--out", "{tmp}/out"], "a report covers one run"),
+        (["evaluate", "--degradations", "default", "--out-dir", "{tmp}/out"], "on its own validation split"),
+    ],
+)
+def test_commands_of_one_run_refuse_an_ensemble_folder_naming_its_runs(ensemble, tmp_path, capsys, command, what):
+    assert main([*(part.format(tmp=tmp_path) for part in command), "--run", str(ensemble)]) == 2
     error = capsys.readouterr().err.strip()
-    assert "a report covers one" in error and str(ensemble / "a") in error and "\n" not in error
-    assert not (tmp_path / "report").exists()
+    assert what in error and f"holds 2 runs; pass one of them ({ensemble / 'a'}, {ensemble / 'b'})" in error
+    assert "\n" not in error and not (tmp_path / "out").exists()
 
 
 def test_an_onnx_file_with_a_bad_tta_record_is_refused_in_one_line(exported, tmp_path):

@@ -324,6 +324,18 @@ def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _refuse_several_runs(source: Path, what: str) -> None:
+    """One line naming the runs of an ensemble or folds folder given to a command that takes one run folder."""
+    from lowres_birds.run_dir import MembersDir, model_folders
+
+    runs = model_folders(source)
+    if runs == [source]:
+        return
+    student = MembersDir(source).student if MembersDir(source).is_group() else None
+    runs += [student] if student is not None and student.is_dir() else []
+    raise UserError(f"{what}: {source} holds {len(runs)} runs; pass one of them ({', '.join(map(str, runs))})")
+
+
 def _resolve_ensemble(sources: list[Path], args) -> tuple[list[Path], list[float] | None, str]:
     """The models to average, their weights and the TTA (the flags, else what one ensemble folder records),
     announced in one line when there is more than a single model."""
@@ -438,6 +450,7 @@ def run_evaluate(args) -> int:
 
         if len(args.run) != 1 or args.onnx or args.submission is not None or args.labels is not None:
             raise UserError("evaluate --degradations scores one trained run: pass exactly one --run RUN")
+        _refuse_several_runs(args.run[0], "evaluate --degradations scores one run on its own validation split")
         out_dir = args.out_dir or _default_out("evaluate")
         evaluate_robustness(
             args.run[0], args.data, args.degradations, out_dir, args.force, args.tta or "none", args.device
@@ -826,16 +839,9 @@ def add_report(sub) -> None:
 
 def run_report(args) -> int:
     from lowres_birds.inspect.report import write_report
-    from lowres_birds.run_dir import MembersDir, RunDir, check_output, model_folders
+    from lowres_birds.run_dir import RunDir, check_output
 
-    runs = model_folders(args.run)
-    if runs != [args.run]:  # an ensemble or folds folder
-        student = MembersDir(args.run).student if MembersDir(args.run).is_group() else None
-        runs += [student] if student is not None and student.is_dir() else []
-        raise UserError(
-            f"report: {args.run} holds {len(runs)} runs and a report covers one: pass one of them with --run "
-            f"({', '.join(str(run) for run in runs)})"
-        )
+    _refuse_several_runs(args.run, "report: a report covers one run")
     run = RunDir(args.run).require()
     out = args.out or run / RunDir.REPORT
     # a report is rewritten in place
