@@ -49,6 +49,7 @@ def align_submission(
 
 
 def refuse_duplicate_ids(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``frame`` (read from ``path``) when its ids are unique; a repeated id is refused in one line."""
     duplicated = frame["id"][frame["id"].duplicated()]
     if len(duplicated):
         raise UserError(f"{path}: duplicate id {duplicated.iloc[0]!r}; ids must be unique")
