@@ -104,6 +104,28 @@ def test_bad_member_declarations_are_one_line_errors(tmp_path, text, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        "members:\n  a: {epochs: 1}\n  b: {model: efficientnet_lite1}\n",
+        "members:\n  a: {epochs: 1}\nstudent: {model: efficientnet_lite2}\n",
+        "members:\n  a: {teacher_model: efficientnet_lite1, kd_weight: 0.5}\n",
+    ],
+)
+def test_a_missing_extra_of_any_run_is_refused_before_the_first_member_trains(
+    demo_data, tmp_path, monkeypatch, capsys, where
+):
+    import lowres_birds.extras
+
+    real = lowres_birds.extras.find_spec
+    monkeypatch.setattr(lowres_birds.extras, "find_spec", lambda name: None if "lite1" in name else real(name))
+    out = tmp_path / "ens"
+    recipe = write_recipe(tmp_path, "epochs: 1\nteacher: finetuned\nteacher_epochs: 1\n" + where)
+    assert main(["train", "--data", str(demo_data), "--recipe", str(recipe), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "needs the [lite] extra" in error and "\n" not in error and not out.exists()
+
+
 def test_an_ensemble_recipe_is_not_a_single_config(tmp_path):
     with pytest.raises(UserError, match="is an ensemble of 2 members"):
         load_config(str(write_recipe(tmp_path)))

@@ -25,6 +25,15 @@ OFFLINE_LITE = {
 }
 
 
+def require_model_extra(source: str, pretrained: bool) -> None:
+    """Refuse in one line a model whose pip extra is missing (Hugging Face, or offline Lite weights beyond lite0),
+    without building it."""
+    if source.startswith("hf:"):
+        require_extra("hf", f"model {source!r} (Hugging Face transformers)")
+    elif pretrained and source in OFFLINE_LITE and OFFLINE_LITE[source][2]:
+        require_extra(OFFLINE_LITE[source][2], f"--model {source}")
+
+
 def timm_architecture(source: str) -> str:
     """The timm model name behind a model id (``efficientnet_liteN`` or ``timm:<name>``)."""
     return OFFLINE_LITE[source][0] if source in OFFLINE_LITE else source.removeprefix("timm:")

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lowres_birds.config import EnsembleRecipe, RunConfig
+from lowres_birds.config import EnsembleRecipe, RunConfig, config_from_mapping
 from lowres_birds.errors import TrainingInterrupted
 from lowres_birds.metrics import score
+from lowres_birds.model.factory import require_model_extra
 from lowres_birds.run_dir import FoldsDir, MembersDir, RunDir, replace_folder
+from lowres_birds.train.data import uses_teacher
 from lowres_birds.train.loop import train
-from lowres_birds.train.teacher import shared_teacher_key
+from lowres_birds.train.teacher import shared_teacher_key, teacher_source
 
 
 def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = False) -> dict:
@@ -49,6 +51,7 @@ def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: 
     its run finishes, so :func:`resume_members` continues an interrupted ensemble; ``predict --run OUT`` averages the
     members.
     """
+    require_extras([*recipe.members.values(), *([recipe.student] if recipe.student else [])])
     out = MembersDir(out_dir)
     replace_folder(out.path, force)
     summary = {
@@ -69,8 +72,6 @@ def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: 
 def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
     """Continue an ensemble folder: finished members are kept, a stopped one resumed, the rest (then the student)
     trained."""
-    from lowres_birds.config import config_from_mapping
-
     out = MembersDir(out_dir)
     summary = out.summary()
     configs = {
@@ -80,10 +81,23 @@ def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
     return _train_missing(out, configs, Path(data_dir or summary["data"]), resume=True)
 
 
+def require_extras(configs: list[RunConfig]) -> None:
+    """Each run's models (and its teacher's) refused in one line when their pip extra is missing, before anything is
+    written or trained: members train one after another, and the last must not find out after the first ones."""
+    for cfg in configs:
+        for source in {cfg.model, teacher_source(cfg) if uses_teacher(cfg) and not cfg.distill_from else cfg.model}:
+            require_model_extra(source, cfg.pretrained)
+
+
 def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Path, resume: bool) -> dict:
     """Members in recipe order, then the student; a member whose fine-tuned teacher would repeat an earlier
     member's (same split, same teacher config) copies that teacher instead of training it again."""
     summary = out.summary()
+    student = None
+    if "student" in summary and "student_val_macro_f1" not in summary:
+        student = config_from_mapping(summary["student"], f"{out.path / MembersDir.SUMMARY}, student")
+    pending = [cfg for name, cfg in configs.items() if name not in summary["val_macro_f1"]]
+    require_extras([*pending, *([student] if student else [])])
     teachers: dict[str, Path] = {}
     for name, cfg in configs.items():
         folder = out.member(name)
@@ -108,15 +122,14 @@ def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Pat
             out.write_summary(summary)
         if key is not None and (folder / RunDir.TEACHER / RunDir.TEACHER_TARGETS).is_file():
             teachers.setdefault(key, folder / RunDir.TEACHER)
-    if "student" in summary and "student_val_macro_f1" not in summary:
-        from lowres_birds.config import config_from_mapping
-
-        cfg = config_from_mapping(summary["student"], f"{out.path / MembersDir.SUMMARY}, student")
-        print(f"the ensemble's student, distilled from its {len(configs)} members: {cfg.model} ({cfg.strategy})")
+    if student is not None:
+        print(
+            f"the ensemble's student, distilled from its {len(configs)} members: {student.model} ({student.strategy})"
+        )
         # stopped after its soft targets were written (or later): they are read back, not computed again
         stopped = resume and any((out.student / name).is_file() for name in (RunDir.CHECKPOINT, RunDir.DISTILL_TARGETS))
         with _named_stop("the ensemble's student", out):
-            summary["student_val_macro_f1"] = train(cfg, data_dir, out.student, resume=stopped, force=True)[
+            summary["student_val_macro_f1"] = train(student, data_dir, out.student, resume=stopped, force=True)[
                 "val_macro_f1"
             ]
         out.write_summary(summary)
