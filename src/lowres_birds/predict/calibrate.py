@@ -60,7 +60,7 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
     split = run_split(run, data_dir)
     val_targets = split.val_targets(labels)
     starts = starting_runs_trained_on_validation(run, split)
-    keep = KEEP_KNOWN
+    keep, unfitted = KEEP_KNOWN, False
     with torch.no_grad():
         views = validation_views(model, split, tta)
         statistics = training_statistics(model, split, labels, score)
@@ -71,6 +71,7 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
             keep = sum(kept for _, kept in fits) / len(fits)
         else:
             temperature = views_temperature(views, val_targets)
+            unfitted = without_errors(val_targets, *(logits for _, logits in views))  # then T = 1
         head = CalibratedHead(temperature, score, statistics)
         before = sum(logits.softmax(-1) for _, logits in views).numpy() / len(views)
         after, unknown = answers(head, views)
@@ -81,7 +82,7 @@ def fit_run(run_dir: Path, data_dir: Path | None = None, score: str | None = Non
         "threshold": threshold_keeping(unknown, keep),
         "keep_known": keep,
         **({"temperature_from": [str(start.path) for start in starts]} if starts else {}),
-        **({} if starts or not without_errors(val_targets, *(logits for _, logits in views)) else {"unfitted": True}),
+        **({"unfitted": True} if unfitted else {}),
         "validation": {
             "images": len(val_targets),
             "ece_before": expected_calibration_error(before, val_targets),
