@@ -508,6 +508,7 @@ def add_demo(sub) -> None:
 def run_demo(args) -> int:
     from lowres_birds.config import load_config
     from lowres_birds.data.demo import make_demo_dataset
+    from lowres_birds.extras import missing as missing_extra
     from lowres_birds.inspect.report import after_training
     from lowres_birds.run_dir import replace_folder
     from lowres_birds.train.loop import train
@@ -530,15 +531,15 @@ def run_demo(args) -> int:
     )
     run_dir = args.out / "run"
     train(cfg, data_dir, run_dir)
-    after_training(run_dir, data_dir)  # as train does: calibrated scores with an unknown flag, RUN/hf, the report
+    # as train does: calibrated scores with an unknown flag, RUN/hf, and the report where its extra is installed
+    with_report = not missing_extra("report")
+    after_training(run_dir, data_dir, report=with_report)
     submission = args.out / "submission.csv"
     _run(["predict", "--run", str(run_dir), "--data", str(data_dir), "--out", str(submission), "--tta", "flip"])
     _run(["evaluate", "--submission", str(submission), "--labels", str(data_dir / "test_labels.csv")])
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. Everything is in {args.out}/:")
-    print(
-        "  data/ (synthetic)  run/ (model, config, metrics, calibration, hf/, report/)  submission.csv  "
-        "confusion_matrix.png"
-    )
+    written = "calibration, hf/, report/" if with_report else "calibration, hf/"
+    print(f"  data/ (synthetic)  run/ (model, config, metrics, {written})  submission.csv  confusion_matrix.png")
     print("Real data: lowres-birds train --data DIR --recipe cpu --out runs/mine  (see README)")
     return 0
 

@@ -253,13 +253,14 @@ def calibration_section(
     )
 
 
-def after_training(run_dir: Path, data_dir: Path | None) -> None:
+def after_training(run_dir: Path, data_dir: Path | None, report: bool = True) -> None:
     """What ``train`` writes once a run is trained: its calibration (as ``calibrate``), RUN/hf (as ``export --format
-    hf``, calibrated) and the report. None fails the training: a failure says so in one line, with the command that
-    retries it."""
+    hf``, calibrated) and, with ``report``, the report. None fails the training: a failure says so in one line, with
+    the command that retries it."""
     calibrate_after_training(Path(run_dir), data_dir)
     _hf_folder_after_training(Path(run_dir))
-    report_after_training(run_dir, data_dir)
+    if report:
+        report_after_training(run_dir, data_dir)
 
 
 def calibrate_after_training(run_dir: Path, data_dir: Path | None) -> None:
