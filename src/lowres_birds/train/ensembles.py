@@ -12,7 +12,7 @@ import numpy as np
 from lowres_birds.config import EnsembleRecipe, RunConfig, config_from_mapping
 from lowres_birds.errors import TrainingInterrupted
 from lowres_birds.metrics import score
-from lowres_birds.model.factory import require_model_extra
+from lowres_birds.model.factory import require_model_available
 from lowres_birds.run_dir import FoldsDir, MembersDir, RunDir, replace_folder
 from lowres_birds.train.data import uses_teacher
 from lowres_birds.train.loop import train
@@ -24,6 +24,7 @@ def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = Fal
 
     The fold runs are averaged at test time with ``predict --run OUT`` (``--ensemble f1``: weighted by fold macro-F1).
     """
+    require_models_available([cfg])
     out = FoldsDir(out_dir)
     replace_folder(out.path, force)
     folds = [
@@ -51,7 +52,7 @@ def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: 
     its run finishes, so :func:`resume_members` continues an interrupted ensemble; ``predict --run OUT`` averages the
     members.
     """
-    require_extras([*recipe.members.values(), *([recipe.student] if recipe.student else [])])
+    require_models_available([*recipe.members.values(), *([recipe.student] if recipe.student else [])])
     out = MembersDir(out_dir)
     replace_folder(out.path, force)
     summary = {
@@ -81,12 +82,16 @@ def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
     return _train_missing(out, configs, Path(data_dir or summary["data"]), resume=True)
 
 
-def require_extras(configs: list[RunConfig]) -> None:
-    """Each run's models (and its teacher's) refused in one line when their pip extra is missing, before anything is
-    written or trained: members train one after another, and the last must not find out after the first ones."""
-    for cfg in configs:
-        for source in {cfg.model, teacher_source(cfg) if uses_teacher(cfg) and not cfg.distill_from else cfg.model}:
-            require_model_extra(source, cfg.pretrained)
+def require_models_available(configs: list[RunConfig]) -> None:
+    """Each run's model (and its teacher's) checked by ``require_model_available``, once per model, before anything
+    is written or trained."""
+    sources = {
+        (source, cfg.pretrained)
+        for cfg in configs
+        for source in (cfg.model, teacher_source(cfg) if uses_teacher(cfg) and not cfg.distill_from else cfg.model)
+    }
+    for source, pretrained in sorted(sources):
+        require_model_available(source, pretrained)
 
 
 def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Path, resume: bool) -> dict:
@@ -97,7 +102,7 @@ def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Pat
     if "student" in summary and "student_val_macro_f1" not in summary:
         student = config_from_mapping(summary["student"], f"{out.path / MembersDir.SUMMARY}, student")
     pending = [cfg for name, cfg in configs.items() if name not in summary["val_macro_f1"]]
-    require_extras([*pending, *([student] if student else [])])
+    require_models_available([*pending, *([student] if student else [])])
     teachers: dict[str, Path] = {}
     for name, cfg in configs.items():
         folder = out.member(name)
