@@ -25,6 +25,7 @@ from _machine import DEFAULT_DATA, OtherLoad, add_record_args, describe_machine,
 from lowres_birds.config import LR_SIZE, config_from_mapping
 from lowres_birds.data.images import load_images
 from lowres_birds.data.tables import load_test_table
+from lowres_birds.inspect.evaluate import labelled_test_images, read_labels
 from lowres_birds.inspect.report import calibrate_after_training
 from lowres_birds.metrics import score
 from lowres_birds.predict.classifier import Classifier
@@ -34,8 +35,6 @@ from lowres_birds.train.loop import train
 
 
 def main() -> int:
-    import pandas as pd
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="an ensemble recipe's folder with OUT/student")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="its data folder (train.csv, test.csv)")
@@ -50,7 +49,7 @@ def main() -> int:
     keep_freed_memory()  # as the CLI does
 
     table = load_test_table(args.data)
-    truth = pd.read_csv(args.labels)
+    truth = read_labels(args.labels)
     labelled = set(truth["id"])
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-unlabelled-"))
     photos = work / "unlabelled-photos"
@@ -77,13 +76,12 @@ def main() -> int:
             seconds[arm] = time.perf_counter() - started
         if not args.retrain_recorded:
             students["without"] = MembersDir(args.run).student
-        position = {image_id: i for i, image_id in enumerate(table.ids)}
-        rows = np.array([position[i] for i in truth["id"]])
-        images = np.asarray(load_images([table.lr_paths[i] for i in rows], LR_SIZE))
+        _, true_labels, paths = labelled_test_images(truth, args.labels, args.data)
+        images = np.asarray(load_images(paths, LR_SIZE))
 
         def macro_f1(model: Classifier, tta: str = "none") -> float:
             predicted = model.predict_arrays(images, tta=tta).argmax(1)
-            return score(truth["label"].tolist(), [model.labels[i] for i in predicted])["macro_f1"]
+            return score(true_labels, [model.labels[i] for i in predicted])["macro_f1"]
 
         members = Classifier.load(args.run)
         ensemble, ensemble_plain = macro_f1(members, members.tta), macro_f1(members)

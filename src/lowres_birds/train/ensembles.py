@@ -25,6 +25,11 @@ def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = Fal
     The fold runs are averaged at test time with ``predict --run OUT`` (``--ensemble f1``: weighted by fold macro-F1).
     """
     require_models_available([cfg])
+    return _train_folds(cfg, data_dir, out_dir, force)
+
+
+def _train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool) -> dict:
+    """``train_folds`` once its model is known to be available."""
     out = FoldsDir(out_dir)
     replace_folder(out.path, force)
     folds = [
@@ -52,8 +57,14 @@ def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: 
     its run finishes, so :func:`resume_members` continues an interrupted ensemble; ``predict --run OUT`` averages the
     members.
     """
-    require_models_available([*recipe.members.values(), *([recipe.student] if recipe.student else [])])
     out = MembersDir(out_dir)
+    student = None
+    if recipe.student is not None:
+        start = ",".join(str((out.path / run).resolve()) for run in recipe.student.init_runs)
+        student = dataclasses.replace(recipe.student, distill_from=str(out.path.resolve()), init_from=start)
+    require_models_available([*recipe.members.values(), *([student] if student else [])])
+    if student is not None:
+        student.validate()
     replace_folder(out.path, force)
     summary = {
         "data": str(Path(data_dir).resolve()),
@@ -61,13 +72,10 @@ def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: 
         "val_macro_f1": {},
         "ensemble": recipe.ensemble,
         "tta": recipe.tta,
+        **({"student": student.to_dict()} if student else {}),
     }
-    if recipe.student is not None:
-        start = ",".join(str((out.path / run).resolve()) for run in recipe.student.init_runs)
-        student = dataclasses.replace(recipe.student, distill_from=str(out.path.resolve()), init_from=start)
-        summary["student"] = student.validate().to_dict()
     out.write_summary(summary)
-    return _train_missing(out, recipe.members, data_dir, resume=False)
+    return _train_missing(out, recipe.members, student, data_dir, resume=False)
 
 
 def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
@@ -79,7 +87,12 @@ def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
         name: config_from_mapping(values, f"{out.path / MembersDir.SUMMARY}, member {name}")
         for name, values in summary["members"].items()
     }
-    return _train_missing(out, configs, Path(data_dir or summary["data"]), resume=True)
+    student = None
+    if "student" in summary and "student_val_macro_f1" not in summary:
+        student = config_from_mapping(summary["student"], f"{out.path / MembersDir.SUMMARY}, student")
+    pending = [cfg for name, cfg in configs.items() if name not in summary["val_macro_f1"]]
+    require_models_available([*pending, *([student] if student else [])])
+    return _train_missing(out, configs, student, Path(data_dir or summary["data"]), resume=True)
 
 
 def require_models_available(configs: list[RunConfig]) -> None:
@@ -94,15 +107,13 @@ def require_models_available(configs: list[RunConfig]) -> None:
         require_model_available(source, pretrained)
 
 
-def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Path, resume: bool) -> dict:
-    """Members in recipe order, then the student; a member whose fine-tuned teacher would repeat an earlier
-    member's (same split, same teacher config) copies that teacher instead of training it again."""
+def _train_missing(
+    out: MembersDir, configs: dict[str, RunConfig], student: RunConfig | None, data_dir: Path, resume: bool
+) -> dict:
+    """Members in recipe order not yet trained, then ``student`` (None: none, or already trained); a member whose
+    fine-tuned teacher would repeat an earlier member's (same split, same teacher config) copies that teacher instead
+    of training it again. The callers checked that every model is available."""
     summary = out.summary()
-    student = None
-    if "student" in summary and "student_val_macro_f1" not in summary:
-        student = config_from_mapping(summary["student"], f"{out.path / MembersDir.SUMMARY}, student")
-    pending = [cfg for name, cfg in configs.items() if name not in summary["val_macro_f1"]]
-    require_models_available([*pending, *([student] if student else [])])
     teachers: dict[str, Path] = {}
     for name, cfg in configs.items():
         folder = out.member(name)
@@ -114,7 +125,7 @@ def _train_missing(out: MembersDir, configs: dict[str, RunConfig], data_dir: Pat
             )
             with _named_stop(f"ensemble member {name}", out):
                 if cfg.folds and cfg.fold < 0:  # folds restart: a folds folder records no progress of its own
-                    score = train_folds(cfg, data_dir, folder, force=True)["oof_macro_f1"]
+                    score = _train_folds(cfg, data_dir, folder, force=True)["oof_macro_f1"]
                 else:
                     stopped = resume and (
                         (folder / RunDir.CHECKPOINT).is_file()
