@@ -609,6 +609,13 @@ def test_resume_refuses_flags_that_cannot_apply(flag, resumable, capfd):
     assert_refused(code, err, "--resume continues the run", f"drop {flag[0]}")
 
 
+def test_resume_print_config_prints_the_saved_config_even_without_a_checkpoint(resumable, capfd):
+    run, _ = resumable
+    (run / "checkpoint.pt").unlink(missing_ok=True)  # a finished run that kept no checkpoint: nothing to resume
+    assert main(["train", "--resume", str(run), "--print-config"]) == 0
+    assert capfd.readouterr().out == (run / "config.yaml").read_text(encoding="utf-8")
+
+
 def test_a_damaged_run_among_several_is_named(awkward, tmp_path, capfd):
     data, run, _ = awkward
     damaged = Path(shutil.copytree(run, tmp_path / "second"))

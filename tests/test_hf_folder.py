@@ -168,6 +168,23 @@ def test_export_hf_refuses_what_it_cannot_write(trained_run, tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "missing"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.parametrize("out", ["the run", "a folder of ours holding it"])
+def test_export_hf_never_replaces_the_run_it_exports(trained_run, tmp_path, capsys, out):
+    import shutil
+
+    from lowres_birds.run_dir import MARKER
+
+    holder = tmp_path / "ensemble"
+    run = holder / "member"
+    shutil.copytree(trained_run, run)
+    (holder / MARKER).write_text("made by lowres-birds", encoding="utf-8")
+    target = run if out == "the run" else holder
+    assert main(["export", "--run", str(run), "--format", "hf", "--out", str(target), "--force"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "choose another" in error and "--run" in error and "\n" not in error
+    assert (run / "model.safetensors").is_file() and (run / "split.json").is_file()
+
+
 def test_a_damaged_hf_folder_is_one_line(trained_run, tmp_path, capsys):
     import shutil
 

@@ -144,6 +144,14 @@ def test_a_model_the_hub_cannot_give_is_refused_before_the_first_run_trains(
     assert "'timm:resnet18' is not in the Hugging Face cache" in error and "\n" not in error and not out.exists()
 
 
+def test_a_model_id_of_no_known_kind_is_refused_before_the_first_member_trains(demo_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, "epochs: 1\nmembers:\n  a: {epochs: 1}\n  b: {model: resnet50}\n")
+    assert main(["train", "--data", str(demo_data), "--out", str(out), "--recipe", str(recipe)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "unknown model 'resnet50'" in error and "timm:<name>" in error and "\n" not in error and not out.exists()
+
+
 def test_an_ensemble_recipe_is_not_a_single_config(tmp_path):
     with pytest.raises(UserError, match="is an ensemble of 2 members"):
         load_config(str(write_recipe(tmp_path)))
@@ -179,6 +187,10 @@ def test_an_ensemble_trains_every_member_then_predicts_as_one_and_resumes_only_w
     # predict refuses an unfinished ensemble in one line
     assert main(["predict", "--run", str(out), "--data", str(demo_data), "--out", str(tmp_path / "s2.csv")]) == 2
     assert "has not finished training; continue with: lowres-birds train --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--print-config"]) == 0  # prints the saved configs, trains nothing
+    printed = capsys.readouterr().out
+    assert printed.startswith("# ensemble: mean, tta: none\n# member small\n") and "# member other\n" in printed
+    assert "seed: 7\n" in printed and "other" not in MembersDir(out).summary()["val_macro_f1"]
     assert main(["train", "--resume", str(out)]) == 0
     assert "ensemble member other (2 of 2)" in capsys.readouterr().out
     assert (out / "small" / "model.safetensors").stat().st_mtime_ns == first

@@ -150,10 +150,7 @@ def run_train(args) -> int:
         if members is None:
             print(cfg.to_yaml(), end="")
             return 0
-        runs = {f"member {name}": member for name, member in members.members.items()}
-        runs |= {"student (distilled from the members)": members.student} if members.student else {}
-        print(f"# ensemble: {members.ensemble}, tta: {members.tta}")
-        print("".join(f"# {name}\n{run.to_yaml()}" for name, run in runs.items()), end="")
+        _print_members(members.ensemble, members.tta, members.members, members.student)
         return 0
     if args.data is None:
         raise UserError("train: --data DIR is required (the competition folder or an ImageFolder)")
@@ -183,6 +180,14 @@ def run_train(args) -> int:
     return _finish_training(train(cfg, args.data, run_dir, force=args.force), run_dir, args.data, started)
 
 
+def _print_members(ensemble: str, tta: str, members: dict[str, RunConfig], student: RunConfig | None) -> None:
+    """An ensemble recipe's configs as ``--print-config`` shows them: each member's, then the student's."""
+    runs = {f"member {name}": member for name, member in members.items()}
+    runs |= {"student (distilled from the members)": student} if student else {}
+    print(f"# ensemble: {ensemble}, tta: {tta}")
+    print("".join(f"# {name}\n{run.to_yaml()}" for name, run in runs.items()), end="")
+
+
 def _resume(args, overrides: dict) -> int:
     from lowres_birds.run_dir import MembersDir, RunDir
     from lowres_birds.train.loop import train
@@ -194,22 +199,25 @@ def _resume(args, overrides: dict) -> int:
     if given:
         raise UserError(f"--resume continues the run with its saved config, data and folder; drop {', '.join(given)}")
     if MembersDir(args.resume).is_group():
-        from lowres_birds.train.ensembles import resume_members
+        from lowres_birds.train.ensembles import resume_members, saved_configs
 
+        if args.print_config:
+            summary = MembersDir(args.resume).summary()
+            _print_members(summary["ensemble"], summary["tta"], *saved_configs(MembersDir(args.resume)))
+            return 0
         started = time.perf_counter()
         return _finish_members(resume_members(args.resume, args.data), args.resume, started)
     run = RunDir(args.resume).require()
+    if args.print_config:
+        print(run.config().to_yaml(), end="")
+        return 0
     # A fine-tuned teacher trains before the student: stopped there (or right after), the student has no record yet.
     stopped_in_teacher = (run / RunDir.TEACHER / RunDir.CHECKPOINT).is_file() and not run.metrics(missing_ok=True)
     if not (run / RunDir.CHECKPOINT).is_file() and not stopped_in_teacher:
         raise UserError(f"{run} has no {RunDir.CHECKPOINT} to resume from; start a new run without --resume")
-    cfg = run.config()
-    if args.print_config:
-        print(cfg.to_yaml(), end="")
-        return 0
     started = time.perf_counter()
     data_dir = run.data_dir(args.data)
-    return _finish_training(train(cfg, data_dir, run.path, resume=True), run.path, data_dir, started)
+    return _finish_training(train(run.config(), data_dir, run.path, resume=True), run.path, data_dir, started)
 
 
 def _finish_members(summary: dict, out: Path, started: float) -> int:

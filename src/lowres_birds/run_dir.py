@@ -151,6 +151,14 @@ def check_output(
     _check_writable(path)
 
 
+def _holds(folder: Path, other: Path) -> bool:
+    """Whether ``other`` lies inside ``folder`` (not ``folder`` itself: check_output names that case)."""
+    try:
+        return folder.resolve() in other.resolve().parents
+    except (OSError, RuntimeError):
+        return False
+
+
 def _same(path: Path, other: Path) -> bool:
     try:
         return path.resolve() == other.resolve()
@@ -196,8 +204,11 @@ def replace_folder(
     """Make ``folder`` an empty folder of ours. An existing non-empty one is removed only with --force and only
     when this tool made it: never a data folder, a folder of runs or anything else a user keeps. With
     ``create=False`` only check (up front, and in the other processes of a multi-process run); ``others`` as in
-    ``check_output``."""
+    ``check_output``; a folder holding one of them is refused too (replacing it would delete that input)."""
     folder = Path(folder)
+    for flag, other in others:
+        if other is not None and _holds(folder, Path(other)):
+            raise UserError(f"{folder} holds {flag} {other}, which replacing it would delete; choose another --out")
     if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):
         raise UserError(
             f"{folder} is not empty and not a lowres-birds output folder; it is never replaced, even with --force: "

@@ -37,8 +37,14 @@ def require_model_available(source: str, pretrained: bool) -> None:
         _require_hf(source[3:], hub=True)
     elif source.startswith("timm:"):
         _require_timm(source[5:], pretrained)
-    elif pretrained and source in OFFLINE_LITE and OFFLINE_LITE[source][2]:
+    elif source not in OFFLINE_LITE:
+        raise _unknown_model(source)
+    elif pretrained and OFFLINE_LITE[source][2]:
         require_extra(OFFLINE_LITE[source][2], f"--model {source}")
+
+
+def _unknown_model(source: str) -> UserError:
+    return UserError(f"unknown model {source!r}: use efficientnet_lite0/1/2, timm:<name> or hf:<hub id or local dir>")
 
 
 def _require_hf(name: str, hub: bool) -> None:
@@ -210,9 +216,7 @@ def create_model(
     elif source.startswith("hf:"):
         backbone, mean, std = _load_hf(source[3:], labels, pretrained, config_dir)
     else:
-        raise UserError(
-            f"unknown model {source!r}: use efficientnet_lite0/1/2, timm:<name> or hf:<hub id or local dir>"
-        )
+        raise _unknown_model(source)
     spec = ModelSpec(
         source,
         num_classes,

@@ -113,7 +113,7 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
             "threshold": saved[0]["threshold"],
             "temperature_folded": saved[0]["temperature"],
         }
-    replace_folder(out, force)
+    replace_folder(out, force, others=[("--run", run.path)])
     if saved is not None:
         folded = {**saved[0], "temperature": 1.0, "temperature_folded": saved[0]["temperature"]}
         RunDir(out).write_calibration(folded, saved[1])

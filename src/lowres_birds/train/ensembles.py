@@ -83,16 +83,25 @@ def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
     trained."""
     out = MembersDir(out_dir)
     summary = out.summary()
+    configs, student = saved_configs(out)
+    if "student_val_macro_f1" in summary:
+        student = None
+    pending = [cfg for name, cfg in configs.items() if name not in summary["val_macro_f1"]]
+    require_models_available([*pending, *([student] if student else [])])
+    return _train_missing(out, configs, student, Path(data_dir or summary["data"]), resume=True)
+
+
+def saved_configs(out: MembersDir) -> tuple[dict[str, RunConfig], RunConfig | None]:
+    """The members' configs and the student's (None: the recipe has none) as the folder's ensemble.json saved them."""
+    summary = out.summary()
     configs = {
         name: config_from_mapping(values, f"{out.path / MembersDir.SUMMARY}, member {name}")
         for name, values in summary["members"].items()
     }
-    student = None
-    if "student" in summary and "student_val_macro_f1" not in summary:
-        student = config_from_mapping(summary["student"], f"{out.path / MembersDir.SUMMARY}, student")
-    pending = [cfg for name, cfg in configs.items() if name not in summary["val_macro_f1"]]
-    require_models_available([*pending, *([student] if student else [])])
-    return _train_missing(out, configs, student, Path(data_dir or summary["data"]), resume=True)
+    student = summary.get("student")
+    if student is None:
+        return configs, None
+    return configs, config_from_mapping(student, f"{out.path / MembersDir.SUMMARY}, student")
 
 
 def require_models_available(configs: list[RunConfig]) -> None:
