@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,8 +25,8 @@ from lowres_birds.predict.export import (
     FALLBACK_FLOOR,
     FALLBACK_HEADROOM,
     file_metadata,
+    held_out_images,
     top2_gap,
-    validation_images,
 )
 
 
@@ -228,7 +229,7 @@ def test_int8_close_calls_are_run_again_in_float(int8_exports, exported, demo_te
 def test_int8_fallback_margin_is_calibrated_on_the_validation_split(upscaled_run, int8_exports, exported):
     """The margin: FALLBACK_HEADROOM x the widest gap at which int8 and fp32 disagree on the run's validation
     images, less the widest few that FALLBACK_AGREEMENT tolerates, and at least FALLBACK_FLOOR."""
-    images = validation_images(upscaled_run)
+    images = held_out_images(upscaled_run)
     assert len(images) == len(json.loads((upscaled_run / "split.json").read_text())["val_ids"])
     fp32 = Classifier.load(exported["nhwc"]).predict_arrays(images)
     alone = Classifier.load(int8_exports["alone"]).predict_arrays(images)
@@ -238,11 +239,27 @@ def test_int8_fallback_margin_is_calibrated_on_the_validation_split(upscaled_run
     assert float(file_metadata(int8_exports["calibrated"])["fallback_margin"]) == pytest.approx(expected, abs=1e-4)
 
 
-def test_fallback_margin_without_int8_is_refused(upscaled_run, tmp_path, capfd):
-    code = main(["export", "--run", str(upscaled_run), "--out", str(tmp_path / "m.onnx"), "--fallback-margin", "0.1"])
+@pytest.mark.parametrize("flag", [["--fallback-margin", "0.1"], ["--data", "."]])
+def test_int8_flags_without_int8_are_refused(upscaled_run, tmp_path, capfd, flag):
+    code = main(["export", "--run", str(upscaled_run), "--out", str(tmp_path / "m.onnx"), *flag])
     err = capfd.readouterr().err
-    assert code != 0 and "--fallback-margin applies to --int8" in err and len(err.strip().splitlines()) == 1
+    assert code != 0 and f"{flag[0]} applies to --int8" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_export_of_a_run_whose_data_moved_takes_data(upscaled_run, demo_data, tmp_path, capfd):
+    """int8 calibrates on the run's own images: with its data folder moved, the error names --data, which works."""
+    import shutil
+
+    run = Path(shutil.copytree(upscaled_run, tmp_path / "run"))
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    (run / "split.json").write_text(json.dumps({**split, "data": str(tmp_path / "moved")}), encoding="utf-8")
+    argv = ["export", "--run", str(run), "--int8", "--fallback-margin", "0"]
+    assert main([*argv, "--out", str(tmp_path / "a.onnx")]) == 2
+    err = capfd.readouterr().err
+    assert "which is not found; pass the run's data folder with --data" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--out", str(tmp_path / "b.onnx"), "--data", str(demo_data)]) == 0
+    assert (tmp_path / "b.onnx").is_file() and not (tmp_path / "a.onnx").exists()
 
 
 def test_openvino_runs_exported_files_like_onnxruntime(exported, int8_exports, demo_test_images, monkeypatch):

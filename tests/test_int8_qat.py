@@ -32,7 +32,7 @@ def test_fake_quantization_is_the_int8_model_onnxruntime_builds(trained_run, tmp
     activation, in graph order), their ranges end up in the int8 file, and the simulation predicts what that
     file predicts closer than fp32 does (not exactly: about 0.3 of the fp32 gap remains on this tiny model)."""
     model, labels = load_run_model(trained_run)
-    images = calibration_images(trained_run, 48)
+    images = calibration_images(trained_run, count=48)
     student = copy.deepcopy(model)
     fold_batchnorm(student)
     fp32 = probabilities(model, images)
@@ -65,7 +65,7 @@ def test_fake_quantization_is_the_int8_model_onnxruntime_builds(trained_run, tmp
 def test_tuning_is_deterministic_and_leaves_the_run_model_alone(trained_run):
     model, _ = load_run_model(trained_run)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    images = calibration_images(trained_run, 40)
+    images = calibration_images(trained_run, count=40)
     first, second = (tune_for_int8(model, images, steps=3) for _ in range(2))
     assert first.activation_ranges == second.activation_ranges
     for name, tensor in first.model.state_dict().items():

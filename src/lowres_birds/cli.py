@@ -735,6 +735,12 @@ def add_export(sub) -> None:
         "the file "
         "(0: int8 alone; default: calibrated on the run's validation split)",
     )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="with --int8: the run's training data, where its images are calibrated (default: the folder it was "
+        "trained on, as split.json records it)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
@@ -768,14 +774,21 @@ def run_export(args) -> int:
     require("onnx", "export --format onnx")
     from lowres_birds.predict.export import export_onnx, file_metadata
 
-    if args.fallback_margin is not None and not args.int8:
-        raise UserError("export: --fallback-margin applies to --int8 exports only; add --int8 or drop it")
+    for flag, value in (("--fallback-margin", args.fallback_margin), ("--data", args.data)):
+        if value is not None and not args.int8:
+            raise UserError(f"export: {flag} applies to --int8 exports only; add --int8 or drop it")
     out = args.out or Path("model.onnx")
     check_output(out, args.force, others=[("--run", args.run)])
     precision = "int8" if args.int8 else "fp32"
     with working(f"exporting {args.run} to {precision} ONNX (about a minute on 2 cores)"):
         path = export_onnx(
-            args.run, out, args.layout, int8=args.int8, fallback_margin=args.fallback_margin, tta=args.tta
+            args.run,
+            out,
+            args.layout,
+            int8=args.int8,
+            fallback_margin=args.fallback_margin,
+            tta=args.tta,
+            data_dir=args.data,
         )
     if args.int8 and args.fallback_margin != 0:
         precision += f", float fallback below a top-2 margin of {file_metadata(path)['fallback_margin']}"

@@ -34,6 +34,7 @@ import torch
 from onnx import numpy_helper
 
 from lowres_birds.config import LR_SIZE
+from lowres_birds.data.splits import run_split
 from lowres_birds.errors import UserError
 from lowres_birds.model.calibration import CalibratedHead
 from lowres_birds.model.ensemble import combine_outputs, combined_calibration, member_shares
@@ -114,6 +115,7 @@ def export_onnx(
     int8: bool = False,
     fallback_margin: float | None = None,
     tta: str | None = None,
+    data_dir: Path | None = None,
 ) -> Path:
     """Write ``out`` (one .onnx file, weights inside) for the run's kept weights, or every run of an ensemble or folds
     folder (weighted as the folder records); returns ``out``. ``tta``: flip puts the mirror average inside the graph
@@ -122,7 +124,8 @@ def export_onnx(
     ``int8``: static int8 quantization of the networks (see :func:`quantize_int8`); the resize, normalisation and
     softmax stay in float. Images the int8 graph finds close calls (top-2 probabilities within
     ``fallback_margin``; None: calibrated on the (first) run's validation split, :func:`calibrated_margin`) are run
-    again by the float graph inside the same file (:func:`with_float_fallback`); 0: int8 alone.
+    again by the float graph inside the same file (:func:`with_float_fallback`); 0: int8 alone. Both read the
+    run's images from ``data_dir`` (None: the folder it was trained on).
     """
     from lowres_birds.predict.classifier import resolve_ensemble
 
@@ -146,7 +149,7 @@ def export_onnx(
     program = onnx_program(parts, labels, layout, "int8" if int8 else "fp32", threshold, weights, tta, str(run_dir))
     if not int8:
         return atomic_write(out, lambda temporary: program.save(str(temporary), external_data=False))
-    calibration = calibration_images(runs[0])
+    calibration = calibration_images(runs[0], data_dir)
 
     def write(temporary: Path) -> None:
         quantize_int8(program.model_proto, temporary, calibration, layout)
@@ -156,7 +159,7 @@ def export_onnx(
         margin = (
             fallback_margin
             if fallback_margin is not None
-            else calibrated_margin(program.model_proto, quantized, validation_images(runs[0]), layout)
+            else calibrated_margin(program.model_proto, quantized, held_out_images(runs[0], data_dir), layout)
         )
         onnx.save(with_float_fallback(quantized, program.model_proto, margin), str(temporary))
 
@@ -228,26 +231,25 @@ def onnx_program(
     return program
 
 
-def training_images(run_dir: Path, count: int | None = None, validation: bool = False) -> np.ndarray:
-    """uint8 N x 64 x 64 x 3: the run's own training images (its data minus split.json's validation ids), or a
-    random ``count`` of them (only those are read from the image cache); ``validation``: the validation images."""
-    from lowres_birds.data.splits import run_split
-
-    split = run_split(RunDir(run_dir))
-    rows = split.val_rows if validation else split.train_rows
+def training_images(run_dir: Path, data_dir: Path | None = None, count: int | None = None) -> np.ndarray:
+    """uint8 N x 64 x 64 x 3: the run's own training images (its data, ``data_dir`` or the folder it was trained on,
+    minus split.json's validation ids), or a random ``count`` of them (only those are read from the image cache)."""
+    split = run_split(RunDir(run_dir), data_dir)
+    rows = split.train_rows
     if count is not None:
         rows = np.sort(np.random.default_rng(0).permutation(rows)[:count])
     return split.lr_images(rows)
 
 
-def calibration_images(run_dir: Path, count: int = CALIBRATION_IMAGES) -> np.ndarray:
+def calibration_images(run_dir: Path, data_dir: Path | None = None, count: int = CALIBRATION_IMAGES) -> np.ndarray:
     """The int8 calibration set: ``count`` of the run's training images, the same ones on every export."""
-    return training_images(run_dir, count)
+    return training_images(run_dir, data_dir, count)
 
 
-def validation_images(run_dir: Path) -> np.ndarray:
+def held_out_images(run_dir: Path, data_dir: Path | None = None) -> np.ndarray:
     """uint8 N x 64 x 64 x 3: the run's validation split (images it was not trained on), for the fallback margin."""
-    return training_images(run_dir, validation=True)
+    split = run_split(RunDir(run_dir), data_dir)
+    return split.lr_images(split.val_rows)
 
 
 def quantize_int8(
