@@ -98,3 +98,19 @@ def test_bad_strategy_list_is_one_line_error(demo_data, tmp_path, capsys):
     assert "unknown strategy" in capsys.readouterr().err
     with pytest.raises(UserError, match="share the folder"):
         plan_runs(["cpu"], ["native", "native"], {}, tmp_path)
+
+
+def test_a_run_training_adjusted_to_its_data_is_reused_on_rerun(demo_data, tmp_path, capsys):
+    """Data without HR twins trains the cpu recipe without its teacher, so the saved config differs from the planned
+    one: the rerun still recognises the run as its own instead of refusing the folder."""
+    import shutil
+
+    data = Path(shutil.copytree(demo_data, tmp_path / "no-twins"))
+    table = pd.read_csv(data / "train.csv")
+    table.drop(columns="upscale_img_path").to_csv(data / "train.csv", index=False)
+    argv = ["study", "--data", str(data), "--strategies", "native", "--out", str(tmp_path / "out"), *TINY]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "no high-res twins" in first and "reused" not in first
+    assert main(argv) == 0
+    assert "[native] finished earlier with the same config; reused" in capsys.readouterr().out

@@ -11,14 +11,19 @@ A run folder holds::
     report/              figures and report.html          hf/              the kept weights as a Hugging Face folder
     teacher/             the fine-tuned HR teacher: a run folder of its own, plus targets.safetensors (its logits
                          and pooled features on every training row's HR twin, the distillation targets)
+    distill_targets.safetensors  a student's soft targets from the models of --distill-from
+    degradation.json     the degradation fitted to the LR/HR pairs, with its held-out PSNR (a record, never read)
+    study_result.json    written by ``study`` once the run finished (what ``study`` reuses)
+    .lowres-birds        the marker of a folder this tool made (and --force may replace)
 
 ``train --folds K`` writes a folds folder (``FoldsDir``): ``fold0/`` ... ``fold<K-1>/`` (run folders) and ``oof.json``;
 an ensemble recipe a members folder (``MembersDir``): ``<member>/`` (run or folds folders) and ``ensemble.json``.
 
 ``RunDir`` owns these names and their formats: every reader validates what it reads (a run folder is input
-like any other) and names the file on failure; nothing is unpickled. ``atomic_write`` is the only way files
-are written (temporary file in the same folder, then rename; removed on failure; mode from the umask), and
-``check_output`` the only "exists and not --force" check.
+like any other) and names the file on failure; nothing is unpickled. Files are written by ``atomic_write``
+(temporary file in the same folder, then rename; removed on failure; mode from the umask), whole run folders
+copied by ``RunDir.copy_from`` (the same way, as a folder), and ``check_output`` is the only "exists and not
+--force" check.
 """
 
 from __future__ import annotations
@@ -297,6 +302,7 @@ class RunDir:
     METRICS = "metrics.jsonl"
     VAL_PREDICTIONS = "val_predictions.npz"
     DEGRADATION = "degradation.json"
+    STUDY_RESULT = "study_result.json"
     REPORT = "report"
     TEACHER = "teacher"  # the fine-tuned HR teacher's run folder (teacher: finetuned)
     TEACHER_TARGETS = "targets.safetensors"  # in the teacher's folder
@@ -507,6 +513,13 @@ class RunDir:
         return checkpoint
 
     # ---- the fine-tuned teacher's distillation targets (in RUN/teacher)
+    def mark_study_finished(self, result: dict) -> None:
+        write_json(self / self.STUDY_RESULT, result)
+
+    def study_finished(self) -> bool:
+        """Whether ``study`` saw this run finish (the file's content, train's result, is a record: never read)."""
+        return (self / self.STUDY_RESULT).is_file()
+
     def copy_from(self, other: Path) -> None:
         """This folder as a copy of the run folder ``other`` (a teacher shared by ensemble members), complete or
         absent."""
@@ -514,8 +527,14 @@ class RunDir:
 
         temporary = self.path.with_name(f".{self.path.name}.copying")
         shutil.rmtree(temporary, ignore_errors=True)
-        shutil.copytree(other, temporary)
-        temporary.replace(self.path)
+        try:
+            shutil.copytree(other, temporary)
+            temporary.replace(self.path)
+        except OSError as exc:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise UserError(
+                f"cannot copy {other} to {self.path}: {exc.strerror or exc}; free some disk space and resume"
+            ) from None
 
     def save_teacher_targets(
         self, features, logits, val_macro_f1: float, seconds: float, name: str = TEACHER_TARGETS

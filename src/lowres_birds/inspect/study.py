@@ -8,20 +8,19 @@ restarts where it stopped.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lowres_birds.config import RunConfig, load_config, parse_strategy
+from lowres_birds.data.tables import load_train_table
 from lowres_birds.errors import UserError
 from lowres_birds.inspect.html import Section, markdown_table, write_page
 from lowres_birds.inspect.plots import REFERENCE_MACRO_F1, chart_png
 from lowres_birds.inspect.report import read_metrics
-from lowres_birds.run_dir import RunDir, write_csv, write_json, write_text
+from lowres_birds.run_dir import RunDir, write_csv, write_text
 from lowres_birds.train.loop import train
-
-RESULT_FILE = "study_result.json"
+from lowres_birds.train.session import config_for_data
 
 
 @dataclass
@@ -55,13 +54,15 @@ def plan_runs(recipes: list[str], strategies: list[str] | None, overrides: dict,
     return runs
 
 
-def run_or_reuse(run: StudyRun, data_dir: Path, force: bool) -> dict:
-    """Train the run, reuse it when finished with the same config, resume it when interrupted."""
+def run_or_reuse(run: StudyRun, data_dir: Path, force: bool) -> None:
+    """Train the run, reuse it when finished with the same config (as training adjusted it to the data), resume it
+    when interrupted."""
     folder = RunDir(run.run_dir)
-    same_config = (folder / RunDir.CONFIG).is_file() and folder.config() == run.cfg
-    if same_config and not force and (folder / RESULT_FILE).is_file():
+    trained = config_for_data(run.cfg, load_train_table(data_dir))[0]
+    same_config = (folder / RunDir.CONFIG).is_file() and folder.config() == trained
+    if same_config and not force and folder.study_finished():
         print(f"[{run.name}] finished earlier with the same config; reused")
-        return json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+        return
     if same_config and not force and (folder / RunDir.CHECKPOINT).is_file():
         print(f"[{run.name}] resuming an interrupted run")
         result = train(run.cfg, data_dir, run.run_dir, resume=True)
@@ -73,8 +74,7 @@ def run_or_reuse(run: StudyRun, data_dir: Path, force: bool) -> dict:
             )
         print(f"[{run.name}] training {run.cfg.model} with strategy {run.cfg.strategy}")
         result = train(run.cfg, data_dir, run.run_dir, force=True)
-    write_json(folder / RESULT_FILE, result)
-    return result
+    folder.mark_study_finished(result)
 
 
 def result_row(run: StudyRun) -> dict:

@@ -25,7 +25,7 @@ from lowres_birds.train.degradation import Degradation, fitted_degradation
 
 @dataclass
 class TrainingData:
-    """Decoded arrays and the split, shared by train and report."""
+    """A run's decoded arrays and its split (the hold-out or one fold), as training reads them."""
 
     table: ImageTable
     label_map: LabelMap
@@ -52,14 +52,14 @@ def uses_hr_twins(cfg: RunConfig) -> bool:
     return cfg.hr_view_ratio > 0 or (uses_teacher(cfg) and not cfg.distill_from)
 
 
-def without_missing_twins(cfg: RunConfig, data: TrainingData) -> tuple[RunConfig, str | None]:
+def without_missing_twins(cfg: RunConfig, table: ImageTable) -> tuple[RunConfig, str | None]:
     """(the config the data allows, a one-line notice or None): data without high-res twins (an ImageFolder, a
     test-only copy) trains the recipe without its HR teacher and HR views rather than failing. A student of
     --distill-from keeps its teacher: the distilled models answer the low-res images."""
-    if data.hr_images is not None or not uses_hr_twins(cfg):
+    if table.hr_paths is not None or not uses_hr_twins(cfg):
         return cfg, None
     no_teacher = {} if cfg.distill_from else {"teacher": "frozen", "kd_weight": 0.0, "feature_kd_weight": 0.0}
-    missing = f"no high-res twins ({data.table.hr_missing}): "
+    missing = f"no high-res twins ({table.hr_missing}): "
     if parse_degradations(cfg.degradations) is not None:
         notice = (
             f"{missing}{'' if cfg.distill_from else 'training without the HR teacher; '}instead of HR views, "

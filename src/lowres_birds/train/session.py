@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lowres_birds.config import RunConfig, parse_strategy
+from lowres_birds.data.tables import ImageTable
 from lowres_birds.errors import TrainingInterrupted, UserError
 from lowres_birds.model.factory import create_model, save_architecture
 from lowres_birds.model.wrapper import BirdNet, recompute_batchnorm
@@ -68,6 +69,15 @@ def build_model(cfg: RunConfig, labels: list[str]) -> BirdNet:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
+def config_for_data(cfg: RunConfig, table: ImageTable) -> tuple[RunConfig, list[str]]:
+    """The config a run of ``cfg`` on this data trains and saves, and a notice for each change: without HR twins no
+    HR teacher or HR views; without a fine-tuned teacher of its own model the student starts from pretrained
+    weights."""
+    cfg, twins_notice = without_missing_twins(cfg, table)
+    cfg, start_notice = without_unusable_start(cfg)
+    return cfg, [line for line in (twins_notice, start_notice) if line]
+
+
 def open_run(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = False, force: bool = False) -> OpenedRun:
     """Check the config, the data, a resume and the teacher's fit before any training, then (a new run) replace the
     run folder and write its config, labels, architecture and split."""
@@ -78,15 +88,13 @@ def open_run(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = Fa
     check_tracker(cfg)
     run = RunDir(run_dir)
     data = load_training_data(data_dir, cfg)
-    cfg, twins_notice = without_missing_twins(cfg, data)
-    cfg, start_notice = without_unusable_start(cfg)
+    cfg, notices = config_for_data(cfg, data.table)
     labels = list(data.label_map.classes)
     if resume:
         _check_resume(run, data)
     processes = start_processes(cfg)
-    for line in (twins_notice, start_notice):
-        if line:
-            processes.print(line)
+    for line in notices:
+        processes.print(line)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     model = build_model(cfg, labels)
     check_teacher(cfg, model, labels)
