@@ -189,12 +189,35 @@ def test_commands_of_one_run_refuse_an_ensemble_folder_naming_its_runs(ensemble,
     assert "\n" not in error and not (tmp_path / "out").exists()
 
 
-def test_an_onnx_file_with_a_bad_tta_record_is_refused_in_one_line(exported, tmp_path):
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"tta": "sideways"}, "its 'tta' metadata 'sideways'"),
+        ({"temperature": "nan"}, "'temperature' metadata must be a number above 0"),
+        ({"temperature": "0"}, "'temperature' metadata must be a number above 0"),
+        ({"temperature": "-0.5"}, "'temperature' metadata must be a number above 0"),
+        ({"temperature": "warm"}, "'temperature' metadata must be a number above 0"),
+        ({"unknown_threshold": "inf"}, "'unknown_threshold' a finite number"),
+    ],
+)
+def test_an_onnx_file_with_a_bad_record_is_refused_in_one_line(exported, tmp_path, record, message):
     from lowres_birds.errors import UserError
     from lowres_birds.predict.export import set_metadata
 
     model = onnx.load(str(exported["none"]))
-    set_metadata(model, {"tta": "sideways"})
+    set_metadata(model, record)
     onnx.save(model, str(tmp_path / "bad.onnx"))
-    with pytest.raises(UserError, match="its 'tta' metadata 'sideways'"):
+    with pytest.raises(UserError, match=message) as error:
         Classifier.load(tmp_path / "bad.onnx")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("threads", ["two", "0", "-1", "1.5"])
+def test_a_bad_thread_count_for_onnx_is_one_line(exported, monkeypatch, threads):
+    from lowres_birds.errors import UserError
+
+    monkeypatch.setenv("LOWRES_BIRDS_THREADS", threads)
+    with pytest.raises(UserError, match=f"LOWRES_BIRDS_THREADS='{threads}' is not a number of threads"):
+        Classifier.load(exported["none"])
+    monkeypatch.setenv("LOWRES_BIRDS_THREADS", "1")
+    assert Classifier.load(exported["none"]).labels

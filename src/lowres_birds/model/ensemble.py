@@ -89,8 +89,8 @@ def member_models(members: list[Path], labels: list[str], device: str = "cpu") -
 
 @torch.no_grad()
 def mean_probabilities(models: list[BirdNet], weights: list[float], batch: torch.Tensor, flip: bool) -> torch.Tensor:
-    """The models' weighted mean softmax on a uint8 NCHW ``batch`` (with ``flip``: averaged with the mirrored
-    batch's), as ``predict --ensemble f1`` weighs them."""
+    """The models' weighted mean plain softmax on a uint8 NCHW ``batch`` (with ``flip``: averaged with the mirrored
+    batch's), weighted as ``predict --ensemble f1`` weighs them (uncalibrated: distillation targets)."""
     views = (batch, batch.flip(-1)) if flip else (batch,)
     total = sum(weight * model(view).float().softmax(-1) for model, weight in zip(models, weights) for view in views)
     return total / len(views)
@@ -99,8 +99,9 @@ def mean_probabilities(models: list[BirdNet], weights: list[float], batch: torch
 def ensemble_probabilities(
     members: list[Path], weights: list[float], images: np.ndarray, labels: list[str], device: str = "cpu"
 ) -> np.ndarray:
-    """The members' weighted mean probabilities with flip TTA on uint8 N x 64 x 64 x 3 ``images`` (what ``predict
-    --run SOURCE --ensemble f1 --tta flip`` computes); every member must know exactly ``labels``."""
+    """The members' weighted mean plain softmax with flip TTA on uint8 N x 64 x 64 x 3 ``images``: the distillation
+    targets, softened by the student's own kd_temperature, so the members' calibration temperatures (which ``predict
+    --run SOURCE`` applies) are left out; every member must know exactly ``labels``."""
     models = member_models(members, labels, device)
     return in_batches(
         lambda batch: mean_probabilities(models, weights, batch.to(device), flip=True), images, desc="soft targets"

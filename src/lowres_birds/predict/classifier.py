@@ -18,6 +18,7 @@ Scores are calibrated (the run's temperature, ``lowres-birds calibrate``) and ev
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -43,6 +44,19 @@ from lowres_birds.run_dir import FoldsDir, MembersDir, check_labels, model_folde
 
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
 RUNTIME_VARIABLE = "LOWRES_BIRDS_ONNX_RUNTIME"
+THREADS_VARIABLE = "LOWRES_BIRDS_THREADS"  # threads of an ONNX session (default: every core)
+
+
+def onnx_threads() -> int:
+    """$LOWRES_BIRDS_THREADS (a whole number of at least 1), else every core."""
+    text = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not text:
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(
+            f"{THREADS_VARIABLE}={text!r} is not a number of threads: use a whole number of at least 1, or unset it"
+        )
+    return int(text)
 
 
 def onnx_runtime(precision: str) -> str:
@@ -219,7 +233,7 @@ class Classifier:
         except (json.JSONDecodeError, ValueError):
             labels, input_size = None, 0
         labels = check_labels(labels, f"{path}: its 'labels' metadata", "re-export it")
-        threads = int(os.environ.get("LOWRES_BIRDS_THREADS", "0")) or (os.cpu_count() or 1)
+        threads = onnx_threads()
         runtime = onnx_runtime(metadata.get("precision", "fp32"))
         run = (
             _openvino_runner(path, threads) if runtime == "openvino" else _onnxruntime_runner(path, threads, shares_cpu)
@@ -229,9 +243,12 @@ class Classifier:
             threshold = float(metadata["unknown_threshold"]) if "unknown_threshold" in metadata else None
             temperature = float(metadata.get("temperature", 1))
         except ValueError:
+            threshold, temperature = math.nan, math.nan
+        if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(threshold or 0)):
             raise UserError(
-                f"{path}: its 'unknown_threshold' or 'temperature' metadata is not a number; re-export it"
-            ) from None
+                f"{path}: its 'temperature' metadata must be a number above 0 and its 'unknown_threshold' a finite "
+                "number; re-export it"
+            )
 
         def predict_fn(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             pixels = images.permute(0, 2, 3, 1) if channels_last else images
