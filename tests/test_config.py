@@ -25,6 +25,37 @@ def test_base_cycle_is_refused(tmp_path):
         load_config(str(tmp_path / "a.yaml"))
 
 
+def test_a_base_resolves_beside_its_recipe_for_members_too_and_a_built_in_base_ignores_the_working_folder(
+    tmp_path, monkeypatch
+):
+    from lowres_birds.config import load_members
+
+    recipes, elsewhere = tmp_path / "recipes", tmp_path / "elsewhere"
+    recipes.mkdir()
+    elsewhere.mkdir()
+    (recipes / "small.yaml").write_text("base: cpu\nepochs: 2\n")
+    (recipes / "ens.yaml").write_text("members:\n  a: {base: small.yaml}\n  b: {base: small.yaml, seed: 7}\n")
+    (recipes / "one.yaml").write_text("base: small.yaml\nlr: 0.002\n")
+    (elsewhere / "cpu").write_text("epochs: 99\n")  # a stray file named like a built-in recipe
+    monkeypatch.chdir(elsewhere)
+    members = load_members(str(recipes / "ens.yaml")).members
+    assert [cfg.epochs for cfg in members.values()] == [2, 2] and members["b"].seed == 7
+    assert (load_config(str(recipes / "one.yaml")).epochs, load_config(str(recipes / "one.yaml")).lr) == (2, 0.002)
+    assert load_config("cpu").epochs == 7 and load_members("cpu-best").members["lite1"].epochs == 7
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"epochs: \xff\xfe\n", "not UTF-8 text"), (b"members: 5\n", "is an ensemble: train it")],
+)
+def test_an_unreadable_recipe_file_is_one_line(tmp_path, content, message):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as error:
+        load_config(str(path))
+    assert "\n" not in str(error.value)
+
+
 def test_cpu_best_is_an_ensemble_of_cpu_runs_on_two_backbones_and_two_sizes_and_each_member_round_trips(tmp_path):
     from lowres_birds.config import load_members
     from lowres_birds.train.teacher import shared_teacher_key

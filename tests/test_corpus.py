@@ -17,7 +17,7 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
                        --min-confidence, serve --port / --max-upload-mb /
                        --max-inflight-mb / --client-timeout-s, eda --phash-distance / --twin-psnr, export
                        --fallback-margin
-    run-folder files  286 cases, 269 refused / 17 accepted: each file a command reads x (missing, empty, truncated,
+    run-folder files  289 cases, 272 refused / 17 accepted: each file a command reads x (missing, empty, truncated,
                        garbage, tampered in 1-5 ways), for predict, predict-image, export, serve, report,
                        calibrate and train --resume, plus one case per command where every file it does not read
                        is garbage
@@ -587,6 +587,7 @@ TAMPERED = {
     "model.safetensors": {"other tensors": other_tensors},
     "split.json": {
         "val_ids a string": edit_json(lambda split: {**split, "val_ids": "TRAIN_00000"}),
+        "val_ids numbers": edit_json(lambda split: {**split, "val_ids": [0, 1]}),
         "data folder gone": edit_json(lambda split: {**split, "data": "/nonexistent/lowres-birds-data"}),
         "other fingerprint": edit_json(lambda split: {**split, "fingerprint": "0" * 24}),
         "unknown val_ids": edit_json(lambda split: {**split, "val_ids": ["NOT_AN_ID"]}),

@@ -185,13 +185,26 @@ def test_export_hf_never_replaces_the_run_it_exports(trained_run, tmp_path, caps
     assert (run / "model.safetensors").is_file() and (run / "split.json").is_file()
 
 
-def test_a_damaged_hf_folder_is_one_line(trained_run, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda folder: (folder / "model.safetensors").write_bytes(b"garbage"), "model.safetensors"),
+        (lambda folder: edit_config(folder, model_args=[1, 2]), "'model_args' must be a JSON object"),
+        (lambda folder: edit_config(folder, model_args="x"), "'model_args' must be a JSON object"),
+    ],
+)
+def test_a_damaged_hf_folder_is_one_line(trained_run, tmp_path, capsys, damage, named):
     import shutil
 
     folder = tmp_path / "hf"
     shutil.copytree(trained_run / "hf", folder)
-    (folder / "model.safetensors").write_bytes(b"garbage")
+    damage(folder)
     photo = next((trained_run / "report").glob("*.png"))
     assert main(["predict-image", str(photo), "--run", str(folder)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "model.safetensors" in err
+    assert err.count("\n") == 1 and named in err
+
+
+def edit_config(folder, **values) -> None:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(json.dumps({**config, **values}), encoding="utf-8")

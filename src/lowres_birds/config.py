@@ -570,15 +570,16 @@ def recipe_names() -> list[str]:
     )
 
 
-def read_recipe(recipe: str, depth: int = 0) -> dict[str, Any]:
-    """A built-in recipe name or a YAML path as a dict; ``base: NAME`` starts from another recipe."""
-    path = Path(recipe)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise UserError(
-                f"recipe file {recipe} not found: pass a built-in recipe ({', '.join(recipe_names())}) or a YAML path"
-            )
-        text, source = path.read_text(encoding="utf-8"), str(path)
+def read_recipe(recipe: str, depth: int = 0, builtin: bool = False) -> dict[str, Any]:
+    """A built-in recipe name or a YAML path as a dict (``builtin``: a built-in name only); ``base: NAME`` starts
+    from another recipe (``read_base``)."""
+    path = _recipe_file(recipe, builtin)
+    if path is not None:
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+            raise UserError(f"recipe file {path} cannot be read ({reason}): pass a readable UTF-8 YAML file") from None
     else:
         resource = resources.files("lowres_birds.recipes") / f"{recipe}.yaml"
         if not resource.is_file():
@@ -589,9 +590,31 @@ def read_recipe(recipe: str, depth: int = 0) -> dict[str, Any]:
     if base is not None:
         if depth > 8:
             raise UserError(f"{source}: 'base' recipes nest too deeply (a cycle?)")
-        sibling = path.parent / str(base)
-        data = {**read_recipe(str(sibling) if sibling.is_file() else str(base), depth + 1), **data}
+        data = {**read_base(base, recipe, depth + 1), **data}
     return data
+
+
+def read_base(base: Any, recipe: str, depth: int = 0) -> dict[str, Any]:
+    """The recipe a ``base:`` key of ``recipe`` names: a YAML file beside a recipe file, else a built-in recipe (a
+    built-in recipe's base is always built-in) or a path."""
+    path = _recipe_file(recipe)
+    if path is None:
+        return read_recipe(str(base), depth, builtin=True)
+    sibling = path.parent / str(base)
+    return read_recipe(str(sibling) if sibling.is_file() else str(base), depth)
+
+
+def _recipe_file(recipe: str, builtin: bool = False) -> Path | None:
+    """The YAML file ``recipe`` names, None for a built-in recipe's name (even where a file of that name lies in the
+    working folder: ./cpu names that); a YAML path that is not a file is refused."""
+    path = Path(recipe)
+    if builtin or recipe in recipe_names() or not (path.suffix in (".yaml", ".yml") or path.exists()):
+        return None
+    if not path.is_file():
+        raise UserError(
+            f"recipe file {recipe} not found: pass a built-in recipe ({', '.join(recipe_names())}) or a YAML path"
+        )
+    return path
 
 
 def parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
@@ -619,10 +642,9 @@ def load_config(recipe: str, overrides: dict[str, Any] | None = None) -> RunConf
     """Recipe (built-in name or YAML path), then overrides (None values are ignored), validated."""
     data = read_recipe(recipe)
     if MEMBERS in data:
-        raise UserError(
-            f"recipe {recipe} is an ensemble of {len(data[MEMBERS] or ())} members: train it with lowres-birds train "
-            f"--recipe {recipe}"
-        )
+        members = data[MEMBERS]
+        what = f"an ensemble of {len(members)} members" if isinstance(members, dict) and members else "an ensemble"
+        raise UserError(f"recipe {recipe} is {what}: train it with lowres-birds train --recipe {recipe}")
     return _with_overrides(data, f"recipe {recipe}", overrides)
 
 
@@ -717,7 +739,7 @@ def load_members(recipe: str, overrides: dict[str, Any] | None = None) -> Ensemb
     def merged_keys(keys: dict) -> dict:
         keys = dict(keys)
         base = keys.pop("base", None)
-        return {**(read_recipe(str(base)) if base is not None else {}), **data, **keys}
+        return {**(read_base(base, recipe) if base is not None else {}), **data, **keys}
 
     first_seed = None if seed is None else _seed_of(merged_keys(next(iter(members.values()))), f"recipe {recipe}")
 

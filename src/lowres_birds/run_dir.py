@@ -392,8 +392,11 @@ class RunDir:
             not isinstance(split, dict)
             or not isinstance(split.get("data"), str)
             or not isinstance(split.get("val_ids"), list)
+            or not all(isinstance(image_id, str) for image_id in split["val_ids"])
         ):
-            raise UserError(f"{path} must hold 'data' (a folder) and 'val_ids' (a list); the run folder is damaged")
+            raise UserError(
+                f"{path} must hold 'data' (a folder) and 'val_ids' (a list of image ids); the run folder is damaged"
+            )
         return split
 
     def data_dir(self, override: Path | None = None) -> Path:

@@ -382,7 +382,10 @@ def _timm_backbone(folder: Path, config: dict):
         raise UserError(
             f"{path}: 'pretrained_cfg' has a malformed input_size, mean or std; export the folder again"
         ) from None
-    model_args = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+    model_args = config.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise UserError(f"{path}: 'model_args' must be a JSON object of timm arguments; export the folder again")
+    model_args = {k: v for k, v in model_args.items() if k != "num_classes"}
     architecture = str(config["architecture"])
     try:
         backbone = timm.create_model(architecture, pretrained=False, num_classes=len(labels), **model_args)
