@@ -15,7 +15,7 @@ import uvicorn
 from lowres_birds.config import LR_SIZE
 from lowres_birds.data.demo import SPECIES
 from lowres_birds.data.tables import LabelMap
-from lowres_birds.model.factory import LITE0, create_model, save_architecture
+from lowres_birds.model.factory import create_model, save_architecture
 from lowres_birds.predict.classifier import Classifier
 from lowres_birds.predict.serving import bind, create_app
 from lowres_birds.run_dir import RunDir
@@ -37,7 +37,7 @@ def eight_species_run(tmp_path_factory) -> Path:
     too few for the page's five bars. Written with the helpers training uses, so Classifier.load reads it as usual."""
     run_dir = tmp_path_factory.mktemp("eight-species")
     label_map = LabelMap.fit([name for name, *_ in SPECIES])
-    model = create_model(LITE0, list(label_map.classes), LR_SIZE, pretrained=False)
+    model = create_model("efficientnet_lite0", list(label_map.classes), LR_SIZE, pretrained=False)
     run = RunDir(run_dir)
     run.write_labels(list(label_map.classes))
     save_architecture(model, run)

@@ -14,7 +14,7 @@ from conftest import FAST_TRAIN
 
 from lowres_birds.cli import main
 from lowres_birds.config import load_config
-from lowres_birds.predict.classifier import Classifier, average_probabilities, describe_ensemble, resolve_ensemble
+from lowres_birds.predict.classifier import Classifier, average_predictions, describe_ensemble, resolve_ensemble
 from lowres_birds.run_dir import FoldsDir, RunDir
 
 
@@ -60,7 +60,7 @@ def test_weights_are_best_validation_f1_normalised_and_weigh_the_probabilities(t
     first = Classifier(["a", "b"], lambda x: np.tile([0.9, 0.1], (len(x), 1)), "first", 64)
     second = Classifier(["a", "b"], lambda x: np.tile([0.1, 0.9], (len(x), 1)), "second", 64)
     images = np.zeros((2, 64, 64, 3), np.uint8)
-    _, weighted = average_probabilities([first, second], images, "none", weights)
+    weighted = average_predictions([first, second], images, "none", weights).probs
     np.testing.assert_allclose(weighted, np.tile([0.7, 0.3], (2, 1)))
 
 
@@ -71,7 +71,7 @@ def test_mean_is_the_plain_mean_and_needs_no_scores(tmp_path):
     classifiers = [
         Classifier(["a", "b"], lambda x, p=p: np.tile([p, 1 - p], (len(x), 1)), str(p), 64) for p in (0.1, 0.2, 0.6)
     ]
-    _, probs = average_probabilities(classifiers, np.zeros((1, 64, 64, 3), np.uint8), "none")
+    probs = average_predictions(classifiers, np.zeros((1, 64, 64, 3), np.uint8), "none").probs
     # as before weights (to float32 rounding: the mean goes through log and softmax, as a calibrated one does)
     np.testing.assert_allclose(
         probs, np.mean(np.array([[[0.1, 0.9]], [[0.2, 0.8]], [[0.6, 0.4]]], np.float32), axis=0), atol=1e-6

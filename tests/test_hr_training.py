@@ -14,7 +14,7 @@ from lowres_birds.cli import main
 from lowres_birds.data.demo import draw_bird
 from lowres_birds.data.splits import fold_indices
 from lowres_birds.errors import UserError
-from lowres_birds.predict.classifier import Classifier, average_probabilities
+from lowres_birds.predict.classifier import Classifier, average_predictions
 from lowres_birds.train.batches import Targets, mix_batch
 from lowres_birds.train.degradation import PLAIN_RESIZE, Degradation, degrade, fit_degradation
 from lowres_birds.train.losses import kd_loss
@@ -84,12 +84,13 @@ def test_probability_averaging_over_runs():
     first = Classifier(["a", "b"], lambda x: np.tile([0.9, 0.1], (len(x), 1)), "first", 64)
     second = Classifier(["a", "b"], lambda x: np.tile([0.3, 0.7], (len(x), 1)), "second", 64)
     images = np.zeros((3, 64, 64, 3), np.uint8)
-    labels, probs = average_probabilities([first, second], images, tta="none")
+    averaged = average_predictions([first, second], images, tta="none")
+    labels, probs = averaged.labels, averaged.probs
     assert labels == ["a", "b"]
     np.testing.assert_allclose(probs, np.tile([0.6, 0.4], (3, 1)), atol=1e-6)
     other = Classifier(["a", "c"], first._predict_fn, "other", 64)
     with pytest.raises(UserError, match="different classes"):
-        average_probabilities([first, other], images, tta="none")
+        average_predictions([first, other], images, tta="none")
 
 
 def test_hr_techniques_and_folds_end_to_end(demo_data, tmp_path, capsys):

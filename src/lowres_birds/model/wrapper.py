@@ -89,8 +89,6 @@ class BirdNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
     def freeze_early_layers(self, stages: int) -> None:
         """Freeze the stem and the first ``stages`` blocks (weights and BatchNorm statistics).

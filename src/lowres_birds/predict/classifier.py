@@ -498,14 +498,6 @@ def average_predictions(
     return Predictions(model.labels, probs, unknown, None if unknown is None else model.unknown_threshold)
 
 
-def average_probabilities(
-    classifiers: list[Classifier], images: np.ndarray, tta: str, weights: list[float] | None = None
-) -> tuple[list[str], np.ndarray]:
-    """(class names, the averaged calibrated probabilities) of ``average_predictions``."""
-    predictions = average_predictions(classifiers, images, tta, weights)
-    return predictions.labels, predictions.probs
-
-
 def top_k_table(paths: list, predictions: Predictions, top: int, min_confidence: float = 0.0):
     """path, label, score (the best class), then label_2, score_2 ... label_K, score_K: one row per image; then
     ``unknown`` (1: not one of the training species) and ``unknown_score`` for a calibrated model. ``min_confidence``:
