@@ -428,7 +428,7 @@ def _transformers_backbone(folder: Path, config: dict):
             f"{folder / PROCESSOR}: needs 'size' (height) and numeric image_mean/image_std; export the folder again"
         ) from None
     try:
-        backbone = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
+        backbone = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"{folder} could not be loaded by transformers ({str(exc).strip().splitlines()[0][:160]}); export the "
