@@ -96,3 +96,19 @@ def test_image_folder_layout_without_test_or_twins_still_works(tmp_path):
 def test_missing_data_folder_is_one_line_error(tmp_path, capsys):
     assert main(["eda", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("error: data folder")
+
+
+def test_labels_training_refuses_are_reported_not_refused(demo_data, tmp_path, capsys):
+    """An image without a label and a class of one image stop train; eda is where a user finds them."""
+    data = Path(shutil.copytree(demo_data, tmp_path / "data"))
+    table = pd.read_csv(data / "train.csv", dtype=str)
+    table.loc[0, "label"] = ""
+    table.loc[1, "label"] = "Lonely bird"
+    table.to_csv(data / "train.csv", index=False)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    assert "empty label" in capsys.readouterr().err
+    assert main(["eda", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    expected = f"labels: 1 image(s) without a label (first: {table.loc[0, 'id']}), 1 class(es) of a single image"
+    assert f"{expected} (Lonely bird); train refuses both" in printed
+    assert "1 class(es) of a single image (Lonely bird)" in (tmp_path / "out" / "eda.html").read_text(encoding="utf-8")

@@ -155,15 +155,18 @@ def _check_labels(labels: list[str], source: str) -> None:
 # --------------------------------------------------------------------------- layouts
 
 
-def load_train_table(data_dir: Path) -> ImageTable:
-    """The training split of a competition folder (train.csv) or of an ImageFolder (DIR/<class>/*.jpg)."""
+def load_train_table(data_dir: Path, check_labels: bool = True) -> ImageTable:
+    """The training split of a competition folder (train.csv) or of an ImageFolder (DIR/<class>/*.jpg);
+    ``check_labels``: refuse empty labels and classes of one image, which training cannot split (eda reports them
+    instead)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data folder {data_dir} not found")
     csv_path = data_dir / "train.csv"
     if is_image_folder(data_dir):
         table = load_image_folder(data_dir)
-        _check_labels(table.labels, str(data_dir))
+        if check_labels:
+            _check_labels(table.labels, str(data_dir))
         return table
     frame = read_csv(csv_path, ("id", "img_path", "label"))
     _check_ids(frame, csv_path)
@@ -180,7 +183,8 @@ def load_train_table(data_dir: Path) -> ImageTable:
         else:
             hr_paths = _image_paths(data_dir, column.tolist(), csv_path, "upscale_img_path")
     labels = frame["label"].tolist()
-    _check_labels(labels, str(csv_path))
+    if check_labels:
+        _check_labels(labels, str(csv_path))
     return ImageTable(data_dir, frame["id"].tolist(), lr_paths, hr_paths, labels, hr_missing)
 
 

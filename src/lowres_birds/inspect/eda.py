@@ -283,7 +283,7 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
     """All tables, figures and eda.html for a data folder; prints a summary; returns the page."""
     require_extra("eda", "eda (perceptual hashes for the near-duplicate check)")
     started = time.perf_counter()
-    table = load_train_table(data_dir)
+    table = load_train_table(data_dir, check_labels=False)  # reported below, not refused
     test = load_test_table(data_dir) if (data_dir / "test.csv").is_file() else None
     out.mkdir(parents=True, exist_ok=True)
 
@@ -312,7 +312,17 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
     train_hashes = content_hashes(lr)
     duplicates = duplicates_within(table.ids, table.labels, train_hashes)
     write_csv(out / "duplicates_train.csv", duplicates)
+    unlabelled = [image_id for image_id, label in zip(table.ids, table.labels) if label == ""]
+    single = counts.loc[(counts["count"] < 2) & (counts["label"] != ""), "label"].tolist()
+    labels_line = (
+        f"Labels: {len(unlabelled)} image(s) without a label"
+        + (f" (first: {', '.join(unlabelled[:3])})" if unlabelled else "")
+        + f", {len(single)} class(es) of a single image"
+        + (f" ({', '.join(single[:3])})" if single else "")
+        + ("; train refuses both: label every image, give every class at least 2" if unlabelled or single else "")
+    )
     quality: list = [
+        labels_line,
         "Exact duplicates inside train (equal decoded pixels): "
         f"{duplicates['group'].nunique() if len(duplicates) else 0} group(s), "
         f"{len(duplicates)} images, {int((~duplicates['labels agree']).sum())} with conflicting labels.",
@@ -349,6 +359,7 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
     print(summary)
     print(stats[["folder", "images", "sizes", "modes", "formats"]].to_string(index=False))
     print("normalisation values (pixels in [0, 1]):\n" + normalisation)
+    print(labels_line[0].lower() + labels_line[1:])
     print(
         f"exact duplicates in train: {len(duplicates)} images"
         + (
