@@ -75,7 +75,8 @@ def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
-def _check_ids(frame: pd.DataFrame, path: Path) -> None:
+def check_ids(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``frame`` (read from ``path``) when every row has an id and no id repeats; else one line naming the row."""
     empty = frame.index[frame["id"] == ""]
     if len(empty):
         raise UserError(f"{path} row {empty[0] + 2}: empty id; every row needs an id")
@@ -85,6 +86,7 @@ def _check_ids(frame: pd.DataFrame, path: Path) -> None:
         raise UserError(
             f"{path} row {row}: duplicate id {duplicated.iloc[0]!r} ({len(duplicated)} duplicates); ids must be unique"
         )
+    return frame
 
 
 def _image_paths(root: Path, values: list[str], csv_path: Path, column: str) -> list[Path]:
@@ -169,7 +171,7 @@ def load_train_table(data_dir: Path, check_labels: bool = True) -> ImageTable:
             _check_labels(table.labels, str(data_dir))
         return table
     frame = read_csv(csv_path, ("id", "img_path", "label"))
-    _check_ids(frame, csv_path)
+    check_ids(frame, csv_path)
     lr_paths = _image_paths(data_dir, frame["img_path"].tolist(), csv_path, "img_path")
     hr_paths, hr_missing = None, f"{csv_path} has no upscale_img_path column"
     if "upscale_img_path" in frame.columns:
@@ -258,13 +260,13 @@ def load_test_table(data_dir: Path) -> ImageTable:
     data_dir = Path(data_dir)
     csv_path = data_dir / "test.csv"
     frame = read_csv(csv_path, ("id", "img_path"))
-    _check_ids(frame, csv_path)
+    check_ids(frame, csv_path)
     order = frame["id"].tolist()
     paths = dict(zip(order, _image_paths(data_dir, frame["img_path"].tolist(), csv_path, "img_path")))
     sample_path = data_dir / "sample_submission.csv"
     if sample_path.exists():
         sample = read_csv(sample_path, ("id",))
-        _check_ids(sample, sample_path)
+        check_ids(sample, sample_path)
         sample_order = sample["id"].tolist()
         sample_ids = set(sample_order)
         absent = [i for i in order if i not in sample_ids]

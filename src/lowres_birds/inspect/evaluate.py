@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lowres_birds.data.tables import is_image_folder, load_image_folder, load_test_table, read_csv
+from lowres_birds.data.tables import check_ids, is_image_folder, load_image_folder, load_test_table, read_csv
 from lowres_birds.errors import UserError
 from lowres_birds.inspect.plots import confusion_matrix_png
 from lowres_birds.metrics import per_class_table, score
@@ -25,7 +25,7 @@ def align_submission(
     The labels may cover only part of the test set (a public half), so submission ids without a label
     are fine as long as they belong to the test set: ``test_ids`` when given, else the labels' ids.
     """
-    submission = refuse_duplicate_ids(read_csv(Path(submission_path), ("id", "label")), submission_path)
+    submission = check_ids(read_csv(Path(submission_path), ("id", "label")), submission_path)
     truth = read_labels(labels_path)
     predicted = dict(zip(submission["id"], submission["label"]))
     known = set(test_ids) if test_ids is not None else set(truth["id"])
@@ -48,17 +48,9 @@ def align_submission(
     return truth["id"].tolist(), truth["label"].tolist(), [predicted[i] for i in truth["id"]]
 
 
-def refuse_duplicate_ids(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """``frame`` (read from ``path``) when its ids are unique; a repeated id is refused in one line."""
-    duplicated = frame["id"][frame["id"].duplicated()]
-    if len(duplicated):
-        raise UserError(f"{path}: duplicate id {duplicated.iloc[0]!r}; ids must be unique")
-    return frame
-
-
 def read_labels(labels_path: Path) -> pd.DataFrame:
     """The id,label table of the true labels: unique ids, every label given."""
-    truth = refuse_duplicate_ids(read_csv(Path(labels_path), ("id", "label")), labels_path)
+    truth = check_ids(read_csv(Path(labels_path), ("id", "label")), labels_path)
     blank = truth.index[truth["label"] == ""]
     if len(blank):
         raise UserError(
