@@ -556,12 +556,11 @@ class RunDir:
         )
 
     def teacher_targets(
-        self, rows: int, classes: int, damaged: str, name: str = TEACHER_TARGETS, features: bool = True
+        self, rows: int, classes: int, damaged: str, name: str = TEACHER_TARGETS, with_features: bool = True
     ) -> dict:
-        """features (rows x D; ``features`` False: none, returned as None), logits (rows x classes), val_macro_f1 and
-        seconds, all finite; ``damaged``: what happens to a file that is not that."""
+        """features (rows x D; ``with_features`` False: none, returned as None), logits (rows x classes), val_macro_f1
+        and seconds, all finite; ``damaged``: what happens to a file that is not that."""
         path = self / name
-        with_features = features
         tensors = load_safetensors(path, missing=f"{path} not found; {damaged}", damaged=damaged)
         keys = ("features", "logits", "val_macro_f1", "seconds")
         if any(key not in tensors for key in keys):

@@ -263,7 +263,7 @@ def distilled_teacher(cfg: RunConfig, data: TrainingData, run: RunDir) -> Teache
         )
     processes.wait_for_everyone()
     damaged = "remove it and resume (it is computed again)"
-    saved = run.teacher_targets(rows, classes, damaged, name=RunDir.DISTILL_TARGETS, features=False)
+    saved = run.teacher_targets(rows, classes, damaged, name=RunDir.DISTILL_TARGETS, with_features=False)
     label_unlabelled(data, saved["logits"][data.unlabelled_idx])
     return TeacherTargets(
         None,
