@@ -516,6 +516,24 @@ class RunDir:
         return checkpoint
 
     # ---- the fine-tuned teacher's distillation targets (in RUN/teacher)
+    def write_hf_config(self, savers: list[Callable[[Path], None]]) -> None:
+        """hf_config/ as the ``savers`` (transformers' ``save_pretrained`` of a config, a processor) write it into a
+        folder: complete or absent, as every file of the run."""
+        import shutil
+
+        temporary = self.path / f".{self.HF_CONFIG}.writing"
+        shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            for save in savers:
+                save(temporary)
+            shutil.rmtree(self / self.HF_CONFIG, ignore_errors=True)
+            temporary.replace(self / self.HF_CONFIG)
+        except OSError as exc:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise UserError(
+                f"cannot write {self / self.HF_CONFIG}: {exc.strerror or exc}; free some disk space"
+            ) from None
+
     def mark_study_finished(self, result: dict) -> None:
         write_json(self / self.STUDY_RESULT, result)
 

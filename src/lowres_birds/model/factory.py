@@ -231,13 +231,14 @@ def save_architecture(model: BirdNet, run: RunDir) -> None:
     """Write what ``load_run_model`` needs besides the weights (model_spec.json, the HF config)."""
     run.write_spec(model.spec.to_dict())
     if model.spec.source.startswith("hf:"):
-        model.backbone.config.save_pretrained(run / RunDir.HF_CONFIG)
-        try:
-            from transformers import AutoImageProcessor
+        from transformers import AutoImageProcessor
 
-            AutoImageProcessor.from_pretrained(model.spec.source[3:]).save_pretrained(run / RunDir.HF_CONFIG)
+        savers = [model.backbone.config.save_pretrained]
+        try:
+            savers.append(AutoImageProcessor.from_pretrained(model.spec.source[3:]).save_pretrained)
         except (OSError, ValueError):
             pass  # no processor config: mean/std are in model_spec.json anyway
+        run.write_hf_config(savers)
 
 
 def rebuild_model(run: RunDir, labels: list[str]) -> BirdNet:
