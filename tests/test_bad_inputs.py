@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TRAIN
 from PIL import Image
 
 from lowres_birds.cli import main
@@ -703,3 +704,107 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
         os.umask(previous)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def _inputs_world(trained_run, demo_data, tmp_path) -> dict[str, Path]:
+    """Copies of a run and of the demo data inside a folder this tool made, as outputs may land among them."""
+    holder = tmp_path / "holder"
+    run = Path(shutil.copytree(trained_run, holder / "run"))
+    data = Path(shutil.copytree(demo_data, holder / "data"))
+    (holder / MARKER).write_text("made by lowres-birds", encoding="utf-8")
+    return {"holder": holder, "run": run, "data": data, "elsewhere": demo_data}
+
+
+START = [*TINY_TRAIN, "--no-student-from-teacher"]
+OUTPUTS_OVER_INPUTS = {
+    # command builder (world -> argv), the input file that must survive (world -> path), words of the refusal
+    "predict over a run file": (
+        lambda w: ["predict", "--run", w["run"], "--data", w["data"], "--out", w["run"] / "labels.json"],
+        lambda w: w["run"] / "labels.json",
+        "files of --run",
+    ),
+    "predict over the weights": (
+        lambda w: ["predict", "--run", w["run"], "--data", w["data"], "--out", w["run"] / "model.safetensors"],
+        lambda w: w["run"] / "model.safetensors",
+        "files of --run",
+    ),
+    "predict over a data table": (
+        lambda w: ["predict", "--run", w["run"], "--data", w["data"], "--out", w["data"] / "test.csv"],
+        lambda w: w["data"] / "test.csv",
+        "files of --data",
+    ),
+    "predict over an input photo": (
+        lambda w: ["predict", "--run", w["run"], "--images", w["data"] / "test", "--out", w["data"] / "test" / "x.jpg"],
+        lambda w: w["data"] / "test",
+        "files of --images",
+    ),
+    "predict over a photo of a glob": (
+        lambda w: [
+            "predict",
+            "--run",
+            w["run"],
+            "--images",
+            f"{w['data']}/test/*.jpg",
+            "--out",
+            w["data"] / "test" / "a.png",
+        ],
+        lambda w: w["data"] / "test",
+        "files of --images",
+    ),
+    "train into a folder holding its data": (
+        lambda w: ["train", "--data", w["data"], "--out", w["holder"], *TINY_TRAIN],
+        lambda w: w["data"] / "train.csv",
+        "holds --data",
+    ),
+    "train over the run it starts from": (
+        lambda w: ["train", "--data", w["data"], "--init-from", w["run"], "--out", w["run"], *START],
+        lambda w: w["run"] / "model.safetensors",
+        "also given as --init-from",
+    ),
+    "train into a folder holding the run it starts from": (
+        lambda w: ["train", "--data", w["elsewhere"], "--init-from", w["run"], "--out", w["holder"], *START],
+        lambda w: w["run"] / "model.safetensors",
+        "holds --init-from",
+    ),
+    "train into the ensemble it distils": (
+        lambda w: [
+            "train",
+            "--data",
+            w["data"],
+            "--distill-from",
+            w["run"],
+            "--out",
+            w["run"],
+            *TINY_TRAIN,
+            "--kd-weight",
+            "0.5",
+        ],
+        lambda w: w["run"] / "model.safetensors",
+        "also given as --distill-from",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUTS_OVER_INPUTS)
+def test_an_output_never_replaces_an_input_even_with_force(trained_run, demo_data, tmp_path, capfd, case):
+    argv, survivor, words = OUTPUTS_OVER_INPUTS[case]
+    world = _inputs_world(trained_run, demo_data, tmp_path)
+    before = sorted(p.relative_to(world["holder"]) for p in world["holder"].rglob("*"))
+    code, err = run_cli([*argv(world), "--force"], capfd)
+    assert_refused(code, err, words)
+    assert survivor(world).exists()
+    assert sorted(p.relative_to(world["holder"]) for p in world["holder"].rglob("*")) == before
+
+
+def test_an_output_beside_the_inputs_that_this_tool_does_not_read_is_written(trained_run, demo_data, tmp_path, capfd):
+    world = _inputs_world(trained_run, demo_data, tmp_path)
+    for out in (world["data"] / "submission.csv", world["run"] / "submission.csv"):
+        code, err = run_cli(["predict", "--run", world["run"], "--data", world["data"], "--out", out], capfd)
+        assert code == 0, err
+        assert list(pd.read_csv(out).columns) == ["id", "label"]
+
+
+@pytest.mark.parametrize("images", ["", "   "])
+def test_an_empty_images_path_is_refused_instead_of_searching_the_working_folder(trained_run, tmp_path, capfd, images):
+    code, err = run_cli(["predict", "--run", trained_run, "--images", images, "--out", tmp_path / "p.csv"], capfd)
+    assert_refused(code, err, "no images given")

@@ -158,7 +158,9 @@ def run_train(args) -> int:
 
     run_dir = args.out or _default_out("train")
     # checked now, replaced once data and model load
-    replace_folder(run_dir, args.force, create=False, others=[("--data", args.data)])
+    unlabelled = members.student.distill_images if members is not None and members.student else None
+    inputs = cfg.input_paths() if cfg is not None else [("--distill-images", unlabelled)]
+    replace_folder(run_dir, args.force, create=False, others=[("--data", args.data), *inputs])
     started = time.perf_counter()
     if members is not None:
         from lowres_birds.train.ensembles import train_members
@@ -359,7 +361,7 @@ def _resolve_ensemble(sources: list[Path], args) -> tuple[list[Path], list[float
 def run_predict(args) -> int:
     import pandas as pd
 
-    from lowres_birds.data.tables import find_images
+    from lowres_birds.data.tables import find_images, images_root
     from lowres_birds.predict.classifier import predict_files, predict_test_set, top_k_table
     from lowres_birds.run_dir import check_output, write_csv
 
@@ -367,7 +369,12 @@ def run_predict(args) -> int:
     if not sources:
         raise UserError("predict: pass --run RUN (or --onnx MODEL); repeat it to average several models")
     out = args.out or Path("submission.csv" if args.data is not None else "predictions.csv")
-    inputs = [("--data", args.data), *(("--run", run) for run in args.run), *(("--onnx", model) for model in args.onnx)]
+    inputs = [
+        ("--data", args.data),
+        ("--images", images_root(args.images) if args.images else None),
+        *(("--run", run) for run in args.run),
+        *(("--onnx", model) for model in args.onnx),
+    ]
     check_output(out, args.force, others=[("--probs", args.probs), *inputs])
     if args.probs is not None:
         check_output(args.probs, args.force, others=inputs)

@@ -24,6 +24,8 @@ from lowres_birds.errors import UserError
 
 LR_SIZE = 64  # the competition's low-res side
 HR_SIZE = 256  # the side of the high-res twins
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DATA_TABLES = ("train.csv", "test.csv", "sample_submission.csv")  # a competition folder's tables
 STRATEGY_KINDS = ("native", "upscale", "hr-downscale")
 UPSCALE_FILTERS = ("bicubic", "lanczos", "robidoux-sharp")  # the model wrapper's resize kernels (model/resolution.py)
 DEFAULT_MAX_UPLOAD_MB = 10.0  # the server's cap on one request body
@@ -482,6 +484,14 @@ class RunConfig:
     def init_runs(self) -> list[str]:
         """The run folders ``init_from`` names (none, one, or several whose weights are averaged)."""
         return [part.strip() for part in self.init_from.split(",") if part.strip()]
+
+    def input_paths(self) -> list[tuple[str, str]]:
+        """(flag, path) of every file or folder the run reads besides its data: what its output must never replace."""
+        return [
+            *(("--init-from", run) for run in self.init_runs),
+            *((flag, value) for flag, value in (("--distill-from", self.distill_from),
+                                                 ("--distill-images", self.distill_images)) if value),
+        ]  # fmt: skip
 
     @property
     def split_seed_used(self) -> int:

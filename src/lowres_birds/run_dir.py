@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from lowres_birds.config import (
+    DATA_TABLES,
     ENSEMBLE_MODES,
     FIELDS,
+    IMAGE_EXTENSIONS,
     KEYS_ADDED_LATER,
     STUDENT,
     TTA_MODES,
@@ -141,6 +143,8 @@ def check_output(
     for flag, other in others:
         if other is not None and _same(path, Path(other)):
             raise UserError(f"{path} is also given as {flag}; choose another output path")
+        if other is not None and _holds(Path(other), path) and _read_by_this_tool(path):
+            raise UserError(f"{path} is one of the files of {flag} {other} this tool reads; choose another output path")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -154,6 +158,17 @@ def check_output(
         if not force and not (folder and not any(path.iterdir())):
             raise UserError(f"{path} already exists; pass --force to overwrite it or choose another output path")
     _check_writable(path)
+
+
+def _read_by_this_tool(path: Path) -> bool:
+    """Whether ``path``, inside an input folder, is named as a file this tool reads there: a data table, an image,
+    a file of a run, folds or ensemble folder."""
+    run_files = {
+        RunDir.CONFIG, RunDir.LABELS, RunDir.SPEC, RunDir.SPLIT, RunDir.WEIGHTS, RunDir.CHECKPOINT, RunDir.METRICS,
+        RunDir.VAL_PREDICTIONS, RunDir.CALIBRATION, RunDir.UNKNOWN_STATISTICS, RunDir.TEACHER_TARGETS,
+        RunDir.DISTILL_TARGETS, FoldsDir.SUMMARY, MembersDir.SUMMARY,
+    }  # fmt: skip
+    return path.name in DATA_TABLES or path.name in run_files or path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _holds(folder: Path, other: Path) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lowres_birds.config import DATA_TABLES, IMAGE_EXTENSIONS
 from lowres_birds.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# any of them: not an ImageFolder
-COMPETITION_FILES = (
-    "train.csv",
-    "test.csv",
-    "sample_submission.csv",
-    "upscale_train",
-)
+COMPETITION_FILES = (*DATA_TABLES, "upscale_train")  # any of them: not an ImageFolder
 
 
 @dataclass
@@ -221,12 +216,23 @@ def load_image_folder(data_dir: Path) -> ImageTable:
     )
 
 
+def images_root(where: str | Path) -> Path:
+    """Where ``find_images(where)`` reads: the file or folder given, or a glob's folder before its first wildcard."""
+    import glob
+
+    parts = Path(where).parts
+    fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
+    return Path(*fixed) if fixed else Path(".")
+
+
 def find_images(where: str | Path) -> list[Path]:
     """The image files (by extension) of a folder, searched recursively, or of a glob pattern ('photos/*.jpg',
     'photos/**/*.png'), or one file; sorted. Hidden files and folders are skipped; none found is a UserError."""
     import glob
 
     text = str(where)
+    if not text.strip():
+        raise UserError("no images given (an empty path): pass an image, a folder of images or a quoted glob pattern")
     path = Path(text)
     if path.is_file():
         return [path]

@@ -101,7 +101,7 @@ def open_run(cfg: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool = Fa
     if cfg.init_from and not resume:  # a resumed run's checkpoint holds its weights
         start_from_runs(model, [Path(run) for run in cfg.init_runs], labels)
     if not resume:  # the old folder goes only now that data and model are known good, once every process checked it
-        replace_folder(run.path, force, create=False)
+        replace_folder(run.path, force, create=False, others=[("--data", data_dir), *cfg.input_paths()])
         processes.wait_for_everyone()
         if processes.is_main_process:
             replace_folder(run.path, force)
