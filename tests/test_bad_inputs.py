@@ -808,3 +808,12 @@ def test_an_output_beside_the_inputs_that_this_tool_does_not_read_is_written(tra
 def test_an_empty_images_path_is_refused_instead_of_searching_the_working_folder(trained_run, tmp_path, capfd, images):
     code, err = run_cli(["predict", "--run", trained_run, "--images", images, "--out", tmp_path / "p.csv"], capfd)
     assert_refused(code, err, "no images given")
+
+
+def test_weights_that_overflow_are_refused_not_scored(demo_data, tmp_path, capfd):
+    """A learning rate so large that the last update overflows the weights (its loss was still finite): the
+    validation answers nan, which used to be scored 0.17 and reported as a trained run."""
+    argv = ["train", "--data", demo_data, "--out", tmp_path / "run", *FAST_MODEL, "--epochs", "1", "--lr", "1e308"]
+    code, err = run_cli([*argv, "--teacher", "frozen", "--kd-weight", "0", "--hr-view-ratio", "0"], capfd)
+    assert_refused(code, err, "training diverged", "lower --lr")
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -11,8 +11,17 @@ from contextlib import contextmanager
 REFRESH_S = 0.5
 
 
-def bar(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "img"):
-    """A tqdm bar over ``iterable`` (or one to ``update`` by hand), shown on terminals only."""
+def bar(
+    iterable: Iterable | None = None,
+    *,
+    desc: str,
+    total: int | None = None,
+    unit: str = "img",
+    initial: int = 0,
+    show: bool = True,
+):
+    """A tqdm bar over ``iterable`` (or one to ``update`` by hand), shown on terminals only (and never where
+    ``show`` is False: the other processes of a multi-process run)."""
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -20,8 +29,9 @@ def bar(iterable: Iterable | None = None, *, desc: str, total: int | None = None
         desc=desc,
         total=total,
         unit=unit,
+        initial=initial,
         file=sys.stderr,
-        disable=None,
+        disable=None if show else True,
         leave=False,
         mininterval=REFRESH_S,
         dynamic_ncols=True,

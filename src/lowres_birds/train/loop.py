@@ -16,6 +16,7 @@ import torch
 
 from lowres_birds.config import RunConfig
 from lowres_birds.errors import TrainingInterrupted, UserError
+from lowres_birds.progress import bar
 from lowres_birds.run_dir import RunDir
 from lowres_birds.train.data import TeacherTargets, training_batch, uses_teacher
 from lowres_birds.train.losses import total_loss
@@ -83,25 +84,21 @@ def hr_teacher(opened: OpenedRun, shared: Path | None = None) -> TeacherTargets 
 
 def train_one_epoch(session: RunSession, loader) -> None:
     """One pass over ``loader``'s batches, up to the epoch's end or a stop decided at a validation within it."""
-    from tqdm.auto import tqdm
-
     cfg, parts, state, meter = session.cfg, session.parts, session.state, session.meter
     model, accelerator = parts.model, parts.accelerator
     num_classes = accelerator.unwrap_model(model).spec.num_classes
     feature_kd = parts.hr.teacher is not None and cfg.feature_kd_weight > 0
     model.train()
     done = state.step_in_epoch * cfg.grad_accum
-    bar = tqdm(
+    steps = bar(
         loader,
         desc=f"epoch {state.epoch + 1}/{session.epochs}",
         initial=done,
         total=len(loader) + done,
-        disable=not accelerator.is_local_main_process,
-        leave=False,
-        mininterval=1.0,
-        dynamic_ncols=True,
+        unit="batch",
+        show=accelerator.is_local_main_process,
     )
-    for images, labels, indices in bar:
+    for images, labels, indices in steps:
         with accelerator.accumulate(model):
             images, targets = training_batch(images, labels, indices, num_classes, cfg, parts.generator, parts.hr)
             if cfg.channels_last:
@@ -123,9 +120,9 @@ def train_one_epoch(session: RunSession, loader) -> None:
             parts.scheduler.step()
             parts.optimizer.zero_grad(set_to_none=True)
         meter.update(loss.item(), len(labels))
-        bar.set_postfix(meter.postfix())
+        steps.set_postfix(meter.postfix())
         if accelerator.sync_gradients:
             session.after_step()
             if session.finished:
                 break
-    bar.close()
+    steps.close()

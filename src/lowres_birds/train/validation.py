@@ -9,6 +9,7 @@ import time
 import numpy as np
 import torch
 
+from lowres_birds.errors import UserError
 from lowres_birds.metrics import score
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.train.data import TrainingData
@@ -17,9 +18,15 @@ from lowres_birds.train.data import TrainingData
 def evaluate(
     model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, device: torch.device
 ) -> tuple[dict, np.ndarray]:
-    """Macro-F1 and accuracy of ``model`` on uint8 NHWC images (every process scores the whole set)."""
+    """Macro-F1 and accuracy of ``model`` on uint8 NHWC images (every process scores the whole set); weights that
+    overflowed (the last step's loss was finite, its update not) are refused rather than scored."""
     model.eval()
     probs = in_batches(lambda batch: model(batch.to(device)).float().softmax(-1), images)
+    if not np.isfinite(probs).all():
+        raise UserError(
+            "training diverged: the model answers nan/inf on its validation images (its weights overflowed); lower "
+            "--lr (or use --mixed-precision no) and train again"
+        )
     return score(targets, probs.argmax(1)), probs
 
 
