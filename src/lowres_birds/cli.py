@@ -104,7 +104,8 @@ def add_config_overrides(parser: argparse.ArgumentParser) -> None:
         kind = FIELD_TYPES[spec.name]
         meta = spec.metadata
         bounds = f", {describe_range(meta)}" if meta["low"] is not None or meta["high"] is not None else ""
-        text = f"{meta['help']} ({kind.__name__}{bounds}; default {spec.default})"
+        # argparse %-formats help texts: a literal % (a field's "~30% slower") must be doubled
+        text = f"{meta['help']} ({kind.__name__}{bounds}; default {spec.default})".replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:  # values are checked by RunConfig (the same messages for recipes and flags)
