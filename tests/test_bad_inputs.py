@@ -207,6 +207,7 @@ BROKEN_TABLES = {
     "empty-label": (set_cell(1, "label", ""), ["train.csv row 3", "empty label"]),
     "empty-id": (set_cell(3, "id", "  "), ["train.csv row 5", "empty id"]),
     "class-with-one-image": (set_cell(0, "label", "Lonely Bird"), ["class 'Lonely Bird' has only 1 image"]),
+    "one-class": (lambda f: f.assign(label="Same"), ["every image is labelled 'Same'", "at least 2 classes"]),
     "path-escaping-data-folder": (
         set_cell(0, "img_path", "../../etc/passwd"),
         ["train.csv row 2", "'../../etc/passwd' points outside the data folder; refused"],

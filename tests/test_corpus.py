@@ -11,7 +11,7 @@ Corpus size (test_the_stated_corpus_size_is_true recomputes it from the tables):
                        evaluate --out-dir, demo --out, export --out, study --out, report --out, eda --out) x 6 kinds
                        (existing file, existing folder, missing parent, parent is a file, unwritable (/proc), same
                        path as an input or another output), less demo x same path (demo takes no other path)
-    numeric flags     317 cases, 287 refused / 30 accepted: every numeric flag x (nan, inf, negative, zero, out of
+    numeric flags     319 cases, 289 refused / 30 accepted: every numeric flag x (nan, inf, negative, zero, out of
                        range): the 33 numeric RunConfig fields through train (and through study, refused values
                        only: an accepted one would train), predict-image --top / --min-confidence, predict
                        --min-confidence, serve --port / --max-upload-mb /

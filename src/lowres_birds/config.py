@@ -24,6 +24,7 @@ from lowres_birds.errors import UserError
 
 LR_SIZE = 64  # the competition's low-res side
 HR_SIZE = 256  # the side of the high-res twins
+MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's largest seed
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DATA_TABLES = ("train.csv", "test.csv", "sample_submission.csv")  # a competition folder's tables
 STRATEGY_KINDS = ("native", "upscale", "hr-downscale")
@@ -259,12 +260,13 @@ class RunConfig:
         "steps)",
     )
     device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    seed: int = setting(42, "seed of the split, shuffling, augmentation and initialisation", low=0)
+    seed: int = setting(42, "seed of the split, shuffling, augmentation and initialisation", low=0, high=MAX_SEED)
     split_seed: int = setting(
         -1,
         "seed of the validation split or folds alone (-1 = --seed): ensemble members on one split "
         "share one fine-tuned HR teacher",
         low=-1,
+        high=MAX_SEED,
     )
     deterministic: bool = setting(False, "deterministic kernels (slower)")
     val_fraction: float = setting(
@@ -530,16 +532,21 @@ def check_value(name: str, value: Any, label: str | None = None) -> None:
     too_low = low is not None and (value < low or (meta["low_open"] and value == low))
     too_high = high is not None and (value > high or (meta["high_open"] and value == high))
     if too_low or too_high:
-        raise UserError(f"{label} must be {describe_range(meta)} (got {value:g})")
+        raise UserError(f"{label} must be {describe_range(meta)} (got {_number(value)})")
 
 
 def describe_range(meta: Mapping[str, Any]) -> str:
     low, high = meta["low"], meta["high"]
     if low is not None and high is not None:
-        return f"between {low:g} and {high:g}"
+        return f"between {_number(low)} and {_number(high)}"
     if low is not None:
-        return "positive" if low == 0 and meta["low_open"] else f"at least {low:g}"
-    return f"at most {high:g}"
+        return "positive" if low == 0 and meta["low_open"] else f"at least {_number(low)}"
+    return f"at most {_number(high)}"
+
+
+def _number(value: float) -> str:
+    """A bound or value as written: whole numbers in full (a seed's 4294967295), others in %g."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def coerce(name: str, value: Any, source: str) -> Any:

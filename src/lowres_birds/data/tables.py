@@ -141,6 +141,8 @@ def _check_labels(labels: list[str], source: str) -> None:
         if label == "":
             raise UserError(f"{source} row {row}: empty label; give every training image a label")
     counts = pd.Series(labels).value_counts()
+    if len(counts) < 2:
+        raise UserError(f"{source}: every image is labelled {counts.index[0]!r}; a classifier needs at least 2 classes")
     rare = counts[counts < 2]
     if len(rare):
         raise UserError(
