@@ -168,6 +168,16 @@ def test_export_hf_refuses_what_it_cannot_write(trained_run, tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "missing"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.parametrize(
+    "flag", [["--int8"], ["--layout", "nchw"], ["--fallback-margin", "0.1"], ["--data", "."], ["--tta", "flip"]]
+)
+def test_export_hf_refuses_the_flags_of_an_onnx_file(trained_run, tmp_path, capsys, flag):
+    out = tmp_path / "hf"
+    assert main(["export", "--run", str(trained_run), "--format", "hf", "--out", str(out), *flag]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"{flag[0]} applies to --format onnx" in error and "\n" not in error and not out.exists()
+
+
 @pytest.mark.parametrize("out", ["the run", "a folder of ours holding it"])
 def test_export_hf_never_replaces_the_run_it_exports(trained_run, tmp_path, capsys, out):
     import shutil

@@ -760,8 +760,19 @@ def run_export(args) -> int:
         from lowres_birds.predict.hf_folder import write_hf_folder
         from lowres_birds.run_dir import FoldsDir, MembersDir, model_folders
 
-        if args.tta is not None:
-            raise UserError("export: --tta applies to --format onnx; a Hugging Face folder is one plain model")
+        onnx_only = {
+            "--tta": args.tta,
+            "--int8": args.int8 or None,
+            "--layout": None if args.layout == "nhwc" else args.layout,
+            "--fallback-margin": args.fallback_margin,
+            "--data": args.data,
+        }
+        given = [flag for flag, value in onnx_only.items() if value is not None]
+        if given:
+            raise UserError(
+                f"export: {', '.join(given)} applies to --format onnx; a Hugging Face folder is one plain float model "
+                "taking images through its preprocessing config"
+            )
         if MembersDir(args.run).is_group() or FoldsDir(args.run).is_group():
             student = MembersDir(args.run).student
             one = f"its student ({student}) or one of its runs" if student.is_dir() else "one of its runs"
