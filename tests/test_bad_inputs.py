@@ -611,6 +611,17 @@ def test_resume_refuses_flags_that_cannot_apply(flag, resumable, capfd):
     assert_refused(code, err, "--resume continues the run", f"drop {flag[0]}")
 
 
+def test_resume_of_a_finished_run_changes_nothing(resumable, capfd):
+    run, _ = resumable
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    code, err = run_cli(["train", "--resume", run], capfd)
+    assert_refused(code, err, "finished training", "nothing to resume")
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    (run / "model.safetensors").unlink()
+    code, err = run_cli(["train", "--resume", run], capfd)
+    assert_refused(code, err, "model.safetensors is missing: train it again with --force")
+
+
 def test_resume_print_config_prints_the_saved_config_even_without_a_checkpoint(resumable, capfd):
     run, _ = resumable
     (run / "checkpoint.pt").unlink(missing_ok=True)  # a finished run that kept no checkpoint: nothing to resume

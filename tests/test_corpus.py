@@ -671,6 +671,10 @@ def run_command(command: str, world, run: Path, tmp: Path) -> list:
 )
 def test_run_folder_file(command, name, damage, world, tmp_path, capfd, no_server):
     run = copy_run(world, tmp_path)
+    if command == "train --resume":  # a finished run is refused by --resume: as if stopped before its epoch ended
+        checkpoint = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+        checkpoint["state"].update(epoch=0, step_in_epoch=0)
+        torch.save(checkpoint, run / "checkpoint.pt")
     if name == UNREAD:
         for other in set(RUN_FILES) - set(READS[command]):
             garbage(run / other)

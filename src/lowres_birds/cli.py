@@ -220,7 +220,8 @@ def _resume(args, overrides: dict) -> int:
         raise UserError(f"{run} has no {RunDir.CHECKPOINT} to resume from; start a new run without --resume")
     started = time.perf_counter()
     data_dir = run.data_dir(args.data)
-    return _finish_training(train(run.config(), data_dir, run.path, resume=True), run.path, data_dir, started)
+    result = train(run.config(), data_dir, run.path, resume=True, refuse_finished=True)
+    return _finish_training(result, run.path, data_dir, started)
 
 
 def _finish_members(summary: dict, out: Path, started: float) -> int:

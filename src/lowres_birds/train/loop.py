@@ -40,11 +40,22 @@ def train(
     resume: bool = False,
     force: bool = False,
     shared_teacher: Path | None = None,
+    refuse_finished: bool = False,
 ) -> dict:
     """Train one run (or continue it: ``resume``), returning the kept weights' validation metrics; ``shared_teacher``: a
-    finished fine-tuned teacher folder of the same ``shared_teacher_key`` (an earlier ensemble member's) to copy."""
+    finished fine-tuned teacher folder of the same ``shared_teacher_key`` (an earlier ensemble member's) to copy.
+    A resumed run that had finished training is closed again (an ensemble or study stopped after it finished), or
+    with ``refuse_finished`` (the user's ``--resume``) refused in one line."""
     opened = open_run(cfg, data_dir, run_dir, resume=resume, force=force)
     session = RunSession.create(opened, hr_teacher(opened, shared_teacher))
+    if resume and refuse_finished and session.finished:
+        weights = (
+            "its weights are kept"
+            if (session.run / RunDir.WEIGHTS).is_file()
+            else f"but its {RunDir.WEIGHTS} is missing: train it again with --force, without --resume"
+        )
+        done = f"{session.state.epoch} of {session.epochs} epochs"
+        raise UserError(f"{session.run} finished training ({done}), {weights}; nothing to resume")
     session.start()
     with session.signals:
         while not session.finished:
