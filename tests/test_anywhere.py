@@ -70,6 +70,32 @@ def test_classifier_refuses_input_it_would_misread(classifier, image, message):
         classifier(image)
 
 
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.full((2, 64, 64, 3), 0.5, dtype=np.float32), "uint8 pixels"),
+        (np.full((2, 3, 64, 64), 1000, dtype=np.int64), "values 1000 to 1000"),
+        (np.zeros((64, 64, 3), dtype=np.uint8), "for one image pass images"),
+        (np.zeros((2, 64, 64, 5), dtype=np.uint8), "N x H x W x 3"),
+    ],
+)
+def test_predict_arrays_refuses_batches_it_would_misread(classifier, images, message):
+    with pytest.raises(UserError, match=message):
+        classifier.predict_arrays(images)
+
+
+@pytest.mark.parametrize("weights", [[0.5], [1, -1], [0, 0], [1, float("nan")]])
+def test_combine_refuses_weights_that_are_not_shares(classifier, weights):
+    with pytest.raises(UserError, match="non-negative numbers, one per classifier"):
+        Classifier.combine([classifier, classifier], weights)
+
+
+def test_combine_normalises_relative_weights(classifier):
+    pixels = np.zeros((1, 64, 64, 3), np.uint8)
+    combined = Classifier.combine([classifier, classifier], [2, 6]).predict_arrays(pixels)
+    np.testing.assert_allclose(combined, classifier.predict_arrays(pixels), atol=1e-5)
+
+
 def test_the_model_refuses_float_pixels(trained_run):
     import torch
 

@@ -138,7 +138,8 @@ class Classifier:
     def combine(cls, classifiers: list[Classifier], weights: list[float] | None = None, name: str = "") -> Classifier:
         """Several classifiers of the same classes as one (``model/ensemble.py``'s ``combine_outputs``: the weighted
         mean of their plain probabilities at their weighted mean temperature, their unknown scores and thresholds
-        weighted alike; flagging only when every one is calibrated); ``weights`` sum to 1 (None: a plain mean)."""
+        weighted alike; flagging only when every one is calibrated); ``weights``: their shares, normalised to sum to 1
+        (None: a plain mean)."""
         if len(classifiers) == 1:
             return classifiers[0]
         labels = classifiers[0].labels
@@ -147,7 +148,16 @@ class Classifier:
                 raise UserError(
                     f"{classifier.name} was trained on different classes than {classifiers[0].name}; cannot average"
                 )
-        shares = member_shares(weights, len(classifiers))
+        if weights is not None and (
+            len(weights) != len(classifiers)
+            or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+            or sum(weights) <= 0
+        ):
+            count = len(classifiers)
+            raise UserError(
+                f"weights {list(weights)!r}: give {count} non-negative numbers, one per classifier, not all 0"
+            )
+        shares = member_shares(weights and [w / sum(weights) for w in weights], len(classifiers))
         temperature, threshold = combined_calibration(
             shares, [c.temperature for c in classifiers], [c.unknown_threshold for c in classifiers]
         )
@@ -273,8 +283,14 @@ class Classifier:
             raise UserError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
         flip = tta == "flip" and not self.flip_inside
         images = np.asarray(images)
-        if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+        if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
+            raise UserError(
+                f"expected a batch of images N x H x W x 3 (or N x 3 x H x W), got shape {images.shape}; for one "
+                "image pass images[None], or call the classifier on it"
+            )
+        if images.shape[1] == 3 and images.shape[-1] != 3:
             images = images.transpose(0, 2, 3, 1)
+        images = uint8_pixels(images)
 
         def predict(batch: torch.Tensor) -> torch.Tensor:
             """N x (C + 1): the probabilities, then the unknown score."""
@@ -385,6 +401,20 @@ def _openvino_runner(path: Path, threads: int):
     return run
 
 
+def uint8_pixels(array: np.ndarray) -> np.ndarray:
+    """``array`` as uint8 when its values are whole numbers 0-255; floats are refused rather than guessed (is 1.0
+    white, or almost black?)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "iu" or array.size == 0 or array.min() < 0 or array.max() > 255:
+        low, high = (f"{array.min():g}", f"{array.max():g}") if array.size and array.dtype.kind in "iuf" else ("?", "?")
+        raise UserError(
+            f"expected uint8 pixels (0-255), got a {array.dtype} array with values {low} to {high}; for floats in "
+            "[0, 1] pass (array * 255).round().astype(np.uint8), or pass the file path or PIL image"
+        )
+    return array.astype(np.uint8)
+
+
 def to_model_input(image) -> np.ndarray:
     """Path / PIL image / H x W x 3 (or 3 x H x W) uint8 array -> 64x64x3 uint8, downscaled like the training
     images when larger. Float arrays are refused rather than guessed (is 1.0 white, or almost black?)."""
@@ -393,18 +423,7 @@ def to_model_input(image) -> np.ndarray:
     elif isinstance(image, Image.Image):
         array = to_rgb_array(image)
     else:
-        array = np.asarray(image.cpu() if hasattr(image, "cpu") else image)  # numpy arrays and torch tensors
-        if array.dtype != np.uint8:
-            if array.dtype.kind not in "iu" or array.size == 0 or array.min() < 0 or array.max() > 255:
-                low, high = (
-                    (f"{array.min():g}", f"{array.max():g}") if array.size and array.dtype.kind in "iuf" else ("?", "?")
-                )
-                raise UserError(
-                    f"expected uint8 pixels (0-255), got a {array.dtype} array with values {low} to {high}; "
-                    "for floats in [0, 1] pass (array * 255).round().astype(np.uint8), or pass the file path or PIL "
-                    "image"
-                )
-            array = array.astype(np.uint8)
+        array = uint8_pixels(np.asarray(image.cpu() if hasattr(image, "cpu") else image))  # numpy or torch
         if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
             array = array.transpose(1, 2, 0)  # channels first (torchvision.io.read_image) -> H x W x 3
         if array.ndim == 2:
