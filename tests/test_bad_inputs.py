@@ -829,3 +829,29 @@ def test_weights_that_overflow_are_refused_not_scored(demo_data, tmp_path, capfd
     code, err = run_cli([*argv, "--teacher", "frozen", "--kd-weight", "0", "--hr-view-ratio", "0"], capfd)
     assert_refused(code, err, "training diverged", "lower --lr")
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def _damaged_run(trained_run, demo_data, tmp_path) -> list:
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    (run / "split.json").unlink()
+    return ["export", "--run", run, "--format", "hf"]
+
+
+def _data_with_a_truncated_image(trained_run, demo_data, tmp_path) -> list:
+    data = Path(shutil.copytree(demo_data, tmp_path / "data"))
+    image = data / "train" / "TRAIN_00003.jpg"
+    image.write_bytes(image.read_bytes()[:200])
+    return ["eda", "--data", data]
+
+
+def _too_many_folds(trained_run, demo_data, tmp_path) -> list:
+    return ["train", "--data", demo_data, "--folds", "100", *FAST_MODEL]
+
+
+@pytest.mark.parametrize("refused", [_damaged_run, _data_with_a_truncated_image, _too_many_folds])
+def test_a_refused_command_leaves_no_output_folder(trained_run, demo_data, tmp_path, capfd, refused):
+    """A rerun after the fix must not meet 'already exists; pass --force' for a folder the refusal half wrote."""
+    out = tmp_path / "out"
+    code, err = run_cli([*refused(trained_run, demo_data, tmp_path), "--out", out], capfd)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

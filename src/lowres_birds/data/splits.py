@@ -30,13 +30,18 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(train_idx), np.sort(val_idx)
 
 
+def check_folds(targets: np.ndarray, folds: int) -> None:
+    """Refuse a stratified K-fold split some class is too small for."""
+    smallest = int(np.bincount(targets).min())
+    if smallest < folds:
+        raise UserError(f"--folds {folds} needs at least {folds} images in every class (the smallest has {smallest})")
+
+
 def fold_indices(targets: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices of fold ``fold`` of a stratified K-fold split fixed by seed."""
     from sklearn.model_selection import StratifiedKFold
 
-    smallest = int(np.bincount(targets).min())
-    if smallest < folds:
-        raise UserError(f"--folds {folds} needs at least {folds} images in every class (the smallest has {smallest})")
+    check_folds(targets, folds)
     splits = list(
         StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(targets)), targets)
     )

@@ -285,6 +285,13 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
     started = time.perf_counter()
     table = load_train_table(data_dir, check_labels=False)  # reported below, not refused
     test = load_test_table(data_dir) if (data_dir / "test.csv").is_file() else None
+    folders = [Folder("train", table.lr_paths, LR_SIZE)]
+    if table.hr_paths is not None:
+        folders.append(Folder("upscale_train", table.hr_paths, HR_SIZE))
+    if test is not None:
+        folders.append(Folder("test", test.lr_paths, LR_SIZE))
+    # decoded before anything is written: an unreadable image is refused with the output folder untouched
+    pixels = {folder.name: load_images(folder.paths, folder.size) for folder in folders}
     out.mkdir(parents=True, exist_ok=True)
 
     counts = class_counts(table.labels)
@@ -298,12 +305,6 @@ def write_eda(data_dir: Path, out: Path, phash_distance: int, twin_psnr_db: floa
         "images",
     )
 
-    folders = [Folder("train", table.lr_paths, LR_SIZE)]
-    if table.hr_paths is not None:
-        folders.append(Folder("upscale_train", table.hr_paths, HR_SIZE))
-    if test is not None:
-        folders.append(Folder("test", test.lr_paths, LR_SIZE))
-    pixels = {folder.name: load_images(folder.paths, folder.size) for folder in folders}
     stats = image_stats(folders, pixels)
     write_csv(out / "image_stats.csv", stats)
     lr, hr = pixels["train"], pixels.get("upscale_train")

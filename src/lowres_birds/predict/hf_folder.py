@@ -74,6 +74,7 @@ def is_hf_folder(path: Path) -> bool:
 def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
     """Write the run's kept weights as a Hugging Face folder at ``out``; returns ``out``."""
     run = RunDir(run_dir).require()
+    replace_folder(out, force, create=False, others=[("--run", run.path)])  # refused before any work
     model, labels = load_run_model(run.path)
     cfg = run.config()
     spec = model.spec
@@ -113,6 +114,8 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
             "threshold": saved[0]["threshold"],
             "temperature_folded": saved[0]["temperature"],
         }
+    # the card reads the rest of the run folder: a damaged one is refused before the output folder is touched
+    card = model_card(run, cfg, model, labels, "transformers" if is_hf else "timm", out, ours.get("unknown"))
     replace_folder(out, force, others=[("--run", run.path)])
     if saved is not None:
         folded = {**saved[0], "temperature": 1.0, "temperature_folded": saved[0]["temperature"]}
@@ -121,9 +124,7 @@ def write_hf_folder(run_dir: Path, out: Path, force: bool = False) -> Path:
         _write_transformers_files(model, out, ours)
     else:
         _write_timm_files(model, labels, out, ours)
-    write_text(
-        out / CARD, model_card(run, cfg, model, labels, "transformers" if is_hf else "timm", out, ours.get("unknown"))
-    )
+    write_text(out / CARD, card)
     return out
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from lowres_birds.config import EnsembleRecipe, RunConfig, config_from_mapping
+from lowres_birds.data.splits import check_folds
+from lowres_birds.data.tables import LabelMap, load_train_table
 from lowres_birds.errors import TrainingInterrupted
 from lowres_birds.metrics import score
 from lowres_birds.model.factory import require_model_available
@@ -31,6 +33,8 @@ def train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool = Fal
 def _train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool) -> dict:
     """``train_folds`` once its model is known to be available."""
     out = FoldsDir(out_dir)
+    table = load_train_table(data_dir)
+    check_folds(np.asarray(LabelMap.fit(table.labels).encode(table.labels)), cfg.folds)  # before the folder is made
     replace_folder(out.path, force)
     folds = [
         train(dataclasses.replace(cfg, fold=k), data_dir, out.fold(k), force=force)["val_macro_f1"]
