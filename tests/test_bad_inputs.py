@@ -855,3 +855,35 @@ def test_a_refused_command_leaves_no_output_folder(trained_run, demo_data, tmp_p
     code, err = run_cli([*refused(trained_run, demo_data, tmp_path), "--out", out], capfd)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+WRONG_KINDS = {
+    # argv from (a trained run, the demo data, a file, a folder), the words of the one-line refusal
+    "an ONNX file without its suffix": (
+        lambda run, data, file, folder: ["predict-image", file, "--onnx", file],
+        "must end in .onnx",
+    ),
+    "a file as the run": (
+        lambda run, data, file, folder: ["predict", "--run", file, "--data", data, "--out", folder / "s.csv"],
+        "is not a finished run folder (a file)",
+    ),
+    "a folder as the submission": (
+        lambda run, data, file, folder: ["evaluate", "--submission", folder, "--labels", file],
+        "is a folder, not a CSV file",
+    ),
+    "a file as the data": (
+        lambda run, data, file, folder: ["calibrate", "--run", run, "--data", file],
+        "is a file, not a folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_KINDS)
+def test_a_path_of_the_wrong_kind_is_named_as_such(trained_run, demo_data, tmp_path, capfd, case):
+    argv, words = WRONG_KINDS[case]
+    file, folder = tmp_path / "model.bin", tmp_path / "folder"
+    file.write_bytes(b"\x08\x01")
+    folder.mkdir()
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    code, err = run_cli(argv(run, demo_data, file, folder), capfd)
+    assert_refused(code, err, words)

@@ -368,6 +368,7 @@ def run_predict(args) -> int:
     from lowres_birds.run_dir import check_output, write_csv
 
     sources = args.run + args.onnx
+    _refuse_onnx_without_suffix(args.onnx)
     if not sources:
         raise UserError("predict: pass --run RUN (or --onnx MODEL); repeat it to average several models")
     out = args.out or Path("submission.csv" if args.data is not None else "predictions.csv")
@@ -462,6 +463,7 @@ def run_evaluate(args) -> int:
     from lowres_birds.run_dir import check_output
 
     sources = args.run + args.onnx
+    _refuse_onnx_without_suffix(args.onnx)
     if args.degradations is not None:
         from lowres_birds.inspect.robustness import evaluate_robustness
 
@@ -580,11 +582,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _refuse_onnx_without_suffix(paths: list[Path]) -> None:
+    """An --onnx file is told from a run folder by its .onnx suffix (as Classifier.load tells them)."""
+    for path in paths:
+        if Path(path).suffix != ".onnx":
+            raise UserError(f"--onnx {path}: an ONNX file's name must end in .onnx; rename it, or pass --run RUN")
+
+
 def _load_classifier(args, shares_cpu: bool = False):
     from lowres_birds.predict.classifier import Classifier
 
     if (args.run is None) == (args.onnx is None):
         raise UserError(f"{args.command}: pass exactly one of --run RUN or --onnx MODEL")
+    _refuse_onnx_without_suffix([args.onnx] if args.onnx else [])
     return Classifier.load(args.run or args.onnx, shares_cpu=shares_cpu, tta=args.tta)
 
 

@@ -340,8 +340,9 @@ class RunDir:
 
     def require(self) -> RunDir:
         if not self.path.is_dir():
+            what = "a file" if self.path.exists() else "not found"
             raise UserError(
-                f"{self.path} is not a finished run folder (not found); pass a folder written by lowres-birds train "
+                f"{self.path} is not a finished run folder ({what}); pass a folder written by lowres-birds train "
                 "(--run)"
             )
         return self

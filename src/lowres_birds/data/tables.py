@@ -48,6 +48,8 @@ class ImageTable:
 
 def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """A CSV as strings, tolerant of BOM, CRLF and ';' separators; missing columns name themselves."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a CSV file; pass the CSV file")
     if not path.is_file():
         raise UserError(f"{path} not found: expected the competition layout (train.csv, test.csv, train/, test/)")
     try:
@@ -160,7 +162,7 @@ def load_train_table(data_dir: Path, check_labels: bool = True) -> ImageTable:
     instead)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"data folder {data_dir} not found")
+        raise UserError(f"data folder {data_dir} {'is a file, not a folder' if data_dir.exists() else 'not found'}")
     csv_path = data_dir / "train.csv"
     if is_image_folder(data_dir):
         table = load_image_folder(data_dir)
@@ -203,7 +205,7 @@ def load_image_folder(data_dir: Path) -> ImageTable:
     Training adds its own checks (two images per class); scoring takes any labelled folder."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"data folder {data_dir} not found")
+        raise UserError(f"data folder {data_dir} {'is a file, not a folder' if data_dir.exists() else 'not found'}")
     ids, paths, labels = [], [], []
     for folder in _class_folders(data_dir):
         for path in sorted(folder.iterdir()):
