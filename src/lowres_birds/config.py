@@ -111,8 +111,9 @@ DEGRADATIONS_HELP = (
 )
 
 
-def _degradation_values(text: str, what: str, names: tuple[str, ...]) -> dict[str, list[str]]:
-    """'key=v1+v2,key=...' -> {key: [v1, v2]}, keys checked; ``names``: the named ones, for the error."""
+def _degradation_values(text: str, what: str, names: tuple[str, ...], example: str) -> dict[str, list[str]]:
+    """'key=v1+v2,key=...' -> {key: [v1, v2]}, keys checked; ``names`` (the named ones) and ``example`` (a valid
+    spec) for the error."""
     values: dict[str, list[str]] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, equals, value = part.partition("=")
@@ -123,7 +124,7 @@ def _degradation_values(text: str, what: str, names: tuple[str, ...]) -> dict[st
             )
         values[key.strip()] = [v.strip() for v in value.split("+")]
     if not values:
-        raise UserError(f"{what} {text!r} is empty: use none, a named family or {DEGRADATION_FAMILIES['default']!r}")
+        raise UserError(f"{what} {text!r} is empty: use {', '.join(names)}, or a spec such as {example!r}")
     return values
 
 
@@ -168,7 +169,9 @@ def parse_degradations(text: str) -> DegradationFamily | None:
         return None
     spec = DEGRADATION_FAMILIES.get(text, text)
     return _degradation_family(
-        _degradation_values(spec, "degradations", ("none", *DEGRADATION_FAMILIES)), text, "degradations"
+        _degradation_values(spec, "degradations", ("none", *DEGRADATION_FAMILIES), DEGRADATION_FAMILIES["default"]),
+        text,
+        "degradations",
     )
 
 
@@ -180,7 +183,9 @@ DEGRADATION_GRIDS = {"default": "kernels=box+bilinear+lanczos,blur=0+0.5,jpeg=no
 def parse_degradation_grid(text: str) -> list[DegradationFamily]:
     """evaluate --degradations: a named grid or 'key=v1+v2,...' (every combination; a value a point, not a range)."""
     text = text.strip()
-    values = _degradation_values(DEGRADATION_GRIDS.get(text, text), "degradation grid", tuple(DEGRADATION_GRIDS))
+    values = _degradation_values(
+        DEGRADATION_GRIDS.get(text, text), "degradation grid", tuple(DEGRADATION_GRIDS), DEGRADATION_GRIDS["default"]
+    )
     if any(":" in value for key in ("blur", "jpeg", "noise") for value in values.get(key, [])):
         raise UserError(f"degradation grid {text!r}: give points (e.g. blur=0+0.5), not ranges")
     kernels = values.get("kernels", ["bicubic"])
