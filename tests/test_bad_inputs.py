@@ -887,3 +887,10 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(trained_run, demo_data, tmp_p
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     code, err = run_cli(argv(run, demo_data, file, folder), capfd)
     assert_refused(code, err, words)
+
+
+def test_an_image_cache_that_is_a_file_is_named(trained_run, demo_data, tmp_path, capfd, monkeypatch):
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("LOWRES_BIRDS_CACHE", str(tmp_path / "cache"))
+    code, err = run_cli(["predict", "--run", trained_run, "--data", demo_data, "--out", tmp_path / "s.csv"], capfd)
+    assert_refused(code, err, "LOWRES_BIRDS_CACHE=", "is a file, not a folder")

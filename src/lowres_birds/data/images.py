@@ -68,7 +68,12 @@ def fit_square(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LOWRES_BIRDS_CACHE", Path.home() / ".cache" / "lowres_birds"))
+    """$LOWRES_BIRDS_CACHE (unset or empty: ~/.cache/lowres_birds), refused in one line when it is not a folder."""
+    value = os.environ.get("LOWRES_BIRDS_CACHE", "").strip()
+    path = Path(value) if value else Path.home() / ".cache" / "lowres_birds"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"LOWRES_BIRDS_CACHE={value!r} is a file, not a folder: point it at a folder, or unset it")
+    return path
 
 
 def _cache_key(paths: list[Path], size: int) -> str:
