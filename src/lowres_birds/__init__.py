@@ -1,9 +1,19 @@
 """lowres-birds: classifiers for low-resolution (64x64) bird photos."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from lowres_birds.config import RunConfig
+    from lowres_birds.predict.classifier import Classifier
+
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type[Classifier]:
     # Imported lazily so `import lowres_birds` (and the CLI's --help) stays fast.
     if name == "Classifier":
         from lowres_birds.predict.classifier import Classifier
@@ -12,7 +22,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def train_run(cfg, data_dir, run_dir, **options) -> dict:
+def train_run(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, **options: bool) -> dict:
     """Train a run as ``lowres-birds train`` does: the run folder (``options``: ``resume``, ``force``), then its
     Hugging Face folder RUN/hf and its report; returns the kept weights' validation scores."""
     from pathlib import Path

@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from lowres_birds.config import (
     DEFAULT_CLIENT_TIMEOUT_S,
@@ -27,6 +28,11 @@ from lowres_birds.config import (
     recipe_names,
 )
 from lowres_birds.errors import TrainingInterrupted, UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from lowres_birds.predict.classifier import Classifier
 
 DEFAULT_DEMO_DIR = "demo-output"
 DEFAULT_RECIPE = "cpu"
@@ -49,14 +55,14 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def number(kind: type, low: float | None = None, high: float | None = None):
+def number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], float]:
     """The argparse type of a numeric flag that is not a RunConfig field: a finite ``kind`` in [low, high]."""
 
-    def parse(text: str):
+    def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
@@ -113,11 +119,11 @@ def add_config_overrides(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=spec.name, default=None, metavar=metavar, type=str, help=text)
 
 
-def config_overrides(args) -> dict:
+def config_overrides(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in FIELD_TYPES}
 
 
-def add_train(sub) -> None:
+def add_train(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser("train", help="train a model on a data folder")
     parser.add_argument(
         "--data", type=Path, help="competition folder (train.csv, train/, upscale_train/) or ImageFolder"
@@ -139,7 +145,7 @@ def add_train(sub) -> None:
     add_config_overrides(parser)
 
 
-def run_train(args) -> int:
+def run_train(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     if args.resume is not None:
         return _resume(args, overrides)
@@ -191,7 +197,7 @@ def _print_members(ensemble: str, tta: str, members: dict[str, RunConfig], stude
     print("".join(f"# {name}\n{run.to_yaml()}" for name, run in runs.items()), end="")
 
 
-def _resume(args, overrides: dict) -> int:
+def _resume(args: argparse.Namespace, overrides: dict) -> int:
     from lowres_birds.run_dir import MembersDir, RunDir
     from lowres_birds.train.loop import train
 
@@ -262,7 +268,7 @@ def _finish_training(result: dict, run_dir: Path, data_dir: Path, started: float
 # --------------------------------------------------------------------------- predict
 
 
-def add_predict(sub) -> None:
+def add_predict(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser(
         "predict", help="predict a test set (submission CSV) or any images (CSV of path, label, score, top-k)"
     )
@@ -348,7 +354,7 @@ def _refuse_several_runs(source: Path, what: str) -> None:
     raise UserError(f"{what}: {source} holds {len(runs)} runs; pass one of them ({', '.join(map(str, runs))})")
 
 
-def _resolve_ensemble(sources: list[Path], args) -> tuple[list[Path], list[float] | None, str]:
+def _resolve_ensemble(sources: list[Path], args: argparse.Namespace) -> tuple[list[Path], list[float] | None, str]:
     """The models to average, their weights and the TTA (the flags, else what one ensemble folder records),
     announced in one line when there is more than a single model."""
     from lowres_birds.predict.classifier import describe_ensemble, resolve_ensemble
@@ -360,7 +366,7 @@ def _resolve_ensemble(sources: list[Path], args) -> tuple[list[Path], list[float
     return members, weights, args.tta or recorded_prediction(sources)["tta"]
 
 
-def run_predict(args) -> int:
+def run_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from lowres_birds.data.tables import find_images, images_root
@@ -410,7 +416,7 @@ def run_predict(args) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 
-def add_evaluate(sub) -> None:
+def add_evaluate(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser(
         "evaluate",
         help="score a submission against labels, or a trained model on a labelled ImageFolder or a labelled test set",
@@ -458,7 +464,7 @@ def add_evaluate(sub) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite existing per_class.csv / confusion_matrix.png")
 
 
-def run_evaluate(args) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
     from lowres_birds.inspect.evaluate import evaluate_models, evaluate_submission
     from lowres_birds.run_dir import check_output
 
@@ -514,7 +520,7 @@ def _run(argv: list[str]) -> int:
     return COMMANDS[args.command][1](args)
 
 
-def add_demo(sub) -> None:
+def add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser("demo", help="synthetic data -> train (cpu recipe) -> predict -> evaluate, offline")
     parser.add_argument(
         "--out", type=Path, default=Path(DEFAULT_DEMO_DIR), help="folder for the data, run and submission"
@@ -524,7 +530,7 @@ def add_demo(sub) -> None:
     )
 
 
-def run_demo(args) -> int:
+def run_demo(args: argparse.Namespace) -> int:
     from lowres_birds.config import load_config
     from lowres_birds.data.demo import make_demo_dataset
     from lowres_birds.extras import missing as missing_extra
@@ -589,7 +595,7 @@ def _refuse_onnx_without_suffix(paths: list[Path]) -> None:
             raise UserError(f"--onnx {path}: an ONNX file's name must end in .onnx; rename it, or pass --run RUN")
 
 
-def _load_classifier(args, shares_cpu: bool = False):
+def _load_classifier(args: argparse.Namespace, shares_cpu: bool = False) -> Classifier:
     from lowres_birds.predict.classifier import Classifier
 
     if (args.run is None) == (args.onnx is None):
@@ -598,7 +604,7 @@ def _load_classifier(args, shares_cpu: bool = False):
     return Classifier.load(args.run or args.onnx, shares_cpu=shares_cpu, tta=args.tta)
 
 
-def add_predict_image(sub) -> None:
+def add_predict_image(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser("predict-image", help="top species for one or more photos (or folders of them)")
     parser.add_argument(
         "paths",
@@ -613,7 +619,7 @@ def add_predict_image(sub) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def run_predict_image(args) -> int:
+def run_predict_image(args: argparse.Namespace) -> int:
     import json
 
     import numpy as np
@@ -653,7 +659,7 @@ def run_predict_image(args) -> int:
     return 0
 
 
-def add_serve(sub) -> None:
+def add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser("serve", help="web page and JSON API for a trained model")
     _add_model_options(parser)
     parser.add_argument(
@@ -683,7 +689,7 @@ def add_serve(sub) -> None:
     )
 
 
-def run_serve(args) -> int:
+def run_serve(args: argparse.Namespace) -> int:
     from lowres_birds.extras import require
 
     require("serve", "serve")
@@ -707,7 +713,7 @@ def run_serve(args) -> int:
     return 0
 
 
-def add_export(sub) -> None:
+def add_export(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser(
         "export", help="export a trained run as a self-contained ONNX model or a Hugging Face folder"
     )
@@ -763,7 +769,7 @@ def add_export(sub) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
-def run_export(args) -> int:
+def run_export(args: argparse.Namespace) -> int:
     from lowres_birds.progress import working
     from lowres_birds.run_dir import check_output
 
@@ -832,7 +838,7 @@ def run_export(args) -> int:
 # --------------------------------------------------------------------------- study, report, eda
 
 
-def add_study(sub) -> None:
+def add_study(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser("study", help="compare resolution strategies (or recipes) on one validation split")
     parser.add_argument(
         "--data", type=Path, required=True, help="competition folder (train.csv, train/, upscale_train/)"
@@ -869,7 +875,7 @@ def _split_list(text: str | None) -> list[str] | None:
     return items
 
 
-def run_study(args) -> int:
+def run_study(args: argparse.Namespace) -> int:
     from lowres_birds.inspect.study import run_study as study
     from lowres_birds.run_dir import check_output
 
@@ -882,14 +888,14 @@ def run_study(args) -> int:
     return 0
 
 
-def add_report(sub) -> None:
+def add_report(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser("report", help="figures and an HTML page for a trained run")
     parser.add_argument("--run", type=Path, required=True, help="run folder written by lowres-birds train")
     parser.add_argument("--data", type=Path, help="data folder the run was trained on (default: the one in split.json)")
     parser.add_argument("--out", type=Path, help="folder for the figures and report.html (default: RUN/report)")
 
 
-def run_report(args) -> int:
+def run_report(args: argparse.Namespace) -> int:
     from lowres_birds.inspect.report import write_report
     from lowres_birds.run_dir import RunDir, check_output
 
@@ -904,7 +910,7 @@ def run_report(args) -> int:
     return 0
 
 
-def add_calibrate(sub) -> None:
+def add_calibrate(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser(
         "calibrate",
         help="fit a trained run's temperature and unknown threshold (train does this itself; for older runs)",
@@ -926,7 +932,7 @@ def add_calibrate(sub) -> None:
     )
 
 
-def run_calibrate(args) -> int:
+def run_calibrate(args: argparse.Namespace) -> int:
     from lowres_birds.predict.calibrate import calibrate, describe
 
     for run, calibration in calibrate(args.run, args.data, args.score, args.tta):
@@ -934,7 +940,7 @@ def run_calibrate(args) -> int:
     return 0
 
 
-def add_eda(sub) -> None:
+def add_eda(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser = sub.add_parser("eda", help="class balance, image statistics and data-quality checks")
     parser.add_argument(
         "--data", type=Path, required=True, help="competition folder (train.csv, test.csv, ...) or ImageFolder"
@@ -954,7 +960,7 @@ def add_eda(sub) -> None:
     )
 
 
-def run_eda(args) -> int:
+def run_eda(args: argparse.Namespace) -> int:
     from lowres_birds.inspect.eda import write_eda
     from lowres_birds.run_dir import check_output
 
@@ -992,7 +998,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(message, category, filename, lineno, line=None) -> str:
+def _one_line_warnings(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     return f"warning: {message}\n"
 
 

@@ -92,7 +92,7 @@ class DegradationFamily:
     noise: tuple[float, float] = (0.0, 0.0)
 
     def __str__(self) -> str:
-        def span(pair) -> str:
+        def span(pair: tuple[float, float]) -> str:
             return f"{pair[0]:g}" if pair[0] == pair[1] else f"{pair[0]:g}:{pair[1]:g}"
 
         jpeg = "none" if self.jpeg is None else span(self.jpeg)

@@ -7,6 +7,10 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tqdm
 
 REFRESH_S = 0.5
 
@@ -19,7 +23,7 @@ def bar(
     unit: str = "img",
     initial: int = 0,
     show: bool = True,
-):
+) -> tqdm.tqdm:
     """A tqdm bar over ``iterable`` (or one to ``update`` by hand), shown on terminals only (and never where
     ``show`` is False: the other processes of a multi-process run)."""
     from tqdm.auto import tqdm

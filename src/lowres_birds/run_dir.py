@@ -35,7 +35,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lowres_birds.config import (
     DATA_TABLES,
@@ -50,6 +50,11 @@ from lowres_birds.config import (
     parse_yaml_mapping,
 )
 from lowres_birds.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
 
 MARKER = ".lowres-birds"  # written into every folder this tool creates and may later replace with --force
 MIN_FREE_BYTES_FACTOR = 2  # a checkpoint write needs twice the last checkpoint's size free
@@ -90,10 +95,10 @@ class _WriteErrorKept:
     """The file object ``torch.save`` writes to. Torch turns an OSError from ``write`` (a full disk) into an opaque
     RuntimeError ("unexpected pos ..."); this keeps the OSError so that it can be raised instead."""
 
-    def __init__(self, handle):
+    def __init__(self, handle: BinaryIO):
         self.handle, self.error = handle, None
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         try:
             return self.handle.write(data)
         except OSError as exc:
@@ -129,7 +134,7 @@ def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
 
 
-def write_csv(path: Path, frame) -> Path:
+def write_csv(path: Path, frame: pd.DataFrame) -> Path:
     return atomic_write(path, lambda temporary: frame.to_csv(temporary, index=False))
 
 
@@ -574,7 +579,12 @@ class RunDir:
             ) from None
 
     def save_teacher_targets(
-        self, features, logits, val_macro_f1: float, seconds: float, name: str = TEACHER_TARGETS
+        self,
+        features: torch.Tensor | None,
+        logits: torch.Tensor,
+        val_macro_f1: float,
+        seconds: float,
+        name: str = TEACHER_TARGETS,
     ) -> None:
         """A teacher's targets (``name``: TEACHER_TARGETS, or DISTILL_TARGETS with ``features`` None)."""
         import torch
@@ -624,7 +634,7 @@ class RunDir:
             "seconds": float(tensors["seconds"]),
         }
 
-    def save_val_predictions(self, indices, targets, probs) -> None:
+    def save_val_predictions(self, indices: np.ndarray, targets: np.ndarray, probs: np.ndarray) -> None:
         import numpy as np
 
         def write(temporary: Path) -> None:

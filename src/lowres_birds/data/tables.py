@@ -9,6 +9,7 @@ import gc
 import hashlib
 import itertools
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,5 +310,5 @@ class LabelMap:
         index = {name: i for i, name in enumerate(self.classes)}
         return np.array([index[label] for label in labels], dtype=np.int64)
 
-    def decode(self, indices) -> list[str]:
+    def decode(self, indices: Iterable[int]) -> list[str]:
         return [self.classes[int(i)] for i in indices]

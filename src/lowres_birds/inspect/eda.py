@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,11 @@ from lowres_birds.inspect.html import Section, write_page
 from lowres_birds.inspect.plots import barh_png, image_grid_png
 from lowres_birds.progress import bar as progress_bar
 from lowres_birds.run_dir import write_csv
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lowres_birds.data.tables import ImageTable
 
 SAMPLE_CLASSES = 6
 EXAMPLES = 8  # rows shown per quality problem
@@ -42,7 +48,7 @@ class Folder:
 # --------------------------------------------------------------------------- classes
 
 
-def class_counts(labels: list[str]):
+def class_counts(labels: list[str]) -> pd.DataFrame:
     """label, count: most frequent first (ties alphabetical), as the reference's value_counts()."""
     import pandas as pd
 
@@ -77,13 +83,13 @@ def channel_stats(images: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.
     return mean, np.sqrt(np.maximum(counts @ values**2 / total - mean**2, 0))
 
 
-def _top(series) -> str:
+def _top(series: pd.Series) -> str:
     counts = series.value_counts()
     shown = ", ".join(f"{value} ({count})" for value, count in counts.head(4).items())
     return shown + (f", {len(counts) - 4} more" if len(counts) > 4 else "")
 
 
-def image_stats(folders: list[Folder], pixels: dict[str, np.ndarray]):
+def image_stats(folders: list[Folder], pixels: dict[str, np.ndarray]) -> pd.DataFrame:
     """One row per folder: file count, sizes, modes, formats (headers), mean/std per channel (pixels)."""
     import pandas as pd
 
@@ -117,7 +123,7 @@ def content_hashes(images: np.ndarray) -> list[str]:
     return [hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest() for image in images]
 
 
-def duplicates_within(ids: list[str], labels: list[str], hashes: list[str]):
+def duplicates_within(ids: list[str], labels: list[str], hashes: list[str]) -> pd.DataFrame:
     """Rows of images whose pixels equal another image's, grouped; 'labels agree' flags conflicting labels."""
     import pandas as pd
 
@@ -140,8 +146,15 @@ def perceptual_hashes(images: np.ndarray, name: str = "images") -> np.ndarray:
 
 
 def train_test_matches(
-    train_ids, train_labels, train_hashes, train_phash, test_ids, test_hashes, test_phash, max_distance: int
-):
+    train_ids: list[str],
+    train_labels: list[str],
+    train_hashes: list[str],
+    train_phash: np.ndarray,
+    test_ids: list[str],
+    test_hashes: list[str],
+    test_phash: np.ndarray,
+    max_distance: int,
+) -> pd.DataFrame:
     """Test images that equal (same pixel hash) or nearly equal (pHash distance <= max_distance) a training image."""
     import pandas as pd
 
@@ -183,7 +196,7 @@ def twin_psnr(lr_images: np.ndarray, hr_images: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- figures
 
 
-def sample_grid_png(table, lr: np.ndarray, hr: np.ndarray | None, path: Path) -> Path:
+def sample_grid_png(table: ImageTable, lr: np.ndarray, hr: np.ndarray | None, path: Path) -> Path:
     """Two images for each of a few classes spread over the class list: LR 64 beside its HR twin, same size."""
 
     classes = sorted(set(table.labels))
@@ -211,8 +224,14 @@ def pairs_png(
 
 
 def leakage_check(
-    table, test, lr: np.ndarray, test_pixels: np.ndarray, train_hashes: list[str], max_distance: int, out: Path
-):
+    table: ImageTable,
+    test: ImageTable,
+    lr: np.ndarray,
+    test_pixels: np.ndarray,
+    train_hashes: list[str],
+    max_distance: int,
+    out: Path,
+) -> tuple[pd.DataFrame, list[str | Path | pd.DataFrame]]:
     """(matches table, page items): test images equal or near-equal to a training image, with example pairs."""
     leaks = train_test_matches(
         table.ids,
@@ -249,7 +268,9 @@ def leakage_check(
     return leaks, items
 
 
-def twin_check(table, lr: np.ndarray, hr: np.ndarray, threshold_db: float, out: Path):
+def twin_check(
+    table: ImageTable, lr: np.ndarray, hr: np.ndarray, threshold_db: float, out: Path
+) -> tuple[pd.DataFrame, list[str | Path | pd.DataFrame]]:
     """(mismatched rows, page items): LR/HR pairs whose PSNR is below the threshold, and the lowest pairs drawn."""
     import pandas as pd
 

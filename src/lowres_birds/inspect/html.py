@@ -78,7 +78,7 @@ def _number(value: float) -> str:
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table (pandas' to_markdown would need the extra tabulate package)."""
 
-    def cell(value) -> str:
+    def cell(value: object) -> str:
         return _number(value) if isinstance(value, float) else str(value)
 
     cells = [[cell(v) for v in row] for row in frame.itertuples(index=False)]

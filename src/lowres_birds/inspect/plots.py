@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lowres_birds.run_dir import atomic_write
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import pandas as pd
+    from matplotlib.figure import Figure
+
 # Private-leaderboard macro-F1 of the reference (BEiT-base, 5 epochs) for its four strategies.
 REFERENCE_MACRO_F1 = {"hr-downscale:64": 0.72, "upscale:256": 0.75, "native": 0.85, "upscale:224": 0.886}
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
@@ -22,7 +29,7 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """PNG at 110 dpi, written atomically, and the figure closed."""
     try:
         atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
@@ -94,7 +101,7 @@ def image_grid_png(
     return path
 
 
-def curves_png(metrics, path: Path) -> Path:
+def curves_png(metrics: pd.DataFrame, path: Path) -> Path:
     """Loss, validation macro-F1, accuracy and learning rate at each validation, over the epochs trained."""
     plt = pyplot()
     panels = [
@@ -117,7 +124,7 @@ def curves_png(metrics, path: Path) -> Path:
     return path
 
 
-def chart_png(table, path: Path) -> Path:
+def chart_png(table: pd.DataFrame, path: Path) -> Path:
     """Two panels on one 0-1 scale: this study's validation macro-F1 and the reference's private-test macro-F1."""
     plt = pyplot()
     labels = [f"{r}\n{s}" if table["recipe"].nunique() > 1 else s for r, s in zip(table["recipe"], table["strategy"])]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,10 +47,15 @@ from lowres_birds.model.wrapper import in_batches
 from lowres_birds.progress import working
 from lowres_birds.run_dir import RunDir, write_csv
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lowres_birds.model.wrapper import BirdNet
+
 CONFIDENT_ERRORS = 12
 
 
-def read_metrics(run: RunDir):
+def read_metrics(run: RunDir) -> pd.DataFrame:
     """metrics.jsonl (one record per validation) as a DataFrame."""
     import pandas as pd
 
@@ -61,7 +68,7 @@ def validation_images(run: RunDir, data_dir: Path) -> tuple[list[str], np.ndarra
     return run.split()["val_ids"], split.lr_images(split.val_rows), split.val_targets(run.labels())
 
 
-def tokens_to_map(tensor):
+def tokens_to_map(tensor: torch.Tensor) -> torch.Tensor:
     """Transformer activations -> B x C x H x W for Grad-CAM: B x N x C tokens (class/register tokens
     first) become a square grid; B x H x W x C maps (Swin) are permuted."""
     if tensor.ndim == 4:
@@ -71,7 +78,7 @@ def tokens_to_map(tensor):
     return patches.reshape(tensor.shape[0], side, side, tensor.shape[2]).permute(0, 3, 1, 2)
 
 
-def cam_target(backbone):
+def cam_target(backbone: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
     """(layer, reshape_transform): for vision transformers (timm or Hugging Face) the last block's
     pre-attention norm, whose tokens still carry position; otherwise the last convolution."""
     from torch import nn
@@ -87,7 +94,7 @@ def cam_target(backbone):
     return convolutions[-1], None
 
 
-def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray]:
+def grad_cam_overlays(model: BirdNet, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray]:
     """Grad-CAM heat maps for the given classes, drawn over the images at the model's input size."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -99,7 +106,7 @@ def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np
             super().__init__()
             self.net = model
 
-        def forward(self, pixels):
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
             return self.net.classify_pixels(pixels)
 
     layer, reshape = cam_target(model.backbone)
@@ -114,7 +121,13 @@ def grad_cam_overlays(model, images: np.ndarray, classes: np.ndarray) -> list[np
 
 
 def confident_errors_png(
-    model, images, truth, probs, labels, path: Path, count: int = CONFIDENT_ERRORS
+    model: BirdNet,
+    images: np.ndarray,
+    truth: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    path: Path,
+    count: int = CONFIDENT_ERRORS,
 ) -> tuple[Path | None, int]:
     """Grid of the most confidently wrong images (image | Grad-CAM of the predicted class); (path, errors)."""
     predicted = probs.argmax(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lowres_birds.config import RunConfig, load_config, parse_strategy
 from lowres_birds.data.tables import load_train_table
@@ -21,6 +22,9 @@ from lowres_birds.inspect.report import read_metrics
 from lowres_birds.run_dir import RunDir, write_csv, write_text
 from lowres_birds.train.loop import train
 from lowres_birds.train.session import config_for_data
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -99,7 +103,7 @@ def result_row(run: StudyRun) -> dict:
     }
 
 
-def write_results(runs: list[StudyRun], out_dir: Path, split_note: str):
+def write_results(runs: list[StudyRun], out_dir: Path, split_note: str) -> pd.DataFrame:
     """results.csv, results.md, results.png and study.html; returns the table."""
     import pandas as pd
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import lru_cache, partial
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lowres_birds.config import UPSCALE_FILTERS
+
+_Built = TypeVar("_Built")
 
 
 def to_nchw(images: np.ndarray) -> torch.Tensor:
@@ -73,7 +76,7 @@ def _tracing() -> bool:
     return torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
-def _device_constant(cached_builder, *args):
+def _device_constant(cached_builder: Callable[..., _Built], *args: object) -> _Built:
     """``cached_builder(*args)``: an ``lru_cache``d builder of constant tensors on a device (no host-to-device copy
     per step), or its uncached original while tracing, so the tracer captures fresh constants."""
     return cached_builder.__wrapped__(*args) if _tracing() else cached_builder(*args)

@@ -179,7 +179,9 @@ class BirdNet(nn.Module):
         """Width of the pooled features ``forward(..., return_features=True)`` returns (timm backbones), else None."""
         return getattr(self.backbone, "num_features", None) if hasattr(self.backbone, "forward_head") else None
 
-    def forward(self, images: torch.Tensor, return_features: bool = False):
+    def forward(
+        self, images: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """uint8 images -> logits, or (pooled features, logits) for feature distillation (timm backbones).
 
         Features go through forward() rather than a separate method so DDP still syncs their gradients.

@@ -124,7 +124,7 @@ def answers(head: CalibratedHead, views: Views) -> tuple[np.ndarray, np.ndarray]
     return probs, unknown
 
 
-def views_temperature(views: Views, targets) -> float:
+def views_temperature(views: Views, targets: np.ndarray) -> float:
     """The temperature of least NLL on these validation views (the mirrored one averaged in when there is one)."""
     return fit_temperature(views[0][1], torch.as_tensor(targets), views[1][1] if len(views) > 1 else None)
 

@@ -21,8 +21,10 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +43,14 @@ from lowres_birds.model.wrapper import in_batches
 from lowres_birds.predict.calibrate import load_head
 from lowres_birds.predict.hf_folder import is_hf_folder, load_hf_folder
 from lowres_birds.run_dir import FoldsDir, MembersDir, check_labels, model_folders, recorded_prediction
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lowres_birds.model.wrapper import BirdNet
+
+    # one image as Classifier and to_model_input take it: a file path, a PIL image or a uint8 array (numpy or torch)
+    ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
 RUNTIME_VARIABLE = "LOWRES_BIRDS_ONNX_RUNTIME"
@@ -81,7 +91,7 @@ class Classifier:
     def __init__(
         self,
         labels: list[str],
-        predict_fn,
+        predict_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | torch.Tensor],
         name: str,
         input_size: int,
         runtime: str = "torch",
@@ -207,7 +217,7 @@ class Classifier:
     @classmethod
     def _from_model(
         cls,
-        model,
+        model: BirdNet,
         labels: list[str],
         name: str,
         device: str,
@@ -318,7 +328,9 @@ class Classifier:
             return None
         return np.asarray(unknown_scores) > self.unknown_threshold
 
-    def __call__(self, images, top_k: int = 5, tta: str | None = None) -> list[dict] | list[list[dict]]:
+    def __call__(
+        self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...], top_k: int = 5, tta: str | None = None
+    ) -> list[dict] | list[list[dict]]:
         """Like a Hugging Face image-classification pipeline: one image (a path, a PIL image or an H x W x 3
         uint8 array) -> ``[{"label", "score"}, ...]``, the ``top_k`` best first; a list of images -> one such
         list per image."""
@@ -359,7 +371,7 @@ class Classifier:
         return [(self.labels[i], float(probs[i])) for i in best]
 
 
-def _onnxruntime_runner(path: Path, threads: int, shares_cpu: bool):
+def _onnxruntime_runner(path: Path, threads: int, shares_cpu: bool) -> Callable[[np.ndarray], list[np.ndarray]]:
     """uint8 pixels in the file's layout -> the graph's outputs (probabilities, unknown scores), by onnxruntime."""
     import onnxruntime as ort
 
@@ -376,7 +388,7 @@ def _onnxruntime_runner(path: Path, threads: int, shares_cpu: bool):
     return lambda pixels: session.run(None, {input_name: pixels})
 
 
-def _openvino_runner(path: Path, threads: int):
+def _openvino_runner(path: Path, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
     """uint8 pixels in the file's layout -> the graph's outputs, by OpenVINO: float32 inference (its default on CPUs
     with bfloat16 units rounds the graph's 8-bit resize differently: 0.7 % of labels changed on cub100-lr), one
     infer request per calling thread."""
@@ -392,7 +404,7 @@ def _openvino_runner(path: Path, threads: int):
         ) from None
     requests = threading.local()
 
-    def run(pixels: np.ndarray) -> np.ndarray:
+    def run(pixels: np.ndarray) -> list[np.ndarray]:
         if not hasattr(requests, "request"):
             requests.request = compiled.create_infer_request()
         outputs = requests.request.infer({0: pixels})
@@ -415,7 +427,7 @@ def uint8_pixels(array: np.ndarray) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def to_model_input(image) -> np.ndarray:
+def to_model_input(image: ImageInput) -> np.ndarray:
     """Path / PIL image / H x W x 3 (or 3 x H x W) uint8 array -> 64x64x3 uint8, downscaled like the training
     images when larger. Float arrays are refused rather than guessed (is 1.0 white, or almost black?)."""
     if isinstance(image, (str, Path)):
@@ -517,7 +529,7 @@ def average_predictions(
     return Predictions(model.labels, probs, unknown, None if unknown is None else model.unknown_threshold)
 
 
-def top_k_table(paths: list, predictions: Predictions, top: int, min_confidence: float = 0.0):
+def top_k_table(paths: list, predictions: Predictions, top: int, min_confidence: float = 0.0) -> pd.DataFrame:
     """path, label, score (the best class), then label_2, score_2 ... label_K, score_K: one row per image; then
     ``unknown`` (1: not one of the training species) and ``unknown_score`` for a calibrated model. ``min_confidence``:
     ``label`` is empty (abstained) where the top probability is below it."""

@@ -27,6 +27,7 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -42,6 +43,9 @@ from lowres_birds.model.factory import load_run_model
 from lowres_birds.model.wrapper import BirdNet
 from lowres_birds.predict.calibrate import load_head
 from lowres_birds.run_dir import RunDir, atomic_write, recorded_prediction
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike
 
 LAYOUTS = ("nhwc", "nchw")
 CALIBRATION_IMAGES = 256
@@ -102,7 +106,7 @@ def network_graph(
     return Graph().eval()
 
 
-def example_input(layout: str, batch: int = 2):
+def example_input(layout: str, batch: int = 2) -> torch.Tensor:
     """A uint8 batch in the exported layout (batch 2 so the exporter keeps N symbolic)."""
     shape = (batch, LR_SIZE, LR_SIZE, 3) if layout == "nhwc" else (batch, 3, LR_SIZE, LR_SIZE)
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -284,7 +288,7 @@ def quantize_int8(
         def __init__(self, pixels: np.ndarray):
             self.batches = iter([np.ascontiguousarray(pixels)])
 
-        def get_next(self):
+        def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch}
 
@@ -404,7 +408,7 @@ def with_float_fallback(int8: onnx.ModelProto, fp32: onnx.ModelProto, margin: fl
     for node in graph.node:
         node.output[:] = [quick if name == output else name for name in node.output]
 
-    def constant(name: str, value, dtype=np.int64) -> str:
+    def constant(name: str, value: ArrayLike, dtype: DTypeLike = np.int64) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), f"fallback/{name}"))
         return f"fallback/{name}"
 

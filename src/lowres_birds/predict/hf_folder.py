@@ -363,7 +363,7 @@ def load_hf_folder(folder: Path, device: str = "cpu") -> tuple[BirdNet, list[str
     return BirdNet(backbone, spec).eval().to(device), labels
 
 
-def _timm_backbone(folder: Path, config: dict):
+def _timm_backbone(folder: Path, config: dict) -> tuple[torch.nn.Module, list[str], int, list[float], list[float], str]:
     import timm
 
     path = folder / CONFIG
@@ -406,7 +406,9 @@ def _timm_backbone(folder: Path, config: dict):
     return backbone, labels, size, mean, std, f"timm:{architecture}"
 
 
-def _transformers_backbone(folder: Path, config: dict):
+def _transformers_backbone(
+    folder: Path, config: dict
+) -> tuple[torch.nn.Module, list[str], int, list[float], list[float], str]:
     require_extra("hf", f"{folder} (a transformers model)")
     from transformers import AutoModelForImageClassification
 

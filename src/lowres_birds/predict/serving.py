@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request, Response
@@ -43,6 +44,10 @@ from lowres_birds.config import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_INFLIGHT_M
 from lowres_birds.data.images import decode_image
 from lowres_birds.errors import UserError
 from lowres_birds.predict.classifier import Classifier, to_model_input
+
+if TYPE_CHECKING:
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import RequestResponseCycle
 
 STATIC_DIR = Path(__file__).parents[1] / "static"
 MAX_BATCH_FILES = 32
@@ -186,7 +191,7 @@ def create_app(
     limits = Limits(max_upload_bytes, client_timeout_s)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.inference = InferenceQueue(classifier, max_batch_files)
         app.state.timings = {}
         app.state.decoders = ThreadPoolExecutor(
@@ -398,7 +403,9 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def http_server(app: FastAPI, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S, log_level: str = "info"):
+def http_server(
+    app: FastAPI, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S, log_level: str = "info"
+) -> uvicorn.Server:
     """The uvicorn server ``serve`` runs: idle keep-alive connections and connections that have not sent a complete
     request within ``client_timeout_s`` are closed (uvicorn alone waits forever for a first request)."""
     import uvicorn
@@ -407,7 +414,7 @@ def http_server(app: FastAPI, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
     class RequestDeadlineProtocol(H11Protocol):
         """Arms a deadline on connect and after each response; it closes the connection unless a request started."""
 
-        def connection_made(self, transport) -> None:
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._arm_deadline()
 
@@ -418,7 +425,7 @@ def http_server(app: FastAPI, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
         def _arm_deadline(self) -> None:
             self.loop.call_later(self.timeout_keep_alive, self._deadline, self.cycle)
 
-        def _deadline(self, cycle) -> None:
+        def _deadline(self, cycle: RequestResponseCycle | None) -> None:
             if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
                 self.transport.close()
 

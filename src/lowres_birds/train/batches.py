@@ -8,6 +8,7 @@ run's seeded ``torch.Generator`` (its state is checkpointed), so a resumed run c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -94,7 +95,9 @@ def crop_box(size: int, crop_scale_min: float, generator: torch.Generator) -> tu
     return top, left, side
 
 
-def per_image(transform, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def per_image(
+    transform: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """A torchvision v2 ``transform`` applied to each image of a uint8 NCHW batch on its own (given the batch it
     would draw one operation for all), its random draws seeded from ``generator`` (torchvision draws from the
     global RNG, which is forked here and left as it was)."""

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 from lowres_birds.config import RunConfig
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate.scheduler import AcceleratedScheduler
 
 MEASURED_STEPS = 20  # optimizer steps timed before planning (after one warm-up step)
 SAFETY = 0.95  # plan for this share of the budget: the machine's speed drifts
@@ -44,7 +49,7 @@ class BudgetPlanner:
     def __init__(
         self,
         cfg: RunConfig,
-        scheduler,
+        scheduler: torch.optim.lr_scheduler.LambdaLR | AcceleratedScheduler,
         steps_per_epoch: int,
         schedule_steps_per_epoch: int,
         validation_share: float,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,7 @@ def _train_missing(
 
 
 @contextlib.contextmanager
-def _named_stop(what: str, out: MembersDir):
+def _named_stop(what: str, out: MembersDir) -> Iterator[None]:
     """An interrupted member or student says which one stopped and how to continue the whole ensemble."""
     try:
         yield

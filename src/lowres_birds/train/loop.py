@@ -93,7 +93,7 @@ def hr_teacher(opened: OpenedRun, shared: Path | None = None) -> TeacherTargets 
     return finetuned_teacher_targets(cfg, data, run, time.perf_counter() - started)
 
 
-def train_one_epoch(session: RunSession, loader) -> None:
+def train_one_epoch(session: RunSession, loader: torch.utils.data.DataLoader) -> None:
     """One pass over ``loader``'s batches, up to the epoch's end or a stop decided at a validation within it."""
     cfg, parts, state, meter = session.cfg, session.parts, session.state, session.meter
     model, accelerator = parts.model, parts.accelerator

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +14,10 @@ from lowres_birds.config import RunConfig
 from lowres_birds.errors import UserError
 from lowres_birds.model.factory import check_device
 from lowres_birds.model.wrapper import BirdNet
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator, PartialState
+    from accelerate.scheduler import AcceleratedScheduler
 
 # One fused kernel over all parameters instead of ~10 tensor ops per parameter: the cpu recipe trains ~15%
 # faster on 2 cores (benchmarks/train_throughput.py). CPU support for fused AdamW arrived in torch 2.4.
@@ -45,7 +51,7 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int, cycle: int) -> 
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def _factor(cfg: RunConfig, steps_per_epoch: int, epochs: int):
+def _factor(cfg: RunConfig, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     cycle = max(1, round(cfg.restart_epochs * steps_per_epoch))
     return partial(lr_factor, schedule=cfg.schedule, warmup=warmup, total=epochs * steps_per_epoch, cycle=cycle)
@@ -58,13 +64,18 @@ def create_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _factor(cfg, steps_per_epoch, cfg.epochs))
 
 
-def set_schedule_length(scheduler, cfg: RunConfig, steps_per_epoch: int, epochs: int) -> None:
+def set_schedule_length(
+    scheduler: torch.optim.lr_scheduler.LambdaLR | AcceleratedScheduler,
+    cfg: RunConfig,
+    steps_per_epoch: int,
+    epochs: int,
+) -> None:
     """Make the schedule end after ``epochs`` (the time budget's plan); steps already taken keep their place."""
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the LambdaLR
     inner.lr_lambdas = [_factor(cfg, steps_per_epoch, epochs) for _ in inner.lr_lambdas]
 
 
-def start_processes(cfg: RunConfig):
+def start_processes(cfg: RunConfig) -> PartialState:
     """accelerate's process state (rank, device) before any Accelerator: a fine-tuned teacher trains in between."""
     from accelerate import PartialState
 
@@ -86,7 +97,7 @@ def check_tracker(cfg: RunConfig) -> None:
             raise UserError(f"--log {cfg.log} needs the {cfg.log} package: pip install {cfg.log} (or use --log none)")
 
 
-def create_accelerator(cfg: RunConfig, run_dir: Path):
+def create_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
     """accelerate's Accelerator for the config: device, mixed precision, accumulation, tracker."""
     from accelerate import Accelerator
 

@@ -210,7 +210,7 @@ class RunSession:
     def finished(self) -> bool:
         return self.stop_reason is not None or self.state.epoch >= self.epochs
 
-    def epoch_loader(self):
+    def epoch_loader(self) -> torch.utils.data.DataLoader:
         """This epoch's batches; a run resumed within an epoch skips the batches it already trained."""
         self.loader.set_epoch(self.state.epoch)  # accelerate's loader forwards it to ShuffledIndices
         done = self.state.step_in_epoch * self.cfg.grad_accum

@@ -8,6 +8,7 @@ import dataclasses
 import random
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ import torch
 from lowres_birds.errors import UserError
 from lowres_birds.run_dir import RunDir
 from lowres_birds.train.data import HRSupport
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 
 @dataclass
@@ -44,7 +48,7 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, _frame) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:

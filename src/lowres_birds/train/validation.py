@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from lowres_birds.errors import UserError
 from lowres_birds.metrics import score
 from lowres_birds.model.wrapper import in_batches
 from lowres_birds.train.data import TrainingData
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def evaluate(
@@ -50,7 +54,7 @@ class TrainingMeter:
             "img_s": f"{self.images / (time.perf_counter() - self.started):.0f}",
         }
 
-    def stats(self, accelerator) -> dict:
+    def stats(self, accelerator: Accelerator) -> dict:
         """Summed over the processes (every process must call it at the same step)."""
         elapsed = time.perf_counter() - self.started
         total = torch.tensor([self.loss_sum, self.images], dtype=torch.float64, device=accelerator.device)
