@@ -195,6 +195,13 @@ def test_an_ensemble_trains_every_member_then_predicts_as_one_and_resumes_only_w
     assert "ensemble member other (2 of 2)" in capsys.readouterr().out
     assert (out / "small" / "model.safetensors").stat().st_mtime_ns == first
     assert set(MembersDir(out).summary()["val_macro_f1"]) == {"small", "other"}
+    # a recorded member whose weights are gone is trained again, not reported as trained
+    (out / "other" / "model.safetensors").unlink()
+    assert main(["train", "--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "other has no model.safetensors: trained again" in printed and "ensemble member other" in printed
+    assert (out / "other" / "model.safetensors").is_file()
+    assert (out / "small" / "model.safetensors").stat().st_mtime_ns == first
 
 
 @pytest.mark.parametrize(

@@ -220,9 +220,7 @@ def _resume(args: argparse.Namespace, overrides: dict) -> int:
     if args.print_config:
         print(run.config().to_yaml(), end="")
         return 0
-    # A fine-tuned teacher trains before the student: stopped there (or right after), the student has no record yet.
-    stopped_in_teacher = (run / RunDir.TEACHER / RunDir.CHECKPOINT).is_file() and not run.metrics(missing_ok=True)
-    if not (run / RunDir.CHECKPOINT).is_file() and not stopped_in_teacher:
+    if not run.resumable():
         raise UserError(f"{run} has no {RunDir.CHECKPOINT} to resume from; start a new run without --resume")
     started = time.perf_counter()
     data_dir = run.data_dir(args.data)

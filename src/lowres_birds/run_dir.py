@@ -555,6 +555,15 @@ class RunDir:
                 f"cannot write {self / self.HF_CONFIG}: {exc.strerror or exc}; free some disk space"
             ) from None
 
+    def has_checkpoint(self) -> bool:
+        return (self / self.CHECKPOINT).is_file()
+
+    def resumable(self) -> bool:
+        """Whether ``train --resume`` can continue this run: a checkpoint of its own, or of its fine-tuned teacher
+        (which trains first: stopped there, or right after, the student has no record yet)."""
+        teacher = RunDir(self / self.TEACHER)
+        return self.has_checkpoint() or (teacher.has_checkpoint() and not self.metrics(missing_ok=True))
+
     def mark_study_finished(self, result: dict) -> None:
         write_json(self / self.STUDY_RESULT, result)
 

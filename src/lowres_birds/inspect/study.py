@@ -67,7 +67,7 @@ def run_or_reuse(run: StudyRun, data_dir: Path, force: bool) -> None:
     if same_config and not force and folder.study_finished():
         print(f"[{run.name}] finished earlier with the same config; reused")
         return
-    if same_config and not force and (folder / RunDir.CHECKPOINT).is_file():
+    if same_config and not force and folder.has_checkpoint():
         print(f"[{run.name}] resuming an interrupted run")
         result = train(run.cfg, data_dir, run.run_dir, resume=True)
     else:

@@ -85,15 +85,34 @@ def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: 
 
 def resume_members(out_dir: Path, data_dir: Path | None = None) -> dict:
     """Continue an ensemble folder: finished members are kept, a stopped one resumed, the rest (then the student)
-    trained."""
+    trained; a recorded run whose weights are gone is trained again."""
     out = MembersDir(out_dir)
     summary = out.summary()
     configs, student = saved_configs(out)
+    recorded = {name: out.member(name) for name in summary["val_macro_f1"]}
+    if "student_val_macro_f1" in summary:
+        recorded["student"] = out.student
+    lost = [name for name, folder in recorded.items() if not _has_weights(folder)]
+    for name in lost:
+        print(f"{recorded[name]} has no {RunDir.WEIGHTS}: trained again")
+        if name == "student":
+            del summary["student_val_macro_f1"]
+        else:
+            del summary["val_macro_f1"][name]
+    if lost:
+        out.write_summary(summary)
     if "student_val_macro_f1" in summary:
         student = None
     pending = [cfg for name, cfg in configs.items() if name not in summary["val_macro_f1"]]
     require_models_available([*pending, *([student] if student else [])])
-    return _train_missing(out, configs, student, Path(data_dir or summary["data"]), resume=True)
+    return _train_missing(out, configs, student, Path(data_dir or summary["data"]), resume=True, afresh=set(lost))
+
+
+def _has_weights(folder: Path) -> bool:
+    """A run folder with its kept weights, or a folds folder whose every fold has them."""
+    folds = FoldsDir(folder)
+    runs = [folds.fold(k) for k in range(folds.summary()["folds"])] if folds.is_group() else [folder]
+    return all((Path(run) / RunDir.WEIGHTS).is_file() for run in runs)
 
 
 def saved_configs(out: MembersDir) -> tuple[dict[str, RunConfig], RunConfig | None]:
@@ -122,11 +141,17 @@ def require_models_available(configs: list[RunConfig]) -> None:
 
 
 def _train_missing(
-    out: MembersDir, configs: dict[str, RunConfig], student: RunConfig | None, data_dir: Path, resume: bool
+    out: MembersDir,
+    configs: dict[str, RunConfig],
+    student: RunConfig | None,
+    data_dir: Path,
+    resume: bool,
+    afresh: set[str] | None = None,
 ) -> dict:
     """Members in recipe order not yet trained, then ``student`` (None: none, or already trained); a member whose
     fine-tuned teacher would repeat an earlier member's (same split, same teacher config) copies that teacher instead
-    of training it again. The callers checked that every model is available."""
+    of training it again; the runs named in ``afresh`` (their weights lost) start over instead of resuming. The
+    callers checked that every model is available."""
     summary = out.summary()
     teachers: dict[str, Path] = {}
     for name, cfg in configs.items():
@@ -141,10 +166,7 @@ def _train_missing(
                 if cfg.folds and cfg.fold < 0:  # folds restart: a folds folder records no progress of its own
                     score = _train_folds(cfg, data_dir, folder, force=True)["oof_macro_f1"]
                 else:
-                    stopped = resume and (
-                        (folder / RunDir.CHECKPOINT).is_file()
-                        or (folder / RunDir.TEACHER / RunDir.CHECKPOINT).is_file()
-                    )
+                    stopped = resume and name not in (afresh or set()) and RunDir(folder).resumable()
                     score = train(cfg, data_dir, folder, resume=stopped, force=True, shared_teacher=teachers.get(key))[
                         "val_macro_f1"
                     ]
@@ -157,7 +179,11 @@ def _train_missing(
             f"the ensemble's student, distilled from its {len(configs)} members: {student.model} ({student.strategy})"
         )
         # stopped after its soft targets were written (or later): they are read back, not computed again
-        stopped = resume and any((out.student / name).is_file() for name in (RunDir.CHECKPOINT, RunDir.DISTILL_TARGETS))
+        stopped = (
+            resume
+            and "student" not in (afresh or set())
+            and any((out.student / name).is_file() for name in (RunDir.CHECKPOINT, RunDir.DISTILL_TARGETS))
+        )
         with _named_stop("the ensemble's student", out):
             summary["student_val_macro_f1"] = train(student, data_dir, out.student, resume=stopped, force=True)[
                 "val_macro_f1"

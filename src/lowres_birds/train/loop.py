@@ -82,9 +82,7 @@ def hr_teacher(opened: OpenedRun, shared: Path | None = None) -> TeacherTargets 
     started, folder = time.perf_counter(), run / RunDir.TEACHER
     if not teacher_finished(folder, cfg.teacher_epochs):
         try:
-            train(
-                teacher_config(cfg), opened.data_dir, folder, resume=(folder / RunDir.CHECKPOINT).is_file(), force=True
-            )
+            train(teacher_config(cfg), opened.data_dir, folder, resume=RunDir(folder).has_checkpoint(), force=True)
         except TrainingInterrupted as exc:
             stopped = str(exc).partition(";")[0]
             raise TrainingInterrupted(

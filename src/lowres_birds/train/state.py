@@ -97,7 +97,7 @@ class Checkpointer:
         self.run, self.parts = run, parts
 
     def exists(self) -> bool:
-        return (self.run / RunDir.CHECKPOINT).is_file()
+        return self.run.has_checkpoint()
 
     def save(self, state: TrainState) -> None:
         from accelerate.utils import gather_object
