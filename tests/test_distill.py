@@ -41,18 +41,18 @@ def test_the_soft_targets_are_the_ensembles_flip_tta_probabilities_on_every_trai
 ):
     from lowres_birds.data.images import load_images
     from lowres_birds.data.tables import load_train_table
-    from lowres_birds.predict.classifier import Classifier, average_probabilities, resolve_ensemble
+    from lowres_birds.predict.classifier import Classifier, average_predictions, resolve_ensemble
 
     student = tmp_path / "student"
     assert (
         main(["train", "--data", str(demo_data), "--out", str(student), *STUDENT, "--distill-from", str(ensemble)]) == 0
     )
     assert f"distilling from {ensemble} (2 runs" in capsys.readouterr().out
-    saved = RunDir(student).teacher_targets(30, 3, "x", name=RunDir.DISTILL_TARGETS, features=False)
+    saved = RunDir(student).teacher_targets(30, 3, "x", name=RunDir.DISTILL_TARGETS, with_features=False)
     members, weights = resolve_ensemble([ensemble], "f1")
     images = load_images(load_train_table(demo_data).lr_paths, 64)
-    _, expected = average_probabilities([Classifier.load(m) for m in members], images, "flip", weights)
-    np.testing.assert_allclose(saved["logits"].exp().numpy(), expected, atol=1e-5)  # what predict --tta flip gives
+    expected = average_predictions([Classifier.load(m) for m in members], images, "flip", weights).probs
+    np.testing.assert_allclose(saved["logits"].exp().numpy(), expected, atol=1e-5)  # as predict --tta flip
     assert saved["features"] is None and RunDir(student).config().distill_from == str(ensemble)
     # The model card and the report name the models it learned from, their scores and the student's.
     for page in (student / "hf" / "README.md", student / "report" / "report.html"):
@@ -66,7 +66,7 @@ def test_unlabelled_photos_train_with_the_models_answers_as_targets_and_labels(
     import lowres_birds.train.session as session
     from lowres_birds.data.images import load_images
     from lowres_birds.data.tables import find_images
-    from lowres_birds.predict.classifier import Classifier, average_probabilities, resolve_ensemble
+    from lowres_birds.predict.classifier import Classifier, average_predictions, resolve_ensemble
 
     photos = find_images(demo_data / "test")  # 18 photos without labels
     trained_on = []
@@ -80,9 +80,10 @@ def test_unlabelled_photos_train_with_the_models_answers_as_targets_and_labels(
     assert f"{27 + len(photos)} training ({len(photos)} of them unlabelled photos) / 3 validation" in (
         capsys.readouterr().out
     )
-    saved = RunDir(student).teacher_targets(30 + len(photos), 3, "x", name=RunDir.DISTILL_TARGETS, features=False)
+    saved = RunDir(student).teacher_targets(30 + len(photos), 3, "x", name=RunDir.DISTILL_TARGETS, with_features=False)
     members, weights = resolve_ensemble([ensemble], "f1")
-    _, expected = average_probabilities([Classifier.load(m) for m in members], load_images(photos, 64), "flip", weights)
+    classifiers = [Classifier.load(m) for m in members]
+    expected = average_predictions(classifiers, load_images(photos, 64), "flip", weights).probs
     np.testing.assert_allclose(saved["logits"][30:].exp().numpy(), expected, atol=1e-5)  # their soft targets
     (labels, rows), validation = trained_on[0], run_split(RunDir(student)).val_rows
     assert list(rows[-len(photos) :]) == list(range(30, 30 + len(photos)))  # in training, never in validation
