@@ -66,7 +66,7 @@ def test_a_seed_flag_moves_every_seed_of_an_ensemble_recipe_by_one_amount():
     # cpu-best's runs keep their best validation's weights, as it was measured; cpu its last epoch's
     assert {cfg.keep for cfg in [*recipe.members.values(), recipe.student]} == {"best"}
     assert load_config("cpu").keep == "last"
-    with pytest.raises(UserError, match="--seed must be at least 0"):
+    with pytest.raises(UserError, match="--seed must be between 0 and 4294967295"):
         load_members("cpu-best", {"seed": -1})
 
 

@@ -51,6 +51,19 @@ def finetuned_run(demo_data, tmp_path_factory) -> tuple[Path, str]:
     return run, printed.getvalue()
 
 
+def stop_before_last_epoch(run: Path) -> None:
+    """The run as if stopped when its last epoch began (--resume refuses a finished run): the checkpoint's state
+    and metrics.jsonl rewound by one epoch."""
+    path = run / RunDir.CHECKPOINT
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    epoch = checkpoint["state"]["epoch"] - 1
+    checkpoint["state"].update(epoch=epoch, step_in_epoch=0)
+    torch.save(checkpoint, path)
+    lines = (run / RunDir.METRICS).read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+    (run / RunDir.METRICS).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 def mtimes(folder: Path) -> dict[str, int]:
     return {path.name: path.stat().st_mtime_ns for path in folder.iterdir() if path.is_file()}
 
@@ -124,6 +137,7 @@ def test_the_teacher_is_a_complete_run_and_its_targets_fit_the_data(finetuned_ru
 def test_a_resumed_run_reuses_the_finished_teacher(finetuned_run, capsys):
     run, _ = finetuned_run
     before = mtimes(run / RunDir.TEACHER)
+    stop_before_last_epoch(run)
     assert main(["train", "--resume", str(run)]) == 0
     assert mtimes(run / RunDir.TEACHER) == before
     assert "reused" in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("HR teacher"))
@@ -147,6 +161,7 @@ def test_damaged_targets_are_computed_again_without_retraining_the_teacher(finet
             },
         )
     weights = (teacher / RunDir.WEIGHTS).stat().st_mtime_ns
+    stop_before_last_epoch(run)
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
     assert f"{targets}" in out and "computing them again" in out and "Traceback" not in out

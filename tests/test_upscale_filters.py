@@ -112,7 +112,8 @@ def test_the_filter_is_part_of_the_model(robidoux_run):
     model, _ = load_run_model(robidoux_run)
     batch = torch.from_numpy(random_images(2)).permute(0, 3, 1, 2)
     expected = resize_uint8(batch, 80, "robidoux-sharp").float() / 255
-    np.testing.assert_allclose(model.preprocess(batch), (expected - model.mean) / model.std, atol=1e-5)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.spec.mean, model.spec.std))
+    np.testing.assert_allclose(model.preprocess(batch), (expected - mean) / std, atol=1e-5)
 
 
 def test_hf_export_refuses_robidoux_sharp_in_one_line(robidoux_run, tmp_path, capsys):
