@@ -894,3 +894,22 @@ def test_an_image_cache_that_is_a_file_is_named(trained_run, demo_data, tmp_path
     monkeypatch.setenv("LOWRES_BIRDS_CACHE", str(tmp_path / "cache"))
     code, err = run_cli(["predict", "--run", trained_run, "--data", demo_data, "--out", tmp_path / "s.csv"], capfd)
     assert_refused(code, err, "LOWRES_BIRDS_CACHE=", "is a file, not a folder")
+
+
+@pytest.mark.parametrize("summary", ["ensemble.json", "oof.json"])
+@pytest.mark.parametrize("command", ["export-hf", "demo", "train"])
+def test_force_never_replaces_a_folder_of_runs_with_one_output(
+    trained_run, demo_data, tmp_path, capfd, summary, command
+):
+    group = tmp_path / "group"
+    (group / "member").mkdir(parents=True)
+    (group / MARKER).write_text("made by lowres-birds", encoding="utf-8")
+    (group / summary).write_text("{}", encoding="utf-8")
+    argv = {
+        "export-hf": ["export", "--format", "hf", "--run", trained_run],
+        "demo": ["demo"],
+        "train": ["train", "--data", demo_data, *FAST_MODEL],
+    }[command]
+    code, err = run_cli([*argv, "--out", group, "--force"], capfd)
+    assert_refused(code, err, "is an ensemble or folds folder", "choose another --out")
+    assert (group / summary).is_file() and (group / "member").is_dir()

@@ -221,3 +221,25 @@ def test_a_bad_thread_count_for_onnx_is_one_line(exported, monkeypatch, threads)
         Classifier.load(exported["none"])
     monkeypatch.setenv("LOWRES_BIRDS_THREADS", "1")
     assert Classifier.load(exported["none"]).labels
+
+
+def test_a_file_with_flip_inside_answers_with_it_and_refuses_tta_none(exported, demo_data, tmp_path, capsys):
+    """--tta none on a file whose graph averages each image with its mirror was ignored without a word."""
+    from lowres_birds.errors import UserError
+
+    images = ["--images", str(demo_data / "test")]
+    assert main(["predict", "--onnx", str(exported["flip"]), *images, "--out", str(tmp_path / "a.csv")]) == 0
+    assert (
+        main(["predict", "--onnx", str(exported["flip"]), *images, "--tta", "flip", "--out", str(tmp_path / "b.csv")])
+        == 0
+    )
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+    capsys.readouterr()
+    assert (
+        main(["predict", "--onnx", str(exported["flip"]), *images, "--tta", "none", "--out", str(tmp_path / "c.csv")])
+        == 2
+    )
+    assert "inside its graph (exported with --tta flip)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="cannot answer with --tta none"):
+        Classifier.load(exported["flip"], tta="none")
+    assert not (tmp_path / "c.csv").exists()

@@ -167,7 +167,8 @@ def run_train(args: argparse.Namespace) -> int:
     # checked now, replaced once data and model load
     unlabelled = members.student.distill_images if members is not None and members.student else None
     inputs = cfg.input_paths() if cfg is not None else [("--distill-images", unlabelled)]
-    replace_folder(run_dir, args.force, create=False, others=[("--data", args.data), *inputs])
+    group = members is not None or bool(cfg.folds and cfg.fold < 0)
+    replace_folder(run_dir, args.force, create=False, others=[("--data", args.data), *inputs], group=group)
     started = time.perf_counter()
     if members is not None:
         from lowres_birds.train.ensembles import train_members
@@ -352,16 +353,19 @@ def _refuse_several_runs(source: Path, what: str) -> None:
     raise UserError(f"{what}: {source} holds {len(runs)} runs; pass one of them ({', '.join(map(str, runs))})")
 
 
-def _resolve_ensemble(sources: list[Path], args: argparse.Namespace) -> tuple[list[Path], list[float] | None, str]:
-    """The models to average, their weights and the TTA (the flags, else what one ensemble folder records),
-    announced in one line when there is more than a single model."""
+def _resolve_ensemble(
+    sources: list[Path], args: argparse.Namespace
+) -> tuple[list[Path], list[float] | None, str | None]:
+    """The models to average, their weights and the TTA (the flags, else what one ensemble folder records, else None:
+    each model's own, an ONNX file's recorded in it), announced in one line when there is more than a single model."""
     from lowres_birds.predict.classifier import describe_ensemble, resolve_ensemble
     from lowres_birds.run_dir import recorded_prediction
 
     members, weights = resolve_ensemble(sources, args.ensemble)
     if len(members) > 1 or weights is not None:
         print(describe_ensemble(members, weights))
-    return members, weights, args.tta or recorded_prediction(sources)["tta"]
+    recorded = recorded_prediction(sources)["tta"]
+    return members, weights, args.tta or (None if recorded == "none" else recorded)
 
 
 def run_predict(args: argparse.Namespace) -> int:

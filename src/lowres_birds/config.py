@@ -515,7 +515,7 @@ class RunConfig:
 FIELDS = {spec.name: spec for spec in dataclasses.fields(RunConfig)}
 # Keys added after run folders were written: an older run's config.yaml lacks them and reads their defaults (which
 # keep what it did); any other missing key means a damaged config.
-KEYS_ADDED_LATER = ("distill_images",)  # 2026-12-07
+KEYS_ADDED_LATER = ("distill_images", "keep")  # 2026-12-07
 # What a fine-tuned HR teacher does not take from the student's config: it learns from the HR labels alone, for its
 # own epochs, untracked (the student's tracker run is the one that is logged).
 STUDENT_ONLY = tuple(spec for spec in FIELDS.values() if spec.metadata["student_only"])

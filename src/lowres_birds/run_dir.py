@@ -224,16 +224,27 @@ def is_ours(folder: Path) -> bool:
 
 
 def replace_folder(
-    folder: Path, force: bool, create: bool = True, others: Iterable[tuple[str, Path | None]] = ()
+    folder: Path,
+    force: bool,
+    create: bool = True,
+    others: Iterable[tuple[str, Path | None]] = (),
+    group: bool = False,
 ) -> None:
     """Make ``folder`` an empty folder of ours. An existing non-empty one is removed only with --force and only
     when this tool made it: never a data folder, a folder of runs or anything else a user keeps. With
     ``create=False`` only check (up front, and in the other processes of a multi-process run); ``others`` as in
-    ``check_output``; a folder holding one of them is refused too (replacing it would delete that input)."""
+    ``check_output``; a folder holding one of them is refused too (replacing it would delete that input), and so is
+    an ensemble or folds folder unless ``group`` (what replaces it is one too)."""
     folder = Path(folder)
     for flag, other in others:
         if other is not None and _holds(folder, Path(other)):
             raise UserError(f"{folder} holds {flag} {other}, which replacing it would delete; choose another --out")
+    held = [name for name in (MembersDir.SUMMARY, FoldsDir.SUMMARY) if (folder / name).is_file()]
+    if held and not group:
+        raise UserError(
+            f"{folder} is an ensemble or folds folder ({held[0]}): --force replaces it only with another ensemble or "
+            "folds run, never with one run or output; choose another --out"
+        )
     if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):
         raise UserError(
             f"{folder} is not empty and not a lowres-birds output folder; it is never replaced, even with --force: "

@@ -75,7 +75,7 @@ def evaluate_models(
     data: Path,
     out_dir: Path,
     force: bool,
-    tta: str = "none",
+    tta: str | None = None,
     device: str = "cpu",
     labels_path: Path | None = None,
 ) -> dict:

@@ -141,6 +141,7 @@ class Classifier:
             head = load_head(source, model, labels, remedy)
             classifier = cls._from_model(model, labels, str(source), device, *head)
         classifier.tta = tta or classifier.tta
+        classifier.refuse_plain_answers(classifier.tta)
         classifier.check()
         return classifier
 
@@ -291,6 +292,7 @@ class Classifier:
         tta = self.tta if tta is None else tta
         if tta not in TTA_MODES:
             raise UserError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
+        self.refuse_plain_answers(tta)
         flip = tta == "flip" and not self.flip_inside
         images = np.asarray(images)
         if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
@@ -314,6 +316,15 @@ class Classifier:
         if not len(both):
             both = np.zeros((0, len(self.labels) + 1), np.float32)
         return both[:, :-1], (both[:, -1] if self.unknown_threshold is not None else None)
+
+    def refuse_plain_answers(self, tta: str) -> None:
+        """An ONNX file exported with --tta flip averages every image with its mirror inside its graph: it cannot
+        answer without that average, so ``tta="none"`` is refused rather than ignored."""
+        if tta == "none" and self.flip_inside:
+            raise UserError(
+                f"{self.name} averages each image with its mirror inside its graph (exported with --tta flip), so it "
+                "cannot answer with --tta none; export the run again without --tta flip for plain answers"
+            )
 
     def predict_arrays(
         self, images: np.ndarray, tta: str | None = None, batch_size: int = 64, progress: str | None = None
@@ -501,7 +512,7 @@ class Predictions:
 
 
 def predict_test_set(
-    runs: list[Path], data_dir: Path, tta: str = "none", device: str = "cpu", weights: list[float] | None = None
+    runs: list[Path], data_dir: Path, tta: str | None = None, device: str = "cpu", weights: list[float] | None = None
 ) -> tuple[list[str], Predictions]:
     """(ids in submission order, the predictions averaged over the runs)."""
     table = load_test_table(data_dir)
@@ -509,7 +520,11 @@ def predict_test_set(
 
 
 def predict_files(
-    sources: list[Path], paths: list[Path], tta: str = "none", device: str = "cpu", weights: list[float] | None = None
+    sources: list[Path],
+    paths: list[Path],
+    tta: str | None = None,
+    device: str = "cpu",
+    weights: list[float] | None = None,
 ) -> Predictions:
     """The predictions averaged over the models (or weighted by ``weights``) for image files of any size, each
     reduced to 64x64."""
@@ -518,11 +533,11 @@ def predict_files(
 
 
 def average_predictions(
-    classifiers: list[Classifier], images: np.ndarray, tta: str, weights: list[float] | None = None
+    classifiers: list[Classifier], images: np.ndarray, tta: str | None, weights: list[float] | None = None
 ) -> Predictions:
     """The classifiers as one (``Classifier.combine``), calibrated, with ``tta`` on the combined model (what an
-    exported ensemble computes): its probabilities, and its unknown scores and threshold when every classifier has
-    them."""
+    exported ensemble computes; None: its own, a single ONNX file's recorded one): its probabilities, and its unknown
+    scores and threshold when every classifier has them."""
     model = Classifier.combine(classifiers, weights)
     count = f" x {len(classifiers)} models" if len(classifiers) > 1 else ""
     probs, unknown = model.predict_scores(images, tta=tta, progress=f"predicting {len(images)} images{count}")

@@ -36,7 +36,7 @@ def _train_folds(cfg: RunConfig, data_dir: Path, out_dir: Path, force: bool) -> 
     out = FoldsDir(out_dir)
     table = load_train_table(data_dir)
     check_folds(np.asarray(LabelMap.fit(table.labels).encode(table.labels)), cfg.folds)  # before the folder is made
-    replace_folder(out.path, force)
+    replace_folder(out.path, force, group=True)
     folds = [
         train(dataclasses.replace(cfg, fold=k), data_dir, out.fold(k), force=force)["val_macro_f1"]
         for k in range(cfg.folds)
@@ -70,7 +70,7 @@ def train_members(recipe: EnsembleRecipe, data_dir: Path, out_dir: Path, force: 
     require_models_available([*recipe.members.values(), *([student] if student else [])])
     if student is not None:
         student.validate()
-    replace_folder(out.path, force)
+    replace_folder(out.path, force, group=True)
     summary = {
         "data": str(Path(data_dir).resolve()),
         "members": {name: cfg.to_dict() for name, cfg in recipe.members.items()},
