@@ -763,6 +763,16 @@ OUTPUTS_OVER_INPUTS = {
         lambda w: w["data"] / "test",
         "files of --images",
     ),
+    "eda into the data": (
+        lambda w: ["eda", "--data", w["data"], "--out", w["data"] / "train" / "eda"],
+        lambda w: w["data"] / "train.csv",
+        "lies inside --data",
+    ),
+    "report into the data": (
+        lambda w: ["report", "--run", w["run"], "--data", w["data"], "--out", w["data"] / "figures"],
+        lambda w: w["data"] / "train.csv",
+        "lies inside --data",
+    ),
     "train into a folder holding its data": (
         lambda w: ["train", "--data", w["data"], "--out", w["holder"], *TINY_TRAIN],
         lambda w: w["data"] / "train.csv",
@@ -802,7 +812,9 @@ def test_an_output_never_replaces_an_input_even_with_force(trained_run, demo_dat
     argv, survivor, words = OUTPUTS_OVER_INPUTS[case]
     world = _inputs_world(trained_run, demo_data, tmp_path)
     before = sorted(p.relative_to(world["holder"]) for p in world["holder"].rglob("*"))
-    code, err = run_cli([*argv(world), "--force"], capfd)
+    command = argv(world)
+    force = [] if command[0] in ("eda", "report") else ["--force"]  # they rewrite their folders in place
+    code, err = run_cli([*command, *force], capfd)
     assert_refused(code, err, words)
     assert survivor(world).exists()
     assert sorted(p.relative_to(world["holder"]) for p in world["holder"].rglob("*")) == before

@@ -904,9 +904,10 @@ def run_report(args: argparse.Namespace) -> int:
     _refuse_several_runs(args.run, "report: a report covers one run")
     run = RunDir(args.run).require()
     out = args.out or run / RunDir.REPORT
+    data_dir = run.data_dir(args.data)
     # a report is rewritten in place
-    check_output(out, force=True, folder=True, others=[("--run", run.path), ("--data", args.data)])
-    page, summary = write_report(run.path, run.data_dir(args.data), out)
+    check_output(out, force=True, folder=True, others=[("--run", run.path), ("--data", data_dir)])
+    page, summary = write_report(run.path, data_dir, out)
     print(summary)
     print(f"report: {page}")
     return 0

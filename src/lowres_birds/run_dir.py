@@ -150,6 +150,11 @@ def check_output(
             raise UserError(f"{path} is also given as {flag}; choose another output path")
         if other is not None and _holds(Path(other), path) and _read_by_this_tool(path):
             raise UserError(f"{path} is one of the files of {flag} {other} this tool reads; choose another output path")
+        if other is not None and folder and flag == "--data" and _holds(Path(other), path):
+            raise UserError(
+                f"{path} lies inside --data {other}, where its figures would be read as data (an ImageFolder's "
+                "class folder takes every image); choose another output folder"
+            )
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
