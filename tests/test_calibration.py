@@ -236,6 +236,18 @@ def test_calibrate_refits_an_old_run(trained_run, tmp_path, capsys):
     assert main(["calibrate", "--run", str(run), "--score", "cosine"]) == 2
 
 
+def test_calibrate_rewrites_the_runs_hugging_face_folder(trained_run, test_images, tmp_path, capsys):
+    """RUN/hf folds the temperature and carries the unknown score: a later calibrate must not leave it stale."""
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    assert main(["calibrate", "--run", str(run), "--score", "energy", "--tta", "flip"]) == 0
+    assert f"{run / 'hf'}/ rewritten" in capsys.readouterr().out
+    assert json.loads((run / "hf" / "calibration.json").read_text())["score"] == "energy"
+    from_run, from_hf = Classifier.load(run), Classifier.load(run / "hf")
+    _, images = test_images
+    np.testing.assert_allclose(from_hf.predict_arrays(images), from_run.predict_arrays(images, tta="none"), atol=2e-4)
+    assert from_hf.unknown_threshold == pytest.approx(from_run.unknown_threshold)
+
+
 def test_an_ensemble_is_calibrated_on_its_combined_output_and_keeps_its_labels():
     def member(probs, temperature):
         calibrated = torch.tensor(probs).log().div(temperature).softmax(-1)
