@@ -925,3 +925,20 @@ def test_force_never_replaces_a_folder_of_runs_with_one_output(
     code, err = run_cli([*argv, "--out", group, "--force"], capfd)
     assert_refused(code, err, "is an ensemble or folds folder", "choose another --out")
     assert (group / summary).is_file() and (group / "member").is_dir()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`lowres-birds predict-image photos/ --run R | head -1`: the closed pipe was 'unexpected error', exit 1."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lowres_birds import cli\n"
+        "def gone(args):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli.COMMANDS['eda'] = (cli.add_eda, gone)\n"
+        "sys.exit(cli.main(['eda', '--data', 'anything']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 141 and done.stderr == "", done.stderr

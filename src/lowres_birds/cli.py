@@ -475,8 +475,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.degradations is not None:
         from lowres_birds.inspect.robustness import evaluate_robustness
 
-        if len(args.run) != 1 or args.onnx or args.submission is not None or args.labels is not None:
-            raise UserError("evaluate --degradations scores one trained run: pass exactly one --run RUN")
+        others = [flag for flag, value in (("--submission", args.submission), ("--labels", args.labels)) if value]
+        if len(args.run) != 1 or args.onnx or others:
+            drop = f"; drop {', '.join(others)} (it scores the run's own validation twins)" if others else ""
+            raise UserError(f"evaluate --degradations scores one trained run: pass exactly one --run RUN{drop}")
         _refuse_several_runs(args.run[0], "evaluate --degradations scores one run on its own validation split")
         out_dir = args.out_dir or _default_out("evaluate")
         evaluate_robustness(
@@ -1028,6 +1030,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, and no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
