@@ -153,6 +153,8 @@ def test_predict_writes_the_unknown_columns_and_abstains(trained_run, demo_data,
     classifier = Classifier.load(trained_run)
     _, unknown = classifier.predict_scores(np.stack([to_model_input(p) for p in table["path"]]))
     assert table["unknown"].tolist() == classifier.is_unknown(unknown).astype(int).tolist()
+    labels = pd.read_csv(out, keep_default_na=False)["label"]
+    assert (labels.eq("") == table["unknown"].eq(1)).all()  # a flagged photo is named no species, as in the API
     assert main([*args, "--force", "--min-confidence", "1"]) == 0
     assert pd.read_csv(out, keep_default_na=False)["label"].eq("").all()  # nothing reaches probability 1
     submission = tmp_path / "s.csv"

@@ -546,8 +546,9 @@ def average_predictions(
 
 def top_k_table(paths: list, predictions: Predictions, top: int, min_confidence: float = 0.0) -> pd.DataFrame:
     """path, label, score (the best class), then label_2, score_2 ... label_K, score_K: one row per image; then
-    ``unknown`` (1: not one of the training species) and ``unknown_score`` for a calibrated model. ``min_confidence``:
-    ``label`` is empty (abstained) where the top probability is below it."""
+    ``unknown`` (1: not one of the training species) and ``unknown_score`` for a calibrated model. ``label`` is empty
+    where the photo is judged unknown (as the API's null) or, with ``min_confidence``, where the top probability is
+    below it (abstained); the closest species stay in the other columns."""
     import pandas as pd
 
     labels, probs = predictions.labels, predictions.probs
@@ -558,8 +559,10 @@ def top_k_table(paths: list, predictions: Predictions, top: int, min_confidence:
         suffix = "" if rank == 0 else f"_{rank + 1}"
         columns[f"label{suffix}"] = [labels[i] for i in order[:, rank]]
         columns[f"score{suffix}"] = np.round(probs[np.arange(len(probs)), order[:, rank]], 6)
+    unknown = predictions.unknown if predictions.unknown is not None else np.zeros(len(probs), bool)
     columns["label"] = [
-        label if score >= min_confidence else "" for label, score in zip(columns["label"], columns["score"])
+        label if score >= min_confidence and not flagged else ""
+        for label, score, flagged in zip(columns["label"], columns["score"], unknown)
     ]
     if predictions.unknown is not None:
         columns["unknown"] = predictions.unknown.astype(int)
