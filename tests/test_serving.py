@@ -162,6 +162,12 @@ def test_bad_image_is_refused_with_a_json_error(client, photo, filename, make_da
     assert_still_serving(client, photo)
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [("get", "/api/nothing", 404), ("get", "/api/predict", 405)])
+def test_routing_errors_are_json_errors_too(client, method, path, status):
+    answer = getattr(client, method)(path)
+    assert answer.status_code == status and set(answer.json()) == {"error"}
+
+
 def test_upload_over_the_limit_is_413(client, photo):
     response = client.post("/api/predict", files={"file": ("big.jpg", b"\0" * (MAX_UPLOAD_BYTES + 1), "image/jpeg")})
 
