@@ -812,9 +812,7 @@ def test_an_output_never_replaces_an_input_even_with_force(trained_run, demo_dat
     argv, survivor, words = OUTPUTS_OVER_INPUTS[case]
     world = _inputs_world(trained_run, demo_data, tmp_path)
     before = sorted(p.relative_to(world["holder"]) for p in world["holder"].rglob("*"))
-    command = argv(world)
-    force = [] if command[0] in ("eda", "report") else ["--force"]  # they rewrite their folders in place
-    code, err = run_cli([*command, *force], capfd)
+    code, err = run_cli([*argv(world), "--force"], capfd)
     assert_refused(code, err, words)
     assert survivor(world).exists()
     assert sorted(p.relative_to(world["holder"]) for p in world["holder"].rglob("*")) == before

@@ -89,3 +89,26 @@ def test_grad_cam_on_a_hugging_face_vit(tmp_path):
     layer, _ = cam_target(model.backbone)
     assert layer is [m for n, m in model.backbone.named_modules() if n.endswith("layernorm_before")][-1]
     assert grad_cam_overlays(model, _images(1), np.array([0]))[0].shape == (32, 32, 3)
+
+
+def test_report_and_eda_overwrite_only_their_own_earlier_files(trained_run, demo_data, tmp_path, capsys):
+    """evaluate, report and eda may share a folder; report wrote its per_class.csv over evaluate's without a word."""
+    from lowres_birds.inspect.eda import EDA_FILES
+    from lowres_birds.inspect.report import REPORT_FILES
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "per_class.csv").write_text("evaluate's table")
+    assert main(["report", "--run", str(trained_run), "--out", str(shared)]) == 2
+    assert "per_class.csv already exists" in capsys.readouterr().err
+    assert (shared / "per_class.csv").read_text() == "evaluate's table"
+    assert main(["report", "--run", str(trained_run), "--out", str(shared), "--force"]) == 0
+    assert main(["report", "--run", str(trained_run), "--out", str(shared)]) == 0  # its own earlier report
+    assert {path.name for path in shared.iterdir()} <= set(REPORT_FILES)  # the list the check reads is complete
+    eda = tmp_path / "eda"
+    eda.mkdir()
+    (eda / "samples.png").write_text("mine")
+    assert main(["eda", "--data", str(demo_data), "--out", str(eda)]) == 2
+    assert main(["eda", "--data", str(demo_data), "--out", str(eda), "--force"]) == 0
+    assert main(["eda", "--data", str(demo_data), "--out", str(eda)]) == 0
+    assert {path.name for path in eda.iterdir()} <= set(EDA_FILES)

@@ -897,18 +897,22 @@ def add_report(sub: argparse._SubParsersAction[_Parser]) -> None:
     parser.add_argument("--run", type=Path, required=True, help="run folder written by lowres-birds train")
     parser.add_argument("--data", type=Path, help="data folder the run was trained on (default: the one in split.json)")
     parser.add_argument("--out", type=Path, help="folder for the figures and report.html (default: RUN/report)")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite files of the same names in --out (an earlier report's are)"
+    )
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from lowres_birds.inspect.report import write_report
-    from lowres_birds.run_dir import RunDir, check_output
+    from lowres_birds.inspect.report import REPORT_FILES, write_report
+    from lowres_birds.run_dir import RunDir, check_folder_files, check_output
 
     _refuse_several_runs(args.run, "report: a report covers one run")
     run = RunDir(args.run).require()
     out = args.out or run / RunDir.REPORT
     data_dir = run.data_dir(args.data)
-    # a report is rewritten in place
+    # a report is rewritten in place; other files of the same names are not
     check_output(out, force=True, folder=True, others=[("--run", run.path), ("--data", data_dir)])
+    check_folder_files(out, REPORT_FILES, "report.html", args.force)
     page, summary = write_report(run.path, data_dir, out)
     print(summary)
     print(f"report: {page}")
@@ -968,14 +972,18 @@ def add_eda(sub: argparse._SubParsersAction[_Parser]) -> None:
         default=20.0,
         help="LR/HR twins below this PSNR (dB) count as mismatched",
     )
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite files of the same names in --out (an earlier eda's are)"
+    )
 
 
 def run_eda(args: argparse.Namespace) -> int:
-    from lowres_birds.inspect.eda import write_eda
-    from lowres_birds.run_dir import check_output
+    from lowres_birds.inspect.eda import EDA_FILES, write_eda
+    from lowres_birds.run_dir import check_folder_files, check_output
 
-    # eda rewrites its own files in place
+    # eda rewrites its own files in place; other files of the same names are not
     check_output(args.out, force=True, folder=True, others=[("--data", args.data)])
+    check_folder_files(args.out, EDA_FILES, "eda.html", args.force)
     write_eda(args.data, args.out, args.phash_distance, args.twin_psnr)
     return 0
 

@@ -170,6 +170,19 @@ def check_output(
     _check_writable(path)
 
 
+def check_folder_files(folder: Path, names: Iterable[str], page: str, force: bool) -> None:
+    """A command that writes ``names`` into a folder that may hold other files: overwriting one of them is refused
+    without --force, unless the folder is this command's own earlier output (it holds ``page``)."""
+    if force or (Path(folder) / page).is_file():
+        return
+    taken = [name for name in names if (Path(folder) / name).exists()]
+    if taken:
+        raise UserError(
+            f"{Path(folder) / taken[0]} already exists and {folder} holds no {page} of an earlier run of this command; "
+            "pass --force to overwrite it or choose another --out"
+        )
+
+
 def _read_by_this_tool(path: Path) -> bool:
     """Whether ``path``, inside an input folder, is named as a file this tool reads there: a data table, an image,
     a file of a run, folds or ensemble folder."""

@@ -48,6 +48,13 @@ class Folder:
 # --------------------------------------------------------------------------- classes
 
 
+# Every file write_eda puts in its folder: what an eda may not overwrite without --force.
+EDA_FILES = (
+    "class_counts.csv", "class_counts.png", "duplicates_train.csv", "image_stats.csv", "leakage_examples.png",
+    "leakage_train_test.csv", "samples.png", "twin_lowest_psnr.png", "twin_psnr.csv", "eda.html",
+)  # fmt: skip
+
+
 def class_counts(labels: list[str]) -> pd.DataFrame:
     """label, count: most frequent first (ties alphabetical), as the reference's value_counts()."""
     import pandas as pd

@@ -55,6 +55,13 @@ if TYPE_CHECKING:
 CONFIDENT_ERRORS = 12
 
 
+# Every file write_report puts in its folder (report.html last): what a report may not overwrite without --force.
+REPORT_FILES = (
+    "per_class.csv", "curves.png", "confusion_matrix.png", "per_class_f1.png", "confident_errors.png",
+    "reliability.png", "risk_coverage.png", "report.html",
+)  # fmt: skip
+
+
 def read_metrics(run: RunDir) -> pd.DataFrame:
     """metrics.jsonl (one record per validation) as a DataFrame."""
     import pandas as pd
