@@ -114,3 +114,11 @@ def test_a_run_training_adjusted_to_its_data_is_reused_on_rerun(demo_data, tmp_p
     assert "no high-res twins" in first and "reused" not in first
     assert main(argv) == 0
     assert "[native] finished earlier with the same config; reused" in capsys.readouterr().out
+
+
+def test_a_row_that_would_replace_an_input_is_refused_before_any_row_trains(demo_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["study", "--data", str(demo_data), "--strategies", "upscale:80,native", "--out", str(out), *TINY]
+    assert main([*argv, "--init-from", str(out / "native"), "--no-student-from-teacher", "--force"]) == 2
+    assert "is also given as --init-from" in capsys.readouterr().err
+    assert not (out / "upscale-80").exists()

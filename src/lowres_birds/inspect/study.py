@@ -19,7 +19,7 @@ from lowres_birds.errors import UserError
 from lowres_birds.inspect.html import Section, markdown_table, write_page
 from lowres_birds.inspect.plots import REFERENCE_MACRO_F1, chart_png
 from lowres_birds.inspect.report import read_metrics
-from lowres_birds.run_dir import RunDir, write_csv, write_text
+from lowres_birds.run_dir import RunDir, check_output, write_csv, write_text
 from lowres_birds.train.loop import train
 from lowres_birds.train.session import config_for_data
 
@@ -134,6 +134,8 @@ def run_study(
     if strategies and overrides.get("strategy") is not None:
         raise UserError("study: pass either --strategies or --strategy, not both")
     runs = plan_runs(recipes, strategies, overrides, out)
+    for run in runs:  # every row's folder against every input, before the first row trains
+        check_output(run.run_dir, True, folder=True, others=[("--data", data_dir), *run.cfg.input_paths()])
     out.mkdir(parents=True, exist_ok=True)
     for index, run in enumerate(runs, start=1):
         print(f"--- run {index}/{len(runs)}: {run.name}")
