@@ -242,7 +242,7 @@ def test_calibrate_rewrites_the_runs_hugging_face_folder(trained_run, test_image
     """RUN/hf folds the temperature and carries the unknown score: a later calibrate must not leave it stale."""
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     assert main(["calibrate", "--run", str(run), "--score", "energy", "--tta", "flip"]) == 0
-    assert f"{run / 'hf'}/ rewritten" in capsys.readouterr().out
+    assert f"Hugging Face folder: {run / 'hf'}" in capsys.readouterr().out
     assert json.loads((run / "hf" / "calibration.json").read_text())["score"] == "energy"
     from_run, from_hf = Classifier.load(run), Classifier.load(run / "hf")
     _, images = test_images

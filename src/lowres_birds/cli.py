@@ -942,15 +942,14 @@ def add_calibrate(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from lowres_birds.inspect.report import write_run_hf_folder
     from lowres_birds.predict.calibrate import calibrate, describe
-    from lowres_birds.predict.hf_folder import write_hf_folder
     from lowres_birds.run_dir import RunDir
 
     for run, calibration in calibrate(args.run, args.data, args.score, args.tta):
         print(describe(run, calibration))
         if (run / RunDir.HF).is_dir():  # its temperature and unknown threshold are folded into RUN/hf
-            write_hf_folder(run, run / RunDir.HF, force=True)
-            print(f"{run / RunDir.HF}/ rewritten with this calibration")
+            write_run_hf_folder(run)
     return 0
 
 

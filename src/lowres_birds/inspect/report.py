@@ -278,7 +278,7 @@ def after_training(run_dir: Path, data_dir: Path | None, report: bool = True) ->
     hf``, calibrated) and, with ``report``, the report. None fails the training: a failure says so in one line, with
     the command that retries it."""
     calibrate_after_training(Path(run_dir), data_dir)
-    _hf_folder_after_training(Path(run_dir))
+    write_run_hf_folder(Path(run_dir))
     if report:
         report_after_training(run_dir, data_dir)
 
@@ -297,7 +297,9 @@ def calibrate_after_training(run_dir: Path, data_dir: Path | None) -> None:
         )
 
 
-def _hf_folder_after_training(run_dir: Path) -> None:
+def write_run_hf_folder(run_dir: Path) -> None:
+    """RUN/hf written again from the run (after training, or after ``calibrate`` changed what it folds in); one that
+    cannot be written warns in one line: the run itself is complete."""
     from lowres_birds.predict.hf_folder import write_hf_folder
 
     try:
